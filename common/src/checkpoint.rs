@@ -1,0 +1,359 @@
+//! Reading a Hugging Face model directory: `config.json` plus safetensors weights, either
+//! one `model.safetensors` or shards listed by `model.safetensors.index.json`.
+//!
+//! Shards are memory-mapped; nothing is copied at open time. Opening validates every
+//! shard header (offsets, sizes, dtypes) and cross-checks the index against the shards,
+//! so a truncated shard or a stale index is reported before any work starts, naming the
+//! file and tensor.
+//!
+//! The lookup order follows `transformers.PreTrainedModel.from_pretrained`: a single
+//! `model.safetensors` wins over an index, so ckmerge reads what transformers would load.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Component, Path, PathBuf};
+
+use memmap2::{Advice, Mmap, UncheckedAdvice};
+use serde_json::{Map, Value};
+
+use crate::dtype::DType;
+use crate::error::CheckpointError;
+
+pub const CONFIG_NAME: &str = "config.json";
+pub const SAFE_WEIGHTS_NAME: &str = "model.safetensors";
+pub const SAFE_WEIGHTS_INDEX_NAME: &str = "model.safetensors.index.json";
+const PICKLE_NAMES: [&str; 2] = ["pytorch_model.bin", "pytorch_model.bin.index.json"];
+
+/// One tensor of a checkpoint, located in a mapped shard.
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Index into [`Checkpoint::shards`].
+    pub shard: usize,
+    /// Absolute byte range of the data inside the shard file.
+    pub start: usize,
+    pub end: usize,
+}
+
+impl TensorEntry {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+/// A mapped safetensors file.
+pub struct Shard {
+    pub path: PathBuf,
+    map: Mmap,
+    /// The file's `__metadata__`, if any.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// An opened, validated Hugging Face model directory.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: Map<String, Value>,
+    pub shards: Vec<Shard>,
+    /// Tensors in storage order (shard, then offset): the order `save_pretrained` wrote
+    /// them, which is the model's module order.
+    pub tensors: Vec<TensorEntry>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Opens and validates `dir`. Fails with an error naming the offending file and
+    /// tensor; never writes anything.
+    pub fn open(dir: &Path) -> Result<Checkpoint, CheckpointError> {
+        let meta = std::fs::metadata(dir).map_err(|e| CheckpointError::io(dir, e))?;
+        if !meta.is_dir() {
+            return Err(CheckpointError::NotADirectory { dir: dir.into() });
+        }
+        let config = read_config(dir)?;
+
+        let single = dir.join(SAFE_WEIGHTS_NAME);
+        let index = dir.join(SAFE_WEIGHTS_INDEX_NAME);
+        let (shards, tensors) = if single.is_file() {
+            let shard = map_shard(&single)?;
+            let tensors = shard_tensors(&shard, 0)?;
+            (vec![shard], tensors)
+        } else if index.is_file() {
+            open_sharded(dir, &index)?
+        } else if let Some(p) = PICKLE_NAMES.iter().find(|n| dir.join(n).exists()) {
+            return Err(CheckpointError::PickleOnly {
+                dir: dir.into(),
+                file: p.to_string(),
+            });
+        } else {
+            return Err(CheckpointError::NoWeights { dir: dir.into() });
+        };
+
+        let mut by_name = HashMap::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            if let Some(&j) = by_name.get(&t.name) {
+                let first: &TensorEntry = &tensors[j];
+                return Err(CheckpointError::DuplicateTensor {
+                    file: shards[t.shard].path.clone(),
+                    other: shards[first.shard].path.clone(),
+                    tensor: t.name.clone(),
+                });
+            }
+            by_name.insert(t.name.clone(), i);
+        }
+        Ok(Checkpoint {
+            dir: dir.into(),
+            config,
+            shards,
+            tensors,
+            by_name,
+        })
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The raw little-endian bytes of `t`, straight from the mapping.
+    pub fn bytes(&self, t: &TensorEntry) -> &[u8] {
+        &self.shards[t.shard].map[t.start..t.end]
+    }
+
+    pub fn shard_path(&self, t: &TensorEntry) -> &Path {
+        &self.shards[t.shard].path
+    }
+
+    /// Tells the kernel that the pages of `t` will not be read again soon, so a streaming
+    /// pass over a model larger than memory keeps its resident set near one tensor. The
+    /// page cache keeps the data; a later read simply faults it back in.
+    pub fn release(&self, t: &TensorEntry) {
+        let map = &self.shards[t.shard].map;
+        // SAFETY: the mapping is read-only and file-backed (MAP_SHARED, never written), so
+        // MADV_DONTNEED only drops our page-table entries; any later access re-reads the
+        // same bytes from the page cache. No reference into the range is invalidated.
+        let r = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start, t.nbytes()) };
+        if let Err(e) = r {
+            tracing::debug!("madvise(DONTNEED) on {}: {e}", self.shards[t.shard].path.display());
+        }
+    }
+
+    /// Total bytes of tensor data.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.nbytes() as u64).sum()
+    }
+
+    /// The model's dtype if every tensor has the same one.
+    pub fn uniform_dtype(&self) -> Option<DType> {
+        let first = self.tensors.first()?.dtype;
+        self.tensors.iter().all(|t| t.dtype == first).then_some(first)
+    }
+
+    /// Files that belong in a model directory besides the weights: configs, tokenizer
+    /// files, and custom modeling code (`*.py`, for `trust_remote_code` models such as
+    /// Baichuan). Trainer state (`optimizer.pt`, `rng_state.pth`, `trainer_state.json`, ...)
+    /// and weights are deliberately not included: they do not describe the merged model.
+    pub fn aux_files(&self) -> Result<Vec<PathBuf>, CheckpointError> {
+        let mut out = Vec::new();
+        let rd = std::fs::read_dir(&self.dir).map_err(|e| CheckpointError::io(&self.dir, e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| CheckpointError::io(&self.dir, e))?;
+            let ft = entry.file_type().map_err(|e| CheckpointError::io(entry.path(), e))?;
+            if !(ft.is_file() || ft.is_symlink() && entry.path().is_file()) {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_model_aux_file(&name) {
+                out.push(entry.path());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// Whether a file of a model directory describes the model (and so is copied into a
+/// merged model) rather than being weights or training state.
+pub fn is_model_aux_file(name: &str) -> bool {
+    const EXACT: [&str; 9] = [
+        "config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "merges.txt",
+        "preprocessor_config.json",
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ];
+    EXACT.contains(&name)
+        || name.starts_with("vocab.")
+        || name.starts_with("chat_template")
+        || name.ends_with(".tiktoken")
+        || name.ends_with(".py")
+}
+
+fn read_config(dir: &Path) -> Result<Map<String, Value>, CheckpointError> {
+    let path = dir.join(CONFIG_NAME);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CheckpointError::MissingConfig { dir: dir.into() })
+        }
+        Err(e) => return Err(CheckpointError::io(&path, e)),
+    };
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(CheckpointError::BadConfig {
+            file: path,
+            reason: "expected a JSON object".into(),
+        }),
+        Err(e) => Err(CheckpointError::BadConfig {
+            file: path,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn map_shard(path: &Path) -> Result<Shard, CheckpointError> {
+    let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+    // SAFETY: the mapping is read-only. ckmerge never writes its inputs; a checkpoint
+    // rewritten by another process during a merge is documented as unsupported (as it is
+    // for transformers and safetensors, which map files the same way).
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
+    let _ = map.advise(Advice::Sequential);
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
+        CheckpointError::BadSafetensors {
+            file: path.into(),
+            reason: e.to_string(),
+        }
+    })?;
+    let metadata = metadata
+        .metadata()
+        .as_ref()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    Ok(Shard {
+        path: path.into(),
+        map,
+        metadata,
+    })
+}
+
+/// The tensors of one mapped shard, in storage order, with dtypes checked.
+fn shard_tensors(shard: &Shard, shard_idx: usize) -> Result<Vec<TensorEntry>, CheckpointError> {
+    // Header already validated by `map_shard`; parse again to borrow the infos.
+    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&shard.map)
+        .expect("validated when the shard was mapped");
+    let data_start = 8 + header_len;
+    let mut out = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let dtype =
+            DType::from_safetensors(info.dtype).ok_or_else(|| CheckpointError::UnsupportedDtype {
+                file: shard.path.clone(),
+                tensor: name.clone(),
+                dtype: format!("{:?}", info.dtype),
+            })?;
+        out.push(TensorEntry {
+            name,
+            dtype,
+            shape: info.shape.clone(),
+            shard: shard_idx,
+            start: data_start + info.data_offsets.0,
+            end: data_start + info.data_offsets.1,
+        });
+    }
+    out.sort_by_key(|t| t.start);
+    Ok(out)
+}
+
+#[derive(serde::Deserialize)]
+struct IndexFile {
+    weight_map: BTreeMap<String, String>,
+}
+
+fn open_sharded(
+    dir: &Path,
+    index_path: &Path,
+) -> Result<(Vec<Shard>, Vec<TensorEntry>), CheckpointError> {
+    let text = std::fs::read_to_string(index_path).map_err(|e| CheckpointError::io(index_path, e))?;
+    let index: IndexFile = serde_json::from_str(&text).map_err(|e| CheckpointError::BadIndex {
+        file: index_path.into(),
+        reason: e.to_string(),
+    })?;
+    if index.weight_map.is_empty() {
+        return Err(CheckpointError::BadIndex {
+            file: index_path.into(),
+            reason: "`weight_map` is empty".into(),
+        });
+    }
+
+    // Shard files in the order of their names (model-00001-of-... sorts correctly).
+    let mut files: Vec<&str> = index.weight_map.values().map(String::as_str).collect();
+    files.sort_unstable();
+    files.dedup();
+    let mut shards = Vec::with_capacity(files.len());
+    let mut tensors = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let rel = Path::new(f);
+        if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(CheckpointError::BadIndex {
+                file: index_path.into(),
+                reason: format!("shard path `{f}` must be a file name inside the model directory"),
+            });
+        }
+        let path = dir.join(rel);
+        if !path.is_file() {
+            let tensor = index
+                .weight_map
+                .iter()
+                .find(|(_, v)| v.as_str() == *f)
+                .map(|(k, _)| k.clone())
+                .unwrap_or_default();
+            return Err(CheckpointError::MissingShard {
+                index: index_path.into(),
+                dir: dir.into(),
+                tensor,
+                shard: f.to_string(),
+            });
+        }
+        let shard = map_shard(&path)?;
+        tensors.extend(shard_tensors(&shard, i)?);
+        shards.push(shard);
+    }
+
+    // The index and the shards must agree exactly: a tensor present in a shard but not
+    // in the index would be silently dropped by transformers, so refuse both ways.
+    let mut located: HashMap<&str, usize> = HashMap::with_capacity(tensors.len());
+    for t in &tensors {
+        let expected = index.weight_map.get(&t.name);
+        let here = files[t.shard];
+        match expected {
+            Some(f) if f == here => {
+                located.insert(&t.name, t.shard);
+            }
+            // Indexed under another shard: reported below as missing from that shard.
+            Some(_) => {}
+            None => {
+                return Err(CheckpointError::UnindexedTensor {
+                    index: index_path.into(),
+                    tensor: t.name.clone(),
+                    shard: shards[t.shard].path.clone(),
+                })
+            }
+        }
+    }
+    for (name, f) in &index.weight_map {
+        if !located.contains_key(name.as_str()) {
+            return Err(CheckpointError::IndexTensorMissing {
+                index: index_path.into(),
+                tensor: name.clone(),
+                shard: dir.join(f),
+            });
+        }
+    }
+    Ok((shards, tensors))
+}

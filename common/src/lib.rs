@@ -1,0 +1,20 @@
+//! What every ckmerge process shares: the error types, the tensor dtypes ckmerge merges,
+//! and Hugging Face checkpoint I/O (model directories holding `config.json` and
+//! safetensors weights, single-file or sharded with `model.safetensors.index.json`).
+//!
+//! Invariants owned here:
+//! - a [`Checkpoint`] is validated completely when opened (every shard's header, every
+//!   index entry, every dtype), so later code never meets a malformed tensor;
+//! - nothing here writes into a directory the user gave; the writer only creates files.
+
+pub mod checkpoint;
+pub mod compat;
+pub mod dtype;
+pub mod error;
+pub mod size;
+pub mod write;
+
+pub use checkpoint::{Checkpoint, TensorEntry};
+pub use compat::check_compatible;
+pub use dtype::DType;
+pub use error::CheckpointError;
