@@ -1,1 +1,191 @@
-fn main(){}
+//! `ckmerge`: one binary, one subcommand per role. `main` parses and checks the
+//! arguments completely, calls the library, and maps errors to a message and an exit
+//! code (1 for a failed run, 2 for bad usage, 130 when interrupted).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use ckmerge_common::size::{human_bytes, parse_size};
+use ckmerge_common::DType;
+use ckmerge_worker::{merge_to_dir, MergeRequest, Progress};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ckmerge", version, about = "Merge checkpoints of one LLM training run")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the weighted merge sum_i w_i * theta_i of checkpoints as a new model directory.
+    ///
+    /// Streams tensor by tensor, so memory does not grow with the model. The output
+    /// appears atomically (built beside DIR, then renamed) and no input is ever written.
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Hugging Face model directories of one training run, earliest first.
+    #[arg(required = true, value_name = "CKPT")]
+    checkpoints: Vec<PathBuf>,
+
+    /// One weight per checkpoint, comma-separated, in the order the checkpoints are given.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true, required_unless_present = "lambda", conflicts_with = "lambda")]
+    weights: Vec<f64>,
+
+    /// The paper's two-checkpoint merge: `lambda * CKPT_T + (1 - lambda) * CKPT_PREV`,
+    /// with the checkpoints given as `CKPT_PREV CKPT_T` (earlier first).
+    #[arg(long, allow_hyphen_values = true)]
+    lambda: Option<f64>,
+
+    /// Rescale the weights to sum to 1.
+    #[arg(long)]
+    normalize: bool,
+
+    /// Output directory (must not exist, unless --force).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+
+    /// Output dtype (f32, bf16, f16); default: each tensor keeps its source dtype.
+    #[arg(long)]
+    dtype: Option<DType>,
+
+    /// Largest output shard, as in `save_pretrained` (5GB = 5*10^9 bytes, 5GiB = 5*2^30).
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    max_shard_size: u64,
+
+    /// Replace an existing output directory (only one that holds a model).
+    #[arg(long)]
+    force: bool,
+
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .init();
+    // An interrupted run removes its partial output before exiting.
+    let _ = ctrlc::set_handler(|| {
+        ckmerge_common::write::remove_live_staged_dirs();
+        eprintln!("interrupted: no output was written");
+        std::process::exit(130);
+    });
+    let result = match cli.command {
+        Command::Merge(args) => run_merge(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Turns `--weights` / `--lambda` into the weights applied, warning where they do
+/// something the user may not intend.
+fn resolve_weights(args: &MergeArgs) -> Result<Vec<f32>> {
+    let n = args.checkpoints.len();
+    let mut w: Vec<f64> = match args.lambda {
+        Some(l) => {
+            if n != 2 {
+                bail!("--lambda merges exactly two checkpoints (CKPT_PREV CKPT_T); got {n}: use --weights for more");
+            }
+            if !(0.0..=1.0).contains(&l) {
+                tracing::warn!("lambda {l} is outside [0, 1]: this extrapolates beyond the checkpoints");
+            }
+            ckmerge_kernels::merge::lerp_weights(l).iter().map(|&x| x as f64).collect()
+        }
+        None => args.weights.clone(),
+    };
+    if w.len() != n {
+        bail!("--weights has {} values for {n} checkpoints; give one weight per checkpoint", w.len());
+    }
+    if let Some(x) = w.iter().find(|x| !x.is_finite()) {
+        bail!("--weights contains {x}; weights must be finite");
+    }
+    let sum: f64 = w.iter().sum();
+    if args.normalize {
+        if sum.abs() < 1e-12 {
+            bail!("--normalize: the weights sum to {sum}, which cannot be rescaled to 1");
+        }
+        w.iter_mut().for_each(|x| *x /= sum);
+    } else if (sum - 1.0).abs() > 1e-6 {
+        tracing::warn!("weights sum to {sum}, not 1: the merged parameters are scaled by {sum} (pass --normalize to rescale)");
+    }
+    if args.lambda.is_none() && w.iter().any(|&x| x < 0.0) {
+        tracing::warn!("a weight is negative: this extrapolates beyond the checkpoints");
+    }
+    Ok(w.iter().map(|&x| x as f32).collect())
+}
+
+fn run_merge(args: MergeArgs) -> Result<()> {
+    let weights = resolve_weights(&args)?;
+    if let Some(t) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global()
+            .context("setting up the thread pool")?;
+    }
+    let argv: Vec<String> = std::env::args().collect();
+    let req = MergeRequest {
+        sources: args.checkpoints.clone(),
+        weights: weights.clone(),
+        out: args.out.clone(),
+        dtype: args.dtype,
+        max_shard_bytes: args.max_shard_size,
+        force: args.force,
+        provenance: serde_json::json!({ "argv": argv }),
+    };
+    for (c, w) in args.checkpoints.iter().zip(&weights) {
+        tracing::info!("{w:>10} x {}", c.display());
+    }
+    let bar = Bar(indicatif::ProgressBar::hidden());
+    let summary = merge_to_dir(&req, &bar)?;
+    println!(
+        "wrote {} ({} tensors, {} shard{}, {}) in {:.2} s ({}/s read + written)",
+        summary.out.display(),
+        summary.tensors,
+        summary.shards,
+        if summary.shards == 1 { "" } else { "s" },
+        human_bytes(summary.bytes_written),
+        summary.seconds,
+        human_bytes(((summary.bytes_read + summary.bytes_written) as f64 / summary.seconds.max(1e-9)) as u64),
+    );
+    Ok(())
+}
+
+/// A byte progress bar on stderr, drawn only when stderr is a terminal.
+struct Bar(indicatif::ProgressBar);
+
+impl Progress for Bar {
+    fn start(&self, total: u64) {
+        self.0.set_length(total);
+        self.0.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        self.0.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .expect("valid template"),
+        );
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}

@@ -1,0 +1,248 @@
+//! Streaming N-way merge of Hugging Face checkpoints into a new model directory.
+//!
+//! Memory stays bounded by one chunk of output (at most [`CHUNK_BYTES`]) whatever the
+//! model size: inputs are memory-mapped, each tensor is merged chunk by chunk straight
+//! from the mappings into a reused buffer and appended to its shard, and the input pages
+//! of a finished tensor are released. The output is staged in a hidden sibling directory
+//! and renamed into place after everything is synced ([`StagedDir`]), so a crash or kill
+//! at any moment leaves no output directory, and inputs are never written.
+//!
+//! Everything that can be checked is checked before the first byte is written: all
+//! inputs open and validate, agree with each other, the output does not overlap an
+//! input, and the filesystem has room.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ckmerge_common::write::{index_json, plan_shards, OutputError, StagedDir, TensorSpec, INDEX_NAME};
+use ckmerge_common::{check_compatible, Checkpoint, CheckpointError, DType};
+use ckmerge_kernels::{weighted_sum, Input};
+use serde_json::{json, Value};
+
+/// Largest output buffer: the merge's working memory, independent of tensor size.
+pub const CHUNK_BYTES: usize = 32 << 20;
+
+/// What to merge, and where.
+#[derive(Clone, Debug)]
+pub struct MergeRequest {
+    /// Checkpoint directories, in the order their weights are given.
+    pub sources: Vec<PathBuf>,
+    /// One weight per source, applied as f32 (see `ckmerge_kernels::merge`).
+    pub weights: Vec<f32>,
+    pub out: PathBuf,
+    /// Output dtype for every tensor; `None` keeps each tensor's source dtype.
+    pub dtype: Option<DType>,
+    pub max_shard_bytes: u64,
+    /// Replace an existing output directory (a previous model directory only).
+    pub force: bool,
+    /// Extra provenance recorded in `ckmerge.json` (for example the command line).
+    pub provenance: Value,
+}
+
+/// What a finished merge wrote.
+#[derive(Clone, Debug)]
+pub struct MergeSummary {
+    pub out: PathBuf,
+    pub tensors: usize,
+    pub shards: usize,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub seconds: f64,
+}
+
+/// Progress reporting, so the library stays free of terminal code.
+pub trait Progress: Sync {
+    /// Called once, after validation, with the number of output bytes to write.
+    fn start(&self, _total_bytes: u64) {}
+    fn advance(&self, _bytes: u64) {}
+    fn finish(&self) {}
+}
+
+impl Progress for () {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Request(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MergeError + '_ {
+    move |source| MergeError::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+/// Merges `req.sources` with `req.weights` into the model directory `req.out`.
+pub fn merge_to_dir(req: &MergeRequest, progress: &dyn Progress) -> Result<MergeSummary, MergeError> {
+    let t0 = Instant::now();
+    if req.sources.is_empty() {
+        return Err(MergeError::Request("no checkpoints to merge".into()));
+    }
+    if req.weights.len() != req.sources.len() {
+        return Err(MergeError::Request(format!(
+            "{} weights for {} checkpoints; give exactly one weight per checkpoint",
+            req.weights.len(),
+            req.sources.len()
+        )));
+    }
+    if let Some((i, w)) = req.weights.iter().enumerate().find(|(_, w)| !w.is_finite()) {
+        return Err(MergeError::Request(format!("weight {} is {w}; weights must be finite numbers", i + 1)));
+    }
+
+    // Validate everything before creating anything.
+    let ckpts = req
+        .sources
+        .iter()
+        .map(|p| Checkpoint::open(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    check_compatible(&ckpts)?;
+    StagedDir::check_disjoint(&req.out, &req.sources)?;
+
+    let first = &ckpts[0];
+    let specs: Vec<TensorSpec> = first
+        .tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dtype: req.dtype.unwrap_or(t.dtype),
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let abs_sources: Vec<String> = req
+        .sources
+        .iter()
+        .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()).display().to_string())
+        .collect();
+    let mut metadata = BTreeMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    metadata.insert("ckmerge_version".to_string(), env!("CARGO_PKG_VERSION").to_string());
+    metadata.insert("ckmerge_sources".to_string(), json!(abs_sources).to_string());
+    metadata.insert("ckmerge_weights".to_string(), json!(req.weights).to_string());
+    let plans = plan_shards(&specs, req.max_shard_bytes, &metadata);
+    let total: u64 = specs.iter().map(TensorSpec::nbytes).sum();
+
+    let staged = StagedDir::create(&req.out, req.force)?;
+    staged.check_space(total)?;
+    progress.start(total);
+
+    let mut buf: Vec<u32> = Vec::new();
+    let mut bytes_read = 0u64;
+    for plan in &plans {
+        let path = staged.path().join(&plan.file_name);
+        let file = File::create(&path).map_err(io(&path))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        w.write_all(&plan.header).map_err(io(&path))?;
+        for &i in &plan.tensors {
+            let spec = &specs[i];
+            let srcs: Vec<_> = ckpts
+                .iter()
+                .map(|c| c.tensor(&spec.name).expect("checked by check_compatible"))
+                .collect();
+            let n = spec.numel();
+            let per_chunk = (CHUNK_BYTES / spec.dtype.size()).max(1);
+            let mut start = 0;
+            while start < n {
+                let m = per_chunk.min(n - start);
+                let out_bytes = m * spec.dtype.size();
+                buf.resize(out_bytes.div_ceil(4), 0);
+                let out = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut buf)[..out_bytes];
+                let inputs: Vec<Input> = ckpts
+                    .iter()
+                    .zip(&srcs)
+                    .map(|(c, t)| {
+                        let sz = t.dtype.size();
+                        Input::new(t.dtype, &c.bytes(t)[start * sz..(start + m) * sz])
+                    })
+                    .collect();
+                weighted_sum(&inputs, &req.weights, spec.dtype, out);
+                w.write_all(out).map_err(io(&path))?;
+                progress.advance(out_bytes as u64);
+                start += m;
+            }
+            for (c, t) in ckpts.iter().zip(&srcs) {
+                bytes_read += t.nbytes() as u64;
+                c.release(t);
+            }
+        }
+        let file = w.into_inner().map_err(|e| io(&path)(e.into_error()))?;
+        file.sync_all().map_err(io(&path))?;
+    }
+
+    if let Some(index) = index_json(&specs, &plans) {
+        write_synced(&staged.path().join(INDEX_NAME), index.as_bytes())?;
+    }
+    copy_aux_files(first, staged.path(), req.dtype)?;
+    let provenance = json!({
+        "tool": "ckmerge",
+        "version": env!("CARGO_PKG_VERSION"),
+        "method": "linear",
+        "formula": "sum_i w_i * theta_i, fp32 fused multiply-add chain in source order, rounded once (nearest-even)",
+        "sources": abs_sources.iter().zip(&req.weights).map(|(p, w)| json!({"path": p, "weight": w})).collect::<Vec<_>>(),
+        "weights_sum": req.weights.iter().map(|&w| w as f64).sum::<f64>(),
+        "dtype": req.dtype.map(|d| d.to_string()).unwrap_or_else(|| "as in sources".into()),
+        "tensors": specs.len(),
+        "total_bytes": total,
+        "shards": plans.iter().map(|p| p.file_name.clone()).collect::<Vec<_>>(),
+        "request": req.provenance,
+    });
+    let text = serde_json::to_string_pretty(&provenance).expect("plain JSON") + "\n";
+    write_synced(&staged.path().join("ckmerge.json"), text.as_bytes())?;
+
+    let out = staged.commit()?;
+    progress.finish();
+    Ok(MergeSummary {
+        out,
+        tensors: specs.len(),
+        shards: plans.len(),
+        bytes_read,
+        bytes_written: total,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Copies config, generation config, tokenizer and custom-code files from the first
+/// source. When every tensor is converted to one dtype, `config.json` says so (both the
+/// `torch_dtype` key of transformers 4 and the `dtype` key of transformers 5, where
+/// present), because transformers loads `torch_dtype="auto"` from it.
+fn copy_aux_files(first: &Checkpoint, dir: &Path, dtype: Option<DType>) -> Result<(), MergeError> {
+    for src in first.aux_files()? {
+        let name = src.file_name().expect("a file").to_owned();
+        let dst = dir.join(&name);
+        if name == "config.json" {
+            let mut config = first.config.clone();
+            if let Some(d) = dtype {
+                for key in ["torch_dtype", "dtype"] {
+                    if config.contains_key(key) {
+                        config.insert(key.into(), Value::String(d.torch_name().into()));
+                    }
+                }
+            }
+            let text = serde_json::to_string_pretty(&Value::Object(config)).expect("plain JSON") + "\n";
+            write_synced(&dst, text.as_bytes())?;
+        } else {
+            std::fs::copy(&src, &dst).map_err(io(&src))?;
+            File::open(&dst).and_then(|f| f.sync_all()).map_err(io(&dst))?;
+        }
+    }
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), MergeError> {
+    let mut f = File::create(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
