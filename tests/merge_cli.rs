@@ -1,0 +1,662 @@
+//! End-to-end tests of `ckmerge merge`: the real binary on the committed fixtures
+//! (tests/fixtures/tiny-llama, written by transformers) and on inputs broken in every way
+//! the issue lists. Each test works in its own temporary directory; inputs are copied
+//! there whenever a test modifies them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use half::{bf16, f16};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama")
+}
+
+fn ckmerge(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckmerge"));
+    cmd.arg("merge");
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.output().expect("the ckmerge binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+/// Every tensor of a model directory (single file or sharded): name -> (dtype, shape, bytes).
+fn read_model(dir: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let bytes = std::fs::read(&p).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            for (name, t) in st.tensors() {
+                out.insert(name, (t.dtype(), t.shape().to_vec(), t.data().to_vec()));
+            }
+        }
+    }
+    out
+}
+
+fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
+    match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        d => panic!("unexpected dtype {d:?}"),
+    }
+}
+
+/// Asserts a run failed, said `needles` on stderr, and left no output and no partial
+/// output beside it.
+fn assert_failed_cleanly(o: &Output, out: &Path, needles: &[&str]) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, but ckmerge succeeded; stderr:\n{err}"
+    );
+    for n in needles {
+        assert!(
+            err.contains(n),
+            "stderr should mention `{n}`; it was:\n{err}"
+        );
+    }
+    assert!(
+        !out.exists(),
+        "{} exists after a failed merge",
+        out.display()
+    );
+    if let Some(parent) = out.parent().filter(|p| p.exists()) {
+        let leftovers: Vec<_> = std::fs::read_dir(parent)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("ckmerge-partial"))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "partial outputs left behind: {leftovers:?}"
+        );
+    }
+}
+
+/// Rewrites `file` (a safetensors file) after applying `edit` to its tensors.
+fn rewrite_safetensors(
+    file: &Path,
+    edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>),
+) {
+    let bytes = std::fs::read(file).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    edit(&mut tensors);
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let meta: std::collections::HashMap<String, String> =
+        [("format".to_string(), "pt".to_string())].into();
+    safetensors::serialize_to_file(views, Some(meta), file).unwrap();
+}
+
+fn sha256_files(dir: &Path) -> BTreeMap<String, String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let h = Sha256::digest(std::fs::read(&p).unwrap());
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                format!("{h:x}"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn output_matches_what_transformers_loaded() {
+    // transformers-check.json was written by scripts/fixtures/make_tiny_llama.py after
+    // loading ckmerge's merges with AutoModelForCausalLM.from_pretrained; the same
+    // merges today must give the same tensors, byte for byte, and the same files.
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("transformers-check.json")).unwrap())
+            .unwrap();
+    let merges = record["merges"].as_array().unwrap();
+    assert_eq!(merges.len(), 3);
+    let tmp = tempfile::tempdir().unwrap();
+    for (k, m) in merges.iter().enumerate() {
+        let out = tmp.path().join(format!("merged-{k}"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckmerge"));
+        cmd.arg("merge");
+        for a in m["args"].as_array().unwrap() {
+            let a = a.as_str().unwrap();
+            if a.starts_with("step-") {
+                cmd.arg(fixtures().join(a));
+            } else {
+                cmd.arg(a);
+            }
+        }
+        let o = cmd.arg("--out").arg(&out).output().unwrap();
+        assert!(o.status.success(), "merge {k} failed:\n{}", stderr(&o));
+        let mut files: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        let expected_files: Vec<String> = m["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(files, expected_files, "merge {k}: files");
+        let model = read_model(&out);
+        let expected = m["tensor_sha256"].as_object().unwrap();
+        assert_eq!(model.len(), expected.len(), "merge {k}: tensor count");
+        for (name, (_, _, bytes)) in &model {
+            let got = format!("{:x}", Sha256::digest(bytes));
+            assert_eq!(
+                &got,
+                expected[name].as_str().unwrap(),
+                "merge {k}: tensor {name} differs from the bytes transformers loaded"
+            );
+        }
+    }
+}
+
+#[test]
+fn merge_is_within_one_ulp_of_float64_reference_across_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let (a, b, c) = (
+        fixtures().join("step-100"),
+        fixtures().join("step-200"),
+        fixtures().join("step-300"),
+    );
+    let o = ckmerge(&[
+        &a,
+        &b,
+        &c,
+        &"--weights",
+        &"0.25,0.35,0.4",
+        &"--out",
+        &out,
+        &"--max-shard-size",
+        &"50KB",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let srcs = [read_model(&a), read_model(&b), read_model(&c)];
+    let merged = read_model(&out);
+    let w = [0.25f32, 0.35, 0.4];
+    assert_eq!(
+        merged.keys().collect::<Vec<_>>(),
+        srcs[0].keys().collect::<Vec<_>>()
+    );
+    for (name, (dtype, shape, bytes)) in &merged {
+        assert_eq!(*dtype, Dtype::BF16, "{name}: dtype kept from the sources");
+        assert_eq!(shape, &srcs[0][name].1);
+        let got = decode(*dtype, bytes);
+        let xs: Vec<Vec<f64>> = srcs.iter().map(|s| decode(s[name].0, &s[name].2)).collect();
+        for j in 0..got.len() {
+            let exact: f64 = (0..3).map(|i| w[i] as f64 * xs[i][j]).sum();
+            let abs_sum: f64 = (0..3).map(|i| (w[i] as f64 * xs[i][j]).abs()).sum();
+            // One bf16 ulp at the larger magnitude, plus the fp32 accumulation bound.
+            let m = exact.abs().max(got[j].abs()).max(f64::MIN_POSITIVE);
+            let ulp = 2f64.powi(m.log2().floor() as i32 - 7);
+            let bound = ulp + 3.0 * 2f64.powi(-24) * abs_sum;
+            assert!(
+                (got[j] - exact).abs() <= bound,
+                "{name}[{j}]: expected {exact}, got {}",
+                got[j]
+            );
+        }
+    }
+    // Sharded like save_pretrained, with an index that matches the shards.
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let wm = index["weight_map"].as_object().unwrap();
+    assert_eq!(wm.len(), merged.len());
+    for (name, file) in wm {
+        let bytes = std::fs::read(out.join(file.as_str().unwrap())).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert!(st.tensor(name).is_ok(), "{name} not in {file}");
+        let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
+        assert!(
+            bytes.len() <= 50_000 || st.len() == 1,
+            "{file} exceeds the shard size"
+        );
+    }
+    // Provenance and the non-weight files.
+    let prov: Value =
+        serde_json::from_slice(&std::fs::read(out.join("ckmerge.json")).unwrap()).unwrap();
+    assert_eq!(prov["sources"][2]["weight"].as_f64().unwrap() as f32, 0.4);
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} not copied");
+    }
+}
+
+#[test]
+fn dtype_conversion_updates_config_and_is_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (fixtures().join("step-100"), fixtures().join("step-300"));
+    let out1 = tmp.path().join("one");
+    let out2 = tmp.path().join("two");
+    for out in [&out1, &out2] {
+        let o = ckmerge(&[
+            &a,
+            &b,
+            &"--lambda",
+            &"0.6",
+            &"--dtype",
+            &"f32",
+            &"--out",
+            out,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(out1.join("config.json")).unwrap()).unwrap();
+    let key = if config.get("dtype").is_some() {
+        "dtype"
+    } else {
+        "torch_dtype"
+    };
+    assert_eq!(config[key], "float32");
+    assert_eq!(
+        std::fs::read(out1.join("model.safetensors")).unwrap(),
+        std::fs::read(out2.join("model.safetensors")).unwrap()
+    );
+    assert!(read_model(&out1).values().all(|t| t.0 == Dtype::F32));
+}
+
+#[test]
+fn inputs_are_never_modified() {
+    let before: Vec<_> = ["step-100", "step-200", "step-300"]
+        .iter()
+        .map(|s| sha256_files(&fixtures().join(s)))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = ckmerge(&[
+        &fixtures().join("step-100"),
+        &fixtures().join("step-200"),
+        &fixtures().join("step-300"),
+        &"--weights",
+        &"1,1,1",
+        &"--normalize",
+        &"--out",
+        &out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let after: Vec<_> = ["step-100", "step-200", "step-300"]
+        .iter()
+        .map(|s| sha256_files(&fixtures().join(s)))
+        .collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn existing_output_needs_force_and_output_may_not_touch_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    copy_dir(&fixtures().join("step-100"), &a);
+    copy_dir(&fixtures().join("step-300"), &b);
+    let out = tmp.path().join("out");
+    assert!(ckmerge(&[&a, &b, &"--lambda", &"0.5", &"--out", &out])
+        .status
+        .success());
+    let o = ckmerge(&[&a, &b, &"--lambda", &"0.7", &"--out", &out]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("already exists") && stderr(&o).contains("--force"),
+        "{}",
+        stderr(&o)
+    );
+    let o = ckmerge(&[&a, &b, &"--lambda", &"0.7", &"--out", &out, &"--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let prov: Value =
+        serde_json::from_slice(&std::fs::read(out.join("ckmerge.json")).unwrap()).unwrap();
+    assert_eq!(prov["sources"][1]["weight"].as_f64().unwrap() as f32, 0.7);
+
+    let inside = a.join("merged");
+    let o = ckmerge(&[&a, &b, &"--lambda", &"0.5", &"--out", &inside]);
+    assert_failed_cleanly(&o, &inside, &["must not be", "a"]);
+    // Even --force never replaces an input.
+    let o = ckmerge(&[&a, &b, &"--lambda", &"0.5", &"--out", &a, &"--force"]);
+    assert!(!o.status.success());
+    assert!(a.join("model.safetensors").exists());
+}
+
+/// Sets up `a` (a copy of step-100) and `b` (a copy of step-200, sharded), lets `break_b`
+/// damage `b`, runs a merge and checks it fails cleanly mentioning `needles`.
+fn expect_rejected(break_b: impl FnOnce(&Path), needles: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    copy_dir(&fixtures().join("step-100"), &a);
+    copy_dir(&fixtures().join("step-200"), &b);
+    break_b(&b);
+    let out = tmp.path().join("merged");
+    let o = ckmerge(&[&a, &b, &"--lambda", &"0.5", &"--out", &out]);
+    assert_failed_cleanly(&o, &out, needles);
+}
+
+fn shard_holding(dir: &Path, tensor: &str) -> PathBuf {
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    dir.join(index["weight_map"][tensor].as_str().unwrap())
+}
+
+const T: &str = "model.layers.1.mlp.down_proj.weight";
+
+#[test]
+fn shape_mismatch_is_rejected() {
+    expect_rejected(
+        |b| {
+            let shard = shard_holding(b, T);
+            rewrite_safetensors(&shard, |ts| {
+                let t = ts.iter_mut().find(|t| t.0 == T).unwrap();
+                let row = t.2[1] * 2;
+                t.2[0] -= 1;
+                t.3.truncate(t.3.len() - row);
+            });
+        },
+        &[T, "[63, 128]", "model-0000", "cannot be merged"],
+    );
+}
+
+#[test]
+fn dtype_mismatch_is_rejected() {
+    expect_rejected(
+        |b| {
+            rewrite_safetensors(&shard_holding(b, T), |ts| {
+                let t = ts.iter_mut().find(|t| t.0 == T).unwrap();
+                t.1 = Dtype::F16;
+            });
+        },
+        &[T, "F16", "BF16"],
+    );
+}
+
+#[test]
+fn name_mismatch_is_rejected() {
+    expect_rejected(
+        |b| {
+            let shard = shard_holding(b, T);
+            rewrite_safetensors(&shard, |ts| {
+                ts.iter_mut().find(|t| t.0 == T).unwrap().0 =
+                    "model.layers.1.mlp.renamed.weight".into();
+            });
+            // Keep the index consistent so the mismatch is between checkpoints.
+            let p = b.join("model.safetensors.index.json");
+            let text = std::fs::read_to_string(&p)
+                .unwrap()
+                .replace(T, "model.layers.1.mlp.renamed.weight");
+            std::fs::write(p, text).unwrap();
+        },
+        &[T, "missing from", "model.layers.1.mlp.renamed.weight"],
+    );
+}
+
+#[test]
+fn truncated_shard_is_rejected() {
+    expect_rejected(
+        |b| {
+            let shard = shard_holding(b, T);
+            let len = std::fs::metadata(&shard).unwrap().len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&shard)
+                .unwrap()
+                .set_len(len - 100)
+                .unwrap();
+        },
+        &["model-0000", "truncated or corrupt"],
+    );
+}
+
+#[test]
+fn corrupt_header_is_rejected() {
+    expect_rejected(
+        |b| {
+            let shard = shard_holding(b, T);
+            let mut bytes = std::fs::read(&shard).unwrap();
+            bytes[8..20].copy_from_slice(b"#garbage!#%$");
+            std::fs::write(&shard, bytes).unwrap();
+        },
+        &["model-0000", "not a valid safetensors file"],
+    );
+}
+
+#[test]
+fn bad_index_json_is_rejected() {
+    expect_rejected(
+        |b| std::fs::write(b.join("model.safetensors.index.json"), "{\"weight_map\": {").unwrap(),
+        &["model.safetensors.index.json", "invalid index"],
+    );
+}
+
+#[test]
+fn missing_shard_is_rejected() {
+    let shard = shard_holding(&fixtures().join("step-200"), T);
+    let shard = shard.file_name().unwrap().to_string_lossy().into_owned();
+    expect_rejected(
+        |b| std::fs::remove_file(shard_holding(b, T)).unwrap(),
+        &["model.safetensors.index.json", &shard, "does not exist"],
+    );
+}
+
+#[test]
+fn missing_config_is_rejected() {
+    expect_rejected(
+        |b| std::fs::remove_file(b.join("config.json")).unwrap(),
+        &["no config.json"],
+    );
+}
+
+#[test]
+fn config_mismatch_is_rejected() {
+    expect_rejected(
+        |b| {
+            let p = b.join("config.json");
+            let mut c: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            c["rope_theta"] = 500000.0.into();
+            c["rope_parameters"] =
+                serde_json::json!({"rope_theta": 500000.0, "rope_type": "default"});
+            std::fs::write(&p, serde_json::to_vec(&c).unwrap()).unwrap();
+        },
+        &["config.json", "rope_"],
+    );
+}
+
+#[test]
+fn unsupported_dtype_is_rejected() {
+    expect_rejected(
+        |b| {
+            rewrite_safetensors(&shard_holding(b, T), |ts| {
+                let t = ts.iter_mut().find(|t| t.0 == T).unwrap();
+                t.1 = Dtype::I16;
+            });
+        },
+        &[T, "I16", "F32, BF16 and F16"],
+    );
+}
+
+#[test]
+fn pickle_only_checkpoint_gets_conversion_advice() {
+    expect_rejected(
+        |b| {
+            for e in std::fs::read_dir(b).unwrap() {
+                let p = e.unwrap().path();
+                if p.to_string_lossy().contains("safetensors") {
+                    std::fs::remove_file(p).unwrap();
+                }
+            }
+            std::fs::write(b.join("pytorch_model.bin"), b"not really a pickle").unwrap();
+        },
+        &["pytorch_model.bin", "safetensors", "save_pretrained"],
+    );
+}
+
+#[test]
+fn bad_weights_are_usage_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let (a, b) = (fixtures().join("step-100"), fixtures().join("step-300"));
+    let o = ckmerge(&[&a, &b, &"--weights", &"0.5", &"--out", &out]);
+    assert_failed_cleanly(&o, &out, &["1 values for 2 checkpoints"]);
+    let o = ckmerge(&[
+        &a,
+        &b,
+        &fixtures().join("step-200"),
+        &"--lambda",
+        &"0.5",
+        &"--out",
+        &out,
+    ]);
+    assert_failed_cleanly(&o, &out, &["exactly two"]);
+    let o = ckmerge(&[
+        &a,
+        &b,
+        &"--weights",
+        &"1,-1",
+        &"--normalize",
+        &"--out",
+        &out,
+    ]);
+    assert_failed_cleanly(&o, &out, &["cannot be rescaled"]);
+    let o = ckmerge(&[&a, &b, &"--weights", &"0.5,0.6", &"--out", &out]);
+    assert!(o.status.success());
+    assert!(stderr(&o).contains("sum to 1.1"), "{}", stderr(&o));
+}
+
+/// Writes a checkpoint of `n_tensors` f32 tensors of `numel` elements each.
+fn synthetic_checkpoint(dir: &Path, n_tensors: usize, numel: usize, seed: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}"#,
+    )
+    .unwrap();
+    // One distinct pattern per checkpoint, shared by its tensors: cheap to build.
+    let data: Vec<u8> = (0..numel)
+        .flat_map(|i| ((i as u32 ^ seed) as f32 * 1e-6).to_le_bytes())
+        .collect();
+    let views: Vec<(String, TensorView)> = (0..n_tensors)
+        .map(|t| {
+            (
+                format!("layers.{t}.weight"),
+                TensorView::new(Dtype::F32, vec![numel], &data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn sigkill_mid_merge_leaves_no_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    // 2 x 256 MB of f32 inputs: long enough to be caught mid-write.
+    synthetic_checkpoint(&a, 16, 4 << 20, 1);
+    synthetic_checkpoint(&b, 16, 4 << 20, 2);
+    let out = tmp.path().join("merged");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ckmerge"))
+        .args([
+            "merge",
+            "--lambda",
+            "0.5",
+            "--max-shard-size",
+            "64MB",
+            "--out",
+        ])
+        .arg(&out)
+        .arg(&a)
+        .arg(&b)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the first output shard is being written, then kill without warning.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let partial = loop {
+        let found = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().contains("ckmerge-partial"));
+        if let Some(p) = found.filter(|p| p.join("model-00001-of-00006.safetensors").exists()) {
+            break p;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "ckmerge exited before it could be killed"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ckmerge never started writing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "ckmerge finished before the kill; the test needs bigger inputs"
+    );
+    assert!(!out.exists(), "a killed merge left {}", out.display());
+
+    // The next run cleans up the dead process's partial output and succeeds.
+    assert!(partial.exists());
+    let o = ckmerge(&[
+        &a,
+        &b,
+        &"--lambda",
+        &"0.5",
+        &"--max-shard-size",
+        &"64MB",
+        &"--out",
+        &out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!partial.exists(), "stale partial output not removed");
+    assert_eq!(read_model(&out).len(), 16);
+}

@@ -135,9 +135,13 @@ impl Checkpoint {
         // SAFETY: the mapping is read-only and file-backed (MAP_SHARED, never written), so
         // MADV_DONTNEED only drops our page-table entries; any later access re-reads the
         // same bytes from the page cache. No reference into the range is invalidated.
-        let r = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start, t.nbytes()) };
+        let r =
+            unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start, t.nbytes()) };
         if let Err(e) = r {
-            tracing::debug!("madvise(DONTNEED) on {}: {e}", self.shards[t.shard].path.display());
+            tracing::debug!(
+                "madvise(DONTNEED) on {}: {e}",
+                self.shards[t.shard].path.display()
+            );
         }
     }
 
@@ -149,7 +153,10 @@ impl Checkpoint {
     /// The model's dtype if every tensor has the same one.
     pub fn uniform_dtype(&self) -> Option<DType> {
         let first = self.tensors.first()?.dtype;
-        self.tensors.iter().all(|t| t.dtype == first).then_some(first)
+        self.tensors
+            .iter()
+            .all(|t| t.dtype == first)
+            .then_some(first)
     }
 
     /// Files that belong in a model directory besides the weights: configs, tokenizer
@@ -161,7 +168,9 @@ impl Checkpoint {
         let rd = std::fs::read_dir(&self.dir).map_err(|e| CheckpointError::io(&self.dir, e))?;
         for entry in rd {
             let entry = entry.map_err(|e| CheckpointError::io(&self.dir, e))?;
-            let ft = entry.file_type().map_err(|e| CheckpointError::io(entry.path(), e))?;
+            let ft = entry
+                .file_type()
+                .map_err(|e| CheckpointError::io(entry.path(), e))?;
             if !(ft.is_file() || ft.is_symlink() && entry.path().is_file()) {
                 continue;
             }
@@ -251,12 +260,13 @@ fn shard_tensors(shard: &Shard, shard_idx: usize) -> Result<Vec<TensorEntry>, Ch
     let data_start = 8 + header_len;
     let mut out = Vec::new();
     for (name, info) in metadata.tensors() {
-        let dtype =
-            DType::from_safetensors(info.dtype).ok_or_else(|| CheckpointError::UnsupportedDtype {
+        let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| {
+            CheckpointError::UnsupportedDtype {
                 file: shard.path.clone(),
                 tensor: name.clone(),
                 dtype: format!("{:?}", info.dtype),
-            })?;
+            }
+        })?;
         out.push(TensorEntry {
             name,
             dtype,
@@ -279,7 +289,8 @@ fn open_sharded(
     dir: &Path,
     index_path: &Path,
 ) -> Result<(Vec<Shard>, Vec<TensorEntry>), CheckpointError> {
-    let text = std::fs::read_to_string(index_path).map_err(|e| CheckpointError::io(index_path, e))?;
+    let text =
+        std::fs::read_to_string(index_path).map_err(|e| CheckpointError::io(index_path, e))?;
     let index: IndexFile = serde_json::from_str(&text).map_err(|e| CheckpointError::BadIndex {
         file: index_path.into(),
         reason: e.to_string(),

@@ -95,9 +95,7 @@ pub fn check_compatible(ckpts: &[Checkpoint]) -> Result<(), CheckpointError> {
     if total > MAX_LISTED {
         report.push(format!("  ... and {} more", total - MAX_LISTED));
     }
-    report.push(
-        "Only checkpoints of the same model (one training run) can be merged.".to_string(),
-    );
+    report.push("Only checkpoints of the same model (one training run) can be merged.".to_string());
     Err(CheckpointError::Incompatible {
         report: report.join("\n"),
     })

@@ -41,7 +41,9 @@ pub enum CheckpointError {
     #[error("{file}: invalid index: {reason}; the index must be JSON with a `weight_map` from tensor name to shard file, as written by `save_pretrained`")]
     BadIndex { file: PathBuf, reason: String },
 
-    #[error("{index}: tensor `{tensor}` is mapped to shard {shard}, which does not exist in {dir}")]
+    #[error(
+        "{index}: tensor `{tensor}` is mapped to shard {shard}, which does not exist in {dir}"
+    )]
     MissingShard {
         index: PathBuf,
         dir: PathBuf,

@@ -400,11 +400,17 @@ fn remove_dead_partials(parent: &Path, prefix: &str) {
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(prefix).and_then(|p| p.parse::<i32>().ok()) else {
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
             continue;
         };
         if !process_alive(pid) {
-            tracing::info!("removing partial output of a ckmerge process that died: {}", e.path().display());
+            tracing::info!(
+                "removing partial output of a ckmerge process that died: {}",
+                e.path().display()
+            );
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -492,7 +498,10 @@ mod tests {
         std::fs::write(staged.path().join("config.json"), b"{}").unwrap();
         staged.commit().unwrap();
         assert!(out.join("config.json").exists());
-        assert!(matches!(StagedDir::create(&out, false), Err(OutputError::Exists(_))));
+        assert!(matches!(
+            StagedDir::create(&out, false),
+            Err(OutputError::Exists(_))
+        ));
     }
 
     #[test]
@@ -501,7 +510,10 @@ mod tests {
         let out = root.path().join("merged");
         std::fs::create_dir(&out).unwrap();
         std::fs::write(out.join("notes.txt"), b"mine").unwrap();
-        assert!(matches!(StagedDir::create(&out, true), Err(OutputError::NotAModelDir(_))));
+        assert!(matches!(
+            StagedDir::create(&out, true),
+            Err(OutputError::NotAModelDir(_))
+        ));
 
         std::fs::write(out.join("config.json"), b"{}").unwrap();
         let staged = StagedDir::create(&out, true).unwrap();

@@ -12,7 +12,11 @@ use ckmerge_worker::{merge_to_dir, MergeRequest, Progress};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ckmerge", version, about = "Merge checkpoints of one LLM training run")]
+#[command(
+    name = "ckmerge",
+    version,
+    about = "Merge checkpoints of one LLM training run"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,7 +38,13 @@ struct MergeArgs {
     checkpoints: Vec<PathBuf>,
 
     /// One weight per checkpoint, comma-separated, in the order the checkpoints are given.
-    #[arg(long, value_delimiter = ',', allow_hyphen_values = true, required_unless_present = "lambda", conflicts_with = "lambda")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        required_unless_present = "lambda",
+        conflicts_with = "lambda"
+    )]
     weights: Vec<f64>,
 
     /// The paper's two-checkpoint merge: `lambda * CKPT_T + (1 - lambda) * CKPT_PREV`,
@@ -107,14 +117,22 @@ fn resolve_weights(args: &MergeArgs) -> Result<Vec<f32>> {
                 bail!("--lambda merges exactly two checkpoints (CKPT_PREV CKPT_T); got {n}: use --weights for more");
             }
             if !(0.0..=1.0).contains(&l) {
-                tracing::warn!("lambda {l} is outside [0, 1]: this extrapolates beyond the checkpoints");
+                tracing::warn!(
+                    "lambda {l} is outside [0, 1]: this extrapolates beyond the checkpoints"
+                );
             }
-            ckmerge_kernels::merge::lerp_weights(l).iter().map(|&x| x as f64).collect()
+            ckmerge_kernels::merge::lerp_weights(l)
+                .iter()
+                .map(|&x| x as f64)
+                .collect()
         }
         None => args.weights.clone(),
     };
     if w.len() != n {
-        bail!("--weights has {} values for {n} checkpoints; give one weight per checkpoint", w.len());
+        bail!(
+            "--weights has {} values for {n} checkpoints; give one weight per checkpoint",
+            w.len()
+        );
     }
     if let Some(x) = w.iter().find(|x| !x.is_finite()) {
         bail!("--weights contains {x}; weights must be finite");
@@ -165,7 +183,10 @@ fn run_merge(args: MergeArgs) -> Result<()> {
         if summary.shards == 1 { "" } else { "s" },
         human_bytes(summary.bytes_written),
         summary.seconds,
-        human_bytes(((summary.bytes_read + summary.bytes_written) as f64 / summary.seconds.max(1e-9)) as u64),
+        human_bytes(
+            ((summary.bytes_read + summary.bytes_written) as f64 / summary.seconds.max(1e-9))
+                as u64
+        ),
     );
     Ok(())
 }
@@ -176,10 +197,13 @@ struct Bar(indicatif::ProgressBar);
 impl Progress for Bar {
     fn start(&self, total: u64) {
         self.0.set_length(total);
-        self.0.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        self.0
+            .set_draw_target(indicatif::ProgressDrawTarget::stderr());
         self.0.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("valid template"),
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template"),
         );
     }
     fn advance(&self, bytes: u64) {

@@ -52,7 +52,11 @@ pub fn weighted_sum(inputs: &[Input<'_>], weights: &[f32], out_dtype: DType, out
     assert!(!inputs.is_empty(), "weighted_sum needs at least one input");
     assert_eq!(inputs.len(), weights.len(), "one weight per input");
     let osz = out_dtype.size();
-    assert_eq!(out.len() % osz, 0, "output length is not a whole number of elements");
+    assert_eq!(
+        out.len() % osz,
+        0,
+        "output length is not a whole number of elements"
+    );
     let n = out.len() / osz;
     for (i, x) in inputs.iter().enumerate() {
         assert_eq!(
@@ -150,7 +154,13 @@ unsafe fn block_portable(
 
 /// Merges elements `start .. start + out.len() / out_dtype.size()` (at most [`BLOCK`]).
 #[inline(always)]
-fn merge_block(inputs: &[Input<'_>], weights: &[f32], start: usize, out_dtype: DType, out: &mut [u8]) {
+fn merge_block(
+    inputs: &[Input<'_>],
+    weights: &[f32],
+    start: usize,
+    out_dtype: DType,
+    out: &mut [u8],
+) {
     let m = out.len() / out_dtype.size();
     debug_assert!(m <= BLOCK);
     let mut acc = [-0.0f32; BLOCK];
@@ -259,7 +269,12 @@ mod tests {
     const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
     /// Random finite values of `dtype`, as raw bytes and as exact f64s.
-    fn random_tensor(rng: &mut ChaCha8Rng, dtype: DType, n: usize, scale: f64) -> (Vec<u8>, Vec<f64>) {
+    fn random_tensor(
+        rng: &mut ChaCha8Rng,
+        dtype: DType,
+        n: usize,
+        scale: f64,
+    ) -> (Vec<u8>, Vec<f64>) {
         let mut bytes = Vec::with_capacity(n * dtype.size());
         let mut vals = Vec::with_capacity(n);
         for _ in 0..n {
@@ -309,7 +324,11 @@ mod tests {
             DType::BF16 => (7, -126),
             DType::F16 => (10, -14),
         };
-        let e = if r == 0.0 { min_exp } else { (r.abs().log2().floor() as i32).max(min_exp) };
+        let e = if r == 0.0 {
+            min_exp
+        } else {
+            (r.abs().log2().floor() as i32).max(min_exp)
+        };
         2f64.powi(e - mant_bits)
     }
 
@@ -323,20 +342,42 @@ mod tests {
 
     /// The contract in the module docs, against an f64 reference: every element within
     /// one output ulp plus the fp32 accumulation bound. Returns the worst error in ulps.
-    fn check_against_reference(seed: u64, n_inputs: usize, len: usize, in_dtypes: &[DType], out_dtype: DType, weights: &[f32]) -> f64 {
+    fn check_against_reference(
+        seed: u64,
+        n_inputs: usize,
+        len: usize,
+        in_dtypes: &[DType],
+        out_dtype: DType,
+        weights: &[f32],
+    ) -> f64 {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let tensors: Vec<_> = in_dtypes.iter().map(|&d| random_tensor(&mut rng, d, len, 2.0)).collect();
-        let inputs: Vec<Input> = tensors.iter().zip(in_dtypes).map(|((b, _), &d)| Input::new(d, b)).collect();
+        let tensors: Vec<_> = in_dtypes
+            .iter()
+            .map(|&d| random_tensor(&mut rng, d, len, 2.0))
+            .collect();
+        let inputs: Vec<Input> = tensors
+            .iter()
+            .zip(in_dtypes)
+            .map(|((b, _), &d)| Input::new(d, b))
+            .collect();
         let mut out = vec![0u8; len * out_dtype.size()];
         weighted_sum(&inputs, weights, out_dtype, &mut out);
         let got = decode(out_dtype, &out);
         let mut worst = 0.0f64;
         for j in 0..len {
-            let terms: Vec<f64> = tensors.iter().zip(weights).map(|((_, v), &w)| w as f64 * v[j]).collect();
+            let terms: Vec<f64> = tensors
+                .iter()
+                .zip(weights)
+                .map(|((_, v), &w)| w as f64 * v[j])
+                .collect();
             let exact: f64 = terms.iter().sum();
             let abs_sum: f64 = terms.iter().map(|t| t.abs()).sum();
             if exact.abs() > max_finite(out_dtype) {
-                assert!(got[j].is_infinite() || got[j].abs() >= max_finite(out_dtype), "element {j}: expected overflow, got {}", got[j]);
+                assert!(
+                    got[j].is_infinite() || got[j].abs() >= max_finite(out_dtype),
+                    "element {j}: expected overflow, got {}",
+                    got[j]
+                );
                 continue;
             }
             // Round-to-nearest: half an ulp (at the larger of the two magnitudes, in case
@@ -363,9 +404,17 @@ mod tests {
                 for n_inputs in 1..=4 {
                     // Odd lengths, lengths around block and task boundaries.
                     for &len in &[1usize, 7, 1023, 1025, TASK + 17] {
-                        let weights: Vec<f32> = (0..n_inputs).map(|_| rng.gen_range(0.0..1.0)).collect();
+                        let weights: Vec<f32> =
+                            (0..n_inputs).map(|_| rng.gen_range(0.0..1.0)).collect();
                         let dts = vec![in_d; n_inputs];
-                        check_against_reference(k as u64 * 1000 + len as u64, n_inputs, len, &dts, out_d, &weights);
+                        check_against_reference(
+                            k as u64 * 1000 + len as u64,
+                            n_inputs,
+                            len,
+                            &dts,
+                            out_d,
+                            &weights,
+                        );
                     }
                 }
             }
@@ -377,7 +426,14 @@ mod tests {
         // Extrapolation (w > 1, w < 0) is allowed by the kernel; the bound still holds.
         let weights = [1.75f32, -0.5, -0.25];
         for &out_d in &DTYPES {
-            check_against_reference(11, 3, 4099, &[DType::BF16, DType::F16, DType::F32], out_d, &weights);
+            check_against_reference(
+                11,
+                3,
+                4099,
+                &[DType::BF16, DType::F16, DType::F32],
+                out_d,
+                &weights,
+            );
         }
     }
 
@@ -391,19 +447,37 @@ mod tests {
             let tensors: Vec<(Vec<u8>, Vec<f64>)> = (0..3)
                 .map(|_| {
                     let (_, v) = random_tensor(&mut rng, DType::BF16, len, 1.0);
-                    let v: Vec<f64> = v.iter().map(|x| x.abs() + 0.5).map(|x| bf16::from_f64(x).to_f64()).collect();
-                    let b = v.iter().flat_map(|&x| bf16::from_f64(x).to_bits().to_le_bytes()).collect();
+                    let v: Vec<f64> = v
+                        .iter()
+                        .map(|x| x.abs() + 0.5)
+                        .map(|x| bf16::from_f64(x).to_f64())
+                        .collect();
+                    let b = v
+                        .iter()
+                        .flat_map(|&x| bf16::from_f64(x).to_bits().to_le_bytes())
+                        .collect();
                     (b, v)
                 })
                 .collect();
             let w = [0.2f32, 0.3, 0.5];
-            let inputs: Vec<Input> = tensors.iter().map(|(b, _)| Input::new(DType::BF16, b)).collect();
+            let inputs: Vec<Input> = tensors
+                .iter()
+                .map(|(b, _)| Input::new(DType::BF16, b))
+                .collect();
             let mut out = vec![0u8; len * 2];
             weighted_sum(&inputs, &w, out_d, &mut out);
             let got = decode(out_d, &out);
             for j in 0..len {
-                let exact: f64 = tensors.iter().zip(&w).map(|((_, v), &w)| w as f64 * v[j]).sum();
-                assert!((got[j] - exact).abs() <= ulp(out_d, exact), "element {j}: expected {exact}, got {}", got[j]);
+                let exact: f64 = tensors
+                    .iter()
+                    .zip(&w)
+                    .map(|((_, v), &w)| w as f64 * v[j])
+                    .sum();
+                assert!(
+                    (got[j] - exact).abs() <= ulp(out_d, exact),
+                    "element {j}: expected {exact}, got {}",
+                    got[j]
+                );
             }
         }
     }
@@ -419,9 +493,18 @@ mod tests {
                 let nan_at = [0usize, 1000, len - 1];
                 let sz = in_d.size();
                 let (nan_bytes, inf_bytes): (Vec<u8>, Vec<u8>) = match in_d {
-                    DType::F32 => (f32::NAN.to_le_bytes().to_vec(), f32::INFINITY.to_le_bytes().to_vec()),
-                    DType::BF16 => (bf16::NAN.to_bits().to_le_bytes().to_vec(), bf16::INFINITY.to_bits().to_le_bytes().to_vec()),
-                    DType::F16 => (f16::NAN.to_bits().to_le_bytes().to_vec(), f16::INFINITY.to_bits().to_le_bytes().to_vec()),
+                    DType::F32 => (
+                        f32::NAN.to_le_bytes().to_vec(),
+                        f32::INFINITY.to_le_bytes().to_vec(),
+                    ),
+                    DType::BF16 => (
+                        bf16::NAN.to_bits().to_le_bytes().to_vec(),
+                        bf16::INFINITY.to_bits().to_le_bytes().to_vec(),
+                    ),
+                    DType::F16 => (
+                        f16::NAN.to_bits().to_le_bytes().to_vec(),
+                        f16::INFINITY.to_bits().to_le_bytes().to_vec(),
+                    ),
                 };
                 for (k, &j) in nan_at.iter().enumerate() {
                     // The NaN sits in a different input each time; zero weight does not hide it.
@@ -430,14 +513,30 @@ mod tests {
                 }
                 a[7 * sz..8 * sz].copy_from_slice(&inf_bytes);
                 let mut out = vec![0u8; len * out_d.size()];
-                weighted_sum(&[Input::new(in_d, &a), Input::new(in_d, &b)], &[0.0, 1.0], out_d, &mut out);
+                weighted_sum(
+                    &[Input::new(in_d, &a), Input::new(in_d, &b)],
+                    &[0.0, 1.0],
+                    out_d,
+                    &mut out,
+                );
                 let got = decode(out_d, &out);
                 for &j in &nan_at {
-                    assert!(got[j].is_nan(), "{in_d}->{out_d}: element {j} should be NaN, got {}", got[j]);
+                    assert!(
+                        got[j].is_nan(),
+                        "{in_d}->{out_d}: element {j} should be NaN, got {}",
+                        got[j]
+                    );
                 }
                 // 0 * inf is NaN under IEEE, as in PyTorch.
-                assert!(got[7].is_nan(), "{in_d}->{out_d}: 0 * inf should be NaN, got {}", got[7]);
-                assert!(got.iter().enumerate().all(|(j, v)| nan_at.contains(&j) || j == 7 || v.is_finite()));
+                assert!(
+                    got[7].is_nan(),
+                    "{in_d}->{out_d}: 0 * inf should be NaN, got {}",
+                    got[7]
+                );
+                assert!(got
+                    .iter()
+                    .enumerate()
+                    .all(|(j, v)| nan_at.contains(&j) || j == 7 || v.is_finite()));
             }
         }
     }
@@ -470,7 +569,12 @@ mod tests {
             let mut o1 = vec![0u8; 3001 * 4];
             let mut o2 = vec![0u8; 3001 * 4];
             weighted_sum(&[Input::new(d, &a)], &[0.37], DType::F32, &mut o1);
-            weighted_sum(&[Input::new(d, &shifted[1..])], &[0.37], DType::F32, &mut o2);
+            weighted_sum(
+                &[Input::new(d, &shifted[1..])],
+                &[0.37],
+                DType::F32,
+                &mut o2,
+            );
             assert_eq!(o1, o2, "{d}");
         }
     }
@@ -478,8 +582,19 @@ mod tests {
     #[test]
     fn bf16_rounding_matches_half_crate() {
         let mut rng = ChaCha8Rng::seed_from_u64(17);
-        let specials = [0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN_POSITIVE, 1.0 + f32::EPSILON];
-        for x in specials.into_iter().chain((0..200_000).map(|_| f32::from_bits(rng.gen()))) {
+        let specials = [
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1.0 + f32::EPSILON,
+        ];
+        for x in specials
+            .into_iter()
+            .chain((0..200_000).map(|_| f32::from_bits(rng.gen())))
+        {
             let ours = f32_to_bf16_bits_rne(x);
             let theirs = bf16::from_f32(x);
             if x.is_nan() {

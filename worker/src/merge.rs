@@ -17,7 +17,9 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ckmerge_common::write::{index_json, plan_shards, OutputError, StagedDir, TensorSpec, INDEX_NAME};
+use ckmerge_common::write::{
+    index_json, plan_shards, OutputError, StagedDir, TensorSpec, INDEX_NAME,
+};
 use ckmerge_common::{check_compatible, Checkpoint, CheckpointError, DType};
 use ckmerge_kernels::{weighted_sum, Input};
 use serde_json::{json, Value};
@@ -87,7 +89,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MergeError + '_ {
 }
 
 /// Merges `req.sources` with `req.weights` into the model directory `req.out`.
-pub fn merge_to_dir(req: &MergeRequest, progress: &dyn Progress) -> Result<MergeSummary, MergeError> {
+pub fn merge_to_dir(
+    req: &MergeRequest,
+    progress: &dyn Progress,
+) -> Result<MergeSummary, MergeError> {
     let t0 = Instant::now();
     if req.sources.is_empty() {
         return Err(MergeError::Request("no checkpoints to merge".into()));
@@ -100,7 +105,10 @@ pub fn merge_to_dir(req: &MergeRequest, progress: &dyn Progress) -> Result<Merge
         )));
     }
     if let Some((i, w)) = req.weights.iter().enumerate().find(|(_, w)| !w.is_finite()) {
-        return Err(MergeError::Request(format!("weight {} is {w}; weights must be finite numbers", i + 1)));
+        return Err(MergeError::Request(format!(
+            "weight {} is {w}; weights must be finite numbers",
+            i + 1
+        )));
     }
 
     // Validate everything before creating anything.
@@ -125,13 +133,27 @@ pub fn merge_to_dir(req: &MergeRequest, progress: &dyn Progress) -> Result<Merge
     let abs_sources: Vec<String> = req
         .sources
         .iter()
-        .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()).display().to_string())
+        .map(|p| {
+            p.canonicalize()
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string()
+        })
         .collect();
     let mut metadata = BTreeMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
-    metadata.insert("ckmerge_version".to_string(), env!("CARGO_PKG_VERSION").to_string());
-    metadata.insert("ckmerge_sources".to_string(), json!(abs_sources).to_string());
-    metadata.insert("ckmerge_weights".to_string(), json!(req.weights).to_string());
+    metadata.insert(
+        "ckmerge_version".to_string(),
+        env!("CARGO_PKG_VERSION").to_string(),
+    );
+    metadata.insert(
+        "ckmerge_sources".to_string(),
+        json!(abs_sources).to_string(),
+    );
+    metadata.insert(
+        "ckmerge_weights".to_string(),
+        json!(req.weights).to_string(),
+    );
     let plans = plan_shards(&specs, req.max_shard_bytes, &metadata);
     let total: u64 = specs.iter().map(TensorSpec::nbytes).sum();
 
@@ -231,11 +253,14 @@ fn copy_aux_files(first: &Checkpoint, dir: &Path, dtype: Option<DType>) -> Resul
                     }
                 }
             }
-            let text = serde_json::to_string_pretty(&Value::Object(config)).expect("plain JSON") + "\n";
+            let text =
+                serde_json::to_string_pretty(&Value::Object(config)).expect("plain JSON") + "\n";
             write_synced(&dst, text.as_bytes())?;
         } else {
             std::fs::copy(&src, &dst).map_err(io(&src))?;
-            File::open(&dst).and_then(|f| f.sync_all()).map_err(io(&dst))?;
+            File::open(&dst)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&dst))?;
         }
     }
     Ok(())
