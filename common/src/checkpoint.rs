@@ -79,8 +79,7 @@ impl Checkpoint {
         let single = dir.join(SAFE_WEIGHTS_NAME);
         let index = dir.join(SAFE_WEIGHTS_INDEX_NAME);
         let (shards, tensors) = if single.is_file() {
-            let shard = map_shard(&single)?;
-            let tensors = shard_tensors(&shard, 0)?;
+            let (shard, tensors) = map_shard(&single, 0)?;
             (vec![shard], tensors)
         } else if index.is_file() {
             open_sharded(dir, &index)?
@@ -127,21 +126,18 @@ impl Checkpoint {
         &self.shards[t.shard].path
     }
 
-    /// Tells the kernel that the pages of `t` will not be read again soon, so a streaming
-    /// pass over a model larger than memory keeps its resident set near one tensor. The
-    /// page cache keeps the data; a later read simply faults it back in.
-    pub fn release(&self, t: &TensorEntry) {
+    /// Tells the kernel that bytes `lo..hi` of `t`'s data will not be read again soon, so
+    /// a streaming pass over a model larger than memory keeps its resident set near one
+    /// chunk. The page cache keeps the data; a later read simply faults it back in.
+    pub fn release(&self, t: &TensorEntry, lo: usize, hi: usize) {
+        debug_assert!(lo <= hi && hi <= t.nbytes());
         let map = &self.shards[t.shard].map;
         // SAFETY: the mapping is read-only and file-backed (MAP_SHARED, never written), so
         // MADV_DONTNEED only drops our page-table entries; any later access re-reads the
         // same bytes from the page cache. No reference into the range is invalidated.
-        let r =
-            unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start, t.nbytes()) };
+        let r = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start + lo, hi - lo) };
         if let Err(e) = r {
-            tracing::debug!(
-                "madvise(DONTNEED) on {}: {e}",
-                self.shards[t.shard].path.display()
-            );
+            tracing::debug!("madvise(DONTNEED) on {}: {e}", self.shards[t.shard].path.display());
         }
     }
 
@@ -227,47 +223,33 @@ fn read_config(dir: &Path) -> Result<Map<String, Value>, CheckpointError> {
     }
 }
 
-fn map_shard(path: &Path) -> Result<Shard, CheckpointError> {
+/// Maps and validates one safetensors file; returns it with its tensors in storage
+/// order, dtypes checked, located as shard number `shard_idx`.
+fn map_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorEntry>), CheckpointError> {
     let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
     // SAFETY: the mapping is read-only. ckmerge never writes its inputs; a checkpoint
     // rewritten by another process during a merge is documented as unsupported (as it is
     // for transformers and safetensors, which map files the same way).
     let map = unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
     let _ = map.advise(Advice::Sequential);
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
+    // `read_metadata` checks the header, that offsets are contiguous and match each
+    // tensor's shape and dtype, and that the file is exactly as long as the header says.
+    let (header_len, header) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
         CheckpointError::BadSafetensors {
             file: path.into(),
             reason: e.to_string(),
         }
     })?;
-    let metadata = metadata
-        .metadata()
-        .as_ref()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default();
-    Ok(Shard {
-        path: path.into(),
-        map,
-        metadata,
-    })
-}
-
-/// The tensors of one mapped shard, in storage order, with dtypes checked.
-fn shard_tensors(shard: &Shard, shard_idx: usize) -> Result<Vec<TensorEntry>, CheckpointError> {
-    // Header already validated by `map_shard`; parse again to borrow the infos.
-    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&shard.map)
-        .expect("validated when the shard was mapped");
     let data_start = 8 + header_len;
-    let mut out = Vec::new();
-    for (name, info) in metadata.tensors() {
-        let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| {
-            CheckpointError::UnsupportedDtype {
-                file: shard.path.clone(),
+    let mut tensors = Vec::new();
+    for (name, info) in header.tensors() {
+        let dtype =
+            DType::from_safetensors(info.dtype).ok_or_else(|| CheckpointError::UnsupportedDtype {
+                file: path.into(),
                 tensor: name.clone(),
                 dtype: format!("{:?}", info.dtype),
-            }
-        })?;
-        out.push(TensorEntry {
+            })?;
+        tensors.push(TensorEntry {
             name,
             dtype,
             shape: info.shape.clone(),
@@ -276,8 +258,18 @@ fn shard_tensors(shard: &Shard, shard_idx: usize) -> Result<Vec<TensorEntry>, Ch
             end: data_start + info.data_offsets.1,
         });
     }
-    out.sort_by_key(|t| t.start);
-    Ok(out)
+    tensors.sort_by_key(|t| t.start);
+    let metadata = header
+        .metadata()
+        .as_ref()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    let shard = Shard {
+        path: path.into(),
+        map,
+        metadata,
+    };
+    Ok((shard, tensors))
 }
 
 #[derive(serde::Deserialize)]
@@ -331,8 +323,8 @@ fn open_sharded(
                 shard: f.to_string(),
             });
         }
-        let shard = map_shard(&path)?;
-        tensors.extend(shard_tensors(&shard, i)?);
+        let (shard, shard_tensors) = map_shard(&path, i)?;
+        tensors.extend(shard_tensors);
         shards.push(shard);
     }
 

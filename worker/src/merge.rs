@@ -192,12 +192,13 @@ pub fn merge_to_dir(
                     .collect();
                 weighted_sum(&inputs, &req.weights, spec.dtype, out);
                 w.write_all(out).map_err(io(&path))?;
+                for (c, t) in ckpts.iter().zip(&srcs) {
+                    let sz = t.dtype.size();
+                    c.release(t, start * sz, (start + m) * sz);
+                    bytes_read += (m * sz) as u64;
+                }
                 progress.advance(out_bytes as u64);
                 start += m;
-            }
-            for (c, t) in ckpts.iter().zip(&srcs) {
-                bytes_read += t.nbytes() as u64;
-                c.release(t);
             }
         }
         let file = w.into_inner().map_err(|e| io(&path)(e.into_error()))?;
