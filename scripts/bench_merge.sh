@@ -13,6 +13,8 @@ venv=$(scripts/peers-venv.sh | tail -n 1)
 dir=${CKMERGE_BENCH_DIR:-$HOME/.cache/ckmerge/bench}
 mkdir -p "$dir"
 cargo build --release --quiet
+cargo build --release --quiet -p ckmerge-kernels --example merge_bandwidth
 gcc -O3 -march=native -fopenmp scripts/bench/triad.c -o "$dir/triad"
 "$venv/bin/python" scripts/bench/bench_merge.py --dir "$dir" --ckmerge "$PWD/target/release/ckmerge" \
-  --mergekit-yaml "$venv/bin/mergekit-yaml" --triad "$dir/triad" --runs "${RUNS:-3}"
+  --mergekit-yaml "$venv/bin/mergekit-yaml" --triad "$dir/triad" --runs "${RUNS:-3}" \
+  --kernel-bandwidth "$PWD/target/release/examples/merge_bandwidth"

@@ -135,9 +135,13 @@ impl Checkpoint {
         // SAFETY: the mapping is read-only and file-backed (MAP_SHARED, never written), so
         // MADV_DONTNEED only drops our page-table entries; any later access re-reads the
         // same bytes from the page cache. No reference into the range is invalidated.
-        let r = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start + lo, hi - lo) };
+        let r =
+            unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start + lo, hi - lo) };
         if let Err(e) = r {
-            tracing::debug!("madvise(DONTNEED) on {}: {e}", self.shards[t.shard].path.display());
+            tracing::debug!(
+                "madvise(DONTNEED) on {}: {e}",
+                self.shards[t.shard].path.display()
+            );
         }
     }
 
@@ -243,12 +247,13 @@ fn map_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorEntry>),
     let data_start = 8 + header_len;
     let mut tensors = Vec::new();
     for (name, info) in header.tensors() {
-        let dtype =
-            DType::from_safetensors(info.dtype).ok_or_else(|| CheckpointError::UnsupportedDtype {
+        let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| {
+            CheckpointError::UnsupportedDtype {
                 file: path.into(),
                 tensor: name.clone(),
                 dtype: format!("{:?}", info.dtype),
-            })?;
+            }
+        })?;
         tensors.push(TensorEntry {
             name,
             dtype,

@@ -4,4 +4,4 @@
 
 pub mod merge;
 
-pub use merge::{lerp, weighted_sum, Input};
+pub use merge::{lerp, weighted_sum, weighted_sum_serial, Input};

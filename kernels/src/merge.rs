@@ -44,11 +44,33 @@ const BLOCK: usize = 1024;
 /// Elements per rayon task: big enough to amortise scheduling, small enough to balance.
 const TASK: usize = 64 * BLOCK;
 
-/// `out = sum_i weights[i] * inputs[i]`, written as `out_dtype` into `out`.
+/// `out = sum_i weights[i] * inputs[i]`, written as `out_dtype` into `out`, on all
+/// rayon threads.
 ///
 /// Panics if the lengths disagree (`out.len() / out_dtype.size()` elements in every
 /// input) or if there are no inputs: callers validate shapes before calling.
 pub fn weighted_sum(inputs: &[Input<'_>], weights: &[f32], out_dtype: DType, out: &mut [u8]) {
+    check_args(inputs, weights, out_dtype, out);
+    let osz = out_dtype.size();
+    out.par_chunks_mut(TASK * osz)
+        .enumerate()
+        .for_each(|(t, chunk)| merge_range(inputs, weights, t * TASK, out_dtype, chunk));
+}
+
+/// [`weighted_sum`] on the calling thread only, for callers that parallelise at a
+/// coarser grain (the streaming merge gives each thread its own piece of the file).
+/// Bit-identical to [`weighted_sum`].
+pub fn weighted_sum_serial(
+    inputs: &[Input<'_>],
+    weights: &[f32],
+    out_dtype: DType,
+    out: &mut [u8],
+) {
+    check_args(inputs, weights, out_dtype, out);
+    merge_range(inputs, weights, 0, out_dtype, out)
+}
+
+fn check_args(inputs: &[Input<'_>], weights: &[f32], out_dtype: DType, out: &[u8]) {
     assert!(!inputs.is_empty(), "weighted_sum needs at least one input");
     assert_eq!(inputs.len(), weights.len(), "one weight per input");
     let osz = out_dtype.size();
@@ -67,17 +89,22 @@ pub fn weighted_sum(inputs: &[Input<'_>], weights: &[f32], out_dtype: DType, out
             x.dtype
         );
     }
+}
+
+/// Merges elements `start ..` into `out`, block by block.
+fn merge_range(
+    inputs: &[Input<'_>],
+    weights: &[f32],
+    start: usize,
+    out_dtype: DType,
+    out: &mut [u8],
+) {
     let block = block_fn();
-    out.par_chunks_mut(TASK * osz)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            let start = t * TASK;
-            for (b, out_block) in chunk.chunks_mut(BLOCK * osz).enumerate() {
-                // SAFETY: `block_fn` only returns a variant whose target features the
-                // running CPU has (checked with `is_x86_feature_detected!`).
-                unsafe { block(inputs, weights, start + b * BLOCK, out_dtype, out_block) }
-            }
-        });
+    for (b, out_block) in out.chunks_mut(BLOCK * out_dtype.size()).enumerate() {
+        // SAFETY: `block_fn` only returns a variant whose target features the running
+        // CPU has (checked with `is_x86_feature_detected!`).
+        unsafe { block(inputs, weights, start + b * BLOCK, out_dtype, out_block) }
+    }
 }
 
 /// The paper's two-checkpoint merge, `lambda * cur + (1 - lambda) * prev`
@@ -551,6 +578,8 @@ mod tests {
         let mut o2 = vec![0u8; 10_000];
         lerp(x, y, 0.3, DType::BF16, &mut o1);
         weighted_sum(&[x, y], &[0.7, 0.3], DType::BF16, &mut o2);
+        assert_eq!(o1, o2);
+        weighted_sum_serial(&[x, y], &[0.7, 0.3], DType::BF16, &mut o2);
         assert_eq!(o1, o2);
         // lambda = 1 returns the later checkpoint exactly, lambda = 0 the earlier one.
         lerp(x, y, 1.0, DType::BF16, &mut o1);

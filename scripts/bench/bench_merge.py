@@ -137,6 +137,7 @@ def main():
     ap.add_argument("--mergekit-yaml", required=True)
     ap.add_argument("--runs", type=int, default=3, help="warm runs per tool")
     ap.add_argument("--triad", required=True)
+    ap.add_argument("--kernel-bandwidth", required=True, help="the merge_bandwidth example binary")
     a = ap.parse_args()
 
     dirs = make_checkpoints(a.dir, len(WEIGHTS))
@@ -153,6 +154,7 @@ def main():
     mk_cmd = [a.mergekit_yaml, cfg, out_mk, "--no-copy-tokenizer", "--quiet"]
 
     triad = float(subprocess.check_output([a.triad]).decode())
+    kernel = subprocess.check_output([a.kernel_bandwidth, "512", str(len(dirs))]).decode().strip().splitlines()
     how = drop_caches(dirs)
     t = time.perf_counter()
     n = read_all([dirs[0]])
@@ -192,6 +194,9 @@ def main():
     lines.append(f"model: Llama-3.2-1B layout, bf16, {model_bytes / 1e9:.3f} GB per checkpoint, "
                  f"{len(dirs)} checkpoints; bytes moved per merge (N+1) x model = {moved / 1e9:.2f} GB")
     lines.append(f"memory bandwidth (STREAM triad, all cores): {triad:.2f} GB/s")
+    for k in kernel:
+        gbs = float(k.split(": ")[1].split()[0])
+        lines.append(f"merge kernel alone, in memory: {k} = {100 * gbs / triad:.0f}% of triad")
     lines.append(f"disk read of one checkpoint: cold ({how}) {disk_cold / 1e9:.2f} GB/s, warm {disk_warm / 1e9:.2f} GB/s")
     lines.append("")
     lines.append("| cache | tool | wall (s, best) | peak RSS (GB) | throughput (GB/s) | % of triad |")
@@ -210,7 +215,7 @@ def main():
                  + (f"; tensors in one only: {sorted(missing)}" if missing else "; same tensors"))
     print("\n".join(lines))
     with open(os.path.join(a.dir, "results.json"), "w") as f:
-        json.dump({"runs": results, "triad_gb_s": triad, "disk_cold": disk_cold, "summary": lines}, f, indent=1)
+        json.dump({"runs": results, "triad_gb_s": triad, "kernel": kernel, "disk_cold": disk_cold, "summary": lines}, f, indent=1)
 
 
 if __name__ == "__main__":

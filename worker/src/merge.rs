@@ -1,9 +1,9 @@
 //! Streaming N-way merge of Hugging Face checkpoints into a new model directory.
 //!
-//! Memory stays bounded by one chunk of output (at most [`CHUNK_BYTES`]) whatever the
-//! model size: inputs are memory-mapped, each tensor is merged chunk by chunk straight
-//! from the mappings into a reused buffer and appended to its shard, and the input pages
-//! of a finished tensor are released. The output is staged in a hidden sibling directory
+//! Memory stays bounded by one piece of output per thread (at most [`PIECE_BYTES`])
+//! whatever the model size: inputs are memory-mapped, each tensor is merged piece by
+//! piece straight from the mappings into a reused buffer and written at its offset in
+//! the shard, and the input pages of a finished piece are released. The output is staged in a hidden sibling directory
 //! and renamed into place after everything is synced ([`StagedDir`]), so a crash or kill
 //! at any moment leaves no output directory, and inputs are never written.
 //!
@@ -13,19 +13,56 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use ckmerge_common::write::{
     index_json, plan_shards, OutputError, StagedDir, TensorSpec, INDEX_NAME,
 };
 use ckmerge_common::{check_compatible, Checkpoint, CheckpointError, DType};
-use ckmerge_kernels::{weighted_sum, Input};
+use ckmerge_kernels::{weighted_sum_serial, Input};
+use rayon::prelude::*;
 use serde_json::{json, Value};
 
-/// Largest output buffer: the merge's working memory, independent of tensor size.
-pub const CHUNK_BYTES: usize = 32 << 20;
+/// Output bytes merged and written as one unit by one thread: the working memory is one
+/// such buffer per thread, whatever the tensor sizes.
+pub const PIECE_BYTES: usize = 4 << 20;
+
+/// A run of elements of one tensor, written at `offset` in its shard file.
+struct Piece {
+    tensor: usize,
+    start: usize,
+    len: usize,
+    offset: u64,
+}
+
+/// Splits the tensors of one shard (in file order, data starting at `data_start`) into
+/// pieces of at most [`PIECE_BYTES`].
+fn plan_pieces(specs: &[TensorSpec], tensors: &[usize], data_start: u64) -> Vec<Piece> {
+    let mut pieces = Vec::new();
+    let mut offset = data_start;
+    for &i in tensors {
+        let size = specs[i].dtype.size();
+        let n = specs[i].numel();
+        let per = (PIECE_BYTES / size).max(1);
+        let mut start = 0;
+        while start < n {
+            let len = per.min(n - start);
+            pieces.push(Piece {
+                tensor: i,
+                start,
+                len,
+                offset: offset + (start * size) as u64,
+            });
+            start += len;
+        }
+        offset += specs[i].nbytes();
+    }
+    pieces
+}
 
 /// What to merge, and where.
 #[derive(Clone, Debug)]
@@ -161,49 +198,50 @@ pub fn merge_to_dir(
     staged.check_space(total)?;
     progress.start(total);
 
-    let mut buf: Vec<u32> = Vec::new();
-    let mut bytes_read = 0u64;
+    let bytes_read = AtomicU64::new(0);
     for plan in &plans {
         let path = staged.path().join(&plan.file_name);
         let file = File::create(&path).map_err(io(&path))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
-        w.write_all(&plan.header).map_err(io(&path))?;
-        for &i in &plan.tensors {
-            let spec = &specs[i];
-            let srcs: Vec<_> = ckpts
-                .iter()
-                .map(|c| c.tensor(&spec.name).expect("checked by check_compatible"))
-                .collect();
-            let n = spec.numel();
-            let per_chunk = (CHUNK_BYTES / spec.dtype.size()).max(1);
-            let mut start = 0;
-            while start < n {
-                let m = per_chunk.min(n - start);
-                let out_bytes = m * spec.dtype.size();
-                buf.resize(out_bytes.div_ceil(4), 0);
-                let out = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut buf)[..out_bytes];
+        file.write_all_at(&plan.header, 0).map_err(io(&path))?;
+        // Every thread merges pieces of the shard into its own buffer and writes them at
+        // their offsets: copying into the page cache is as costly as the merge itself, so
+        // it must not be left to one thread.
+        let pieces = plan_pieces(&specs, &plan.tensors, plan.header.len() as u64);
+        pieces.par_iter().try_for_each_init(
+            Vec::<u32>::new,
+            |buf, p| -> Result<(), MergeError> {
+                let spec = &specs[p.tensor];
+                let out_bytes = p.len * spec.dtype.size();
+                if buf.len() < PIECE_BYTES / 4 {
+                    buf.resize(PIECE_BYTES / 4, 0);
+                }
+                let out = &mut bytemuck::cast_slice_mut::<u32, u8>(buf)[..out_bytes];
+                let srcs: Vec<_> = ckpts
+                    .iter()
+                    .map(|c| c.tensor(&spec.name).expect("checked by check_compatible"))
+                    .collect();
                 let inputs: Vec<Input> = ckpts
                     .iter()
                     .zip(&srcs)
                     .map(|(c, t)| {
                         let sz = t.dtype.size();
-                        Input::new(t.dtype, &c.bytes(t)[start * sz..(start + m) * sz])
+                        Input::new(t.dtype, &c.bytes(t)[p.start * sz..(p.start + p.len) * sz])
                     })
                     .collect();
-                weighted_sum(&inputs, &req.weights, spec.dtype, out);
-                w.write_all(out).map_err(io(&path))?;
+                weighted_sum_serial(&inputs, &req.weights, spec.dtype, out);
+                file.write_all_at(out, p.offset).map_err(io(&path))?;
                 for (c, t) in ckpts.iter().zip(&srcs) {
                     let sz = t.dtype.size();
-                    c.release(t, start * sz, (start + m) * sz);
-                    bytes_read += (m * sz) as u64;
+                    c.release(t, p.start * sz, (p.start + p.len) * sz);
+                    bytes_read.fetch_add((p.len * sz) as u64, Ordering::Relaxed);
                 }
                 progress.advance(out_bytes as u64);
-                start += m;
-            }
-        }
-        let file = w.into_inner().map_err(|e| io(&path)(e.into_error()))?;
+                Ok(())
+            },
+        )?;
         file.sync_all().map_err(io(&path))?;
     }
+    let bytes_read = bytes_read.into_inner();
 
     if let Some(index) = index_json(&specs, &plans) {
         write_synced(&staged.path().join(INDEX_NAME), index.as_bytes())?;
