@@ -14,7 +14,9 @@ import os
 import platform
 import shutil
 import subprocess
+import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -98,16 +100,20 @@ def read_all(paths):
     return total
 
 
-def run(cmd, env=None):
-    """Runs cmd; returns (wall seconds, peak RSS in bytes)."""
-    t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t
-    err = p.stderr.read().decode(errors="replace")
-    if status != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{err}")
-    return wall, ru.ru_maxrss * 1024
+def run(cmd):
+    """Runs cmd under /usr/bin/time; returns (wall seconds, peak RSS in bytes).
+
+    Peak RSS comes from GNU time, a small process, because a child forked from this
+    Python process would report Python's own resident set (torch is loaded) as its peak.
+    """
+    with tempfile.NamedTemporaryFile(mode="r") as rss:
+        t = time.perf_counter()
+        p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wall = time.perf_counter() - t
+        if p.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr.decode(errors='replace')}")
+        return wall, int(rss.read().split()[-1]) * 1024
 
 
 def max_ulps(a_dir, b_dir):
@@ -199,18 +205,23 @@ def main():
         lines.append(f"merge kernel alone, in memory: {k} = {100 * gbs / triad:.0f}% of triad")
     lines.append(f"disk read of one checkpoint: cold ({how}) {disk_cold / 1e9:.2f} GB/s, warm {disk_warm / 1e9:.2f} GB/s")
     lines.append("")
-    lines.append("| cache | tool | wall (s, best) | peak RSS (GB) | throughput (GB/s) | % of triad |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("| cache | tool | runs | wall (s, best / median) | peak RSS (GB) | throughput (GB/s, best) | % of triad |")
+    lines.append("|---|---|---|---|---|---|---|")
     for mode in ["warm", "cold"]:
         for tool in ["ckmerge", "mergekit"]:
+            rs = [r for r in results if r["mode"] == mode and r["tool"] == tool]
             r = best(mode, tool)
-            lines.append(f"| {mode} | {tool} | {r['wall_s']:.2f} | {r['peak_rss'] / 1e9:.2f} | "
+            med = statistics.median(x["wall_s"] for x in rs)
+            rss = max(x["peak_rss"] for x in rs)
+            lines.append(f"| {mode} | {tool} | {len(rs)} | {r['wall_s']:.2f} / {med:.2f} | {rss / 1e9:.3f} | "
                          f"{r['gb_per_s']:.2f} | {100 * r['gb_per_s'] / triad:.0f}% |")
     lines.append("")
     for mode in ["warm", "cold"]:
         ck, mk = best(mode, "ckmerge"), best(mode, "mergekit")
-        lines.append(f"{mode}: ckmerge is {mk['wall_s'] / ck['wall_s']:.1f}x mergekit's throughput; "
-                     f"peak RSS {ck['peak_rss'] / mk['peak_rss']:.3f} of mergekit's")
+        rss_ck = max(x["peak_rss"] for x in results if x["mode"] == mode and x["tool"] == "ckmerge")
+        rss_mk = max(x["peak_rss"] for x in results if x["mode"] == mode and x["tool"] == "mergekit")
+        lines.append(f"{mode}: ckmerge is {mk['wall_s'] / ck['wall_s']:.1f}x mergekit's throughput (best runs); "
+                     f"peak RSS {rss_ck / rss_mk:.3f} of mergekit's")
     lines.append(f"outputs: max {worst} bf16 ulp apart, {differing} of {total} elements differ"
                  + (f"; tensors in one only: {sorted(missing)}" if missing else "; same tensors"))
     print("\n".join(lines))

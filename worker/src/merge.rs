@@ -31,6 +31,10 @@ use serde_json::{json, Value};
 /// such buffer per thread, whatever the tensor sizes.
 pub const PIECE_BYTES: usize = 4 << 20;
 
+/// Merged pieces waiting for the writer: enough to keep it busy while the merge threads
+/// run ahead, few enough to keep memory at a few tens of MiB.
+const IN_FLIGHT: usize = 4;
+
 /// A run of elements of one tensor, written at `offset` in its shard file.
 struct Piece {
     tensor: usize,
@@ -203,19 +207,35 @@ pub fn merge_to_dir(
         let path = staged.path().join(&plan.file_name);
         let file = File::create(&path).map_err(io(&path))?;
         file.write_all_at(&plan.header, 0).map_err(io(&path))?;
-        // Every thread merges pieces of the shard into its own buffer and writes them at
-        // their offsets: copying into the page cache is as costly as the merge itself, so
-        // it must not be left to one thread.
+        // The rayon threads merge pieces into buffers from a small pool; one writer thread
+        // copies them into the page cache. A single writer matters: concurrent writes to
+        // one file serialise on its inode lock and burn CPU spinning on it.
         let pieces = plan_pieces(&specs, &plan.tensors, plan.header.len() as u64);
-        pieces.par_iter().try_for_each_init(
-            Vec::<u32>::new,
-            |buf, p| -> Result<(), MergeError> {
+        std::thread::scope(|scope| -> Result<(), MergeError> {
+            let (full_tx, full_rx) =
+                crossbeam_channel::bounded::<(u64, Vec<u32>, usize)>(IN_FLIGHT);
+            let (free_tx, free_rx) = crossbeam_channel::unbounded::<Vec<u32>>();
+            for _ in 0..IN_FLIGHT + rayon::current_num_threads() {
+                free_tx
+                    .send(vec![0u32; PIECE_BYTES / 4])
+                    .expect("receiver alive");
+            }
+            let (file, path) = (&file, &path);
+            let writer = scope.spawn(move || -> Result<(), MergeError> {
+                for (offset, buf, len) in full_rx {
+                    file.write_all_at(&bytemuck::cast_slice::<u32, u8>(&buf)[..len], offset)
+                        .map_err(io(path))?;
+                    // The merge side may have stopped early; nothing to do then.
+                    let _ = free_tx.send(buf);
+                }
+                Ok(())
+            });
+            let merged = pieces.par_iter().try_for_each(|p| -> Result<(), ()> {
+                // An error here means the writer stopped; its error is reported below.
+                let mut buf = free_rx.recv().map_err(|_| ())?;
                 let spec = &specs[p.tensor];
                 let out_bytes = p.len * spec.dtype.size();
-                if buf.len() < PIECE_BYTES / 4 {
-                    buf.resize(PIECE_BYTES / 4, 0);
-                }
-                let out = &mut bytemuck::cast_slice_mut::<u32, u8>(buf)[..out_bytes];
+                let out = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut buf)[..out_bytes];
                 let srcs: Vec<_> = ckpts
                     .iter()
                     .map(|c| c.tensor(&spec.name).expect("checked by check_compatible"))
@@ -229,16 +249,22 @@ pub fn merge_to_dir(
                     })
                     .collect();
                 weighted_sum_serial(&inputs, &req.weights, spec.dtype, out);
-                file.write_all_at(out, p.offset).map_err(io(&path))?;
                 for (c, t) in ckpts.iter().zip(&srcs) {
                     let sz = t.dtype.size();
                     c.release(t, p.start * sz, (p.start + p.len) * sz);
                     bytes_read.fetch_add((p.len * sz) as u64, Ordering::Relaxed);
                 }
+                full_tx.send((p.offset, buf, out_bytes)).map_err(|_| ())?;
                 progress.advance(out_bytes as u64);
                 Ok(())
-            },
-        )?;
+            });
+            drop(full_tx);
+            drop(free_rx);
+            writer.join().expect("the writer thread does not panic")?;
+            merged.map_err(|()| {
+                MergeError::Request("the merge stopped because the writer stopped".into())
+            })
+        })?;
         file.sync_all().map_err(io(&path))?;
     }
     let bytes_read = bytes_read.into_inner();
