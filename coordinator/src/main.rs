@@ -201,7 +201,7 @@ impl Progress for Bar {
             .set_draw_target(indicatif::ProgressDrawTarget::stderr());
         self.0.set_style(
             indicatif::ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                "{bar:40} {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec} eta {eta}",
             )
             .expect("valid template"),
         );
