@@ -357,7 +357,12 @@ fn existing_output_needs_force_and_output_may_not_touch_inputs() {
 
     let inside = a.join("merged");
     let o = ckmerge(&[&a, &b, &"--lambda", &"0.5", &"--out", &inside]);
-    assert_failed_cleanly(&o, &inside, &["must not be", "a"]);
+    let a_str = a.display().to_string();
+    assert_failed_cleanly(
+        &o,
+        &inside,
+        &["must not be, contain, or lie inside an input", &a_str],
+    );
     // Even --force never replaces an input.
     let o = ckmerge(&[&a, &b, &"--lambda", &"0.5", &"--out", &a, &"--force"]);
     assert!(!o.status.success());

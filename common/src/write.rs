@@ -245,10 +245,7 @@ impl StagedDir {
     pub fn create(out: &Path, force: bool) -> Result<StagedDir, OutputError> {
         let final_path = Self::absolute(out)?;
         let replace = match std::fs::symlink_metadata(&final_path) {
-            Ok(m) if !force => {
-                let _ = m;
-                return Err(OutputError::Exists(out.into()));
-            }
+            Ok(_) if !force => return Err(OutputError::Exists(out.into())),
             Ok(m) if !m.is_dir() => return Err(OutputError::NotADirectory(out.into())),
             Ok(_) => {
                 let looks_like_model = final_path.join("config.json").exists()
