@@ -107,6 +107,43 @@ fn merge_range(
     }
 }
 
+/// [`weighted_sum`] rounded once to `round_to` (the dtype `ckmerge merge` would write)
+/// and widened back into the f32 buffer `out`, so an in-memory evaluation scores exactly
+/// the model a merge writes. Bit-identical to `weighted_sum` then an exact widening.
+pub fn weighted_sum_to_f32(inputs: &[Input<'_>], weights: &[f32], round_to: DType, out: &mut [f32]) {
+    let n = out.len();
+    for x in inputs {
+        assert_eq!(x.bytes.len(), n * x.dtype.size(), "input length does not match the output");
+    }
+    assert!(!inputs.is_empty() && inputs.len() == weights.len(), "one weight per input");
+    let block = block_fn();
+    out.par_chunks_mut(TASK).enumerate().for_each(|(t, chunk)| {
+        let mut tmp = [0u8; BLOCK * 4];
+        for (b, ob) in chunk.chunks_mut(BLOCK).enumerate() {
+            let bytes = &mut tmp[..ob.len() * round_to.size()];
+            // SAFETY: as in `merge_range`: the variant matches the running CPU.
+            unsafe { block(inputs, weights, t * TASK + b * BLOCK, round_to, bytes) };
+            match round_to {
+                DType::F32 => {
+                    for (o, c) in ob.iter_mut().zip(bytes.chunks_exact(4)) {
+                        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
+                }
+                DType::BF16 => {
+                    for (o, c) in ob.iter_mut().zip(bytes.chunks_exact(2)) {
+                        *o = bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]));
+                    }
+                }
+                DType::F16 => {
+                    for (o, c) in ob.iter_mut().zip(bytes.chunks_exact(2)) {
+                        *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// The paper's two-checkpoint merge, `lambda * cur + (1 - lambda) * prev`
 /// (`theta = lambda * theta_t + (1 - lambda) * theta_{t-1}`). Identical, bit for bit,
 /// to [`weighted_sum`] over `[prev, cur]` with weights `[1 - lambda, lambda]`.
@@ -581,6 +618,11 @@ mod tests {
         assert_eq!(o1, o2);
         weighted_sum_serial(&[x, y], &[0.7, 0.3], DType::BF16, &mut o2);
         assert_eq!(o1, o2);
+        let mut wide = vec![0f32; 5000];
+        weighted_sum_to_f32(&[x, y], &[0.7, 0.3], DType::BF16, &mut wide);
+        let narrow: Vec<u8> = wide.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+        assert_eq!(narrow, o1, "rounding through bf16 then widening is exact");
+        assert!(wide.iter().all(|v| v.to_bits() & 0xffff == 0));
         // lambda = 1 returns the later checkpoint exactly, lambda = 0 the earlier one.
         lerp(x, y, 1.0, DType::BF16, &mut o1);
         assert_eq!(o1, b);

@@ -1,0 +1,276 @@
+//! `config.json` of the supported architectures, resolved once into [`ModelConfig`] with
+//! every default settled, so the forward pass never looks at JSON. Both spellings that
+//! transformers has used are read: 4.x (`rope_theta`, `rope_scaling`, `rotary_pct`) and
+//! 5.x (`rope_parameters`).
+
+use std::path::{Path, PathBuf};
+
+use ckmerge_kernels::ops::Activation;
+use serde_json::{Map, Value};
+
+/// Architectures ckmerge can evaluate, by the name in `config.json`'s `architectures`.
+pub const SUPPORTED: [&str; 4] = [
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "GPTNeoXForCausalLM",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama and its config-compatible relatives (Mistral, Qwen2, DeepSeek-LLM).
+    Llama,
+    /// GPT-NeoX / Pythia: fused QKV, LayerNorm with bias, partial rotary, parallel residual.
+    GptNeoX,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (`rope_type: "linear"`).
+    Linear(f64),
+    /// Llama 3's frequency-dependent scaling (`rope_type: "llama3"`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position: f64,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub max_positions: usize,
+    pub norm_eps: f32,
+    pub act: Activation,
+    pub tie_embeddings: bool,
+    /// Bias on q, k and v projections (Qwen2, `attention_bias`, always for NeoX).
+    pub qkv_bias: bool,
+    /// Bias on the attention output projection.
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub rope_theta: f64,
+    /// Rotated dimensions per head (all of `head_dim` unless partial rotary).
+    pub rot_dim: usize,
+    pub rope_scaling: RopeScaling,
+    pub parallel_residual: bool,
+    /// Mistral's sliding window, if any: windows longer than this are refused.
+    pub sliding_window: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {reason}")]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub reason: String,
+}
+
+struct Fields<'a> {
+    map: &'a Map<String, Value>,
+    file: &'a Path,
+}
+
+impl Fields<'_> {
+    fn err(&self, reason: String) -> ConfigError {
+        ConfigError {
+            file: self.file.into(),
+            reason,
+        }
+    }
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+    fn usize(&self, key: &str) -> Result<usize, ConfigError> {
+        self.opt_usize(key)?
+            .ok_or_else(|| self.err(format!("missing `{key}` (a positive integer)")))
+    }
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n > 0)
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.err(format!("`{key}` is {v}; expected a positive integer"))),
+        }
+    }
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.err(format!("`{key}` is {v}; expected a number"))),
+        }
+    }
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(format!("`{key}` is {v}; expected true or false"))),
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Resolves `config` (the contents of `file`) into a model configuration.
+    pub fn from_json(config: &Map<String, Value>, file: &Path) -> Result<ModelConfig, ConfigError> {
+        let f = Fields { map: config, file };
+        let arch_name = config
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .and_then(|a| a.first())
+            .and_then(|a| a.as_str())
+            .ok_or_else(|| f.err(format!("no `architectures` entry; ckmerge evaluates {}", SUPPORTED.join(", "))))?;
+        let arch = match arch_name {
+            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" => Arch::Llama,
+            "GPTNeoXForCausalLM" => Arch::GptNeoX,
+            other => {
+                return Err(f.err(format!(
+                    "architecture `{other}` is not supported for evaluation; supported: {} (merging works for any architecture)",
+                    SUPPORTED.join(", ")
+                )))
+            }
+        };
+        let hidden = f.usize("hidden_size")?;
+        let heads = f.usize("num_attention_heads")?;
+        let kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(heads);
+        let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden / heads);
+        if heads % kv_heads != 0 {
+            return Err(f.err(format!(
+                "num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
+            )));
+        }
+        if arch == Arch::GptNeoX && head_dim * heads != hidden {
+            return Err(f.err(format!("hidden_size ({hidden}) is not num_attention_heads ({heads}) x head size")));
+        }
+        let act_name = f
+            .get("hidden_act")
+            .and_then(|v| v.as_str())
+            .unwrap_or(if arch == Arch::Llama { "silu" } else { "gelu" });
+        let act = Activation::from_hf(act_name)
+            .ok_or_else(|| f.err(format!("`hidden_act` `{act_name}` is not supported (silu, gelu, gelu_new, relu)")))?;
+
+        // RoPE: transformers 5 nests everything in `rope_parameters`; 4.x used top-level
+        // `rope_theta` / `rope_scaling`, and NeoX `rotary_pct` / `rotary_emb_base`.
+        let empty = Map::new();
+        let rp = config.get("rope_parameters").and_then(|v| v.as_object()).unwrap_or(&empty);
+        let rs = config.get("rope_scaling").and_then(|v| v.as_object());
+        let rpf = Fields { map: rp, file };
+        let theta = match rp.get("rope_theta") {
+            Some(_) => rpf.f64_or("rope_theta", 10000.0)?,
+            None => f.f64_or("rope_theta", f.f64_or("rotary_emb_base", 10000.0)?)?,
+        };
+        let partial = match rp.get("partial_rotary_factor") {
+            Some(_) => rpf.f64_or("partial_rotary_factor", 1.0)?,
+            None => f.f64_or("partial_rotary_factor", f.f64_or("rotary_pct", 1.0)?)?,
+        };
+        let rot_dim = ((head_dim as f64 * partial) as usize) & !1;
+        let scaling_map = if rp.contains_key("rope_type") { Some(rp) } else { rs };
+        let rope_scaling = match scaling_map {
+            None => RopeScaling::None,
+            Some(m) => {
+                let sf = Fields { map: m, file };
+                let kind = m
+                    .get("rope_type")
+                    .or_else(|| m.get("type"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("default");
+                match kind {
+                    "default" => RopeScaling::None,
+                    "linear" => RopeScaling::Linear(sf.f64_or("factor", 1.0)?),
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: sf.f64_or("factor", 8.0)?,
+                        low_freq_factor: sf.f64_or("low_freq_factor", 1.0)?,
+                        high_freq_factor: sf.f64_or("high_freq_factor", 4.0)?,
+                        original_max_position: sf.f64_or("original_max_position_embeddings", 8192.0)?,
+                    },
+                    other => {
+                        return Err(f.err(format!(
+                            "rope type `{other}` is not supported (default, linear, llama3)"
+                        )))
+                    }
+                }
+            }
+        };
+
+        let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        let attention_bias = f.bool_or("attention_bias", arch == Arch::GptNeoX)?;
+        let qkv_bias = attention_bias || model_type == "qwen2" || arch_name == "Qwen2ForCausalLM";
+        let o_bias = attention_bias;
+        let sliding_window = if f.bool_or("use_sliding_window", arch_name == "MistralForCausalLM")? {
+            f.opt_usize("sliding_window")?
+        } else {
+            None
+        };
+        let norm_key = if arch == Arch::Llama { "rms_norm_eps" } else { "layer_norm_eps" };
+        Ok(ModelConfig {
+            arch,
+            vocab: f.usize("vocab_size")?,
+            hidden,
+            intermediate: f.usize("intermediate_size")?,
+            layers: f.usize("num_hidden_layers")?,
+            heads,
+            kv_heads,
+            head_dim,
+            max_positions: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+            norm_eps: f.f64_or(norm_key, 1e-5)? as f32,
+            act,
+            tie_embeddings: f.bool_or("tie_word_embeddings", false)?,
+            qkv_bias,
+            o_bias,
+            mlp_bias: f.bool_or("mlp_bias", arch == Arch::GptNeoX)?,
+            rope_theta: theta,
+            rot_dim,
+            rope_scaling,
+            parallel_residual: f.bool_or("use_parallel_residual", arch == Arch::GptNeoX)?,
+            sliding_window,
+        })
+    }
+
+    /// RoPE inverse frequencies, computed in f32 as transformers does (so angles round the
+    /// same way), then scaled per `rope_scaling`.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let d = self.rot_dim;
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| {
+                let e = (2 * i) as f32 / d as f32;
+                (1.0f32 / (self.rope_theta as f32).powf(e)) as f64
+            })
+            .collect();
+        match self.rope_scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear(f) => base.iter().map(|x| x / f).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position: old,
+            } => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
