@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use ckmerge_common::size::{human_bytes, parse_size};
 use ckmerge_common::DType;
+use ckmerge_worker::data::TokenBits;
+use ckmerge_worker::eval::{dataset_name, EvalOptions, Evaluator};
 use ckmerge_worker::{merge_to_dir, MergeRequest, Progress};
 use clap::{Args, Parser, Subcommand};
 
@@ -29,20 +31,67 @@ enum Command {
     /// Streams tensor by tensor, so memory does not grow with the model. The output
     /// appears atomically (built beside DIR, then renamed) and no input is ever written.
     Merge(MergeArgs),
+    /// Held-out perplexity of a checkpoint, or of a weighted merge of several (merged in
+    /// memory, never written).
+    Eval(EvalArgs),
 }
 
 #[derive(Args)]
-struct MergeArgs {
-    /// Hugging Face model directories of one training run, earliest first.
+struct EvalArgs {
+    /// Hugging Face model directories; several need --weights or --lambda.
     #[arg(required = true, value_name = "CKPT")]
     checkpoints: Vec<PathBuf>,
 
+    #[command(flatten)]
+    w: WeightArgs,
+
+    /// Held-out data, one data set: .txt, .jsonl ("text" field), .npy or .bin token
+    /// arrays, or directories of these.
+    #[arg(long, required = true, num_args = 1.., value_name = "FILE")]
+    data: Vec<PathBuf>,
+
+    /// Another data set scored separately (for example another domain); repeatable.
+    #[arg(long, value_name = "FILE")]
+    extra_data: Vec<PathBuf>,
+
+    /// Window length (default: the model's max_position_embeddings, capped at 2048).
+    #[arg(long)]
+    seq_len: Option<usize>,
+
+    /// Sliding windows with this stride, as in the Hugging Face perplexity guide
+    /// (default: non-overlapping windows).
+    #[arg(long)]
+    stride: Option<usize>,
+
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+
+    /// Use only the first N tokens of each data set.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+
+    /// Width of raw .bin tokens (default: 16 if the vocabulary fits, else 32).
+    #[arg(long, value_parser = ["16", "32"])]
+    token_bits: Option<String>,
+
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// Merge weights, shared by `merge` and `eval`.
+#[derive(Args)]
+struct WeightArgs {
     /// One weight per checkpoint, comma-separated, in the order the checkpoints are given.
     #[arg(
         long,
         value_delimiter = ',',
         allow_hyphen_values = true,
-        required_unless_present = "lambda",
         conflicts_with = "lambda"
     )]
     weights: Vec<f64>,
@@ -55,6 +104,16 @@ struct MergeArgs {
     /// Rescale the weights to sum to 1.
     #[arg(long)]
     normalize: bool,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Hugging Face model directories of one training run, earliest first.
+    #[arg(required = true, value_name = "CKPT")]
+    checkpoints: Vec<PathBuf>,
+
+    #[command(flatten)]
+    w: WeightArgs,
 
     /// Output directory (must not exist, unless --force).
     #[arg(long, value_name = "DIR")]
@@ -97,6 +156,7 @@ fn main() -> ExitCode {
     });
     let result = match cli.command {
         Command::Merge(args) => run_merge(args),
+        Command::Eval(args) => run_eval(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -107,10 +167,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Turns `--weights` / `--lambda` into the weights applied, warning where they do
-/// something the user may not intend.
-fn resolve_weights(args: &MergeArgs) -> Result<Vec<f32>> {
-    let n = args.checkpoints.len();
+/// Turns `--weights` / `--lambda` into the weights applied to `n` checkpoints, warning
+/// where they do something the user may not intend. A single checkpoint needs neither.
+fn resolve_weights(args: &WeightArgs, n: usize) -> Result<Vec<f32>> {
     let mut w: Vec<f64> = match args.lambda {
         Some(l) => {
             if n != 2 {
@@ -125,6 +184,10 @@ fn resolve_weights(args: &MergeArgs) -> Result<Vec<f32>> {
                 .iter()
                 .map(|&x| x as f64)
                 .collect()
+        }
+        None if args.weights.is_empty() && n == 1 => vec![1.0],
+        None if args.weights.is_empty() => {
+            bail!("{n} checkpoints need --weights (one per checkpoint) or, for two, --lambda")
         }
         None => args.weights.clone(),
     };
@@ -152,14 +215,79 @@ fn resolve_weights(args: &MergeArgs) -> Result<Vec<f32>> {
     Ok(w.iter().map(|&x| x as f32).collect())
 }
 
-fn run_merge(args: MergeArgs) -> Result<()> {
-    let weights = resolve_weights(&args)?;
-    if let Some(t) = args.threads {
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(t) = threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(t.max(1))
             .build_global()
             .context("setting up the thread pool")?;
     }
+    Ok(())
+}
+
+fn run_eval(args: EvalArgs) -> Result<()> {
+    let weights = resolve_weights(&args.w, args.checkpoints.len())?;
+    set_threads(args.threads)?;
+    let opts = EvalOptions {
+        seq_len: args.seq_len,
+        stride: args.stride,
+        batch: Some(args.batch),
+        max_tokens: args.max_tokens,
+        token_bits: args.token_bits.as_deref().map(|b| {
+            if b == "16" {
+                TokenBits::U16
+            } else {
+                TokenBits::U32
+            }
+        }),
+    };
+    let mut sets: Vec<(String, Vec<PathBuf>)> = vec![(dataset_name(&args.data), args.data.clone())];
+    sets.extend(
+        args.extra_data
+            .iter()
+            .map(|f| (dataset_name(std::slice::from_ref(f)), vec![f.clone()])),
+    );
+    let mut ev = Evaluator::load(&args.checkpoints, &sets, &opts)?;
+    ev.set_weights(&weights)?;
+    let results: Vec<_> = (0..ev.datasets.len()).map(|d| ev.score(d)).collect();
+    if args.json {
+        let v = serde_json::json!({
+            "checkpoints": args.checkpoints,
+            "weights": weights,
+            "seq_len": ev.seq_len,
+            "stride": args.stride,
+            "load_seconds": ev.load_seconds,
+            "datasets": ev.datasets.iter().zip(&sets).zip(&results).map(|((d, (_, files)), r)| serde_json::json!({
+                "name": d.name, "files": files, "windows": d.windows.len(),
+                "tokens_scored": r.tokens, "mean_nll": r.mean_nll, "perplexity": r.perplexity,
+                "seconds": r.seconds, "tokens_per_s": r.tokens_per_s,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for (d, r) in ev.datasets.iter().zip(&results) {
+            println!(
+                "{}: {} tokens scored in {} windows of {}, mean NLL {:.6}, perplexity {:.4} ({:.2} s, {:.0} tokens/s)",
+                d.name,
+                r.tokens,
+                d.windows.len(),
+                ev.seq_len,
+                r.mean_nll,
+                r.perplexity,
+                r.seconds,
+                r.tokens_per_s
+            );
+        }
+    }
+    Ok(())
+}
+
+fn run_merge(args: MergeArgs) -> Result<()> {
+    if args.w.weights.is_empty() && args.w.lambda.is_none() {
+        bail!("give --weights (one per checkpoint) or, for two checkpoints, --lambda");
+    }
+    let weights = resolve_weights(&args.w, args.checkpoints.len())?;
+    set_threads(args.threads)?;
     let argv: Vec<String> = std::env::args().collect();
     let req = MergeRequest {
         sources: args.checkpoints.clone(),

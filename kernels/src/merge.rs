@@ -110,12 +110,24 @@ fn merge_range(
 /// [`weighted_sum`] rounded once to `round_to` (the dtype `ckmerge merge` would write)
 /// and widened back into the f32 buffer `out`, so an in-memory evaluation scores exactly
 /// the model a merge writes. Bit-identical to `weighted_sum` then an exact widening.
-pub fn weighted_sum_to_f32(inputs: &[Input<'_>], weights: &[f32], round_to: DType, out: &mut [f32]) {
+pub fn weighted_sum_to_f32(
+    inputs: &[Input<'_>],
+    weights: &[f32],
+    round_to: DType,
+    out: &mut [f32],
+) {
     let n = out.len();
     for x in inputs {
-        assert_eq!(x.bytes.len(), n * x.dtype.size(), "input length does not match the output");
+        assert_eq!(
+            x.bytes.len(),
+            n * x.dtype.size(),
+            "input length does not match the output"
+        );
     }
-    assert!(!inputs.is_empty() && inputs.len() == weights.len(), "one weight per input");
+    assert!(
+        !inputs.is_empty() && inputs.len() == weights.len(),
+        "one weight per input"
+    );
     let block = block_fn();
     out.par_chunks_mut(TASK).enumerate().for_each(|(t, chunk)| {
         let mut tmp = [0u8; BLOCK * 4];
@@ -620,7 +632,10 @@ mod tests {
         assert_eq!(o1, o2);
         let mut wide = vec![0f32; 5000];
         weighted_sum_to_f32(&[x, y], &[0.7, 0.3], DType::BF16, &mut wide);
-        let narrow: Vec<u8> = wide.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+        let narrow: Vec<u8> = wide
+            .iter()
+            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
         assert_eq!(narrow, o1, "rounding through bf16 then widening is exact");
         assert!(wide.iter().all(|v| v.to_bits() & 0xffff == 0));
         // lambda = 1 returns the later checkpoint exactly, lambda = 0 the earlier one.

@@ -13,7 +13,15 @@ use rayon::prelude::*;
 const PAR_GEMM_MIN: usize = 1 << 18;
 
 /// `out[m, n] = x[m, k] * w[n, k]^T (+ bias[n])`: `torch.nn.Linear` (weight `[out, in]`).
-pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+pub fn linear(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     assert_eq!(x.len(), m * k, "linear: x is not [{m}, {k}]");
     assert_eq!(w.len(), n * k, "linear: weight is not [{n}, {k}]");
     assert_eq!(out.len(), m * n, "linear: out is not [{m}, {n}]");
@@ -27,16 +35,31 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&
     // rhs is w[j * k + i] (row stride 1, column stride k).
     unsafe {
         gemm::gemm(
-            m, n, k,
-            out.as_mut_ptr(), 1, n as isize, false,
-            x.as_ptr(), 1, k as isize,
-            w.as_ptr(), k as isize, 1,
-            0.0, 1.0, false, false, false, par,
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
         );
     }
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "linear: bias is not [{n}]");
-        out.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+        out.par_chunks_mut(n)
+            .for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
     }
 }
 
@@ -45,13 +68,15 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let h = w.len();
     assert_eq!(x.len(), out.len());
-    out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(o, x)| {
-        let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / h as f64;
-        let r = (1.0 / (ms + eps as f64).sqrt()) as f32;
-        for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
-            *o = w * (x * r);
-        }
-    });
+    out.par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .for_each(|(o, x)| {
+            let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / h as f64;
+            let r = (1.0 / (ms + eps as f64).sqrt()) as f32;
+            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                *o = w * (x * r);
+            }
+        });
 }
 
 /// LayerNorm over rows of `h`: `out = (x - mean) / sqrt(var + eps) * w + b` (biased
@@ -59,14 +84,16 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
     let h = w.len();
     assert_eq!(x.len(), out.len());
-    out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(o, x)| {
-        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / h as f64;
-        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / h as f64;
-        let r = 1.0 / (var + eps as f64).sqrt();
-        for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
-            *o = (((x as f64 - mean) * r) as f32) * w + b;
-        }
-    });
+    out.par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .for_each(|(o, x)| {
+            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / h as f64;
+            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / h as f64;
+            let r = 1.0 / (var + eps as f64).sqrt();
+            for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+                *o = (((x as f64 - mean) * r) as f32) * w + b;
+            }
+        });
 }
 
 /// Rotary position tables for positions `0..len`: `cos[p, i]`, `sin[p, i]` for
@@ -103,20 +130,25 @@ pub fn apply_rope(
     sin: &[f32],
 ) {
     let half = rot_dim / 2;
-    x.par_chunks_mut(row_stride).enumerate().for_each(|(r, row)| {
-        let p = r % seq_len;
-        let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
-        for h in 0..n_heads {
-            let start = offset + h * head_stride;
-            let head = &mut row[start..start + rot_dim];
-            let (a, b) = head.split_at_mut(half);
-            for i in 0..half {
-                let (x1, x2) = (a[i], b[i]);
-                a[i] = x1 * c[i] - x2 * s[i];
-                b[i] = x2 * c[i] + x1 * s[i];
+    x.par_chunks_mut(row_stride)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let p = r % seq_len;
+            let (c, s) = (
+                &cos[p * half..(p + 1) * half],
+                &sin[p * half..(p + 1) * half],
+            );
+            for h in 0..n_heads {
+                let start = offset + h * head_stride;
+                let head = &mut row[start..start + rot_dim];
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * c[i] - x2 * s[i];
+                    b[i] = x2 * c[i] + x1 * s[i];
+                }
             }
-        }
-    });
+        });
 }
 
 /// Where one attention operand lives: `base` + row `r` * `row_stride` + head `h` * `head_stride`.
@@ -152,9 +184,14 @@ pub fn causal_attention(
     head_dim: usize,
     scale: f32,
 ) {
-    assert!(n_heads % n_kv_heads == 0, "query heads must be a multiple of key/value heads");
+    assert!(
+        n_heads % n_kv_heads == 0,
+        "query heads must be a multiple of key/value heads"
+    );
     let rows = batch * seq;
-    let need = |l: HeadLayout, heads: usize| (rows - 1) * l.row_stride + (heads - 1) * l.head_stride + head_dim;
+    let need = |l: HeadLayout, heads: usize| {
+        (rows - 1) * l.row_stride + (heads - 1) * l.head_stride + head_dim
+    };
     assert!(q.len() >= need(ql, n_heads) && out.len() >= need(ol, n_heads));
     assert!(k.len() >= need(kvl, n_kv_heads) && v.len() >= need(kvl, n_kv_heads));
     let group = n_heads / n_kv_heads;
@@ -171,11 +208,25 @@ pub fn causal_attention(
             // only rows b*seq..(b+1)*seq, columns of head h, of `out`: disjoint per task.
             unsafe {
                 gemm::gemm(
-                    seq, seq, head_dim,
-                    scores.as_mut_ptr(), 1, seq as isize, false,
-                    q.as_ptr().add(q0), 1, ql.row_stride as isize,
-                    k.as_ptr().add(kv0), kvl.row_stride as isize, 1,
-                    0.0, scale, false, false, false, gemm::Parallelism::None,
+                    seq,
+                    seq,
+                    head_dim,
+                    scores.as_mut_ptr(),
+                    1,
+                    seq as isize,
+                    false,
+                    q.as_ptr().add(q0),
+                    1,
+                    ql.row_stride as isize,
+                    k.as_ptr().add(kv0),
+                    kvl.row_stride as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
                 );
             }
             for i in 0..seq {
@@ -188,11 +239,25 @@ pub fn causal_attention(
             unsafe {
                 let dst = dst;
                 gemm::gemm(
-                    seq, head_dim, seq,
-                    dst.0.add(o0), 1, ol.row_stride as isize, false,
-                    scores.as_ptr(), 1, seq as isize,
-                    v.as_ptr().add(kv0), 1, kvl.row_stride as isize,
-                    0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    seq,
+                    head_dim,
+                    seq,
+                    dst.0.add(o0),
+                    1,
+                    ol.row_stride as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    seq as isize,
+                    v.as_ptr().add(kv0),
+                    1,
+                    kvl.row_stride as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
                 );
             }
         },
@@ -213,11 +278,13 @@ pub fn softmax_in_place(row: &mut [f32]) {
 
 /// `out = silu(gate) * up` elementwise (Llama's SwiGLU MLP), written into `gate`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    gate.par_chunks_mut(4096).zip(up.par_chunks(4096)).for_each(|(g, u)| {
-        for (g, &u) in g.iter_mut().zip(u) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
-    });
+    gate.par_chunks_mut(4096)
+        .zip(up.par_chunks(4096))
+        .for_each(|(g, u)| {
+            for (g, &u) in g.iter_mut().zip(u) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        });
 }
 
 /// The activations `transformers` names in `hidden_act` that ckmerge implements.
@@ -247,9 +314,9 @@ impl Activation {
 pub fn activate(x: &mut [f32], act: Activation) {
     x.par_chunks_mut(4096).for_each(|c| match act {
         Activation::Silu => c.iter_mut().for_each(|v| *v /= 1.0 + (-*v).exp()),
-        Activation::Gelu => c
-            .iter_mut()
-            .for_each(|v| *v = (0.5 * *v as f64 * (1.0 + libm::erf(*v as f64 / std::f64::consts::SQRT_2))) as f32),
+        Activation::Gelu => c.iter_mut().for_each(|v| {
+            *v = (0.5 * *v as f64 * (1.0 + libm::erf(*v as f64 / std::f64::consts::SQRT_2))) as f32
+        }),
         Activation::GeluTanh => c.iter_mut().for_each(|v| {
             let x = *v as f64;
             let t = ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh();
@@ -262,9 +329,11 @@ pub fn activate(x: &mut [f32], act: Activation) {
 /// `a += b` elementwise.
 pub fn add_in_place(a: &mut [f32], b: &[f32]) {
     assert_eq!(a.len(), b.len());
-    a.par_chunks_mut(4096).zip(b.par_chunks(4096)).for_each(|(a, b)| {
-        a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-    });
+    a.par_chunks_mut(4096)
+        .zip(b.par_chunks(4096))
+        .for_each(|(a, b)| {
+            a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        });
 }
 
 /// Negative log-likelihood of `targets[r]` under `softmax(logits[r, :])` for each row of
@@ -314,7 +383,10 @@ mod tests {
             let want: Vec<f64> = (0..m * n)
                 .map(|ij| {
                     let (i, j) = (ij / n, ij % n);
-                    b[j] as f64 + (0..k).map(|l| x[i * k + l] as f64 * w[j * k + l] as f64).sum::<f64>()
+                    b[j] as f64
+                        + (0..k)
+                            .map(|l| x[i * k + l] as f64 * w[j * k + l] as f64)
+                            .sum::<f64>()
                 })
                 .collect();
             assert_close(&out, &want, 1e-5, 1e-5, &format!("linear {m}x{k}x{n}"));
@@ -330,10 +402,18 @@ mod tests {
         let k = rand_vec(&mut rng, rows * nkv * hd);
         let v = rand_vec(&mut rng, rows * nkv * hd);
         let mut out = vec![0.0; rows * nh * hd];
-        let ql = HeadLayout { row_stride: nh * hd, head_stride: hd };
-        let kvl = HeadLayout { row_stride: nkv * hd, head_stride: hd };
+        let ql = HeadLayout {
+            row_stride: nh * hd,
+            head_stride: hd,
+        };
+        let kvl = HeadLayout {
+            row_stride: nkv * hd,
+            head_stride: hd,
+        };
         let scale = 1.0 / (hd as f32).sqrt();
-        causal_attention(&q, ql, &k, &v, kvl, &mut out, ql, batch, seq, nh, nkv, hd, scale);
+        causal_attention(
+            &q, ql, &k, &v, kvl, &mut out, ql, batch, seq, nh, nkv, hd, scale,
+        );
         let mut want = vec![0.0f64; rows * nh * hd];
         for b in 0..batch {
             for h in 0..nh {
@@ -343,14 +423,20 @@ mod tests {
                     let s: Vec<f64> = (0..=i)
                         .map(|j| {
                             let kj = (b * seq + j) * nkv * hd + g * hd;
-                            (0..hd).map(|d| q[qi + d] as f64 * k[kj + d] as f64).sum::<f64>() * scale as f64
+                            (0..hd)
+                                .map(|d| q[qi + d] as f64 * k[kj + d] as f64)
+                                .sum::<f64>()
+                                * scale as f64
                         })
                         .collect();
                     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                     for d in 0..hd {
                         want[qi + d] = (0..=i)
-                            .map(|j| (s[j] - m).exp() / z * v[(b * seq + j) * nkv * hd + g * hd + d] as f64)
+                            .map(|j| {
+                                (s[j] - m).exp() / z
+                                    * v[(b * seq + j) * nkv * hd + g * hd + d] as f64
+                            })
                             .sum();
                     }
                 }
@@ -383,7 +469,8 @@ mod tests {
             let mean = row.iter().map(|&v| v as f64).sum::<f64>() / h as f64;
             let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / h as f64;
             for i in 0..h {
-                want[r * h + i] = (row[i] as f64 - mean) / (var + 1e-5).sqrt() * w[i] as f64 + b[i] as f64;
+                want[r * h + i] =
+                    (row[i] as f64 - mean) / (var + 1e-5).sqrt() * w[i] as f64 + b[i] as f64;
             }
         }
         assert_close(&out, &want, 1e-5, 1e-6, "layer_norm");
@@ -400,7 +487,11 @@ mod tests {
         rows.extend_from_slice(&x);
         apply_rope(&mut rows, 12, 0, 2, 6, 4, 2, &cos, &sin);
         x.copy_from_slice(&rows[12..]);
-        assert_eq!(&rows[..12], &[0.0; 12], "position 0 is the identity on zeros");
+        assert_eq!(
+            &rows[..12],
+            &[0.0; 12],
+            "position 0 is the identity on zeros"
+        );
         for h in 0..2 {
             let o = h * 6;
             for i in 0..2 {
@@ -409,7 +500,11 @@ mod tests {
                 assert!((x[o + i] as f64 - (a * c - b * s)).abs() < 1e-6);
                 assert!((x[o + i + 2] as f64 - (b * c + a * s)).abs() < 1e-6);
             }
-            assert_eq!(&x[o + 4..o + 6], &orig[o + 4..o + 6], "dims past rot_dim untouched");
+            assert_eq!(
+                &x[o + 4..o + 6],
+                &orig[o + 4..o + 6],
+                "dims past rot_dim untouched"
+            );
         }
     }
 
@@ -427,7 +522,13 @@ mod tests {
         let mut x = vec![-2.0f32, -0.5, 0.0, 0.7, 3.0];
         activate(&mut x, Activation::Gelu);
         // math.erf in Python on the same f32 inputs.
-        let want = [-0.04550026389635842, -0.15426876936299344, 0.0, 0.5306254318017016, 2.99595030590511];
+        let want = [
+            -0.04550026389635842,
+            -0.15426876936299344,
+            0.0,
+            0.5306254318017016,
+            2.99595030590511,
+        ];
         for (g, w) in x.iter().zip(want) {
             assert!((*g as f64 - w).abs() < 1e-6, "gelu: {g} vs {w}");
         }

@@ -69,17 +69,24 @@ impl TextTokenizer {
         if !path.is_file() {
             return Err(DataError::NoTokenizer { dir: dir.into() });
         }
-        let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| bad(&path, format!("cannot load the tokenizer: {e}")))?;
+        let tok = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| bad(&path, format!("cannot load the tokenizer: {e}")))?;
         let read_json = |name: &str| -> Option<serde_json::Map<String, Value>> {
             let text = std::fs::read_to_string(dir.join(name)).ok()?;
-            serde_json::from_str::<Value>(&text).ok()?.as_object().cloned()
+            serde_json::from_str::<Value>(&text)
+                .ok()?
+                .as_object()
+                .cloned()
         };
         let tc = read_json("tokenizer_config.json").unwrap_or_default();
         let config = read_json("config.json").unwrap_or_default();
         let special = |key: &str| -> Option<u32> {
             let from_tc = match tc.get(&format!("{key}_token")) {
                 Some(Value::String(s)) => tok.token_to_id(s),
-                Some(Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).and_then(|s| tok.token_to_id(s)),
+                Some(Value::Object(o)) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .and_then(|s| tok.token_to_id(s)),
                 _ => None,
             };
             from_tc.or_else(|| match config.get(&format!("{key}_token_id")) {
@@ -102,7 +109,8 @@ impl TextTokenizer {
             .encode(text, true)
             .map_err(|e| bad(path, format!("tokenizer failed: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
-        let bos_led = matches!((self.bos, ids.first()), (Some(b), Some(&f)) if f == b && Some(b) != self.eos);
+        let bos_led =
+            matches!((self.bos, ids.first()), (Some(b), Some(&f)) if f == b && Some(b) != self.eos);
         if !bos_led {
             if let Some(e) = self.eos {
                 ids.push(e);
@@ -134,7 +142,10 @@ pub fn load_tokens(
             let before = files.len();
             collect_dir(p, &mut files)?;
             if files.len() == before {
-                return Err(bad(p, "directory holds no .txt, .jsonl, .npy or .bin files"));
+                return Err(bad(
+                    p,
+                    "directory holds no .txt, .jsonl, .npy or .bin files",
+                ));
             }
         } else {
             files.push(p.clone());
@@ -143,7 +154,11 @@ pub fn load_tokens(
     let mut tok: Option<TextTokenizer> = None;
     let mut out = Vec::new();
     for f in &files {
-        let ext = f.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let ext = f
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         let start = out.len();
         match ext.as_str() {
             "txt" | "jsonl" => {
@@ -163,10 +178,9 @@ pub fn load_tokens(
                         }
                         let v: Value = serde_json::from_str(line)
                             .map_err(|e| bad(f, format!("line {}: not JSON: {e}", i + 1)))?;
-                        let doc = v
-                            .get("text")
-                            .and_then(|t| t.as_str())
-                            .ok_or_else(|| bad(f, format!("line {}: no string field \"text\"", i + 1)))?;
+                        let doc = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+                            bad(f, format!("line {}: no string field \"text\"", i + 1))
+                        })?;
                         out.extend(t.document(doc, f)?);
                     }
                 }
@@ -174,17 +188,33 @@ pub fn load_tokens(
             "npy" => out.extend(read_npy(f)?),
             "bin" => {
                 let bytes = std::fs::read(f).map_err(io(f))?;
-                let bits = bin_bits.unwrap_or(if vocab <= 1 << 16 { TokenBits::U16 } else { TokenBits::U32 });
+                let bits = bin_bits.unwrap_or(if vocab <= 1 << 16 {
+                    TokenBits::U16
+                } else {
+                    TokenBits::U32
+                });
                 let w = if bits == TokenBits::U16 { 2 } else { 4 };
                 if bytes.len() % w != 0 {
-                    return Err(bad(f, format!("{} bytes is not a whole number of {}-bit tokens", bytes.len(), w * 8)));
+                    return Err(bad(
+                        f,
+                        format!(
+                            "{} bytes is not a whole number of {}-bit tokens",
+                            bytes.len(),
+                            w * 8
+                        ),
+                    ));
                 }
                 out.extend(bytes.chunks_exact(w).map(|c| match w {
                     2 => u16::from_le_bytes([c[0], c[1]]) as u32,
                     _ => u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
                 }));
             }
-            _ => return Err(bad(f, "unknown data format; use .txt, .jsonl, .npy or .bin")),
+            _ => {
+                return Err(bad(
+                    f,
+                    "unknown data format; use .txt, .jsonl, .npy or .bin",
+                ))
+            }
         }
         if let Some(&t) = out[start..].iter().find(|&&t| t as usize >= vocab) {
             return Err(bad(f, format!("token {t} is outside the model's vocabulary of {vocab}; the data was tokenized for another model")));
@@ -202,7 +232,10 @@ fn collect_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
     for p in entries {
         if p.is_dir() {
             collect_dir(&p, out)?;
-        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("txt" | "jsonl" | "npy" | "bin")) {
+        } else if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("txt" | "jsonl" | "npy" | "bin")
+        ) {
             out.push(p);
         }
     }
@@ -217,7 +250,10 @@ fn read_npy(path: &Path) -> Result<Vec<u32>, DataError> {
     }
     let (hlen, hstart) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
         v => return Err(bad(path, format!("unsupported .npy version {v}"))),
     };
     let header = bytes
@@ -228,9 +264,15 @@ fn read_npy(path: &Path) -> Result<Vec<u32>, DataError> {
         let i = header.find(&format!("'{key}'"))? + key.len() + 2;
         Some(header[i..].trim_start_matches([':', ' ']))
     };
-    let descr = field("descr").and_then(|d| d.strip_prefix('\'')).and_then(|d| d.split('\'').next()).unwrap_or("");
+    let descr = field("descr")
+        .and_then(|d| d.strip_prefix('\''))
+        .and_then(|d| d.split('\'').next())
+        .unwrap_or("");
     if field("fortran_order").is_some_and(|f| f.starts_with("True")) {
-        return Err(bad(path, "Fortran-ordered arrays are not supported; save with np.ascontiguousarray"));
+        return Err(bad(
+            path,
+            "Fortran-ordered arrays are not supported; save with np.ascontiguousarray",
+        ));
     }
     let data = &bytes[hstart + hlen..];
     let (w, signed) = match descr {
@@ -240,10 +282,18 @@ fn read_npy(path: &Path) -> Result<Vec<u32>, DataError> {
         "<i4" => (4, true),
         "<u8" => (8, false),
         "<i8" => (8, true),
-        other => return Err(bad(path, format!("dtype `{other}` is not a little-endian integer type"))),
+        other => {
+            return Err(bad(
+                path,
+                format!("dtype `{other}` is not a little-endian integer type"),
+            ))
+        }
     };
     if data.len() % w != 0 {
-        return Err(bad(path, "data length is not a whole number of elements (truncated file?)"));
+        return Err(bad(
+            path,
+            "data length is not a whole number of elements (truncated file?)",
+        ));
     }
     data.chunks_exact(w)
         .map(|c| {
@@ -287,7 +337,10 @@ pub fn windows(n: usize, seq_len: usize, stride: Option<usize>) -> Result<Vec<Wi
             .collect()),
         Some(s) => {
             if s == 0 || s > seq_len {
-                return Err(bad(Path::new("--stride"), format!("must be between 1 and --seq-len ({seq_len})")));
+                return Err(bad(
+                    Path::new("--stride"),
+                    format!("must be between 1 and --seq-len ({seq_len})"),
+                ));
             }
             let mut out = Vec::new();
             let mut prev_end = 0;
@@ -297,7 +350,11 @@ pub fn windows(n: usize, seq_len: usize, stride: Option<usize>) -> Result<Vec<Wi
                 let len = end - begin;
                 let scored = (end - prev_end).min(len - 1);
                 if scored > 0 {
-                    out.push(Window { start: begin, len, scored });
+                    out.push(Window {
+                        start: begin,
+                        len,
+                        scored,
+                    });
                 }
                 prev_end = end;
                 if end == n {
@@ -317,8 +374,28 @@ mod tests {
     #[test]
     fn non_overlapping_windows_drop_the_tail() {
         let w = windows(10, 4, None).unwrap();
-        assert_eq!(w, vec![Window { start: 0, len: 4, scored: 3 }, Window { start: 4, len: 4, scored: 3 }]);
-        assert!(matches!(windows(3, 4, None), Err(DataError::TooShort { tokens: 3, seq_len: 4 })));
+        assert_eq!(
+            w,
+            vec![
+                Window {
+                    start: 0,
+                    len: 4,
+                    scored: 3
+                },
+                Window {
+                    start: 4,
+                    len: 4,
+                    scored: 3
+                }
+            ]
+        );
+        assert!(matches!(
+            windows(3, 4, None),
+            Err(DataError::TooShort {
+                tokens: 3,
+                seq_len: 4
+            })
+        ));
     }
 
     #[test]

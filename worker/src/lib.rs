@@ -1,8 +1,9 @@
-//! Work done next to the weights. Today: the streaming out-of-core merge that writes a
-//! merged Hugging Face model directory. The in-memory merge-and-evaluate API that
-//! distributed workers serve will live here too.
+//! Work done next to the weights: the streaming out-of-core merge that writes a merged
+//! Hugging Face model directory, the model definitions and held-out data, and the
+//! in-memory merge-and-evaluate API ([`eval::Evaluator`]) that workers serve.
 
 pub mod data;
+pub mod eval;
 pub mod merge;
 pub mod model;
 

@@ -129,7 +129,12 @@ impl ModelConfig {
             .and_then(|a| a.as_array())
             .and_then(|a| a.first())
             .and_then(|a| a.as_str())
-            .ok_or_else(|| f.err(format!("no `architectures` entry; ckmerge evaluates {}", SUPPORTED.join(", "))))?;
+            .ok_or_else(|| {
+                f.err(format!(
+                    "no `architectures` entry; ckmerge evaluates {}",
+                    SUPPORTED.join(", ")
+                ))
+            })?;
         let arch = match arch_name {
             "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" => Arch::Llama,
             "GPTNeoXForCausalLM" => Arch::GptNeoX,
@@ -150,19 +155,27 @@ impl ModelConfig {
             )));
         }
         if arch == Arch::GptNeoX && head_dim * heads != hidden {
-            return Err(f.err(format!("hidden_size ({hidden}) is not num_attention_heads ({heads}) x head size")));
+            return Err(f.err(format!(
+                "hidden_size ({hidden}) is not num_attention_heads ({heads}) x head size"
+            )));
         }
         let act_name = f
             .get("hidden_act")
             .and_then(|v| v.as_str())
             .unwrap_or(if arch == Arch::Llama { "silu" } else { "gelu" });
-        let act = Activation::from_hf(act_name)
-            .ok_or_else(|| f.err(format!("`hidden_act` `{act_name}` is not supported (silu, gelu, gelu_new, relu)")))?;
+        let act = Activation::from_hf(act_name).ok_or_else(|| {
+            f.err(format!(
+                "`hidden_act` `{act_name}` is not supported (silu, gelu, gelu_new, relu)"
+            ))
+        })?;
 
         // RoPE: transformers 5 nests everything in `rope_parameters`; 4.x used top-level
         // `rope_theta` / `rope_scaling`, and NeoX `rotary_pct` / `rotary_emb_base`.
         let empty = Map::new();
-        let rp = config.get("rope_parameters").and_then(|v| v.as_object()).unwrap_or(&empty);
+        let rp = config
+            .get("rope_parameters")
+            .and_then(|v| v.as_object())
+            .unwrap_or(&empty);
         let rs = config.get("rope_scaling").and_then(|v| v.as_object());
         let rpf = Fields { map: rp, file };
         let theta = match rp.get("rope_theta") {
@@ -174,7 +187,11 @@ impl ModelConfig {
             None => f.f64_or("partial_rotary_factor", f.f64_or("rotary_pct", 1.0)?)?,
         };
         let rot_dim = ((head_dim as f64 * partial) as usize) & !1;
-        let scaling_map = if rp.contains_key("rope_type") { Some(rp) } else { rs };
+        let scaling_map = if rp.contains_key("rope_type") {
+            Some(rp)
+        } else {
+            rs
+        };
         let rope_scaling = match scaling_map {
             None => RopeScaling::None,
             Some(m) => {
@@ -191,7 +208,8 @@ impl ModelConfig {
                         factor: sf.f64_or("factor", 8.0)?,
                         low_freq_factor: sf.f64_or("low_freq_factor", 1.0)?,
                         high_freq_factor: sf.f64_or("high_freq_factor", 4.0)?,
-                        original_max_position: sf.f64_or("original_max_position_embeddings", 8192.0)?,
+                        original_max_position: sf
+                            .f64_or("original_max_position_embeddings", 8192.0)?,
                     },
                     other => {
                         return Err(f.err(format!(
@@ -202,16 +220,24 @@ impl ModelConfig {
             }
         };
 
-        let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        let model_type = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
         let attention_bias = f.bool_or("attention_bias", arch == Arch::GptNeoX)?;
         let qkv_bias = attention_bias || model_type == "qwen2" || arch_name == "Qwen2ForCausalLM";
         let o_bias = attention_bias;
-        let sliding_window = if f.bool_or("use_sliding_window", arch_name == "MistralForCausalLM")? {
-            f.opt_usize("sliding_window")?
+        let sliding_window =
+            if f.bool_or("use_sliding_window", arch_name == "MistralForCausalLM")? {
+                f.opt_usize("sliding_window")?
+            } else {
+                None
+            };
+        let norm_key = if arch == Arch::Llama {
+            "rms_norm_eps"
         } else {
-            None
+            "layer_norm_eps"
         };
-        let norm_key = if arch == Arch::Llama { "rms_norm_eps" } else { "layer_norm_eps" };
         Ok(ModelConfig {
             arch,
             vocab: f.usize("vocab_size")?,
@@ -265,7 +291,8 @@ impl ModelConfig {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })

@@ -25,9 +25,21 @@ pub struct ParamStore {
 
 impl ParamStore {
     pub fn new(names: Vec<String>, shapes: Vec<Vec<usize>>) -> ParamStore {
-        let data = shapes.iter().map(|s| vec![0.0; s.iter().product()]).collect();
-        let index = names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
-        ParamStore { names, shapes, data, index }
+        let data = shapes
+            .iter()
+            .map(|s| vec![0.0; s.iter().product()])
+            .collect();
+        let index = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        ParamStore {
+            names,
+            shapes,
+            data,
+            index,
+        }
     }
 
     pub fn index_of(&self, name: &str) -> Option<usize> {
@@ -41,7 +53,11 @@ pub enum WeightError {
     #[error("tensor `{0}` is missing; the checkpoint does not match its config.json")]
     Missing(String),
     #[error("tensor `{name}` has shape {got:?}; config.json implies {want:?}")]
-    Shape { name: String, got: Vec<usize>, want: Vec<usize> },
+    Shape {
+        name: String,
+        got: Vec<usize>,
+        want: Vec<usize>,
+    },
 }
 
 /// A tensor the forward pass reads: its index in the store.
@@ -69,8 +85,14 @@ struct NeoXLayer {
 }
 
 enum Layers {
-    Llama { layers: Vec<LlamaLayer>, norm: P },
-    NeoX { layers: Vec<NeoXLayer>, norm: (P, P) },
+    Llama {
+        layers: Vec<LlamaLayer>,
+        norm: P,
+    },
+    NeoX {
+        layers: Vec<NeoXLayer>,
+        norm: (P, P),
+    },
 }
 
 /// A model: config plus where each weight is in the store.
@@ -90,7 +112,10 @@ struct Lookup<'a> {
 
 impl Lookup<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<P, WeightError> {
-        let i = self.store.index_of(name).ok_or_else(|| WeightError::Missing(name.into()))?;
+        let i = self
+            .store
+            .index_of(name)
+            .ok_or_else(|| WeightError::Missing(name.into()))?;
         if self.store.shapes[i] != shape {
             return Err(WeightError::Shape {
                 name: name.into(),
@@ -100,9 +125,19 @@ impl Lookup<'_> {
         }
         Ok(i)
     }
-    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<(P, Option<P>), WeightError> {
+    fn linear(
+        &self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<(P, Option<P>), WeightError> {
         let w = self.get(&format!("{prefix}.weight"), &[out, inp])?;
-        let b = if bias { Some(self.get(&format!("{prefix}.bias"), &[out])?) } else { None };
+        let b = if bias {
+            Some(self.get(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
         Ok((w, b))
     }
     fn linear_b(&self, prefix: &str, out: usize, inp: usize) -> Result<(P, P), WeightError> {
@@ -110,34 +145,70 @@ impl Lookup<'_> {
         Ok((w, b.expect("bias requested")))
     }
     fn norm(&self, prefix: &str, h: usize) -> Result<(P, P), WeightError> {
-        Ok((self.get(&format!("{prefix}.weight"), &[h])?, self.get(&format!("{prefix}.bias"), &[h])?))
+        Ok((
+            self.get(&format!("{prefix}.weight"), &[h])?,
+            self.get(&format!("{prefix}.bias"), &[h])?,
+        ))
     }
 }
 
 impl Model {
     /// Finds every weight the config implies in `store`, checking shapes. `max_seq` sizes
     /// the rotary tables.
-    pub fn new(config: ModelConfig, store: &ParamStore, max_seq: usize) -> Result<Model, WeightError> {
+    pub fn new(
+        config: ModelConfig,
+        store: &ParamStore,
+        max_seq: usize,
+    ) -> Result<Model, WeightError> {
         let c = &config;
         let l = Lookup { store };
         let (h, hd) = (c.hidden, c.head_dim);
         let (embed, lm_head, layers) = match c.arch {
             Arch::Llama => {
                 let embed = l.get("model.embed_tokens.weight", &[c.vocab, h])?;
-                let lm_head = if c.tie_embeddings { embed } else { l.get("lm_head.weight", &[c.vocab, h])? };
+                let lm_head = if c.tie_embeddings {
+                    embed
+                } else {
+                    l.get("lm_head.weight", &[c.vocab, h])?
+                };
                 let mut layers = Vec::with_capacity(c.layers);
                 for i in 0..c.layers {
                     let p = format!("model.layers.{i}");
                     layers.push(LlamaLayer {
                         in_norm: l.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                         post_norm: l.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                        q: l.linear(&format!("{p}.self_attn.q_proj"), c.heads * hd, h, c.qkv_bias)?,
-                        k: l.linear(&format!("{p}.self_attn.k_proj"), c.kv_heads * hd, h, c.qkv_bias)?,
-                        v: l.linear(&format!("{p}.self_attn.v_proj"), c.kv_heads * hd, h, c.qkv_bias)?,
+                        q: l.linear(
+                            &format!("{p}.self_attn.q_proj"),
+                            c.heads * hd,
+                            h,
+                            c.qkv_bias,
+                        )?,
+                        k: l.linear(
+                            &format!("{p}.self_attn.k_proj"),
+                            c.kv_heads * hd,
+                            h,
+                            c.qkv_bias,
+                        )?,
+                        v: l.linear(
+                            &format!("{p}.self_attn.v_proj"),
+                            c.kv_heads * hd,
+                            h,
+                            c.qkv_bias,
+                        )?,
                         o: l.linear(&format!("{p}.self_attn.o_proj"), h, c.heads * hd, c.o_bias)?,
-                        gate: l.linear(&format!("{p}.mlp.gate_proj"), c.intermediate, h, c.mlp_bias)?,
+                        gate: l.linear(
+                            &format!("{p}.mlp.gate_proj"),
+                            c.intermediate,
+                            h,
+                            c.mlp_bias,
+                        )?,
                         up: l.linear(&format!("{p}.mlp.up_proj"), c.intermediate, h, c.mlp_bias)?,
-                        down: l.linear(&format!("{p}.mlp.down_proj"), h, c.intermediate, c.mlp_bias)?,
+                        down: l.linear(
+                            &format!("{p}.mlp.down_proj"),
+                            h,
+                            c.intermediate,
+                            c.mlp_bias,
+                        )?,
                     });
                 }
                 let norm = l.get("model.norm.weight", &[h])?;
@@ -145,7 +216,11 @@ impl Model {
             }
             Arch::GptNeoX => {
                 let embed = l.get("gpt_neox.embed_in.weight", &[c.vocab, h])?;
-                let lm_head = if c.tie_embeddings { embed } else { l.get("embed_out.weight", &[c.vocab, h])? };
+                let lm_head = if c.tie_embeddings {
+                    embed
+                } else {
+                    l.get("embed_out.weight", &[c.vocab, h])?
+                };
                 let mut layers = Vec::with_capacity(c.layers);
                 for i in 0..c.layers {
                     let p = format!("gpt_neox.layers.{i}");
@@ -163,7 +238,15 @@ impl Model {
             }
         };
         let (cos, sin) = ops::rope_tables(&config.inv_freq(), max_seq);
-        Ok(Model { config, embed, lm_head, layers, cos, sin, max_seq })
+        Ok(Model {
+            config,
+            embed,
+            lm_head,
+            layers,
+            cos,
+            sin,
+            max_seq,
+        })
     }
 
     /// Summed negative log-likelihood (f64) of `batch` windows of `seq` tokens each,
@@ -172,8 +255,15 @@ impl Model {
     pub fn nll(&self, w: &ParamStore, tokens: &[u32], seq: usize, scored: usize) -> f64 {
         let c = &self.config;
         let rows = tokens.len();
-        assert!(seq >= 2 && rows % seq == 0 && scored < seq, "bad window shape");
-        assert!(seq <= self.max_seq, "window of {seq} tokens is longer than the {} the model was set up for", self.max_seq);
+        assert!(
+            seq >= 2 && rows % seq == 0 && scored < seq,
+            "bad window shape"
+        );
+        assert!(
+            seq <= self.max_seq,
+            "window of {seq} tokens is longer than the {} the model was set up for",
+            self.max_seq
+        );
         let batch = rows / seq;
         let h = c.hidden;
         let d = |p: P| w.data[p].as_slice();
@@ -195,20 +285,35 @@ impl Model {
                 let mut gate = vec![0f32; rows * c.intermediate];
                 let mut up = vec![0f32; rows * c.intermediate];
                 let mut tmp = vec![0f32; rows * h];
-                let lin = |x: &[f32], k: usize, (wi, bi): (P, Option<P>), n: usize, out: &mut [f32]| {
-                    ops::linear(x, rows, k, d(wi), n, bi.map(d), out)
-                };
+                let lin =
+                    |x: &[f32], k: usize, (wi, bi): (P, Option<P>), n: usize, out: &mut [f32]| {
+                        ops::linear(x, rows, k, d(wi), n, bi.map(d), out)
+                    };
                 for layer in layers {
                     ops::rms_norm(&x, d(layer.in_norm), c.norm_eps, &mut normed);
                     lin(&normed, h, layer.q, qd, &mut q);
                     lin(&normed, h, layer.k, kvd, &mut k);
                     lin(&normed, h, layer.v, kvd, &mut v);
-                    ops::apply_rope(&mut q, qd, 0, c.heads, c.head_dim, c.rot_dim, seq, &self.cos, &self.sin);
-                    ops::apply_rope(&mut k, kvd, 0, c.kv_heads, c.head_dim, c.rot_dim, seq, &self.cos, &self.sin);
-                    let ql = HeadLayout { row_stride: qd, head_stride: c.head_dim };
-                    let kvl = HeadLayout { row_stride: kvd, head_stride: c.head_dim };
+                    ops::apply_rope(
+                        &mut q, qd, 0, c.heads, c.head_dim, c.rot_dim, seq, &self.cos, &self.sin,
+                    );
+                    ops::apply_rope(
+                        &mut k, kvd, 0, c.kv_heads, c.head_dim, c.rot_dim, seq, &self.cos,
+                        &self.sin,
+                    );
+                    let ql = HeadLayout {
+                        row_stride: qd,
+                        head_stride: c.head_dim,
+                    };
+                    let kvl = HeadLayout {
+                        row_stride: kvd,
+                        head_stride: c.head_dim,
+                    };
                     let scale = 1.0 / (c.head_dim as f32).sqrt();
-                    ops::causal_attention(&q, ql, &k, &v, kvl, &mut att, ql, batch, seq, c.heads, c.kv_heads, c.head_dim, scale);
+                    ops::causal_attention(
+                        &q, ql, &k, &v, kvl, &mut att, ql, batch, seq, c.heads, c.kv_heads,
+                        c.head_dim, scale,
+                    );
                     lin(&att, qd, layer.o, h, &mut tmp);
                     ops::add_in_place(&mut x, &tmp);
                     ops::rms_norm(&x, d(layer.post_norm), c.norm_eps, &mut normed);
@@ -240,18 +345,38 @@ impl Model {
                     ops::layer_norm(&x, d(layer.ln1.0), d(layer.ln1.1), c.norm_eps, &mut normed);
                     lin(&normed, h, layer.qkv, 3 * h, &mut qkv);
                     // Per head the fused projection holds [q | k | v], each head_dim wide.
-                    let l = HeadLayout { row_stride: 3 * h, head_stride: 3 * hd };
+                    let l = HeadLayout {
+                        row_stride: 3 * h,
+                        head_stride: 3 * hd,
+                    };
                     rope_neox(&mut qkv, c, seq, &self.cos, &self.sin);
                     let (qs, ks, vs) = (&qkv[..], &qkv[hd..], &qkv[2 * hd..]);
-                    let ol = HeadLayout { row_stride: h, head_stride: hd };
+                    let ol = HeadLayout {
+                        row_stride: h,
+                        head_stride: hd,
+                    };
                     let scale = 1.0 / (hd as f32).sqrt();
-                    ops::causal_attention(qs, l, ks, vs, l, &mut att, ol, batch, seq, c.heads, c.heads, hd, scale);
+                    ops::causal_attention(
+                        qs, l, ks, vs, l, &mut att, ol, batch, seq, c.heads, c.heads, hd, scale,
+                    );
                     lin(&att, h, layer.dense, h, &mut attn_out);
                     if c.parallel_residual {
-                        ops::layer_norm(&x, d(layer.ln2.0), d(layer.ln2.1), c.norm_eps, &mut normed);
+                        ops::layer_norm(
+                            &x,
+                            d(layer.ln2.0),
+                            d(layer.ln2.1),
+                            c.norm_eps,
+                            &mut normed,
+                        );
                     } else {
                         ops::add_in_place(&mut x, &attn_out);
-                        ops::layer_norm(&x, d(layer.ln2.0), d(layer.ln2.1), c.norm_eps, &mut normed);
+                        ops::layer_norm(
+                            &x,
+                            d(layer.ln2.0),
+                            d(layer.ln2.1),
+                            c.norm_eps,
+                            &mut normed,
+                        );
                     }
                     lin(&normed, h, layer.fc_in, c.intermediate, &mut mid);
                     ops::activate(&mut mid, c.act);
@@ -296,6 +421,16 @@ impl Model {
 fn rope_neox(qkv: &mut [f32], c: &ModelConfig, seq: usize, cos: &[f32], sin: &[f32]) {
     let (h, hd) = (c.hidden, c.head_dim);
     for offset in [0, hd] {
-        ops::apply_rope(qkv, 3 * h, offset, c.heads, 3 * hd, c.rot_dim, seq, cos, sin);
+        ops::apply_rope(
+            qkv,
+            3 * h,
+            offset,
+            c.heads,
+            3 * hd,
+            c.rot_dim,
+            seq,
+            cos,
+            sin,
+        );
     }
 }

@@ -1,0 +1,269 @@
+//! The in-memory merge-and-evaluate API: load N source checkpoints and tokenize the data
+//! once; then each [`Evaluator::evaluate`] merges the sources into resident f32 weights
+//! with the merge kernel and runs the forward pass, with no disk I/O. A distributed
+//! worker serves exactly this.
+//!
+//! The merged weights are rounded to each tensor's source dtype before being widened to
+//! f32 (`weighted_sum_to_f32`), so the score is the score of the model `ckmerge merge`
+//! writes for the same weights, not of an unrounded f32 merge.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ckmerge_common::{check_compatible, Checkpoint, CheckpointError, DType};
+use ckmerge_kernels::{weighted_sum_to_f32, Input};
+
+use crate::data::{self, DataError, TextTokenizer, TokenBits, Window};
+use crate::model::{ConfigError, Model, ModelConfig, ParamStore, WeightError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{dir}: {source}")]
+    Weights {
+        dir: PathBuf,
+        #[source]
+        source: WeightError,
+    },
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("{0}")]
+    Request(String),
+}
+
+/// How to cut the data into windows and batch them.
+#[derive(Clone, Debug, Default)]
+pub struct EvalOptions {
+    /// Window length; default: the model's `max_position_embeddings`, capped at 2048.
+    pub seq_len: Option<usize>,
+    /// Sliding-window stride (Hugging Face perplexity guide); default: non-overlapping.
+    pub stride: Option<usize>,
+    /// Windows per forward pass; default 8.
+    pub batch: Option<usize>,
+    pub max_tokens: Option<usize>,
+    pub token_bits: Option<TokenBits>,
+}
+
+/// A tokenized data set and its windows.
+pub struct Dataset {
+    pub name: String,
+    tokens: Vec<u32>,
+    pub windows: Vec<Window>,
+}
+
+impl Dataset {
+    pub fn tokens(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// Score of one model on one data set.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct EvalResult {
+    /// Tokens scored (predicted), not tokens read.
+    pub tokens: usize,
+    pub mean_nll: f64,
+    pub perplexity: f64,
+    pub seconds: f64,
+    /// Tokens through the forward pass per second (scored or context).
+    pub tokens_per_s: f64,
+}
+
+/// One source checkpoint held in memory: per store tensor, its dtype and bytes.
+struct Source {
+    tensors: Vec<(DType, Vec<u8>)>,
+}
+
+/// Resident sources, merged weights, model and data.
+pub struct Evaluator {
+    sources: Vec<Source>,
+    store: ParamStore,
+    model: Model,
+    pub seq_len: usize,
+    batch: usize,
+    pub datasets: Vec<Dataset>,
+    weights: Option<Vec<f32>>,
+    /// Seconds spent loading sources and tokenizing.
+    pub load_seconds: f64,
+}
+
+impl Evaluator {
+    /// Loads `checkpoints` into memory and tokenizes each data set (each a list of files
+    /// or directories, named by `names`). Everything is validated here.
+    pub fn load(
+        checkpoints: &[PathBuf],
+        datasets: &[(String, Vec<PathBuf>)],
+        opts: &EvalOptions,
+    ) -> Result<Evaluator, EvalError> {
+        let t0 = Instant::now();
+        if checkpoints.is_empty() {
+            return Err(EvalError::Request("no checkpoints given".into()));
+        }
+        if datasets.is_empty() || datasets.iter().any(|(_, f)| f.is_empty()) {
+            return Err(EvalError::Request("no data given; pass --data FILE".into()));
+        }
+        let ckpts = checkpoints
+            .iter()
+            .map(|p| Checkpoint::open(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_compatible(&ckpts)?;
+        let first = &ckpts[0];
+        let config = ModelConfig::from_json(&first.config, &first.dir.join("config.json"))?;
+        let seq_len = opts.seq_len.unwrap_or(config.max_positions.min(2048));
+        if seq_len > config.max_positions {
+            return Err(EvalError::Request(format!(
+                "--seq-len {seq_len} exceeds the model's max_position_embeddings ({})",
+                config.max_positions
+            )));
+        }
+        if let Some(w) = config.sliding_window.filter(|&w| seq_len > w) {
+            return Err(EvalError::Request(format!(
+                "--seq-len {seq_len} exceeds the model's sliding window ({w}); sliding-window attention is not implemented, so use --seq-len {w} or less"
+            )));
+        }
+
+        // Tokenize before copying weights: bad data fails fast.
+        let vocab = config.vocab;
+        let tok_dir = first.dir.clone();
+        let tokenizer = move || TextTokenizer::load(&tok_dir);
+        let mut sets = Vec::new();
+        for (name, files) in datasets {
+            let mut tokens = data::load_tokens(files, &tokenizer, vocab, opts.token_bits)?;
+            if let Some(m) = opts.max_tokens {
+                tokens.truncate(m);
+            }
+            let windows = data::windows(tokens.len(), seq_len, opts.stride)?;
+            sets.push(Dataset {
+                name: name.clone(),
+                tokens,
+                windows,
+            });
+        }
+
+        let names: Vec<String> = first.tensors.iter().map(|t| t.name.clone()).collect();
+        let shapes: Vec<Vec<usize>> = first.tensors.iter().map(|t| t.shape.clone()).collect();
+        let sources = ckpts
+            .iter()
+            .map(|c| Source {
+                tensors: names
+                    .iter()
+                    .map(|n| {
+                        let t = c.tensor(n).expect("checked by check_compatible");
+                        (t.dtype, c.bytes(t).to_vec())
+                    })
+                    .collect(),
+            })
+            .collect();
+        let store = ParamStore::new(names, shapes);
+        let model = Model::new(config, &store, seq_len).map_err(|source| EvalError::Weights {
+            dir: first.dir.clone(),
+            source,
+        })?;
+        Ok(Evaluator {
+            sources,
+            store,
+            model,
+            seq_len,
+            batch: opts.batch.unwrap_or(8).max(1),
+            datasets: sets,
+            weights: None,
+            load_seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    /// Merges the sources with `weights` into the resident f32 weights.
+    pub fn set_weights(&mut self, weights: &[f32]) -> Result<(), EvalError> {
+        if weights.len() != self.sources.len() {
+            return Err(EvalError::Request(format!(
+                "{} weights for {} checkpoints",
+                weights.len(),
+                self.sources.len()
+            )));
+        }
+        if weights.iter().any(|w| !w.is_finite()) {
+            return Err(EvalError::Request(format!(
+                "weights must be finite: {weights:?}"
+            )));
+        }
+        if self.weights.as_deref() == Some(weights) {
+            return Ok(());
+        }
+        for (i, out) in self.store.data.iter_mut().enumerate() {
+            let inputs: Vec<Input> = self
+                .sources
+                .iter()
+                .map(|s| Input::new(s.tensors[i].0, &s.tensors[i].1))
+                .collect();
+            let round_to = self.sources[0].tensors[i].0;
+            weighted_sum_to_f32(&inputs, weights, round_to, out);
+        }
+        self.weights = Some(weights.to_vec());
+        Ok(())
+    }
+
+    /// Scores the current weights on data set `d`.
+    pub fn score(&self, d: usize) -> EvalResult {
+        assert!(self.weights.is_some(), "set_weights before score");
+        let t0 = Instant::now();
+        let set = &self.datasets[d];
+        let mut total = 0.0f64;
+        let mut scored = 0usize;
+        let mut through = 0usize;
+        // Batch windows of equal shape; with a stride only the last window may differ.
+        let mut i = 0;
+        while i < set.windows.len() {
+            let w0 = set.windows[i];
+            let mut j = i + 1;
+            while j < set.windows.len()
+                && j - i < self.batch
+                && set.windows[j].len == w0.len
+                && set.windows[j].scored == w0.scored
+            {
+                j += 1;
+            }
+            let mut tokens = Vec::with_capacity((j - i) * w0.len);
+            for w in &set.windows[i..j] {
+                tokens.extend_from_slice(&set.tokens[w.start..w.start + w.len]);
+            }
+            total += self.model.nll(&self.store, &tokens, w0.len, w0.scored);
+            scored += (j - i) * w0.scored;
+            through += tokens.len();
+            i = j;
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let mean_nll = total / scored as f64;
+        EvalResult {
+            tokens: scored,
+            mean_nll,
+            perplexity: mean_nll.exp(),
+            seconds,
+            tokens_per_s: through as f64 / seconds,
+        }
+    }
+
+    /// Merges with `weights` and scores data set 0 (the objective).
+    pub fn evaluate(&mut self, weights: &[f32]) -> Result<EvalResult, EvalError> {
+        self.set_weights(weights)?;
+        Ok(self.score(0))
+    }
+
+    pub fn n_sources(&self) -> usize {
+        self.sources.len()
+    }
+}
+
+/// Name for a data set given as a list of paths: the first file's stem.
+pub fn dataset_name(files: &[PathBuf]) -> String {
+    files
+        .first()
+        .and_then(|p| Path::new(p).file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into())
+}
