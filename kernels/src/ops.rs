@@ -165,6 +165,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Causal softmax attention for `batch` sequences of `seq` rows each, with grouped-query
 /// heads (`n_heads` query heads share `n_kv_heads` key/value heads, as in Llama):
 /// `out[:, h] = softmax(q_h k_g^T * scale + causal mask) v_g`, `g = h / (n_heads / n_kv_heads)`.
@@ -237,12 +244,11 @@ pub fn causal_attention(
             }
             // SAFETY: as above; `dst` points at `out`, alive for the whole call.
             unsafe {
-                let dst = dst;
                 gemm::gemm(
                     seq,
                     head_dim,
                     seq,
-                    dst.0.add(o0),
+                    dst.get().add(o0),
                     1,
                     ol.row_stride as isize,
                     false,
@@ -535,6 +541,6 @@ mod tests {
         let mut g = vec![1.0f32, -1.0];
         silu_mul(&mut g, &[2.0, 3.0]);
         assert!((g[0] as f64 - 2.0 / (1.0 + (-1f64).exp())).abs() < 1e-6);
-        assert!((g[1] as f64 - 3.0 * -1.0 / (1.0 + 1f64.exp())).abs() < 1e-6);
+        assert!((g[1] as f64 + 3.0 / (1.0 + 1f64.exp())).abs() < 1e-6);
     }
 }
