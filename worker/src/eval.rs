@@ -34,6 +34,9 @@ pub enum EvalError {
     Request(String),
 }
 
+/// Activation memory allowed for running one batch per thread at once.
+const PARALLEL_BATCH_BYTES: usize = 1 << 30;
+
 /// How to cut the data into windows and batch them.
 #[derive(Clone, Debug, Default)]
 pub struct EvalOptions {
@@ -213,10 +216,8 @@ impl Evaluator {
         assert!(self.weights.is_some(), "set_weights before score");
         let t0 = Instant::now();
         let set = &self.datasets[d];
-        let mut total = 0.0f64;
-        let mut scored = 0usize;
-        let mut through = 0usize;
         // Batch windows of equal shape; with a stride only the last window may differ.
+        let mut groups: Vec<(usize, usize)> = Vec::new();
         let mut i = 0;
         while i < set.windows.len() {
             let w0 = set.windows[i];
@@ -228,14 +229,32 @@ impl Evaluator {
             {
                 j += 1;
             }
+            groups.push((i, j));
+            i = j;
+        }
+        let run = |&(i, j): &(usize, usize)| -> (f64, usize, usize) {
+            let w0 = set.windows[i];
             let mut tokens = Vec::with_capacity((j - i) * w0.len);
             for w in &set.windows[i..j] {
                 tokens.extend_from_slice(&set.tokens[w.start..w.start + w.len]);
             }
-            total += self.model.nll(&self.store, &tokens, w0.len, w0.scored);
-            scored += (j - i) * w0.scored;
-            through += tokens.len();
-            i = j;
+            let nll = self.model.nll(&self.store, &tokens, w0.len, w0.scored);
+            (nll, (j - i) * w0.scored, tokens.len())
+        };
+        // Small models: one batch per thread, no synchronisation inside a forward pass.
+        // Large ones: every thread works on each batch (activations of one batch per
+        // thread would not fit). Partial sums are added in window order either way.
+        let parts: Vec<(f64, usize, usize)> = if self.batches_in_parallel() {
+            use rayon::prelude::*;
+            groups.par_iter().map(run).collect()
+        } else {
+            groups.iter().map(run).collect()
+        };
+        let (mut total, mut scored, mut through) = (0.0f64, 0usize, 0usize);
+        for (n, s, t) in parts {
+            total += n;
+            scored += s;
+            through += t;
         }
         let seconds = t0.elapsed().as_secs_f64();
         let mean_nll = total / scored as f64;
@@ -246,6 +265,17 @@ impl Evaluator {
             seconds,
             tokens_per_s: through as f64 / seconds,
         }
+    }
+
+    /// Whether one batch per thread fits in [`PARALLEL_BATCH_BYTES`] of activations.
+    fn batches_in_parallel(&self) -> bool {
+        let c = self.config();
+        let rows = self.batch * self.seq_len;
+        let per_row = 8 * c.hidden.max(c.heads * c.head_dim)
+            + 2 * c.intermediate
+            + c.heads * self.seq_len / self.batch.max(1);
+        let bytes = rows * per_row * 4;
+        bytes * rayon::current_num_threads() <= PARALLEL_BATCH_BYTES
     }
 
     /// Merges with `weights` and scores data set 0 (the objective).
