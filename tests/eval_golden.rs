@@ -351,3 +351,31 @@ fn jsonl_and_pretokenized_data_give_the_txt_result() {
     .unwrap();
     assert_eq!(run(&bin), txt);
 }
+
+#[test]
+fn config_variants_match_transformers() {
+    // Untrained one-layer models with every parameter random (biases and norms too), for
+    // the config paths the trajectories do not exercise: Qwen2's q/k/v bias, tied
+    // embeddings, llama3 and linear RoPE scaling, attention and MLP biases, Mistral.
+    let g = golden();
+    let v = &g["variants"];
+    let max_tokens = v["max_tokens"].as_u64().unwrap() as usize;
+    let models = v["models"].as_object().unwrap();
+    assert_eq!(models.len(), 4);
+    for (name, want) in models {
+        let dir = root().join("variants").join(name);
+        let opts = EvalOptions {
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        };
+        let mut ev = Evaluator::load(&[dir], &data_sets()[..1], &opts).unwrap();
+        assert_eq!(ev.seq_len, v["seq_len"].as_u64().unwrap() as usize);
+        let r = ev.evaluate(&[1.0]).unwrap();
+        assert_eq!(
+            r.tokens as u64,
+            want["tokens"].as_u64().unwrap(),
+            "{name}: tokens scored"
+        );
+        check(name, r.mean_nll, want["mean_nll"].as_f64().unwrap());
+    }
+}
