@@ -319,8 +319,9 @@ fn empty_or_short_data_is_a_clear_error() {
 }
 
 #[test]
-fn jsonl_and_pretokenized_data_give_the_txt_result() {
-    // The same document as .txt, as one .jsonl record, and as a .bin of its tokens.
+fn jsonl_directory_and_pretokenized_data_give_the_txt_result() {
+    // The same document as .txt, as one .jsonl record, in a directory, and as a .bin of
+    // its tokens.
     let tmp = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(root().join("data/heldout.txt")).unwrap();
     let jsonl = tmp.path().join("h.jsonl");
@@ -339,6 +340,11 @@ fn jsonl_and_pretokenized_data_give_the_txt_result() {
     };
     let txt = run(&root().join("data/heldout.txt"));
     assert_eq!(run(&jsonl), txt);
+    let dir = tmp.path().join("dir/nested");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(root().join("data/heldout.txt"), dir.join("a.txt")).unwrap();
+    std::fs::write(dir.join("notes.md"), "ignored: not a data format").unwrap();
+    assert_eq!(run(&tmp.path().join("dir")), txt);
     let tok = tokenizers::Tokenizer::from_file(ck.join("tokenizer.json")).unwrap();
     let ids = tok.encode(text.as_str(), true).unwrap().get_ids().to_vec();
     let bin = tmp.path().join("h.bin");
