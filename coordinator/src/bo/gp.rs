@@ -1,0 +1,121 @@
+//! The Gaussian-process surrogate: egobox-gp in f64, Matérn 5/2 correlation with a
+//! constant mean, inputs in the unit cube, outputs standardised here (mean 0, sd 1) so
+//! posterior means and standard deviations are in standardised units whatever the NLL's
+//! scale. Hyperparameters (length scales) are re-optimised with a few restarts on a full
+//! refit, and kept fixed for the cheap refits in between and for Kriging-believer updates.
+
+use egobox_gp::correlation_models::Matern52Corr;
+use egobox_gp::mean_models::ConstantMean;
+use egobox_gp::{GaussianProcess, ThetaTuning};
+use linfa::prelude::*;
+use ndarray::{Array1, Array2};
+
+pub struct Surrogate {
+    gp: GaussianProcess<f64, ConstantMean, Matern52Corr>,
+    y_mean: f64,
+    y_std: f64,
+    dim: usize,
+}
+
+impl Surrogate {
+    /// Fits on cube points `x` with values `y`. `theta`: fixed length-scale parameters, or
+    /// `None` to optimise them with `n_start` restarts. `nugget` regularises (noise).
+    pub fn fit(
+        x: &[Vec<f64>],
+        y: &[f64],
+        theta: Option<&[f64]>,
+        n_start: usize,
+        nugget: f64,
+    ) -> Result<Surrogate, String> {
+        assert!(!x.is_empty() && x.len() == y.len());
+        let dim = x[0].len();
+        let y_mean = y.iter().sum::<f64>() / y.len() as f64;
+        let var = y.iter().map(|v| (v - y_mean).powi(2)).sum::<f64>() / y.len() as f64;
+        let y_std = if var > 0.0 { var.sqrt() } else { 1.0 };
+        let xa = Array2::from_shape_fn((x.len(), dim), |(i, j)| x[i][j]);
+        let ya = Array1::from_iter(y.iter().map(|v| (v - y_mean) / y_std));
+        let tuning = match theta {
+            Some(t) => ThetaTuning::Fixed(Array1::from(t.to_vec())),
+            None => ThetaTuning::default(),
+        };
+        let gp = GaussianProcess::<f64, ConstantMean, Matern52Corr>::params(
+            ConstantMean::default(),
+            Matern52Corr::default(),
+        )
+        .theta_tuning(tuning)
+        .n_start(n_start)
+        .nugget(nugget)
+        .fit(&Dataset::new(xa, ya))
+        .map_err(|e| format!("Gaussian-process fit failed: {e}"))?;
+        Ok(Surrogate {
+            gp,
+            y_mean,
+            y_std,
+            dim,
+        })
+    }
+
+    /// The fitted length-scale parameters (to fix them in later refits).
+    pub fn theta(&self) -> Vec<f64> {
+        self.gp.theta().to_vec()
+    }
+
+    /// Standardises an objective value.
+    pub fn standardize(&self, y: f64) -> f64 {
+        (y - self.y_mean) / self.y_std
+    }
+
+    /// Posterior mean and standard deviation (standardised units) at each point.
+    pub fn predict(&self, pts: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
+        if pts.is_empty() {
+            return (vec![], vec![]);
+        }
+        let xa = Array2::from_shape_fn((pts.len(), self.dim), |(i, j)| pts[i][j]);
+        let (m, v) = self
+            .gp
+            .predict_valvar(&xa)
+            .expect("prediction on well-formed input");
+        (m.to_vec(), v.iter().map(|v| v.max(0.0).sqrt()).collect())
+    }
+
+    /// Adds points with (standardised) values, hyperparameters and normalisation frozen:
+    /// a rank-m update, for Kriging-believer batches.
+    pub fn add_believed(self, pts: &[Vec<f64>], y_std_units: &[f64]) -> Result<Surrogate, String> {
+        if pts.is_empty() {
+            return Ok(self);
+        }
+        let xa = Array2::from_shape_fn((pts.len(), self.dim), |(i, j)| pts[i][j]);
+        let ya = Array1::from(y_std_units.to_vec());
+        let gp = self
+            .gp
+            .update(&xa, &ya)
+            .map_err(|e| format!("Gaussian-process update failed: {e}"))?;
+        Ok(Surrogate { gp, ..self })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpolates_its_data() {
+        let x: Vec<Vec<f64>> = (0..7).map(|i| vec![i as f64 / 6.0]).collect();
+        let y: Vec<f64> = x.iter().map(|p| (6.0 * p[0]).sin() + 3.0).collect();
+        let s = Surrogate::fit(&x, &y, None, 5, 1e-10).unwrap();
+        let (m, sd) = s.predict(&x);
+        for i in 0..x.len() {
+            let got = m[i] * s.y_std + s.y_mean;
+            assert!(
+                (got - y[i]).abs() < 1e-4,
+                "at {:?}: {got} vs {}",
+                x[i],
+                y[i]
+            );
+            assert!(sd[i] < 1e-2, "posterior sd at data {}", sd[i]);
+        }
+        // Far from the data the posterior is uncertain.
+        let (_, sd_mid) = s.predict(&[vec![1.0 / 12.0]]);
+        assert!(sd_mid[0] > sd[0]);
+    }
+}
