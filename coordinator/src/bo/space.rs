@@ -13,8 +13,17 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum SearchSpace {
-    Lambda { lo: f64, hi: f64 },
-    Simplex { lower: Vec<f64> },
+    Lambda {
+        lo: f64,
+        hi: f64,
+    },
+    Simplex {
+        lower: Vec<f64>,
+    },
+    /// The unit cube itself, "weights" = the point: for benchmark functions and tests.
+    Cube {
+        dim: usize,
+    },
 }
 
 impl SearchSpace {
@@ -54,6 +63,7 @@ impl SearchSpace {
         match self {
             SearchSpace::Lambda { .. } => 1,
             SearchSpace::Simplex { lower } => lower.len() - 1,
+            SearchSpace::Cube { dim } => *dim,
         }
     }
 
@@ -62,6 +72,7 @@ impl SearchSpace {
         match self {
             SearchSpace::Lambda { .. } => 2,
             SearchSpace::Simplex { lower } => lower.len(),
+            SearchSpace::Cube { dim } => *dim,
         }
     }
 
@@ -86,6 +97,7 @@ impl SearchSpace {
                 w.push(rest);
                 w.iter().zip(lower).map(|(s, l)| l + free * s).collect()
             }
+            SearchSpace::Cube { .. } => u.to_vec(),
         }
     }
 
@@ -115,6 +127,7 @@ impl SearchSpace {
                 }
                 u
             }
+            SearchSpace::Cube { .. } => w.to_vec(),
         }
     }
 
@@ -147,6 +160,13 @@ impl SearchSpace {
                     pts.push(self.cube(&w));
                 }
                 pts
+            }
+            SearchSpace::Cube { dim } => {
+                if with_center {
+                    vec![vec![0.5; *dim]]
+                } else {
+                    vec![]
+                }
             }
         }
     }

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Tables and plots for scripts/bench_bo.sh from the Rust and Python result files."""
+import json
+import math
+import statistics
+import sys
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+rust = json.load(open(sys.argv[1]))
+py = json.load(open(sys.argv[2]))
+plot_path = sys.argv[3]
+mins = {r["problem"]: r["min"] for r in rust["results"]}
+refs = {r["problem"]: r["reference"] for r in rust["results"]}
+results = rust["results"] + py["results"]
+problems = list(dict.fromkeys(r["problem"] for r in results))
+PPL_TOL = math.log(1.001)  # within 0.1 % of the grid-best perplexity
+
+
+def first_reach(trace, target):
+    for i, v in enumerate(trace):
+        if v <= target:
+            return i + 1
+    return math.inf
+
+
+def fmt(x):
+    return "never" if x == math.inf else (f"{x:g}" if isinstance(x, (int, float)) else str(x))
+
+
+print("### Median simple regret (best found minus optimum), 20 seeds\n")
+print("| problem | optimizer | q | after 5 | after 10 | after 20 | overhead ms/eval |")
+print("|---|---|---|---|---|---|---|")
+for p in problems:
+    for r in [r for r in results if r["problem"] == p]:
+        reg = [[v - mins[p] for v in t] for t in r["traces"]]
+        med = [statistics.median(t[k - 1] for t in reg) for k in (5, 10, 20)]
+        print(f"| {p} | {r['optimizer']} | {r['q']} | {med[0]:.3g} | {med[1]:.3g} | {med[2]:.3g} | "
+              f"{1000 * r['seconds_per_eval']:.1f} |")
+
+print("\n### Merge landscapes: evaluations needed (median over 20 seeds; worst seed)\n")
+print("1-D: to come within 0.1 % of the grid-best perplexity. Simplex: to beat the uniform average.\n")
+print("| landscape | optimizer | q | median | worst | seeds reaching |")
+print("|---|---|---|---|---|---|")
+for p in problems:
+    if "-1d-" in p:
+        target = mins[p] + PPL_TOL
+    elif "simplex" in p:
+        target = refs[p] - 1e-12
+    else:
+        continue
+    for r in [r for r in results if r["problem"] == p]:
+        n = [first_reach(t, target) for t in r["traces"]]
+        ok = sum(x != math.inf for x in n)
+        print(f"| {p} | {r['optimizer']} | {r['q']} | {fmt(statistics.median(n))} | {fmt(max(n))} | {ok}/20 |")
+
+lat = rust["latency_fit_plus_8_proposals_at_100"]
+print("\nckmerge proposal latency (fit + q = 8 proposals, 100 observations): "
+      + ", ".join(f"d={l['dim']}: {1000 * l['seconds']:.1f} ms" for l in lat))
+
+cols = 4
+rows = math.ceil(len(problems) / cols)
+fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+for ax, p in zip(axes.flat, problems):
+    for r in [r for r in results if r["problem"] == p]:
+        reg = [[max(v - mins[p], 1e-9) for v in t] for t in r["traces"]]
+        med = [statistics.median(t[k] for t in reg) for k in range(len(reg[0]))]
+        ax.semilogy(range(1, len(med) + 1), med, label=f"{r['optimizer']}", lw=2 if r["optimizer"].startswith("ckmerge") else 1)
+    ax.set_title(p, fontsize=8)
+    ax.set_xlabel("evaluations", fontsize=7)
+    ax.tick_params(labelsize=6)
+for ax in list(axes.flat)[len(problems):]:
+    ax.axis("off")
+axes.flat[0].legend(fontsize=5)
+fig.suptitle("median simple regret over 20 seeds", fontsize=10)
+fig.tight_layout()
+fig.savefig(plot_path, dpi=110)
+print(f"\nplot: {plot_path}")

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Benchmark: ckmerge's Bayesian optimiser against random search, scikit-optimize
+# (gp_hedge, EI), Optuna (GPSampler, TPE) and bayes_opt, in one run: Forrester, Branin,
+# Hartmann-3/6, and the real merge landscapes of tests/fixtures/trajectory (lambda between
+# adjacent checkpoints; weights over the last three), 20 seeds, 20 evaluations, q = 1 and 4.
+# Writes a Markdown table to stdout and docs/bench_bo.png.
+#   RETABULATE=1  recompute tests/fixtures/trajectory/landscapes.json with the evaluator
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=$(scripts/peers-venv.sh | tail -n 1)
+"$venv/bin/python" -c "import skopt, optuna, bayes_opt, matplotlib" 2>/dev/null \
+  || "$venv/bin/pip" install -q scikit-optimize optuna bayesian-optimization matplotlib
+cargo build --release --quiet --example bench_bo
+bin=target/release/examples/bench_bo
+land=tests/fixtures/trajectory/landscapes.json
+if [ ! -f "$land" ] || [ "${RETABULATE:-0}" = 1 ]; then
+  "$bin" tabulate "$land"
+fi
+out=$(mktemp -d)
+"$bin" run "$land" "$out/rust.json"
+"$venv/bin/python" scripts/bench/bench_bo.py "$land" "$out/python.json"
+mkdir -p docs
+"$venv/bin/python" scripts/bench/bo_report.py "$out/rust.json" "$out/python.json" docs/bench_bo.png
