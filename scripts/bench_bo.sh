@@ -18,6 +18,9 @@ if [ ! -f "$land" ] || [ "${RETABULATE:-0}" = 1 ]; then
 fi
 out=$(mktemp -d)
 "$bin" run "$land" "$out/rust.json"
-"$venv/bin/python" scripts/bench/bench_bo.py "$land" "$out/python.json"
+# The peers in two processes, one per core.
+"$venv/bin/python" scripts/bench/bench_bo.py "$land" "$out/py-skopt.json" skopt-gp_hedge,skopt-gp_hedge-q4 &
+"$venv/bin/python" scripts/bench/bench_bo.py "$land" "$out/py-rest.json" optuna-gp,optuna-gp-q4,optuna-tpe,bayes_opt
+wait
 mkdir -p docs
-"$venv/bin/python" scripts/bench/bo_report.py "$out/rust.json" "$out/python.json" docs/bench_bo.png
+"$venv/bin/python" scripts/bench/bo_report.py "$out/rust.json" docs/bench_bo.png "$out/py-skopt.json" "$out/py-rest.json"

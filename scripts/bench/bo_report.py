@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 rust = json.load(open(sys.argv[1]))
-py = json.load(open(sys.argv[2]))
-plot_path = sys.argv[3]
+plot_path = sys.argv[2]
+py = {"results": [r for f in sys.argv[3:] for r in json.load(open(f))["results"]]}
 mins = {r["problem"]: r["min"] for r in rust["results"]}
 refs = {r["problem"]: r["reference"] for r in rust["results"]}
 results = rust["results"] + py["results"]

@@ -58,6 +58,12 @@ pub struct BoConfig {
     pub converge_rounds: usize,
     /// Propose failed points again (after a transient failure was fixed).
     pub retry_failed: bool,
+    /// Before asking the acquisition, propose the minimiser of a simple model of a merge
+    /// landscape when it has one: the parabola's vertex in 1-D, an isotropic quadratic's
+    /// minimum on the simplex (see [`Optimizer::parabolic_step`],
+    /// [`Optimizer::quadratic_step`]). Turned off for the run after two model steps in a
+    /// row fail to improve the best value.
+    pub model_steps: bool,
     pub acq: AcqParams,
     pub strategy: Strategy,
 }
@@ -78,6 +84,7 @@ impl Default for BoConfig {
             converge_tol: None,
             converge_rounds: 3,
             retry_failed: false,
+            model_steps: true,
             acq: AcqParams::default(),
             strategy: Strategy::Single(Acquisition::Ei),
         }
@@ -114,6 +121,11 @@ pub struct Optimizer {
     theta_at: usize,
     round: u64,
     low_acq_rounds: usize,
+    /// The last model step's point, to judge it once observed.
+    #[serde(default)]
+    last_model_point: Option<Vec<f64>>,
+    #[serde(default)]
+    model_misses: usize,
 }
 
 impl Optimizer {
@@ -128,6 +140,8 @@ impl Optimizer {
             theta_at: 0,
             round: 0,
             low_acq_rounds: 0,
+            last_model_point: None,
+            model_misses: 0,
         }
     }
 
@@ -272,6 +286,32 @@ impl Optimizer {
             let (mu, _) = gp.predict(&already);
             gp = gp.add_believed(&already, &mu)?;
         }
+        if let Some(p) = self.last_model_point.take() {
+            // Did the last model step become the incumbent?
+            let at = self
+                .successes()
+                .find(|o| dist(&o.u, &p) < 1e-12)
+                .and_then(|o| o.value);
+            match at {
+                Some(v) if v <= best => self.model_misses = 0,
+                Some(_) => self.model_misses += 1,
+                None => self.last_model_point = Some(p),
+            }
+        }
+        if self.config.model_steps && self.model_misses < 2 && chosen.len() < q {
+            let all: Vec<Vec<f64>> = taken.iter().chain(&chosen).cloned().collect();
+            let step = match self.space {
+                SearchSpace::Lambda { .. } => self.parabolic_step(&xs, &ys, &all),
+                SearchSpace::Simplex { .. } => self.quadratic_step(&xs, &ys, &all),
+                SearchSpace::Cube { .. } => None,
+            };
+            if let Some(x) = step {
+                let (m, _) = gp.predict(std::slice::from_ref(&x));
+                gp = gp.add_believed(std::slice::from_ref(&x), &m)?;
+                self.last_model_point = Some(x.clone());
+                chosen.push(x);
+            }
+        }
         let mut acq_used: Option<Acquisition> = None;
         let mut best_ei = f64::INFINITY;
         while chosen.len() < q {
@@ -322,6 +362,101 @@ impl Optimizer {
         }
         self.round += 1;
         Ok(chosen)
+    }
+
+    /// Merge landscapes along lambda are smooth with one interior basin (the fixtures'
+    /// ten landscapes all are), so once the best point is bracketed by observed neighbours
+    /// the vertex of the parabola through the three is where the minimum most likely is:
+    /// successive parabolic interpolation, as in Brent's method. Starting from the ends
+    /// and the middle, the first vertex already lands within 0.1 % of the best perplexity
+    /// on most of the fixtures' landscapes. Returns `None` (the acquisition decides) when
+    /// the space is not 1-D lambda, the best point is not bracketed, the parabola is not
+    /// convex, or the vertex is too close to a point already taken.
+    fn parabolic_step(&self, xs: &[Vec<f64>], ys: &[f64], taken: &[Vec<f64>]) -> Option<Vec<f64>> {
+        if !matches!(self.space, SearchSpace::Lambda { .. }) || xs.len() < 3 {
+            return None;
+        }
+        let mut pts: Vec<(f64, f64)> = xs.iter().map(|x| x[0]).zip(ys.iter().copied()).collect();
+        pts.sort_by(|a, b| a.0.partial_cmp(&b.0).expect("finite"));
+        let b = (0..pts.len()).min_by(|&i, &j| pts[i].1.partial_cmp(&pts[j].1).expect("finite"))?;
+        if b == 0 || b + 1 == pts.len() {
+            return None;
+        }
+        let ((x0, f0), (x1, f1), (x2, f2)) = (pts[b - 1], pts[b], pts[b + 1]);
+        let num = (x1 - x0).powi(2) * (f1 - f2) - (x1 - x2).powi(2) * (f1 - f0);
+        let den = (x1 - x0) * (f1 - f2) - (x1 - x2) * (f1 - f0);
+        if den.abs() < 1e-300 {
+            return None;
+        }
+        let v = x1 - 0.5 * num / den;
+        // Convex through a bracketed minimum means the vertex lies inside the bracket.
+        if !(v > x0 && v < x2) {
+            return None;
+        }
+        let x = vec![v];
+        taken
+            .iter()
+            .all(|t| dist(&x, t) >= self.config.min_distance)
+            .then_some(x)
+    }
+
+    /// On the simplex: least-squares fit of the isotropic quadratic
+    /// `f(w) = a + sum_i b_i w_i + c sum_i w_i^2` (`b_N = 0`; N + 1 parameters, exact on the
+    /// initial design of vertices and centroid), whose minimum on `sum w = 1` is
+    /// `w_i = 1/N + (mean(b) - b_i) / (2c)`. On the design alone this is
+    /// `w_i = 1/N + (mean f - f_i) / (2c)` with `c = (mean of vertices - centroid) N/(N-1)`:
+    /// better checkpoints get more weight, the more so the flatter the bowl. `None` when
+    /// the fit is not convex (`c <= 0`: merging does not help), the minimum violates a lower
+    /// bound, or it is too close to a point already taken.
+    fn quadratic_step(&self, xs: &[Vec<f64>], ys: &[f64], taken: &[Vec<f64>]) -> Option<Vec<f64>> {
+        let SearchSpace::Simplex { lower } = &self.space else {
+            return None;
+        };
+        let n = lower.len();
+        let p = n + 1;
+        if xs.len() < p {
+            return None;
+        }
+        let feats: Vec<Vec<f64>> = xs
+            .iter()
+            .map(|u| {
+                let w = self.space.weights(u);
+                let mut f = vec![1.0];
+                f.extend_from_slice(&w[..n - 1]);
+                f.push(w.iter().map(|x| x * x).sum());
+                f
+            })
+            .collect();
+        // Normal equations (p is small), solved by Gaussian elimination with pivoting.
+        let mut a = vec![vec![0.0; p + 1]; p];
+        for (f, y) in feats.iter().zip(ys) {
+            for i in 0..p {
+                for j in 0..p {
+                    a[i][j] += f[i] * f[j];
+                }
+                a[i][p] += f[i] * y;
+            }
+        }
+        let coef = solve(a)?;
+        let c = coef[n];
+        if c.is_nan() || c <= 1e-12 {
+            return None;
+        }
+        let mut b: Vec<f64> = coef[1..n].to_vec();
+        b.push(0.0);
+        let mean_b = b.iter().sum::<f64>() / n as f64;
+        let w: Vec<f64> = b
+            .iter()
+            .map(|bi| 1.0 / n as f64 + (mean_b - bi) / (2.0 * c))
+            .collect();
+        if w.iter().zip(lower).any(|(wi, l)| *wi < *l) {
+            return None;
+        }
+        let x = self.space.cube(&w);
+        taken
+            .iter()
+            .all(|t| dist(&x, t) >= self.config.min_distance)
+            .then_some(x)
     }
 
     /// Random candidates, plus points near the best observations, all far enough from
@@ -411,6 +546,33 @@ impl Acquisition {
     }
 }
 
+/// Solves the augmented system `a` (`p` rows of `p + 1`); `None` if singular.
+fn solve(mut a: Vec<Vec<f64>>) -> Option<Vec<f64>> {
+    let p = a.len();
+    for col in 0..p {
+        let piv = (col..p).max_by(|&i, &j| {
+            a[i][col]
+                .abs()
+                .partial_cmp(&a[j][col].abs())
+                .expect("finite")
+        })?;
+        if a[piv][col].abs() < 1e-12 {
+            return None;
+        }
+        a.swap(col, piv);
+        let pivot = a[col].clone();
+        for (r, row) in a.iter_mut().enumerate() {
+            if r != col {
+                let f = row[col] / pivot[col];
+                for (x, pv) in row.iter_mut().zip(&pivot).skip(col) {
+                    *x -= f * pv;
+                }
+            }
+        }
+    }
+    Some((0..p).map(|i| a[i][p] / a[i][i]).collect())
+}
+
 fn dist(a: &[f64], b: &[f64]) -> f64 {
     a.iter()
         .zip(b)
@@ -492,11 +654,13 @@ mod tests {
     fn hedge_creeps_where_ei_does_not() {
         // Pins the reason EI is the default (see `Strategy`).
         let run = |strategy| {
+            // The acquisitions alone: no model steps.
             let mut o = Optimizer::new(
                 SearchSpace::lambda(0.0).unwrap(),
                 BoConfig {
                     center: false,
                     strategy,
+                    model_steps: false,
                     ..Default::default()
                 },
             );
@@ -509,6 +673,38 @@ mod tests {
         };
         assert!((run(Strategy::Single(Acquisition::Ei)) - 0.3).abs() < 0.03);
         assert!((run(Strategy::Hedge) - 0.3).abs() > 0.1);
+    }
+
+    #[test]
+    fn model_steps_find_the_minimum_of_their_model_exactly() {
+        // 1-D: ends, middle, then the parabola's vertex.
+        let mut o = Optimizer::new(SearchSpace::lambda(0.0).unwrap(), BoConfig::default());
+        let f = |u: &[f64]| (u[0] - 0.37).powi(2) + 2.0;
+        for u in o.propose(3, &[]).unwrap() {
+            let v = f(&u);
+            o.tell(u, Ok(v));
+        }
+        let next = o.propose(1, &[]).unwrap();
+        assert!((next[0][0] - 0.37).abs() < 1e-9, "{next:?}");
+
+        // Simplex: vertices, centroid, then the isotropic quadratic's minimum.
+        let space = SearchSpace::simplex(vec![0.0; 3]).unwrap();
+        let target = [0.2, 0.3, 0.5];
+        let g = |w: &[f64]| {
+            w.iter()
+                .zip(target)
+                .map(|(a, t)| (a - t).powi(2))
+                .sum::<f64>()
+        };
+        let mut o = Optimizer::new(space.clone(), BoConfig::default());
+        for u in o.propose(4, &[]).unwrap() {
+            let v = g(&space.weights(&u));
+            o.tell(u, Ok(v));
+        }
+        let w = space.weights(&o.propose(1, &[]).unwrap()[0]);
+        for (a, t) in w.iter().zip(target) {
+            assert!((a - t).abs() < 1e-9, "{w:?}");
+        }
     }
 
     #[test]
