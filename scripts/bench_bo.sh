@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark: ckmerge's Bayesian optimiser against random search, scikit-optimize
-# (gp_hedge, EI), Optuna (GPSampler, TPE) and bayes_opt, in one run: Forrester, Branin,
+# (gp_hedge), Optuna (GPSampler, TPE) and bayes_opt, in one run: Forrester, Branin,
 # Hartmann-3/6, and the real merge landscapes of tests/fixtures/trajectory (lambda between
 # adjacent checkpoints; weights over the last three), 20 seeds, 20 evaluations, q = 1 and 4.
 # Writes a Markdown table to stdout and docs/bench_bo.png.

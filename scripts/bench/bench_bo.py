@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Python peers for scripts/bench_bo.sh: scikit-optimize (gp_hedge, EI), Optuna
+"""Python peers for scripts/bench_bo.sh: scikit-optimize (gp_hedge; EI on request), Optuna
 (GPSampler, TPE) and bayes_opt on the problems of coordinator/examples/bench_bo.rs, with
 the same objectives (the tabulated merge landscapes with the same interpolation, the
 same unit-cube parametrisation of the simplex), the same budget and seeds. Each peer gets
