@@ -19,7 +19,7 @@ fi
 out=$(mktemp -d)
 "$bin" run "$land" "$out/rust.json"
 # The peers in two processes, one per core.
-"$venv/bin/python" scripts/bench/bench_bo.py "$land" "$out/py-skopt.json" skopt-gp_hedge,skopt-gp_hedge-q4 &
+"$venv/bin/python" scripts/bench/bench_bo.py "$land" "$out/py-skopt.json" skopt-gp_hedge &
 "$venv/bin/python" scripts/bench/bench_bo.py "$land" "$out/py-rest.json" optuna-gp,optuna-gp-q4,optuna-tpe,bayes_opt
 wait
 mkdir -p docs

@@ -303,7 +303,11 @@ fn latency(d: usize) -> (f64, f64) {
     };
     let (mut full, mut warm) = (f64::INFINITY, f64::INFINITY);
     for rep in 0..3 {
-        let cfg = BoConfig { seed: rep, refit_every: 1000, ..Default::default() };
+        let cfg = BoConfig {
+            seed: rep,
+            refit_every: 1000,
+            ..Default::default()
+        };
         let mut o = Optimizer::new(SearchSpace::Cube { dim: d }, cfg);
         obs(&mut o, 99);
         let t = Instant::now();
