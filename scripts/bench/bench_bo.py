@@ -137,9 +137,10 @@ def run_optuna(f, d, kind, seed, sampler_name, q):
         study.enqueue_trial({f"x{i}": x[i] for i in range(d)})
     vals = []
     while len(vals) < BUDGET:
+        # Optuna samples at suggest time: suggest the whole batch before telling any of it.
         trials = [study.ask() for _ in range(min(q, BUDGET - len(vals)))]
-        for t in trials:
-            x = [t.suggest_float(f"x{i}", 0.0, 1.0) for i in range(d)]
+        xs = [[t.suggest_float(f"x{i}", 0.0, 1.0) for i in range(d)] for t in trials]
+        for t, x in zip(trials, xs):
             v = f(x)
             study.tell(t, v)
             vals.append(v)
