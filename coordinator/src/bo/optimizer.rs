@@ -79,7 +79,7 @@ impl Default for BoConfig {
             refit_every: 5,
             n_start: 3,
             nugget: 1e-8,
-            n_candidates: 1000,
+            n_candidates: 256,
             min_distance: 1e-3,
             converge_tol: None,
             converge_rounds: 3,
@@ -505,44 +505,43 @@ impl Optimizer {
             .map(|(i, c)| (acq.value(mu[i], sd[i], best, p), c))
             .collect();
         scored.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal));
-        let (mut best_v, mut best_x) = (scored[0].0, scored[0].1.clone());
         let mut rng = self.rng(1000 + salt * 8 + acq as u64);
-        for (_, start) in scored.iter().take(3) {
-            let mut x = (*start).clone();
-            let mut v = acq.value_at(gp, &x, best, p);
-            for step in [0.05, 0.02, 0.005, 0.001] {
-                let trial: Vec<Vec<f64>> = (0..16)
-                    .map(|_| {
-                        x.iter()
-                            .map(|c| (c + step * (rng.gen::<f64>() * 2.0 - 1.0)).clamp(0.0, 1.0))
-                            .collect()
-                    })
-                    .filter(|t: &Vec<f64>| {
-                        taken.iter().all(|q| dist(t, q) >= self.config.min_distance)
-                    })
-                    .collect();
-                let (m, s) = gp.predict(&trial);
-                for (i, t) in trial.iter().enumerate() {
-                    let tv = acq.value(m[i], s[i], best, p);
-                    if tv > v {
-                        v = tv;
-                        x = t.clone();
+        // Three starts refined together: one prediction call per step size.
+        let mut starts: Vec<(f64, Vec<f64>)> = scored
+            .iter()
+            .take(3)
+            .map(|(v, x)| (*v, (*x).clone()))
+            .collect();
+        for step in [0.05, 0.02, 0.005, 0.001] {
+            let mut trial: Vec<(usize, Vec<f64>)> = Vec::with_capacity(starts.len() * 16);
+            for (k, (_, x)) in starts.iter().enumerate() {
+                for _ in 0..16 {
+                    let t: Vec<f64> = x
+                        .iter()
+                        .map(|c| (c + step * (rng.gen::<f64>() * 2.0 - 1.0)).clamp(0.0, 1.0))
+                        .collect();
+                    if taken
+                        .iter()
+                        .all(|q| dist(&t, q) >= self.config.min_distance)
+                    {
+                        trial.push((k, t));
                     }
                 }
             }
-            if v > best_v {
-                best_v = v;
-                best_x = x;
+            let pts: Vec<Vec<f64>> = trial.iter().map(|(_, t)| t.clone()).collect();
+            let (m, s) = gp.predict(&pts);
+            for (i, (k, t)) in trial.into_iter().enumerate() {
+                let tv = acq.value(m[i], s[i], best, p);
+                if tv > starts[k].0 {
+                    starts[k] = (tv, t);
+                }
             }
         }
+        let (_, best_x) = starts
+            .into_iter()
+            .max_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal))
+            .expect("at least one candidate");
         best_x
-    }
-}
-
-impl Acquisition {
-    fn value_at(self, gp: &Surrogate, x: &[f64], best: f64, p: AcqParams) -> f64 {
-        let (m, s) = gp.predict(&[x.to_vec()]);
-        self.value(m[0], s[0], best, p)
     }
 }
 
