@@ -385,3 +385,44 @@ fn config_variants_match_transformers() {
         check(name, r.mean_nll, want["mean_nll"].as_f64().unwrap());
     }
 }
+
+#[test]
+fn per_group_weights_reach_the_evaluator() {
+    use ckmerge_worker::groups::{assign, GroupSpec};
+    let dirs = [
+        root().join("llama/step-1250"),
+        root().join("llama/step-1500"),
+    ];
+    let opts = EvalOptions {
+        max_tokens: Some(4000),
+        ..Default::default()
+    };
+    let mut ev = Evaluator::load(&dirs, &data_sets()[..1], &opts).unwrap();
+    let specs: Vec<GroupSpec> = ["embeddings", "lm_head", "norms", "attention", "mlp"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let groups = assign(ev.tensor_names(), &specs).unwrap();
+    // The same weights in every group is the plain merge.
+    ev.set_weights(&[0.3, 0.7]).unwrap();
+    let plain = ev.score(0).mean_nll;
+    ev.set_group_weights(&groups, &vec![vec![0.3, 0.7]; 5])
+        .unwrap();
+    assert_eq!(ev.score(0).mean_nll, plain);
+    // Different weights per group give a different model, and set_weights still resets it.
+    ev.set_group_weights(
+        &groups,
+        &[
+            vec![1.0, 0.0],
+            vec![1.0, 0.0],
+            vec![0.3, 0.7],
+            vec![0.0, 1.0],
+            vec![0.5, 0.5],
+        ],
+    )
+    .unwrap();
+    let grouped = ev.score(0).mean_nll;
+    assert!((grouped - plain).abs() > 1e-4, "{grouped} vs {plain}");
+    ev.set_weights(&[0.3, 0.7]).unwrap();
+    assert_eq!(ev.score(0).mean_nll, plain);
+}

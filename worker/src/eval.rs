@@ -89,6 +89,7 @@ pub struct Evaluator {
     batch: usize,
     pub datasets: Vec<Dataset>,
     weights: Option<Vec<f32>>,
+    merged_once: bool,
     /// Seconds spent loading sources and tokenizing.
     pub load_seconds: f64,
 }
@@ -173,6 +174,7 @@ impl Evaluator {
             batch: opts.batch.unwrap_or(8).max(1),
             datasets: sets,
             weights: None,
+            merged_once: false,
             load_seconds: t0.elapsed().as_secs_f64(),
         })
     }
@@ -208,12 +210,57 @@ impl Evaluator {
             weighted_sum_to_f32(&inputs, weights, round_to, out);
         }
         self.weights = Some(weights.to_vec());
+        self.merged_once = true;
         Ok(())
+    }
+
+    /// Per-group merge: tensor `i` is merged with `weights[group_of[i]]` (see
+    /// [`crate::groups::assign`]). With one group this is [`Evaluator::set_weights`].
+    pub fn set_group_weights(
+        &mut self,
+        group_of: &[usize],
+        weights: &[Vec<f32>],
+    ) -> Result<(), EvalError> {
+        if group_of.len() != self.store.data.len() {
+            return Err(EvalError::Request(format!(
+                "group assignment covers {} tensors, the model has {}",
+                group_of.len(),
+                self.store.data.len()
+            )));
+        }
+        for w in weights {
+            if w.len() != self.sources.len() || w.iter().any(|x| !x.is_finite()) {
+                return Err(EvalError::Request(format!(
+                    "group weights {w:?}: need {} finite weights",
+                    self.sources.len()
+                )));
+            }
+        }
+        for (i, out) in self.store.data.iter_mut().enumerate() {
+            let w = weights.get(group_of[i]).ok_or_else(|| {
+                EvalError::Request(format!("no weights for group {}", group_of[i]))
+            })?;
+            let inputs: Vec<Input> = self
+                .sources
+                .iter()
+                .map(|s| Input::new(s.tensors[i].0, &s.tensors[i].1))
+                .collect();
+            weighted_sum_to_f32(&inputs, w, self.sources[0].tensors[i].0, out);
+        }
+        // Not one weight vector: `set_weights` must merge again whatever it is given.
+        self.weights = None;
+        self.merged_once = true;
+        Ok(())
+    }
+
+    /// Names of the tensors, in the order group assignments index them.
+    pub fn tensor_names(&self) -> &[String] {
+        &self.store.names
     }
 
     /// Scores the current weights on data set `d`.
     pub fn score(&self, d: usize) -> EvalResult {
-        assert!(self.weights.is_some(), "set_weights before score");
+        assert!(self.merged_once, "set_weights before score");
         let t0 = Instant::now();
         let set = &self.datasets[d];
         // Batch windows of equal shape; with a stride only the last window may differ.

@@ -303,7 +303,7 @@ impl Optimizer {
             let step = match self.space {
                 SearchSpace::Lambda { .. } => self.parabolic_step(&xs, &ys, &all),
                 SearchSpace::Simplex { .. } => self.quadratic_step(&xs, &ys, &all),
-                SearchSpace::Cube { .. } => None,
+                SearchSpace::Cube { .. } | SearchSpace::Grouped { .. } => None,
             };
             if let Some(x) = step {
                 let (m, _) = gp.predict(std::slice::from_ref(&x));

@@ -24,6 +24,12 @@ pub enum SearchSpace {
     Cube {
         dim: usize,
     },
+    /// Per-group weights: `groups` blocks, each N weights on the simplex (stick-breaking
+    /// per block); weights are the blocks laid end to end (see [`SearchSpace::split_groups`]).
+    Grouped {
+        groups: usize,
+        n: usize,
+    },
 }
 
 impl SearchSpace {
@@ -64,6 +70,21 @@ impl SearchSpace {
             SearchSpace::Lambda { .. } => 1,
             SearchSpace::Simplex { lower } => lower.len() - 1,
             SearchSpace::Cube { dim } => *dim,
+            SearchSpace::Grouped { groups, n } => groups * (n - 1),
+        }
+    }
+
+    /// Splits weights of a [`SearchSpace::Grouped`] point into one vector per group.
+    pub fn split_groups(&self, w: &[f64]) -> Vec<Vec<f64>> {
+        match self {
+            SearchSpace::Grouped { n, .. } => w.chunks(*n).map(<[f64]>::to_vec).collect(),
+            _ => vec![w.to_vec()],
+        }
+    }
+
+    fn block(n: usize) -> SearchSpace {
+        SearchSpace::Simplex {
+            lower: vec![0.0; n],
         }
     }
 
@@ -73,6 +94,7 @@ impl SearchSpace {
             SearchSpace::Lambda { .. } => 2,
             SearchSpace::Simplex { lower } => lower.len(),
             SearchSpace::Cube { dim } => *dim,
+            SearchSpace::Grouped { groups, n } => groups * n,
         }
     }
 
@@ -98,6 +120,10 @@ impl SearchSpace {
                 w.iter().zip(lower).map(|(s, l)| l + free * s).collect()
             }
             SearchSpace::Cube { .. } => u.to_vec(),
+            SearchSpace::Grouped { n, .. } => {
+                let b = Self::block(*n);
+                u.chunks(n - 1).flat_map(|c| b.weights(c)).collect()
+            }
         }
     }
 
@@ -128,6 +154,10 @@ impl SearchSpace {
                 u
             }
             SearchSpace::Cube { .. } => w.to_vec(),
+            SearchSpace::Grouped { n, .. } => {
+                let b = Self::block(*n);
+                w.chunks(*n).flat_map(|c| b.cube(c)).collect()
+            }
         }
     }
 
@@ -168,6 +198,12 @@ impl SearchSpace {
                     vec![]
                 }
             }
+            // Every group at the same vertex (each source checkpoint), then all uniform.
+            SearchSpace::Grouped { groups, n } => Self::block(*n)
+                .anchor_points(with_center)
+                .into_iter()
+                .map(|u| u.repeat(*groups))
+                .collect(),
         }
     }
 }
@@ -215,6 +251,30 @@ mod tests {
                 "tail {over:?}"
             );
         }
+    }
+
+    #[test]
+    fn grouped_space_is_one_simplex_per_group() {
+        let s = SearchSpace::Grouped { groups: 3, n: 4 };
+        assert_eq!(s.dim(), 9);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let u: Vec<f64> = (0..9).map(|_| rng.gen()).collect();
+        let w = s.weights(&u);
+        let g = s.split_groups(&w);
+        assert_eq!(g.len(), 3);
+        assert!(g
+            .iter()
+            .all(|w| w.len() == 4 && (w.iter().sum::<f64>() - 1.0).abs() < 1e-12));
+        for (a, b) in s.cube(&w).iter().zip(&u) {
+            assert!((a - b).abs() < 1e-9);
+        }
+        let anchors = s.anchor_points(true);
+        assert_eq!(anchors.len(), 5);
+        let first = s.split_groups(&s.weights(&anchors[0]));
+        assert!(
+            first.iter().all(|w| (w[0] - 1.0).abs() < 1e-12),
+            "all groups at checkpoint 0: {first:?}"
+        );
     }
 
     #[test]

@@ -1,0 +1,143 @@
+//! Tensor groups for per-group merge weights: each tensor of a checkpoint belongs to one
+//! group (embeddings, attention, MLP, norms, output head, or a range of layers), and each
+//! group gets its own weight vector.
+//!
+//! Group specs, matched in the order given, first match wins:
+//! - `embeddings`: `embed_tokens`, `embed_in`, `wte`, `wpe`
+//! - `attention`: `self_attn`, `.attention.`, `attn`
+//! - `mlp`: `.mlp.`
+//! - `norms`: names containing `norm` or `ln_`
+//! - `lm_head`: `lm_head`, `embed_out`
+//! - `layers:A-B`: tensors of layers A..=B (`.layers.{i}.`, `.h.{i}.`)
+//! - `rest`: everything not matched before it
+//!
+//! A tensor matched by no group is an error naming it, so no tensor is merged with weights
+//! nobody chose.
+
+/// A parsed group spec.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GroupSpec {
+    Embeddings,
+    Attention,
+    Mlp,
+    Norms,
+    LmHead,
+    Layers(usize, usize),
+    Rest,
+}
+
+impl std::str::FromStr for GroupSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "embeddings" => GroupSpec::Embeddings,
+            "attention" => GroupSpec::Attention,
+            "mlp" => GroupSpec::Mlp,
+            "norms" => GroupSpec::Norms,
+            "lm_head" => GroupSpec::LmHead,
+            "rest" => GroupSpec::Rest,
+            _ => {
+                let range = s.strip_prefix("layers:").ok_or_else(|| {
+                    format!("unknown group `{s}`: use embeddings, attention, mlp, norms, lm_head, layers:A-B or rest")
+                })?;
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                let a: usize = a.parse().map_err(|_| format!("bad layer range `{s}`"))?;
+                let b: usize = b.parse().map_err(|_| format!("bad layer range `{s}`"))?;
+                if a > b {
+                    return Err(format!("empty layer range `{s}`"));
+                }
+                GroupSpec::Layers(a, b)
+            }
+        })
+    }
+}
+
+/// The layer index in a tensor name (`model.layers.3.…`, `gpt_neox.layers.3.…`, `h.3.…`).
+fn layer_of(name: &str) -> Option<usize> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).find_map(|w| {
+        if w[0] == "layers" || w[0] == "h" {
+            w[1].parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+impl GroupSpec {
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            GroupSpec::Embeddings => ["embed_tokens", "embed_in", "wte", "wpe"]
+                .iter()
+                .any(|p| name.contains(p)),
+            GroupSpec::Attention => ["self_attn", ".attention.", "attn"]
+                .iter()
+                .any(|p| name.contains(p)),
+            GroupSpec::Mlp => name.contains(".mlp."),
+            GroupSpec::Norms => name.contains("norm") || name.contains("ln_"),
+            GroupSpec::LmHead => name.contains("lm_head") || name.contains("embed_out"),
+            GroupSpec::Layers(a, b) => layer_of(name).is_some_and(|l| (*a..=*b).contains(&l)),
+            GroupSpec::Rest => true,
+        }
+    }
+}
+
+/// The group of each tensor, by index.
+pub fn assign(names: &[String], specs: &[GroupSpec]) -> Result<Vec<usize>, String> {
+    names
+        .iter()
+        .map(|n| {
+            specs.iter().position(|g| g.matches(n)).ok_or_else(|| {
+                format!("tensor `{n}` is in no group; add a group for it, or `rest`")
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama_and_neox_names_fall_into_the_expected_groups() {
+        let specs: Vec<GroupSpec> = ["embeddings", "lm_head", "norms", "attention", "mlp"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let names: Vec<String> = [
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.mlp.down_proj.weight",
+            "gpt_neox.layers.1.attention.query_key_value.bias",
+            "gpt_neox.final_layer_norm.weight",
+            "embed_out.weight",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            assign(&names, &specs).unwrap(),
+            vec![0, 1, 2, 3, 4, 3, 2, 1]
+        );
+        let by_layer: Vec<GroupSpec> = ["layers:0-0", "layers:1", "rest"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(
+            assign(&names, &by_layer).unwrap(),
+            vec![2, 2, 0, 0, 1, 1, 2, 2]
+        );
+        let err = assign(&names, &specs[..2]).unwrap_err();
+        assert!(
+            err.contains("model.layers.0.input_layernorm.weight"),
+            "{err}"
+        );
+        assert!("layers:3-1".parse::<GroupSpec>().is_err());
+        assert!("heads"
+            .parse::<GroupSpec>()
+            .unwrap_err()
+            .contains("unknown group"));
+    }
+}
