@@ -116,18 +116,8 @@ pub fn weighted_sum_to_f32(
     round_to: DType,
     out: &mut [f32],
 ) {
-    let n = out.len();
-    for x in inputs {
-        assert_eq!(
-            x.bytes.len(),
-            n * x.dtype.size(),
-            "input length does not match the output"
-        );
-    }
-    assert!(
-        !inputs.is_empty() && inputs.len() == weights.len(),
-        "one weight per input"
-    );
+    // The same checks as for an F32 output of `out.len()` elements.
+    check_args(inputs, weights, DType::F32, bytemuck::cast_slice(out));
     let block = block_fn();
     out.par_chunks_mut(TASK).enumerate().for_each(|(t, chunk)| {
         let mut tmp = [0u8; BLOCK * 4];
