@@ -6,11 +6,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("{dir}: not a directory; a checkpoint is a Hugging Face model directory holding config.json and safetensors weights")]
@@ -77,10 +76,10 @@ pub enum CheckpointError {
 }
 
 impl CheckpointError {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         CheckpointError::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 }

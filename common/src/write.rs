@@ -148,12 +148,8 @@ pub const INDEX_NAME: &str = SAFE_WEIGHTS_INDEX_NAME;
 /// Why an output directory could not be prepared or committed.
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
     #[error("{0}: already exists; pass --force to replace it, or choose another --out")]
     Exists(PathBuf),
     #[error("{0}: exists and is not a directory; refusing to replace it")]
@@ -171,9 +167,9 @@ pub enum OutputError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OutputError + '_ {
-    move |source| OutputError::Io {
+    move |cause| OutputError::Io {
         path: path.into(),
-        source,
+        cause,
     }
 }
 

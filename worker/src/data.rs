@@ -26,11 +26,10 @@ use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {reason}")]
     Bad { path: PathBuf, reason: String },
@@ -48,9 +47,9 @@ fn bad(path: &Path, reason: impl Into<String>) -> DataError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
-    move |source| DataError::Io {
+    move |cause| DataError::Io {
         path: path.into(),
-        source,
+        cause,
     }
 }
 

@@ -22,12 +22,8 @@ pub enum EvalError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{dir}: {source}")]
-    Weights {
-        dir: PathBuf,
-        #[source]
-        source: WeightError,
-    },
+    #[error("{dir}: {cause}")]
+    Weights { dir: PathBuf, cause: WeightError },
     #[error(transparent)]
     Data(#[from] DataError),
     #[error("{0}")]
@@ -162,9 +158,9 @@ impl Evaluator {
             })
             .collect();
         let store = ParamStore::new(names, shapes);
-        let model = Model::new(config, &store, seq_len).map_err(|source| EvalError::Weights {
+        let model = Model::new(config, &store, seq_len).map_err(|cause| EvalError::Weights {
             dir: first.dir.clone(),
-            source,
+            cause,
         })?;
         Ok(Evaluator {
             sources,

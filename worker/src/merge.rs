@@ -112,20 +112,19 @@ pub enum MergeError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Output(#[from] OutputError),
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{0}")]
     Request(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MergeError + '_ {
-    move |source| MergeError::Io {
+    move |cause| MergeError::Io {
         path: path.into(),
-        source,
+        cause,
     }
 }
 
