@@ -665,3 +665,22 @@ fn sigkill_mid_merge_leaves_no_output() {
     assert!(!partial.exists(), "stale partial output not removed");
     assert_eq!(read_model(&out).len(), 16);
 }
+
+#[test]
+fn missing_checkpoint_directory_is_reported_once() {
+    // Regression: the I/O cause used to be printed twice ("...(os error 2): ...(os error 2)").
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-ckpt");
+    let out = tmp.path().join("out");
+    let o = ckmerge(&[
+        &missing,
+        &fixtures().join("step-100"),
+        &"--lambda",
+        &"0.5",
+        &"--out",
+        &out,
+    ]);
+    assert_failed_cleanly(&o, &out, &["no-such-ckpt"]);
+    let err = stderr(&o);
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+}
