@@ -426,3 +426,29 @@ fn per_group_weights_reach_the_evaluator() {
     ev.set_weights(&[0.3, 0.7]).unwrap();
     assert_eq!(ev.score(0).mean_nll, plain);
 }
+
+#[test]
+fn repeated_scores_are_bit_identical() {
+    // Regression: the same data scored by two `ckmerge eval` runs differed in the last bit
+    // once in CI (3.530258246951884 vs ...885). The likely cause, rayon's parallel `sum`
+    // of the per-row NLLs (its association depends on scheduling), is now a sequential
+    // sum; this did not reproduce locally, so this test guards the property, not the bug.
+    let dirs = [root().join("neox/step-1250"), root().join("neox/step-1500")];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let opts = EvalOptions {
+            batch: Some(3),
+            ..Default::default()
+        };
+        let mut ev = Evaluator::load(&dirs, &data_sets(), &opts).unwrap();
+        ev.set_weights(&[0.5, 0.5]).unwrap();
+        let first: Vec<u64> = (0..2).map(|d| ev.score(d).mean_nll.to_bits()).collect();
+        for _ in 0..6 {
+            let again: Vec<u64> = (0..2).map(|d| ev.score(d).mean_nll.to_bits()).collect();
+            assert_eq!(again, first);
+        }
+    });
+}

@@ -330,7 +330,9 @@ pub fn add_in_place(a: &mut [f32], b: &[f32]) {
 }
 
 /// Negative log-likelihood of `targets[r]` under `softmax(logits[r, :])` for each row of
-/// `logits` (`[rows, vocab]`), summed in f64.
+/// `logits` (`[rows, vocab]`), summed in f64 in row order. The rows are computed in
+/// parallel but added sequentially: rayon's parallel `sum` associates differently from
+/// run to run, and a score must not change in its last bit with thread scheduling.
 pub fn nll_sum(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
     assert_eq!(logits.len(), targets.len() * vocab);
     logits
@@ -342,6 +344,8 @@ pub fn nll_sum(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             max as f64 + crate::vmath::exp_sum(row, max).ln() - row[t as usize] as f64
         })
+        .collect::<Vec<f64>>()
+        .iter()
         .sum()
 }
 
