@@ -339,12 +339,20 @@ fn jsonl_directory_and_pretokenized_data_give_the_txt_result() {
         v["datasets"][0]["mean_nll"].as_f64().unwrap()
     };
     let txt = run(&root().join("data/heldout.txt"));
-    assert_eq!(run(&jsonl), txt);
+    // Same tokens give the same score; 1e-12 relative rather than bit equality across
+    // processes (see `repeated_scores_are_bit_identical`). Other tokens move it by >1e-4.
+    let same = |got: f64, what: &str| {
+        assert!(
+            (got - txt).abs() <= 1e-12 * txt,
+            "{what}: {got} vs .txt {txt}"
+        )
+    };
+    same(run(&jsonl), ".jsonl");
     let dir = tmp.path().join("dir/nested");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(root().join("data/heldout.txt"), dir.join("a.txt")).unwrap();
     std::fs::write(dir.join("notes.md"), "ignored: not a data format").unwrap();
-    assert_eq!(run(&tmp.path().join("dir")), txt);
+    same(run(&tmp.path().join("dir")), "directory");
     let tok = tokenizers::Tokenizer::from_file(ck.join("tokenizer.json")).unwrap();
     let ids = tok.encode(text.as_str(), true).unwrap().get_ids().to_vec();
     let bin = tmp.path().join("h.bin");
@@ -355,7 +363,7 @@ fn jsonl_directory_and_pretokenized_data_give_the_txt_result() {
             .collect::<Vec<u8>>(),
     )
     .unwrap();
-    assert_eq!(run(&bin), txt);
+    same(run(&bin), ".bin");
 }
 
 #[test]
