@@ -379,18 +379,27 @@ impl Optimizer {
         let mut pts: Vec<(f64, f64)> = xs.iter().map(|x| x[0]).zip(ys.iter().copied()).collect();
         pts.sort_by(|a, b| a.0.partial_cmp(&b.0).expect("finite"));
         let b = (0..pts.len()).min_by(|&i, &j| pts[i].1.partial_cmp(&pts[j].1).expect("finite"))?;
-        if b == 0 || b + 1 == pts.len() {
-            return None;
-        }
-        let ((x0, f0), (x1, f1), (x2, f2)) = (pts[b - 1], pts[b], pts[b + 1]);
+        // Bracketed: the best point and its neighbours. At an end of the range: the end
+        // and the two points next to it (extrapolating towards the end).
+        let mid = b.clamp(1, pts.len() - 2);
+        let ((x0, f0), (x1, f1), (x2, f2)) = (pts[mid - 1], pts[mid], pts[mid + 1]);
         let num = (x1 - x0).powi(2) * (f1 - f2) - (x1 - x2).powi(2) * (f1 - f0);
         let den = (x1 - x0) * (f1 - f2) - (x1 - x2) * (f1 - f0);
         if den.abs() < 1e-300 {
             return None;
         }
         let v = x1 - 0.5 * num / den;
-        // Convex through a bracketed minimum means the vertex lies inside the bracket.
-        if !(v > x0 && v < x2) {
+        // Convex through a bracketed minimum means the vertex lies inside the bracket; at
+        // an end, the vertex must lie between the best point and that end.
+        let convex = den.abs() > 0.0 && (f0 - f1) * (x2 - x1) + (f2 - f1) * (x1 - x0) > 0.0;
+        let (lo, hi) = if b == mid {
+            (x0, x2)
+        } else if b < mid {
+            (0.0, x1)
+        } else {
+            (x1, 1.0)
+        };
+        if !(convex && v > lo && v < hi) {
             return None;
         }
         let x = vec![v];
