@@ -116,7 +116,7 @@ fn safetensors_header(
         offset = end;
     }
     let mut text = serde_json::to_vec(&Value::Object(obj)).expect("JSON of strings and numbers");
-    while (8 + text.len()) % 8 != 0 {
+    while !(8 + text.len()).is_multiple_of(8) {
         text.push(b' ');
     }
     let mut header = Vec::with_capacity(8 + text.len());

@@ -192,7 +192,7 @@ pub fn causal_attention(
     scale: f32,
 ) {
     assert!(
-        n_heads % n_kv_heads == 0,
+        n_heads.is_multiple_of(n_kv_heads),
         "query heads must be a multiple of key/value heads"
     );
     let rows = batch * seq;

@@ -193,7 +193,7 @@ pub fn load_tokens(
                     TokenBits::U32
                 });
                 let w = if bits == TokenBits::U16 { 2 } else { 4 };
-                if bytes.len() % w != 0 {
+                if !bytes.len().is_multiple_of(w) {
                     return Err(bad(
                         f,
                         format!(
@@ -288,7 +288,7 @@ fn read_npy(path: &Path) -> Result<Vec<u32>, DataError> {
             ))
         }
     };
-    if data.len() % w != 0 {
+    if !data.len().is_multiple_of(w) {
         return Err(bad(
             path,
             "data length is not a whole number of elements (truncated file?)",
@@ -414,7 +414,7 @@ mod tests {
         let p = dir.path().join("t.npy");
         let header = "{'descr': '<i4', 'fortran_order': False, 'shape': (3,), }";
         let mut h = header.to_string();
-        while (10 + h.len() + 1) % 64 != 0 {
+        while !(10 + h.len() + 1).is_multiple_of(64) {
             h.push(' ');
         }
         h.push('\n');

@@ -149,7 +149,7 @@ impl ModelConfig {
         let heads = f.usize("num_attention_heads")?;
         let kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(heads);
         let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden / heads);
-        if heads % kv_heads != 0 {
+        if !heads.is_multiple_of(kv_heads) {
             return Err(f.err(format!(
                 "num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
             )));

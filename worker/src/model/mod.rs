@@ -256,7 +256,7 @@ impl Model {
         let c = &self.config;
         let rows = tokens.len();
         assert!(
-            seq >= 2 && rows % seq == 0 && scored < seq,
+            seq >= 2 && rows.is_multiple_of(seq) && scored < seq,
             "bad window shape"
         );
         assert!(
