@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use serde_json::{json, Map, Value};
 
-use crate::checkpoint::{SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME};
+use crate::checkpoint::SAFE_WEIGHTS_NAME;
 use crate::dtype::DType;
 
 /// Name, dtype and shape of a tensor to be written.
@@ -142,8 +142,6 @@ pub fn index_json(specs: &[TensorSpec], plans: &[ShardPlan]) -> Option<String> {
     let v = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     Some(serde_json::to_string_pretty(&v).expect("JSON of strings and numbers") + "\n")
 }
-
-pub const INDEX_NAME: &str = SAFE_WEIGHTS_INDEX_NAME;
 
 /// Why an output directory could not be prepared or committed.
 #[derive(Debug, thiserror::Error)]

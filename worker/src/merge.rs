@@ -19,9 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use ckmerge_common::write::{
-    index_json, plan_shards, OutputError, StagedDir, TensorSpec, INDEX_NAME,
-};
+use ckmerge_common::checkpoint::SAFE_WEIGHTS_INDEX_NAME;
+use ckmerge_common::write::{index_json, plan_shards, OutputError, StagedDir, TensorSpec};
 use ckmerge_common::{check_compatible, Checkpoint, CheckpointError, DType};
 use ckmerge_kernels::{weighted_sum_serial, Input};
 use rayon::prelude::*;
@@ -269,7 +268,10 @@ pub fn merge_to_dir(
     let bytes_read = bytes_read.into_inner();
 
     if let Some(index) = index_json(&specs, &plans) {
-        write_synced(&staged.path().join(INDEX_NAME), index.as_bytes())?;
+        write_synced(
+            &staged.path().join(SAFE_WEIGHTS_INDEX_NAME),
+            index.as_bytes(),
+        )?;
     }
     copy_aux_files(first, staged.path(), req.dtype)?;
     let provenance = json!({

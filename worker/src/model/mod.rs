@@ -144,6 +144,16 @@ impl Lookup<'_> {
         let (w, b) = self.linear(prefix, out, inp, true)?;
         Ok((w, b.expect("bias requested")))
     }
+    /// The input embedding and the output head (the same tensor when tied).
+    fn embeddings(&self, c: &ModelConfig, embed: &str, head: &str) -> Result<(P, P), WeightError> {
+        let e = self.get(embed, &[c.vocab, c.hidden])?;
+        let h = if c.tie_embeddings {
+            e
+        } else {
+            self.get(head, &[c.vocab, c.hidden])?
+        };
+        Ok((e, h))
+    }
     fn norm(&self, prefix: &str, h: usize) -> Result<(P, P), WeightError> {
         Ok((
             self.get(&format!("{prefix}.weight"), &[h])?,
@@ -165,12 +175,8 @@ impl Model {
         let (h, hd) = (c.hidden, c.head_dim);
         let (embed, lm_head, layers) = match c.arch {
             Arch::Llama => {
-                let embed = l.get("model.embed_tokens.weight", &[c.vocab, h])?;
-                let lm_head = if c.tie_embeddings {
-                    embed
-                } else {
-                    l.get("lm_head.weight", &[c.vocab, h])?
-                };
+                let (embed, lm_head) =
+                    l.embeddings(c, "model.embed_tokens.weight", "lm_head.weight")?;
                 let mut layers = Vec::with_capacity(c.layers);
                 for i in 0..c.layers {
                     let p = format!("model.layers.{i}");
@@ -215,12 +221,8 @@ impl Model {
                 (embed, lm_head, Layers::Llama { layers, norm })
             }
             Arch::GptNeoX => {
-                let embed = l.get("gpt_neox.embed_in.weight", &[c.vocab, h])?;
-                let lm_head = if c.tie_embeddings {
-                    embed
-                } else {
-                    l.get("embed_out.weight", &[c.vocab, h])?
-                };
+                let (embed, lm_head) =
+                    l.embeddings(c, "gpt_neox.embed_in.weight", "embed_out.weight")?;
                 let mut layers = Vec::with_capacity(c.layers);
                 for i in 0..c.layers {
                     let p = format!("gpt_neox.layers.{i}");
