@@ -1,5 +1,5 @@
 //! What every ckmerge process shares: the error types, the tensor dtypes ckmerge merges,
-//! and Hugging Face checkpoint I/O (model directories holding `config.json` and
+//! the coordinator–worker protocol ([`protocol`]), and Hugging Face checkpoint I/O (model directories holding `config.json` and
 //! safetensors weights, single-file or sharded with `model.safetensors.index.json`).
 //!
 //! Invariants owned here:
@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod compat;
 pub mod dtype;
 pub mod error;
+pub mod protocol;
 pub mod size;
 pub mod write;
 
