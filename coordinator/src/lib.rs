@@ -1,4 +1,6 @@
 //! The coordinator's library: the Bayesian-optimisation engine ([`bo`]) that proposes
-//! merge weights. The `ckmerge` binary (`main.rs`) is built on it.
+//! merge weights, and the distributed search built on it ([`search`]: config, scheduling
+//! over workers, journal, report). The `ckmerge` binary (`main.rs`) is built on it.
 
 pub mod bo;
+pub mod search;

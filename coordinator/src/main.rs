@@ -34,6 +34,79 @@ enum Command {
     /// Held-out perplexity of a checkpoint, or of a weighted merge of several (merged in
     /// memory, never written).
     Eval(EvalArgs),
+    /// Search the merge weights that minimise held-out perplexity (Bayesian optimisation
+    /// over in-process workers, or as the coordinator of `ckmerge worker` processes), then
+    /// write the merged model of the best weights and a report into the run directory.
+    Search(SearchCliArgs),
+    /// Serve merge-and-evaluate requests to a search coordinator over TCP.
+    Worker(WorkerArgs),
+}
+
+#[derive(Args)]
+struct SearchCliArgs {
+    /// The search config (TOML; paths in it are relative to the file).
+    #[arg(long, value_name = "FILE", required_unless_present = "resume")]
+    config: Option<PathBuf>,
+
+    /// Where the run's journal, report and merged model go.
+    #[arg(long, value_name = "DIR", required_unless_present = "resume")]
+    run_dir: Option<PathBuf>,
+
+    /// Continue the run in RUN_DIR from its journal: completed trials are kept, trials
+    /// that were in flight are issued again. --config may change the budget and workers.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "run_dir")]
+    resume: Option<PathBuf>,
+
+    /// Discard an earlier run in --run-dir.
+    #[arg(long)]
+    force: bool,
+
+    /// File holding the run's shared secret (else the CKMERGE_SECRET variable); needed
+    /// with remote workers only.
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+
+    /// Override search.max_evals (for example to extend a resumed run).
+    #[arg(long)]
+    max_evals: Option<usize>,
+
+    /// Override workers.local: in-process workers when no worker addresses are given.
+    #[arg(long)]
+    local_workers: Option<usize>,
+
+    /// Threads for in-process workers and the final merge (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// Address to listen on (port 0: any free port; see --announce).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+
+    /// Append this worker's address (host:port) to FILE once it listens, for a
+    /// coordinator's `workers.addresses_file`.
+    #[arg(long, value_name = "FILE")]
+    announce: Option<PathBuf>,
+
+    /// Host name or IP to announce instead of the listening IP (needed with 0.0.0.0).
+    #[arg(long)]
+    advertise: Option<String>,
+
+    /// File holding the run's shared secret (else the CKMERGE_SECRET variable).
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+
+    /// Benchmark mode: read nothing, make every evaluation sleep MS and return a fixed
+    /// smooth function of the weights (to measure scheduling overhead; never for a search
+    /// whose result matters).
+    #[arg(long, value_name = "MS", hide = true)]
+    bench_fixed_cost_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -141,7 +214,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tarpc=warn")),
         )
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -151,12 +224,17 @@ fn main() -> ExitCode {
     // An interrupted run removes its partial output before exiting.
     let _ = ctrlc::set_handler(|| {
         ckmerge_common::write::remove_live_staged_dirs();
-        eprintln!("interrupted: no output was written");
+        match INTERRUPT_NOTE.get() {
+            Some(note) => eprintln!("interrupted: {note}"),
+            None => eprintln!("interrupted: no output was written"),
+        }
         std::process::exit(130);
     });
     let result = match cli.command {
         Command::Merge(args) => run_merge(args),
         Command::Eval(args) => run_eval(args),
+        Command::Search(args) => run_search(args),
+        Command::Worker(args) => run_worker(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -165,6 +243,106 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// What an interrupt leaves behind, when it is not "nothing".
+static INTERRUPT_NOTE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn run_search(args: SearchCliArgs) -> Result<()> {
+    set_threads(args.threads)?;
+    let run_dir = args
+        .resume
+        .clone()
+        .or(args.run_dir.clone())
+        .expect("clap requires --run-dir or --resume");
+    let _ = INTERRUPT_NOTE.set(format!(
+        "the journal in {0} keeps every completed trial; continue with `ckmerge search --resume {0}`",
+        run_dir.display()
+    ));
+    let outcome = ckmerge_coordinator::search::run(ckmerge_coordinator::search::SearchArgs {
+        config: args.config,
+        run_dir,
+        resume: args.resume.is_some(),
+        force: args.force,
+        secret_file: args.secret_file,
+        live: true,
+        max_evals: args.max_evals,
+        local_workers: args.local_workers,
+    })?;
+    let r = &outcome.report;
+    println!(
+        "{} evaluations ({} failed); stopped: {}",
+        r.evaluations, r.failed, r.stop_reason
+    );
+    for rf in &r.references {
+        let scores: Vec<String> = rf
+            .scores
+            .iter()
+            .map(|s| format!("{} ppl {:.4}", s.name, s.perplexity))
+            .collect();
+        let w: Vec<String> = rf.weights.iter().map(|x| format!("{x:.4}")).collect();
+        println!(
+            "{:>16}  [{}]  {}",
+            rf.label,
+            w.join(", "),
+            scores.join(", ")
+        );
+    }
+    for i in &r.improvement {
+        println!(
+            "{}: best merge {:+.2}% perplexity vs the best source ({}), {:+.2}% vs the uniform average",
+            i.dataset, i.change_vs_best_source_pct, i.best_source, i.change_vs_uniform_pct
+        );
+    }
+    if let Some(m) = &r.merged_model {
+        println!("merged model: {}", m.display());
+    }
+    println!("report: {}", outcome.run_dir.join("report.md").display());
+    Ok(())
+}
+
+fn run_worker(args: WorkerArgs) -> Result<()> {
+    use ckmerge_common::protocol::Secret;
+    set_threads(args.threads)?;
+    let secret = Secret::load(args.secret_file.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let local = listener.local_addr()?;
+        let host = match &args.advertise {
+            Some(h) => h.clone(),
+            None if local.ip().is_unspecified() => bail!(
+                "--listen {} accepts on every interface: pass --advertise HOST so the coordinator knows where to connect",
+                args.listen
+            ),
+            None => local.ip().to_string(),
+        };
+        let addr = format!("{host}:{}", local.port());
+        println!("ckmerge worker listening on {addr}");
+        if let Some(f) = &args.announce {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(f)
+                .with_context(|| format!("opening {}", f.display()))?;
+            file.write_all(format!("{addr}\n").as_bytes())
+                .and_then(|_| file.sync_data())
+                .with_context(|| format!("announcing in {}", f.display()))?;
+        }
+        let svc = ckmerge_worker::serve::WorkerService::new(
+            args.bench_fixed_cost_ms.map(std::time::Duration::from_millis),
+        );
+        ckmerge_worker::serve::serve_tcp(listener, secret, svc).await;
+        tracing::info!("worker {addr} shut down");
+        anyhow::Ok(())
+    })
 }
 
 /// Turns `--weights` / `--lambda` into the weights applied to `n` checkpoints, warning
@@ -297,6 +475,7 @@ fn run_merge(args: MergeArgs) -> Result<()> {
         max_shard_bytes: args.max_shard_size,
         force: args.force,
         provenance: serde_json::json!({ "argv": argv }),
+        groups: None,
     };
     for (c, w) in args.checkpoints.iter().zip(&weights) {
         tracing::info!("{w:>10} x {}", c.display());

@@ -327,6 +327,11 @@ impl Evaluator {
         Ok(self.score(0))
     }
 
+    /// Parameters of the model (elements of all tensors).
+    pub fn parameters(&self) -> u64 {
+        self.store.data.iter().map(|t| t.len() as u64).sum()
+    }
+
     pub fn n_sources(&self) -> usize {
         self.sources.len()
     }

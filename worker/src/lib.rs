@@ -7,5 +7,6 @@ pub mod eval;
 pub mod groups;
 pub mod merge;
 pub mod model;
+pub mod serve;
 
 pub use merge::{merge_to_dir, MergeError, MergeRequest, MergeSummary, Progress};

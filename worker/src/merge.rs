@@ -24,6 +24,8 @@ use ckmerge_common::write::{index_json, plan_shards, OutputError, StagedDir, Ten
 use ckmerge_common::{check_compatible, Checkpoint, CheckpointError, DType};
 use ckmerge_kernels::{weighted_sum_serial, Input};
 use rayon::prelude::*;
+
+use crate::groups::{assign, GroupSpec};
 use serde_json::{json, Value};
 
 /// Output bytes merged and written as one unit by one thread: the working memory is one
@@ -82,6 +84,9 @@ pub struct MergeRequest {
     pub force: bool,
     /// Extra provenance recorded in `ckmerge.json` (for example the command line).
     pub provenance: Value,
+    /// Per-group weights instead of `weights`: group patterns (see [`crate::groups`])
+    /// and one weight vector per group. `weights` is then only recorded, not applied.
+    pub groups: Option<(Vec<String>, Vec<Vec<f32>>)>,
 }
 
 /// What a finished merge wrote.
@@ -160,6 +165,35 @@ pub fn merge_to_dir(
     StagedDir::check_disjoint(&req.out, &req.sources)?;
 
     let first = &ckpts[0];
+    let names: Vec<String> = first.tensors.iter().map(|t| t.name.clone()).collect();
+    // The weights each tensor is merged with.
+    let tensor_weights: Vec<&[f32]> = match &req.groups {
+        None => vec![&req.weights[..]; names.len()],
+        Some((patterns, ws)) => {
+            let specs = patterns
+                .iter()
+                .map(|g| g.parse::<GroupSpec>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(MergeError::Request)?;
+            if ws.len() != specs.len()
+                || ws
+                    .iter()
+                    .any(|w| w.len() != req.sources.len() || w.iter().any(|x| !x.is_finite()))
+            {
+                return Err(MergeError::Request(format!(
+                    "{} groups need {} finite weight vectors of {} weights each",
+                    specs.len(),
+                    specs.len(),
+                    req.sources.len()
+                )));
+            }
+            assign(&names, &specs)
+                .map_err(MergeError::Request)?
+                .into_iter()
+                .map(|g| &ws[g][..])
+                .collect()
+        }
+    };
     let specs: Vec<TensorSpec> = first
         .tensors
         .iter()
@@ -246,7 +280,7 @@ pub fn merge_to_dir(
                         Input::new(t.dtype, &c.bytes(t)[p.start * sz..(p.start + p.len) * sz])
                     })
                     .collect();
-                weighted_sum_serial(&inputs, &req.weights, spec.dtype, out);
+                weighted_sum_serial(&inputs, tensor_weights[p.tensor], spec.dtype, out);
                 for (c, t) in ckpts.iter().zip(&srcs) {
                     let sz = t.dtype.size();
                     c.release(t, p.start * sz, (p.start + p.len) * sz);
@@ -281,6 +315,7 @@ pub fn merge_to_dir(
         "formula": "sum_i w_i * theta_i, fp32 fused multiply-add chain in source order, rounded once (nearest-even)",
         "sources": abs_sources.iter().zip(&req.weights).map(|(p, w)| json!({"path": p, "weight": w})).collect::<Vec<_>>(),
         "weights_sum": req.weights.iter().map(|&w| w as f64).sum::<f64>(),
+        "groups": req.groups.as_ref().map(|(p, w)| p.iter().zip(w).map(|(p, w)| json!({"pattern": p, "weights": w})).collect::<Vec<_>>()),
         "dtype": req.dtype.map(|d| d.to_string()).unwrap_or_else(|| "as in sources".into()),
         "tensors": specs.len(),
         "total_bytes": total,

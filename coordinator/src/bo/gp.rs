@@ -65,6 +65,15 @@ impl Surrogate {
         (y - self.y_mean) / self.y_std
     }
 
+    /// Posterior mean and standard deviation in objective units (for plots and reports).
+    pub fn predict_objective(&self, pts: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
+        let (m, sd) = self.predict(pts);
+        (
+            m.iter().map(|m| m * self.y_std + self.y_mean).collect(),
+            sd.iter().map(|s| s * self.y_std).collect(),
+        )
+    }
+
     /// Posterior mean and standard deviation (standardised units) at each point.
     pub fn predict(&self, pts: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
         if pts.is_empty() {

@@ -1,0 +1,499 @@
+//! The search configuration (`run.toml`): what to merge, what to score it on, how to
+//! search, and where the workers are. Paths in the file are relative to the file; the
+//! copy stored in the run directory has them resolved to absolute paths, so a resumed
+//! run reads the same files wherever it is started from.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ckmerge_common::protocol::LoadSpec;
+use ckmerge_common::size::parse_size;
+use ckmerge_common::{check_compatible, Checkpoint, DType};
+use ckmerge_worker::groups::{assign, GroupSpec};
+use ckmerge_worker::model::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::bo::optimizer::Strategy;
+use crate::bo::{Acquisition, BoConfig, SearchSpace};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchConfig {
+    /// Checkpoint directories of one training run, earliest first.
+    pub checkpoints: Vec<PathBuf>,
+    #[serde(default)]
+    pub space: SpaceConfig,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub search: SearchParams,
+    #[serde(default)]
+    pub workers: WorkersConfig,
+    #[serde(default)]
+    pub output: OutputConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SpaceConfig {
+    /// The paper's space: two checkpoints `[prev, cur]`, `lambda * cur + (1 - lambda) * prev`.
+    Lambda {
+        #[serde(default)]
+        alpha: f64,
+    },
+    /// Weights on the simplex, one per checkpoint, each at least its lower bound.
+    Simplex {
+        #[serde(default)]
+        lower: Option<Vec<f64>>,
+    },
+    /// One simplex weight vector per tensor group (see `ckmerge_worker::groups`).
+    Groups { groups: Vec<String> },
+}
+
+impl Default for SpaceConfig {
+    fn default() -> Self {
+        SpaceConfig::Lambda { alpha: 0.0 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// The objective: files or directories of held-out text or tokens.
+    pub objective: Vec<PathBuf>,
+    /// Other domains, scored for the report only (never searched on).
+    #[serde(default)]
+    pub extra: BTreeMap<String, Vec<PathBuf>>,
+    pub seq_len: Option<usize>,
+    pub stride: Option<usize>,
+    pub batch: Option<usize>,
+    pub max_tokens: Option<usize>,
+    pub token_bits: Option<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchParams {
+    /// Completed evaluations after which the search stops.
+    pub max_evals: usize,
+    /// Wall-time budget of one coordinator session, in seconds.
+    pub max_seconds: Option<f64>,
+    pub seed: u64,
+    /// `ei`, `pi`, `lcb` or `hedge` (the paper's GP-Hedge).
+    pub acquisition: String,
+    /// Stop when the best expected improvement stays under this for 3 rounds.
+    pub converge_tol: Option<f64>,
+}
+
+impl Default for SearchParams {
+    fn default() -> Self {
+        SearchParams {
+            max_evals: 12,
+            max_seconds: None,
+            seed: 0,
+            acquisition: "ei".into(),
+            converge_tol: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    /// `host:port` of `ckmerge worker` processes. None: in-process workers.
+    pub addresses: Vec<String>,
+    /// A file of worker addresses, one per line, re-read while the search runs so workers
+    /// can join late (a launcher appends to it as they start).
+    pub addresses_file: Option<PathBuf>,
+    /// In-process workers when no addresses are given (default: 1, see `local_default`).
+    pub local: Option<usize>,
+    /// The run's shared secret, as a file (else the `CKMERGE_SECRET` variable).
+    pub secret_file: Option<PathBuf>,
+    /// Longest one evaluation may take before its worker is treated as lost.
+    pub deadline_s: f64,
+    /// Longest loading sources and data may take.
+    pub load_deadline_s: f64,
+    pub heartbeat_s: f64,
+    /// A worker that has not answered a heartbeat for this long is lost.
+    pub heartbeat_timeout_s: f64,
+    /// Attempts (on different workers where possible) before a trial is recorded failed.
+    pub max_attempts: usize,
+    /// Give up when no worker has been usable for this long.
+    pub wait_s: f64,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        WorkersConfig {
+            addresses: Vec::new(),
+            addresses_file: None,
+            local: None,
+            secret_file: None,
+            deadline_s: 3600.0,
+            load_deadline_s: 3600.0,
+            heartbeat_s: 5.0,
+            heartbeat_timeout_s: 30.0,
+            max_attempts: 2,
+            wait_s: 600.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// Write the merged model of the best weights to `RUN_DIR/merged`.
+    pub merge: bool,
+    /// Output dtype (`f32`, `bf16`, `f16`); default: as in the sources.
+    pub dtype: Option<String>,
+    pub max_shard_size: String,
+    /// Draw PNG plots.
+    pub plots: bool,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            merge: true,
+            dtype: None,
+            max_shard_size: "5GB".into(),
+            plots: true,
+        }
+    }
+}
+
+/// What validation learned about the model, for the log and the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelSummary {
+    pub model_type: String,
+    pub parameters: u64,
+    pub tensors: usize,
+    pub layers: usize,
+}
+
+impl SearchConfig {
+    /// Reads `path` and resolves its relative paths against the file's directory.
+    pub fn load(path: &Path) -> Result<SearchConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the search config {}", path.display()))?;
+        let mut cfg: SearchConfig =
+            toml::from_str(&text).with_context(|| format!("{}: invalid config", path.display()))?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
+        let base =
+            std::path::absolute(&base).with_context(|| format!("resolving {}", base.display()))?;
+        cfg.resolve(&base);
+        Ok(cfg)
+    }
+
+    /// Makes every relative path absolute against `base`.
+    fn resolve(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = normalize(&base.join(&*p));
+            }
+        };
+        self.checkpoints.iter_mut().for_each(abs);
+        self.data.objective.iter_mut().for_each(abs);
+        for files in self.data.extra.values_mut() {
+            files.iter_mut().for_each(abs);
+        }
+        if let Some(f) = self.workers.addresses_file.as_mut() {
+            abs(f);
+        }
+        if let Some(f) = self.workers.secret_file.as_mut() {
+            abs(f);
+        }
+    }
+
+    /// The config as stored in the run directory.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serialises")
+    }
+
+    /// The parts that define what a trial's value means. A run may be resumed with other
+    /// workers, a larger budget or other output options, never with different ones of these.
+    pub fn objective_key(&self) -> serde_json::Value {
+        serde_json::json!({
+            "checkpoints": self.checkpoints,
+            "space": self.space,
+            "data": self.data,
+            "seed": self.search.seed,
+            "acquisition": self.search.acquisition,
+        })
+    }
+
+    /// Why `other` (a resume's config) cannot continue this run, if it cannot.
+    pub fn resume_conflicts(&self, other: &SearchConfig) -> Vec<String> {
+        let (a, b) = (self.objective_key(), other.objective_key());
+        let mut out = Vec::new();
+        for k in ["checkpoints", "space", "data", "seed", "acquisition"] {
+            if a[k] != b[k] {
+                out.push(format!("{k}: run has {}, new config has {}", a[k], b[k]));
+            }
+        }
+        out
+    }
+
+    pub fn search_space(&self) -> Result<SearchSpace> {
+        let n = self.checkpoints.len();
+        let s = match &self.space {
+            SpaceConfig::Lambda { alpha } => {
+                if n != 2 {
+                    bail!("space.kind = \"lambda\" merges exactly two checkpoints (earlier first); the config lists {n}: use kind = \"simplex\" for more");
+                }
+                SearchSpace::lambda(*alpha)
+            }
+            SpaceConfig::Simplex { lower } => {
+                SearchSpace::simplex(lower.clone().unwrap_or_else(|| vec![0.0; n])).and_then(|s| {
+                    if s.n_weights() != n {
+                        Err(format!(
+                            "space.lower has {} bounds for {n} checkpoints",
+                            s.n_weights()
+                        ))
+                    } else {
+                        Ok(s)
+                    }
+                })
+            }
+            SpaceConfig::Groups { groups } => {
+                if groups.is_empty() {
+                    bail!("space.groups is empty: list group patterns such as [\"embeddings\", \"attention\", \"mlp\", \"rest\"]");
+                }
+                if n < 2 {
+                    bail!("a group search needs at least two checkpoints");
+                }
+                Ok(SearchSpace::Grouped {
+                    groups: groups.len(),
+                    n,
+                })
+            }
+        };
+        s.map_err(|e| anyhow::anyhow!("space: {e}"))
+    }
+
+    pub fn bo_config(&self) -> Result<BoConfig> {
+        let strategy = match self.search.acquisition.as_str() {
+            "ei" => Strategy::Single(Acquisition::Ei),
+            "pi" => Strategy::Single(Acquisition::Pi),
+            "lcb" | "ucb" => Strategy::Single(Acquisition::Lcb),
+            "hedge" | "gp_hedge" => Strategy::Hedge,
+            a => bail!("search.acquisition = \"{a}\": use ei, pi, lcb or hedge"),
+        };
+        if self.search.max_evals == 0 {
+            bail!("search.max_evals must be at least 1");
+        }
+        Ok(BoConfig {
+            seed: self.search.seed,
+            max_evals: self.search.max_evals,
+            max_seconds: self.search.max_seconds,
+            converge_tol: self.search.converge_tol,
+            strategy,
+            ..BoConfig::default()
+        })
+    }
+
+    pub fn dtype(&self) -> Result<Option<DType>> {
+        self.output
+            .dtype
+            .as_deref()
+            .map(|d| {
+                d.parse::<DType>()
+                    .map_err(|e| anyhow::anyhow!("output.dtype: {e}"))
+            })
+            .transpose()
+    }
+
+    pub fn max_shard_bytes(&self) -> Result<u64> {
+        parse_size(&self.output.max_shard_size)
+            .map_err(|e| anyhow::anyhow!("output.max_shard_size: {e}"))
+    }
+
+    /// Data sets in the order workers score them: the objective first.
+    pub fn datasets(&self) -> Vec<(String, Vec<PathBuf>)> {
+        let mut v = vec![(
+            ckmerge_worker::eval::dataset_name(&self.data.objective),
+            self.data.objective.clone(),
+        )];
+        v.extend(self.data.extra.iter().map(|(k, f)| (k.clone(), f.clone())));
+        v
+    }
+
+    pub fn load_spec(&self) -> LoadSpec {
+        LoadSpec {
+            checkpoints: self.checkpoints.clone(),
+            datasets: self.datasets(),
+            seq_len: self.data.seq_len,
+            stride: self.data.stride,
+            batch: self.data.batch,
+            max_tokens: self.data.max_tokens,
+            token_bits: self.data.token_bits,
+            groups: match &self.space {
+                SpaceConfig::Groups { groups } => groups.clone(),
+                _ => Vec::new(),
+            },
+        }
+    }
+
+    /// Checks everything a worker would trip over, before any worker is asked to load:
+    /// the checkpoints open and are compatible, the model is supported, the data files
+    /// exist and are readable, the space fits the checkpoints, the groups cover every
+    /// tensor, the output options parse.
+    pub fn validate(&self) -> Result<ModelSummary> {
+        if self.checkpoints.is_empty() {
+            bail!("checkpoints: the config lists none");
+        }
+        self.search_space()?;
+        self.bo_config()?;
+        self.dtype()?;
+        self.max_shard_bytes()?;
+        let ckpts = self
+            .checkpoints
+            .iter()
+            .map(|p| Checkpoint::open(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_compatible(&ckpts)?;
+        let first = &ckpts[0];
+        let mc = ModelConfig::from_json(&first.config, &first.dir.join("config.json"))?;
+        if let Some(s) = self.data.seq_len {
+            if s > mc.max_positions {
+                bail!(
+                    "data.seq_len = {s} exceeds the model's max_position_embeddings ({})",
+                    mc.max_positions
+                );
+            }
+        }
+        if let Some(b) = self.data.token_bits {
+            if b != 16 && b != 32 {
+                bail!("data.token_bits = {b}: use 16 or 32");
+            }
+        }
+        if self.data.objective.is_empty() {
+            bail!("data.objective is empty: list the held-out files to search on");
+        }
+        for (name, files) in self.datasets() {
+            if files.is_empty() {
+                bail!("data set `{name}` lists no files");
+            }
+            for f in files {
+                let ok = if f.is_dir() {
+                    std::fs::read_dir(&f).map(|_| ())
+                } else {
+                    std::fs::File::open(&f).map(|_| ())
+                };
+                ok.with_context(|| format!("data set `{name}`: cannot read {}", f.display()))?;
+            }
+        }
+        if self
+            .data
+            .extra
+            .keys()
+            .any(|k| *k == ckmerge_worker::eval::dataset_name(&self.data.objective))
+        {
+            bail!("data.extra reuses the objective's name; give the extra data set another name");
+        }
+        if let SpaceConfig::Groups { groups } = &self.space {
+            let specs = groups
+                .iter()
+                .map(|g| g.parse::<GroupSpec>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("space.groups: {e}"))?;
+            let names: Vec<String> = first.tensors.iter().map(|t| t.name.clone()).collect();
+            assign(&names, &specs).map_err(|e| anyhow::anyhow!("space.groups: {e}"))?;
+        }
+        Ok(ModelSummary {
+            model_type: first
+                .config
+                .get("model_type")
+                .and_then(|v| v.as_str())
+                .unwrap_or("?")
+                .to_string(),
+            parameters: first
+                .tensors
+                .iter()
+                .map(|t| t.shape.iter().product::<usize>() as u64)
+                .sum(),
+            tensors: first.tensors.len(),
+            layers: mc.layers,
+        })
+    }
+}
+
+/// `a/./b/../c` → `a/c`, without touching the file system (the paths may not exist yet;
+/// validation reports that with the path as the user would recognise it).
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("sub/run.toml");
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(
+            &f,
+            "checkpoints = [\"../a\", \"/abs/b\"]\n[data]\nobjective = [\"d.txt\"]\n",
+        )
+        .unwrap();
+        let c = SearchConfig::load(&f).unwrap();
+        assert_eq!(c.checkpoints[0], dir.path().join("a"));
+        assert_eq!(c.checkpoints[1], PathBuf::from("/abs/b"));
+        assert_eq!(c.data.objective[0], dir.path().join("sub/d.txt"));
+        // The stored copy reads back to the same config.
+        let back: SearchConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_named() {
+        let e = toml::from_str::<SearchConfig>(
+            "checkpoints = []\n[data]\nobjective = []\nseqlen = 3\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("seqlen"), "{e}");
+        let mut c: SearchConfig =
+            toml::from_str("checkpoints = [\"a\", \"b\", \"c\"]\n[data]\nobjective = [\"x\"]\n")
+                .unwrap();
+        let e = c.search_space().unwrap_err().to_string();
+        assert!(e.contains("exactly two") && e.contains("simplex"), "{e}");
+        c.search.acquisition = "ucb2".into();
+        assert!(c.bo_config().unwrap_err().to_string().contains("ucb2"));
+    }
+
+    #[test]
+    fn resume_conflicts_name_the_objective_fields_only() {
+        let a: SearchConfig =
+            toml::from_str("checkpoints = [\"a\", \"b\"]\n[data]\nobjective = [\"x\"]\n").unwrap();
+        let mut b = a.clone();
+        b.search.max_evals = 50;
+        b.workers.addresses = vec!["h:1".into()];
+        assert!(a.resume_conflicts(&b).is_empty());
+        b.data.seq_len = Some(64);
+        b.search.seed = 3;
+        let c = a.resume_conflicts(&b);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert!(c[0].starts_with("data") && c[1].starts_with("seed"));
+    }
+}

@@ -1,0 +1,327 @@
+//! `ckmerge search`: the whole method. Validate the config, start or reach the workers,
+//! run the Bayesian optimisation asynchronously over them with every result journaled,
+//! score the reference points (each source, the uniform average, the best) on every data
+//! set, write the merged model of the best weights and the report.
+//!
+//! A run lives in one directory:
+//!
+//! ```text
+//! RUN_DIR/config.toml      the config, paths made absolute (a resume reads it)
+//! RUN_DIR/trials.jsonl     the journal: the source of truth (see `journal`)
+//! RUN_DIR/optimizer.json   optimiser snapshot (hyperparameters, GP-Hedge gains)
+//! RUN_DIR/report.json      everything the report shows, machine-readable
+//! RUN_DIR/report.md        summary table and every trial
+//! RUN_DIR/*.png            best so far; the surrogate over lambda (1-D) or a heatmap (2-D)
+//! RUN_DIR/merged/          the merged model of the best weights (HF format)
+//! ```
+
+pub mod config;
+pub mod journal;
+pub mod plots;
+pub mod progress;
+pub mod report;
+pub mod scheduler;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ckmerge_common::protocol::Secret;
+use ckmerge_worker::{merge_to_dir, MergeRequest};
+
+use crate::bo::Optimizer;
+use config::{SearchConfig, SpaceConfig};
+use journal::{replay, Journal, Record, JOURNAL_FILE};
+use scheduler::{Resumed, Scheduler};
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const SNAPSHOT_FILE: &str = "optimizer.json";
+
+pub struct SearchArgs {
+    /// The config; optional with `resume` (the run's stored config is used).
+    pub config: Option<PathBuf>,
+    pub run_dir: PathBuf,
+    pub resume: bool,
+    /// Replace an existing run directory.
+    pub force: bool,
+    pub secret_file: Option<PathBuf>,
+    /// Live progress display on a terminal.
+    pub live: bool,
+    /// Budget overrides (allowed on a resume).
+    pub max_evals: Option<usize>,
+    pub local_workers: Option<usize>,
+}
+
+/// What a finished search produced.
+pub struct SearchOutcome {
+    pub report: report::Report,
+    pub run_dir: PathBuf,
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Decides the config of this session and prepares the run directory.
+fn prepare(args: &SearchArgs) -> Result<SearchConfig> {
+    let dir = &args.run_dir;
+    let stored_path = dir.join(CONFIG_FILE);
+    let mut cfg = if args.resume {
+        if !stored_path.is_file() {
+            bail!(
+                "{}: not a ckmerge run directory (no {CONFIG_FILE}); start a run with --config",
+                dir.display()
+            );
+        }
+        let stored = SearchConfig::load(&stored_path)?;
+        match &args.config {
+            None => stored,
+            Some(p) => {
+                let new = SearchConfig::load(p)?;
+                let conflicts = stored.resume_conflicts(&new);
+                if !conflicts.is_empty() {
+                    bail!(
+                        "{} cannot resume the run in {}: it changes what a trial's value means:\n  {}\nresume without --config (the run's own config is used), or start a new run directory",
+                        p.display(),
+                        dir.display(),
+                        conflicts.join("\n  ")
+                    );
+                }
+                new
+            }
+        }
+    } else {
+        let Some(p) = &args.config else {
+            bail!("give --config FILE (or --resume RUN_DIR)");
+        };
+        let cfg = SearchConfig::load(p)?;
+        if dir.exists() {
+            let is_run = stored_path.is_file() || dir.join(JOURNAL_FILE).is_file();
+            let empty = std::fs::read_dir(dir)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+            if is_run && !args.force {
+                bail!(
+                    "{} already holds a run; continue it with --resume, or pass --force to discard it",
+                    dir.display()
+                );
+            } else if is_run {
+                std::fs::remove_dir_all(dir)
+                    .with_context(|| format!("removing the old run {}", dir.display()))?;
+            } else if !empty {
+                bail!(
+                    "{} exists and is not a ckmerge run directory; choose another --run-dir",
+                    dir.display()
+                );
+            }
+        }
+        cfg
+    };
+    if let Some(n) = args.max_evals {
+        cfg.search.max_evals = n;
+    }
+    if let Some(n) = args.local_workers {
+        cfg.workers.local = Some(n);
+    }
+    Ok(cfg)
+}
+
+/// Rebuilds the optimiser from the journal (and the snapshot when it matches it).
+fn resume_state(cfg: &SearchConfig, run_dir: &Path) -> Result<Resumed> {
+    let space = cfg.search_space()?;
+    let bo = cfg.bo_config()?;
+    let r = replay(run_dir)?;
+    for w in &r.warnings {
+        tracing::warn!("{w}");
+    }
+    let finished_u: Vec<&Vec<f64>> = r
+        .finished
+        .iter()
+        .map(|rec| match rec {
+            Record::Done { u, .. } | Record::Failed { u, .. } => u,
+            _ => unreachable!("finished holds done and failed records"),
+        })
+        .collect();
+    let snapshot: Option<Optimizer> = std::fs::read(run_dir.join(SNAPSHOT_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let opt = match snapshot {
+        Some(mut s)
+            if s.space == space
+                && s.observations.len() == finished_u.len()
+                && s.observations
+                    .iter()
+                    .zip(&finished_u)
+                    .all(|(o, u)| &o.u == *u) =>
+        {
+            s.config = bo;
+            s
+        }
+        _ => {
+            let mut o = Optimizer::new(space, bo);
+            for rec in &r.finished {
+                match rec {
+                    Record::Done { u, mean_nll, .. } => o.tell(u.clone(), Ok(*mean_nll)),
+                    Record::Failed { u, errors, .. } => o.tell(
+                        u.clone(),
+                        Err(errors
+                            .iter()
+                            .map(|(w, e)| format!("{w}: {e}"))
+                            .collect::<Vec<_>>()
+                            .join("; ")),
+                    ),
+                    _ => {}
+                }
+            }
+            o
+        }
+    };
+    let (mut done, mut failed) = (Vec::new(), Vec::new());
+    for rec in r.finished {
+        match rec {
+            Record::Done { .. } => done.push(rec),
+            _ => failed.push(rec),
+        }
+    }
+    let mut requeue = Vec::new();
+    for (id, rec) in &r.in_flight {
+        if let Record::Issued { u, weights, .. } = rec {
+            let errors = r.attempts.get(id).cloned().unwrap_or_default();
+            requeue.push(scheduler::Requeued {
+                id: *id,
+                u: u.clone(),
+                weights: weights.clone(),
+                errors,
+            });
+        }
+    }
+    Ok(Resumed {
+        opt,
+        done,
+        failed,
+        requeue,
+        next_id: r.next_id,
+    })
+}
+
+/// Runs a search to the end: trials, reference scores, merged model, report.
+pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
+    let t0 = std::time::Instant::now();
+    let cfg = prepare(&args)?;
+    let model = cfg.validate()?;
+    tracing::info!(
+        "{} checkpoints of a {} model ({} tensors, {:.1} M parameters), {} data set{}",
+        cfg.checkpoints.len(),
+        model.model_type,
+        model.tensors,
+        model.parameters as f64 / 1e6,
+        cfg.datasets().len(),
+        if cfg.datasets().len() == 1 { "" } else { "s" }
+    );
+    let remote = !cfg.workers.addresses.is_empty() || cfg.workers.addresses_file.is_some();
+    let secret = if remote {
+        Some(
+            Secret::load(
+                args.secret_file
+                    .as_deref()
+                    .or(cfg.workers.secret_file.as_deref()),
+            )
+            .map_err(|e| anyhow::anyhow!("workers need the run's secret: {e}"))?,
+        )
+    } else {
+        None
+    };
+    let run_dir = args.run_dir.clone();
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
+    write_atomic(&run_dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
+    let resumed = resume_state(&cfg, &run_dir)?;
+    if args.resume {
+        tracing::info!(
+            "resuming {}: {} completed, {} failed, {} in flight to re-issue",
+            run_dir.display(),
+            resumed.done.len(),
+            resumed.failed.len(),
+            resumed.requeue.len()
+        );
+    }
+    let journal = Journal::open(&run_dir)?;
+    let progress = progress::ProgressView::new(args.live);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let cfg2 = cfg.clone();
+    let (sched, stop_reason, refs) = rt.block_on(async move {
+        let mut sched = Scheduler::new(cfg2, secret, journal, run_dir.clone(), resumed, progress);
+        let stop = sched.run().await?;
+        tracing::info!("search stopped: {stop}");
+        let points = report::reference_points(&sched);
+        let replies = sched
+            .score_points(&points.iter().map(|p| p.1.clone()).collect::<Vec<_>>())
+            .await?;
+        sched.shutdown_workers().await;
+        let refs: Vec<report::Reference> = points
+            .into_iter()
+            .zip(replies)
+            .map(|((label, weights), reply)| report::Reference {
+                label,
+                weights,
+                scores: reply.scores,
+            })
+            .collect();
+        anyhow::Ok((sched, stop, refs))
+    })?;
+    drop(rt);
+
+    let run_dir = args.run_dir.clone();
+    let best = report::best_done(&sched.done).cloned();
+    let merged = match (&best, cfg.output.merge) {
+        (Some(Record::Done { weights, .. }), true) => {
+            let space = &sched.opt.space;
+            let groups = match &cfg.space {
+                SpaceConfig::Groups { groups } => {
+                    Some((groups.clone(), scheduler::group_weights(space, weights)))
+                }
+                _ => None,
+            };
+            let flat: Vec<f32> = match &groups {
+                Some(_) => vec![1.0 / cfg.checkpoints.len() as f32; cfg.checkpoints.len()],
+                None => weights.iter().map(|&w| w as f32).collect(),
+            };
+            let req = MergeRequest {
+                sources: cfg.checkpoints.clone(),
+                weights: flat,
+                out: run_dir.join("merged"),
+                dtype: cfg.dtype()?,
+                max_shard_bytes: cfg.max_shard_bytes()?,
+                force: true,
+                provenance: serde_json::json!({
+                    "search": run_dir.join(JOURNAL_FILE),
+                    "weights": weights,
+                }),
+                groups,
+            };
+            let s =
+                merge_to_dir(&req, &()).context("writing the merged model of the best weights")?;
+            tracing::info!("wrote the merged model to {}", s.out.display());
+            Some(s.out)
+        }
+        _ => None,
+    };
+    let report = report::Report::build(
+        &cfg,
+        &model,
+        &sched,
+        refs,
+        stop_reason,
+        merged,
+        t0.elapsed().as_secs_f64(),
+    );
+    report.write(&run_dir, &sched.opt, cfg.output.plots)?;
+    Ok(SearchOutcome { report, run_dir })
+}

@@ -1,0 +1,304 @@
+//! PNG plots of a search: the best value against trials, and the surrogate's picture of
+//! the landscape (mean and ±2σ band over lambda in 1-D, a heatmap of the mean in 2-D).
+//! The font is embedded (DejaVu Sans Mono, see `assets/`), so plots draw the same on a
+//! cluster node without fonts installed.
+
+use std::path::Path;
+use std::sync::Once;
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use super::journal::Record;
+use super::report::Report;
+use crate::bo::gp::Surrogate;
+use crate::bo::{Optimizer, SearchSpace};
+
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
+static REGISTER: Once = Once::new();
+
+fn font() {
+    REGISTER.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+fn e<E: std::fmt::Display>(err: E) -> anyhow::Error {
+    anyhow!("{err}")
+}
+
+/// Draws every plot that applies; returns (title, file name) pairs for the report.
+pub fn draw_all(run_dir: &Path, report: &Report, opt: &Optimizer) -> Result<Vec<(String, String)>> {
+    font();
+    let mut out = Vec::new();
+    let done: Vec<(u64, f64, Vec<f64>)> = report
+        .trials
+        .iter()
+        .filter_map(|r| match r {
+            Record::Done {
+                trial,
+                perplexity,
+                u,
+                ..
+            } => Some((*trial, *perplexity, u.clone())),
+            _ => None,
+        })
+        .collect();
+    if done.is_empty() {
+        return Ok(out);
+    }
+    best_so_far(&run_dir.join("best_so_far.png"), report, &done)?;
+    out.push(("best perplexity so far".into(), "best_so_far.png".into()));
+    let ok: Vec<_> = opt
+        .observations
+        .iter()
+        .filter_map(|o| o.value.map(|v| (o.u.clone(), v)))
+        .collect();
+    if ok.len() >= 3 {
+        let xs: Vec<Vec<f64>> = ok.iter().map(|o| o.0.clone()).collect();
+        let ys: Vec<f64> = ok.iter().map(|o| o.1).collect();
+        let gp = Surrogate::fit(&xs, &ys, None, 3, opt.config.nugget).map_err(e)?;
+        match &opt.space {
+            SearchSpace::Lambda { lo, hi } => {
+                surrogate_1d(&run_dir.join("surrogate.png"), &gp, *lo, *hi, &ok)?;
+                out.push(("surrogate over lambda".into(), "surrogate.png".into()));
+            }
+            SearchSpace::Simplex { lower } if lower.len() == 3 => {
+                heatmap(&run_dir.join("surrogate.png"), &gp, &opt.space, &ok)?;
+                out.push((
+                    "surrogate mean over the weights".into(),
+                    "surrogate.png".into(),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn best_so_far(path: &Path, report: &Report, done: &[(u64, f64, Vec<f64>)]) -> Result<()> {
+    let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let mut best = f64::INFINITY;
+    let curve: Vec<(f64, f64)> = done
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            best = best.min(d.1);
+            ((i + 1) as f64, best)
+        })
+        .collect();
+    let refs: Vec<(String, f64)> = report
+        .references
+        .iter()
+        .filter(|r| r.label != "best found")
+        .filter_map(|r| r.scores.first().map(|s| (r.label.clone(), s.perplexity)))
+        .collect();
+    let all: Vec<f64> = done
+        .iter()
+        .map(|d| d.1)
+        .chain(refs.iter().map(|r| r.1))
+        .collect();
+    let (lo, hi) = all
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    let pad = ((hi - lo) * 0.08).max(1e-6);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("held-out perplexity (objective)", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.5f64..(done.len() as f64 + 0.5), (lo - pad)..(hi + pad))
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("evaluations")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("perplexity")
+        .draw()
+        .map_err(e)?;
+    let colors = [
+        RGBColor(120, 120, 120),
+        RGBColor(200, 120, 40),
+        RGBColor(40, 150, 80),
+    ];
+    for (k, (label, v)) in refs.iter().enumerate() {
+        let c = colors[k % colors.len()];
+        chart
+            .draw_series(LineSeries::new(
+                [(0.5, *v), (done.len() as f64 + 0.5, *v)],
+                c.stroke_width(1),
+            ))
+            .map_err(e)?
+            .label(label.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], c));
+    }
+    chart
+        .draw_series(
+            done.iter()
+                .enumerate()
+                .map(|(i, d)| Circle::new(((i + 1) as f64, d.1), 3, RED.filled())),
+        )
+        .map_err(e)?
+        .label("trial")
+        .legend(|(x, y)| Circle::new((x + 8, y), 3, RED.filled()));
+    chart
+        .draw_series(LineSeries::new(curve, BLUE.stroke_width(2)))
+        .map_err(e)?
+        .label("best so far")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLUE.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+fn surrogate_1d(
+    path: &Path,
+    gp: &Surrogate,
+    lo: f64,
+    hi: f64,
+    ok: &[(Vec<f64>, f64)],
+) -> Result<()> {
+    let grid: Vec<Vec<f64>> = (0..=200).map(|i| vec![i as f64 / 200.0]).collect();
+    let (m, sd) = gp.predict_objective(&grid);
+    let lam = |u: f64| lo + (hi - lo) * u;
+    let ymin = m
+        .iter()
+        .zip(&sd)
+        .map(|(m, s)| m - 2.0 * s)
+        .chain(ok.iter().map(|o| o.1))
+        .fold(f64::INFINITY, f64::min);
+    let ymax = m
+        .iter()
+        .zip(&sd)
+        .map(|(m, s)| m + 2.0 * s)
+        .chain(ok.iter().map(|o| o.1))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((ymax - ymin) * 0.05).max(1e-9);
+    let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "surrogate over lambda (mean, ±2σ) and observations",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(lo..hi, (ymin - pad)..(ymax + pad))
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("lambda (weight of the later checkpoint)")
+        .y_desc("mean held-out NLL")
+        .draw()
+        .map_err(e)?;
+    let mut band: Vec<(f64, f64)> = grid
+        .iter()
+        .zip(m.iter().zip(&sd))
+        .map(|(u, (m, s))| (lam(u[0]), m + 2.0 * s))
+        .collect();
+    band.extend(
+        grid.iter()
+            .zip(m.iter().zip(&sd))
+            .rev()
+            .map(|(u, (m, s))| (lam(u[0]), m - 2.0 * s)),
+    );
+    chart
+        .draw_series(std::iter::once(Polygon::new(band, BLUE.mix(0.15))))
+        .map_err(e)?;
+    chart
+        .draw_series(LineSeries::new(
+            grid.iter().zip(&m).map(|(u, m)| (lam(u[0]), *m)),
+            BLUE.stroke_width(2),
+        ))
+        .map_err(e)?;
+    chart
+        .draw_series(
+            ok.iter()
+                .map(|o| Circle::new((lam(o.0[0]), o.1), 4, RED.filled())),
+        )
+        .map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+/// Simple blue→yellow ramp (low = dark blue = good).
+fn ramp(t: f64) -> RGBColor {
+    let t = t.clamp(0.0, 1.0);
+    let lerp = |a: f64, b: f64| (a + (b - a) * t) as u8;
+    RGBColor(lerp(30.0, 250.0), lerp(40.0, 220.0), lerp(120.0, 40.0))
+}
+
+fn heatmap(path: &Path, gp: &Surrogate, space: &SearchSpace, ok: &[(Vec<f64>, f64)]) -> Result<()> {
+    // Axes: weights of the second and third checkpoint; the first gets the rest.
+    let n = 60;
+    let mut cells = Vec::new();
+    let mut pts = Vec::new();
+    for i in 0..n {
+        for j in 0..n - i {
+            let (x, y) = ((i as f64 + 0.5) / n as f64, (j as f64 + 0.5) / n as f64);
+            if x + y <= 1.0 {
+                let w = [1.0 - x - y, x, y];
+                let u = space.cube(&w);
+                if u.iter().all(|c| c.is_finite()) {
+                    // Inside the space (lower bounds respected)?
+                    let back = space.weights(&u);
+                    if back.iter().zip(&w).all(|(a, b)| (a - b).abs() < 1e-6) {
+                        cells.push((x, y));
+                        pts.push(u);
+                    }
+                }
+            }
+        }
+    }
+    let (m, _) = gp.predict_objective(&pts);
+    let (lo, hi) = m
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    let root = BitMapBackend::new(path, (640, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("surrogate mean NLL ({lo:.4} dark .. {hi:.4} light)"),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("weight of checkpoint 2")
+        .y_desc("weight of checkpoint 3")
+        .draw()
+        .map_err(e)?;
+    let h = 0.5 / n as f64;
+    chart
+        .draw_series(cells.iter().zip(&m).map(|(&(x, y), v)| {
+            Rectangle::new(
+                [(x - h, y - h), (x + h, y + h)],
+                ramp((v - lo) / (hi - lo).max(1e-12)).filled(),
+            )
+        }))
+        .map_err(e)?;
+    chart
+        .draw_series(ok.iter().map(|o| {
+            let w = space.weights(&o.0);
+            Circle::new((w[1], w[2]), 4, RED.filled())
+        }))
+        .map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
