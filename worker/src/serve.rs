@@ -34,7 +34,8 @@ struct Loaded {
 struct Inner {
     loaded: tokio::sync::Mutex<Option<Loaded>>,
     is_loaded: AtomicBool,
-    running: AtomicU64,
+    /// The trial being evaluated, if any.
+    running: std::sync::Mutex<Option<u64>>,
     queued: AtomicUsize,
     evaluations: AtomicU64,
     started: Instant,
@@ -48,9 +49,6 @@ struct Inner {
 pub struct WorkerService {
     inner: Arc<Inner>,
 }
-
-/// No trial running (trial ids start at 0, so `running` stores id + 1).
-const IDLE: u64 = 0;
 
 /// Decrements a counter when a waiting request finishes or is cancelled.
 struct CountGuard<'a>(&'a AtomicUsize);
@@ -70,7 +68,7 @@ impl WorkerService {
             inner: Arc::new(Inner {
                 loaded: tokio::sync::Mutex::new(None),
                 is_loaded: AtomicBool::new(false),
-                running: AtomicU64::new(IDLE),
+                running: std::sync::Mutex::new(None),
                 queued: AtomicUsize::new(0),
                 evaluations: AtomicU64::new(0),
                 started: Instant::now(),
@@ -216,7 +214,7 @@ impl WorkerApi for WorkerService {
         let loaded = guard
             .as_ref()
             .ok_or("this worker has nothing loaded; the coordinator must call load first")?;
-        self.inner.running.store(req.trial + 1, Ordering::SeqCst);
+        *self.inner.running.lock().expect("never poisoned") = Some(req.trial);
         let trial = req.trial;
         let result = if let Some(cost) = self.inner.bench_cost {
             tokio::time::sleep(cost).await;
@@ -280,17 +278,16 @@ impl WorkerApi for WorkerService {
             .await
             .map_err(|e| format!("evaluation panicked: {e}"))?
         };
-        self.inner.running.store(IDLE, Ordering::SeqCst);
+        *self.inner.running.lock().expect("never poisoned") = None;
         self.inner.evaluations.fetch_add(1, Ordering::SeqCst);
         drop(guard);
         result
     }
 
     async fn status(self, _: Context) -> WorkerStatus {
-        let r = self.inner.running.load(Ordering::SeqCst);
         WorkerStatus {
             loaded: self.inner.is_loaded.load(Ordering::SeqCst),
-            running: (r != IDLE).then(|| r - 1),
+            running: *self.inner.running.lock().expect("never poisoned"),
             queued: self.inner.queued.load(Ordering::SeqCst),
             evaluations: self.inner.evaluations.load(Ordering::SeqCst),
             uptime_s: self.inner.started.elapsed().as_secs_f64(),

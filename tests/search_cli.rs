@@ -1,0 +1,630 @@
+//! `ckmerge search` end to end with real processes on loopback: a coordinator and worker
+//! processes talking tarpc over TCP, killed and stopped with real signals, on the fixture
+//! trajectory (a 2-layer Llama trained on real text; see tests/fixtures/trajectory).
+//!
+//! Evaluations are made slow where a test must hit one mid-flight: the objective lists
+//! the held-out file several times (more windows, same kind of work) and workers run on
+//! one thread. The tests that start processes run one at a time (they share two cores,
+//! and their deadlines must mean the same thing in every run).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ckmerge")
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trajectory")
+}
+
+/// A child process killed (and reaped) when the test ends, however it ends.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGCONT) };
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn signal(&self, sig: i32) {
+        assert_eq!(unsafe { libc::kill(self.0.id() as i32, sig) }, 0);
+    }
+
+    /// Waits for exit; panics after `limit`.
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "process still running after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const SECRET: &str = "test-secret-0123456789abcdef";
+
+fn secret_file(dir: &Path, text: &str) -> PathBuf {
+    let f = dir.join(format!("secret-{}", text.len()));
+    std::fs::write(&f, text).unwrap();
+    f
+}
+
+/// Starts `ckmerge worker` on a free loopback port; returns it and its address.
+fn worker(dir: &Path, name: &str, secret: &Path) -> (Proc, String) {
+    let announce = dir.join(format!("{name}.addr"));
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(bin())
+        .args(["worker", "--listen", "127.0.0.1:0", "--threads", "1"])
+        .arg("--announce")
+        .arg(&announce)
+        .arg("--secret-file")
+        .arg(secret)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let p = Proc(child);
+    let addr = wait_for("the worker's address", Duration::from_secs(20), || {
+        let t = std::fs::read_to_string(&announce).ok()?;
+        t.lines().next().map(str::to_string)
+    });
+    (p, addr)
+}
+
+struct Cfg<'a> {
+    workers: &'a [String],
+    max_evals: usize,
+    /// Copies of the held-out file in the objective (evaluation cost).
+    copies: usize,
+    extra: &'a str,
+}
+
+fn write_config(dir: &Path, name: &str, c: &Cfg) -> PathBuf {
+    let f = fixtures();
+    let objective: Vec<String> = (0..c.copies)
+        .map(|_| format!("{:?}", f.join("data/heldout.txt")))
+        .collect();
+    let addrs: Vec<String> = c.workers.iter().map(|a| format!("{a:?}")).collect();
+    let text = format!(
+        r#"checkpoints = [{:?}, {:?}]
+[space]
+kind = "lambda"
+[data]
+objective = [{}]
+extra = {{ python-docs = [{:?}] }}
+seq_len = 128
+[search]
+max_evals = {}
+[workers]
+addresses = [{}]
+secret_file = {:?}
+heartbeat_s = 0.5
+{}
+[output]
+plots = false
+"#,
+        f.join("llama/step-1250"),
+        f.join("llama/step-1500"),
+        objective.join(", "),
+        f.join("data/python-docs.txt"),
+        c.max_evals,
+        addrs.join(", "),
+        dir.join(format!("secret-{}", SECRET.len())),
+        c.extra,
+    );
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn search(args: &[&std::ffi::OsStr]) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("search").args(args).arg("--threads").arg("1");
+    c
+}
+
+fn run(mut c: Command) -> Output {
+    c.output().unwrap()
+}
+
+fn journal(run_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run_dir.join("trials.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn events<'a>(j: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    j.iter().filter(|r| r["event"] == kind).collect()
+}
+
+/// Done trials: id → objective; panics on a trial done twice.
+fn done_ids(j: &[Value]) -> BTreeMap<u64, f64> {
+    let mut m = BTreeMap::new();
+    for r in events(j, "done") {
+        let id = r["trial"].as_u64().unwrap();
+        assert!(
+            m.insert(id, r["mean_nll"].as_f64().unwrap()).is_none(),
+            "trial {id} done twice"
+        );
+    }
+    m
+}
+
+fn report(run_dir: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap()
+}
+
+fn ppl_of(rep: &Value, label: &str) -> f64 {
+    rep["references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["label"] == label)
+        .unwrap_or_else(|| panic!("no reference {label}"))["scores"][0]["perplexity"]
+        .as_f64()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn embedded_search_beats_both_ends_and_writes_model_and_report() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    let o = run(search(&[
+        "--config".as_ref(),
+        fixtures().join("search.toml").as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rep = report(&run_dir);
+    let best = ppl_of(&rep, "best found");
+    let (a, b) = (ppl_of(&rep, "step-1250"), ppl_of(&rep, "step-1500"));
+    assert!(best < a.min(b) * 0.95, "best {best} vs ends {a}, {b}");
+    // The report's best is the journal's best, scored again bit for bit.
+    let j = journal(&run_dir);
+    let best_nll = done_ids(&j).values().cloned().fold(f64::INFINITY, f64::min);
+    assert_eq!(
+        rep["best"]["mean_nll"].as_f64().unwrap(),
+        best_nll,
+        "report best is the journal's best"
+    );
+    let re = rep["references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["label"] == "best found")
+        .unwrap()["scores"][0]["mean_nll"]
+        .as_f64()
+        .unwrap();
+    assert_eq!(
+        re, best_nll,
+        "re-scoring the best weights gives the same value"
+    );
+    assert_eq!(events(&j, "done").len(), 8);
+    // Both domains in the summary, the merged model, the Markdown report and plots.
+    assert_eq!(rep["improvement"].as_array().unwrap().len(), 2);
+    assert!(run_dir.join("merged/config.json").is_file());
+    assert!(run_dir.join("merged/model.safetensors").is_file());
+    let md = std::fs::read_to_string(run_dir.join("report.md")).unwrap();
+    assert!(
+        md.contains("| **best found** |") && md.contains("python-docs"),
+        "{md}"
+    );
+    for png in ["best_so_far.png", "surrogate.png"] {
+        let bytes = std::fs::read(run_dir.join(png)).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{png} is a PNG");
+    }
+    // The merged model is the best weights' model: `ckmerge eval` on it gives the
+    // journal's value.
+    let o = Command::new(bin())
+        .arg("eval")
+        .arg(run_dir.join("merged"))
+        .arg("--data")
+        .arg(fixtures().join("data/heldout.txt"))
+        .args(["--seq-len", "128", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["datasets"][0]["mean_nll"].as_f64().unwrap(), best_nll);
+    // A second run into the same directory needs --resume or --force.
+    let o = run(search(&[
+        "--config".as_ref(),
+        fixtures().join("search.toml").as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ]));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--resume"), "{}", stderr(&o));
+}
+
+#[test]
+fn coordinator_and_two_worker_processes_find_a_better_merge() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = secret_file(tmp.path(), SECRET);
+    let (mut w1, a1) = worker(tmp.path(), "w1", &secret);
+    let (mut w2, a2) = worker(tmp.path(), "w2", &secret);
+    let cfg = write_config(
+        tmp.path(),
+        "run.toml",
+        &Cfg {
+            workers: &[a1.clone(), a2.clone()],
+            max_evals: 7,
+            copies: 1,
+            extra: "",
+        },
+    );
+    let run_dir = tmp.path().join("run");
+    let o = run(search(&[
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rep = report(&run_dir);
+    let best = ppl_of(&rep, "best found");
+    assert!(best < ppl_of(&rep, "step-1250").min(ppl_of(&rep, "step-1500")));
+    let j = journal(&run_dir);
+    assert_eq!(done_ids(&j).len(), 7);
+    let by_worker: BTreeSet<&str> = events(&j, "done")
+        .iter()
+        .map(|r| r["worker"].as_str().unwrap())
+        .collect();
+    assert_eq!(by_worker, BTreeSet::from([a1.as_str(), a2.as_str()]));
+    // The coordinator shuts its workers down at the end.
+    assert!(w1.wait(Duration::from_secs(20)).success());
+    assert!(w2.wait(Duration::from_secs(20)).success());
+}
+
+#[test]
+fn sigkill_of_a_worker_mid_evaluation_loses_no_trial() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = secret_file(tmp.path(), SECRET);
+    let (w1, a1) = worker(tmp.path(), "w1", &secret);
+    let (_w2, a2) = worker(tmp.path(), "w2", &secret);
+    let cfg = write_config(
+        tmp.path(),
+        "run.toml",
+        &Cfg {
+            workers: &[a1.clone(), a2.clone()],
+            max_evals: 5,
+            copies: 8,
+            extra: "heartbeat_timeout_s = 3\n",
+        },
+    );
+    let run_dir = tmp.path().join("run");
+    let mut coord = Proc(
+        search(&[
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--run-dir".as_ref(),
+            run_dir.as_os_str(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("coord.log")).unwrap())
+        .spawn()
+        .unwrap(),
+    );
+    // Kill w1 while it evaluates a trial (issued to it, not finished).
+    let victim = wait_for("a trial running on w1", Duration::from_secs(60), || {
+        let j = journal(&run_dir);
+        let done: BTreeSet<u64> = j
+            .iter()
+            .filter(|r| r["event"] != "issued")
+            .map(|r| r["trial"].as_u64().unwrap())
+            .collect();
+        events(&j, "issued")
+            .iter()
+            .filter(|r| r["worker"] == a1.as_str())
+            .map(|r| r["trial"].as_u64().unwrap())
+            .find(|t| !done.contains(t))
+    });
+    w1.signal(libc::SIGKILL);
+    let status = coord.wait(Duration::from_secs(180));
+    let log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
+    assert!(status.success(), "{log}");
+    let j = journal(&run_dir);
+    let done = done_ids(&j);
+    assert_eq!(done.len(), 5, "the configured number of trials completed");
+    assert!(done.contains_key(&victim), "the killed trial was run again");
+    let retried = events(&j, "retry")
+        .iter()
+        .filter(|r| r["trial"].as_u64() == Some(victim))
+        .count();
+    assert_eq!(retried, 1, "{log}");
+    assert!(events(&j, "done")
+        .iter()
+        .all(|r| r["trial"].as_u64() != Some(victim) || r["worker"] == a2.as_str()));
+    assert!(log.contains("lost"), "{log}");
+}
+
+#[test]
+fn sigkill_of_the_coordinator_then_resume_loses_and_redoes_nothing() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        tmp.path(),
+        "run.toml",
+        &Cfg {
+            workers: &[],
+            max_evals: 6,
+            copies: 8,
+            extra: "",
+        },
+    );
+    let run_dir = tmp.path().join("run");
+    let mut coord = Proc(
+        search(&[
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--run-dir".as_ref(),
+            run_dir.as_os_str(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    // Kill it with two trials done and the third in flight.
+    wait_for(
+        "two trials done and one in flight",
+        Duration::from_secs(120),
+        || {
+            let j = journal(&run_dir);
+            (done_ids(&j).len() == 2 && events(&j, "issued").len() == 3).then_some(())
+        },
+    );
+    coord.signal(libc::SIGKILL);
+    coord.wait(Duration::from_secs(10));
+    let before = journal(&run_dir);
+    let done_before = done_ids(&before);
+    let in_flight: Vec<u64> = events(&before, "issued")
+        .iter()
+        .map(|r| r["trial"].as_u64().unwrap())
+        .filter(|t| !done_before.contains_key(t))
+        .collect();
+    assert_eq!(in_flight.len(), 1);
+
+    // A resume with a config that changes the objective is refused, naming the field.
+    let other = write_config(
+        tmp.path(),
+        "other.toml",
+        &Cfg {
+            workers: &[],
+            max_evals: 6,
+            copies: 1,
+            extra: "",
+        },
+    );
+    let o = run(search(&[
+        "--resume".as_ref(),
+        run_dir.as_os_str(),
+        "--config".as_ref(),
+        other.as_os_str(),
+    ]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("data:") && stderr(&o).contains("cannot resume"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(journal(&run_dir), before, "a refused resume writes nothing");
+
+    let o = run(search(&["--resume".as_ref(), run_dir.as_os_str()]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let after = journal(&run_dir);
+    let done_after = done_ids(&after);
+    assert_eq!(done_after.len(), 6);
+    for (id, v) in &done_before {
+        assert_eq!(
+            done_after.get(id),
+            Some(v),
+            "completed trial {id} kept as it was"
+        );
+    }
+    // Nothing completed was issued again; the in-flight trial was, under its own id.
+    let reissued: Vec<u64> = events(&after[before.len()..], "issued")
+        .iter()
+        .map(|r| r["trial"].as_u64().unwrap())
+        .collect();
+    assert!(reissued.iter().all(|t| !done_before.contains_key(t)));
+    assert_eq!(reissued[0], in_flight[0]);
+    assert!(done_after.contains_key(&in_flight[0]));
+}
+
+#[test]
+fn wrong_secret_and_wrong_version_are_refused() {
+    let _g = serial();
+    use ckmerge_common::protocol::{connect, HandshakeError, Secret, PROTOCOL_VERSION};
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = secret_file(tmp.path(), SECRET);
+    let (_w, addr) = worker(tmp.path(), "w", &secret);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let good = Secret::new(SECRET.as_bytes().to_vec()).unwrap();
+    let bad = Secret::new(b"another-secret-0123456789".to_vec()).unwrap();
+    rt.block_on(async {
+        let e = connect(&addr, &bad, PROTOCOL_VERSION).await.err().unwrap();
+        assert!(matches!(e, HandshakeError::Auth), "{e}");
+        let e = connect(&addr, &good, PROTOCOL_VERSION + 1)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, HandshakeError::Version { .. }), "{e}");
+        // The right secret and version get served.
+        let c = connect(&addr, &good, PROTOCOL_VERSION).await.unwrap();
+        let s = c.status(tarpc::context::current()).await.unwrap();
+        assert!(!s.loaded);
+    });
+    let log = wait_for("the worker's log", Duration::from_secs(5), || {
+        let l = std::fs::read_to_string(tmp.path().join("w.log")).ok()?;
+        (l.matches("refused connection").count() >= 2).then_some(l)
+    });
+    assert!(
+        log.contains("authentication failed") && log.contains("version"),
+        "{log}"
+    );
+
+    // A coordinator with the wrong secret gives up with a clear message.
+    let cfg = write_config(
+        tmp.path(),
+        "run.toml",
+        &Cfg {
+            workers: std::slice::from_ref(&addr),
+            max_evals: 2,
+            copies: 1,
+            extra: "",
+        },
+    );
+    let wrong = tmp.path().join("wrong-secret");
+    std::fs::write(&wrong, "not-the-run-secret-0123456").unwrap();
+    let o = run(search(&[
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--run-dir".as_ref(),
+        tmp.path().join("run").as_os_str(),
+        "--secret-file".as_ref(),
+        wrong.as_os_str(),
+    ]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("authentication failed"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Bad input fails before any worker is asked to load: the worker is still empty.
+    let bad_cfg = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("python-docs.txt", "missing.txt");
+    std::fs::write(&cfg, bad_cfg).unwrap();
+    let o = run(search(&[
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--run-dir".as_ref(),
+        tmp.path().join("run2").as_os_str(),
+    ]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("missing.txt") && stderr(&o).contains("python-docs"),
+        "{}",
+        stderr(&o)
+    );
+    rt.block_on(async {
+        let c = connect(&addr, &good, PROTOCOL_VERSION).await.unwrap();
+        assert!(!c.status(tarpc::context::current()).await.unwrap().loaded);
+    });
+}
+
+#[test]
+fn a_worker_that_hangs_past_its_deadline_is_treated_as_lost() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = secret_file(tmp.path(), SECRET);
+    let (w1, a1) = worker(tmp.path(), "w1", &secret);
+    let (_w2, a2) = worker(tmp.path(), "w2", &secret);
+    // Heartbeats would notice a stopped process too; give them a long timeout so that
+    // the evaluation deadline is what catches it.
+    let cfg = write_config(
+        tmp.path(),
+        "run.toml",
+        &Cfg {
+            workers: &[a1.clone(), a2.clone()],
+            max_evals: 4,
+            copies: 8,
+            extra: "deadline_s = 6\nheartbeat_timeout_s = 600\n",
+        },
+    );
+    let run_dir = tmp.path().join("run");
+    let mut coord = Proc(
+        search(&[
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--run-dir".as_ref(),
+            run_dir.as_os_str(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("coord.log")).unwrap())
+        .spawn()
+        .unwrap(),
+    );
+    let victim = wait_for("a trial running on w1", Duration::from_secs(60), || {
+        let j = journal(&run_dir);
+        let finished: BTreeSet<u64> = j
+            .iter()
+            .filter(|r| r["event"] != "issued")
+            .map(|r| r["trial"].as_u64().unwrap())
+            .collect();
+        events(&j, "issued")
+            .iter()
+            .filter(|r| r["worker"] == a1.as_str())
+            .map(|r| r["trial"].as_u64().unwrap())
+            .find(|t| !finished.contains(t))
+    });
+    w1.signal(libc::SIGSTOP);
+    let status = coord.wait(Duration::from_secs(180));
+    let log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
+    assert!(status.success(), "{log}");
+    let j = journal(&run_dir);
+    let done = done_ids(&j);
+    assert_eq!(done.len(), 4);
+    let retry = events(&j, "retry")
+        .into_iter()
+        .find(|r| r["trial"].as_u64() == Some(victim))
+        .unwrap_or_else(|| panic!("no retry of trial {victim}: {log}"));
+    assert!(
+        retry["error"].as_str().unwrap().contains("deadline"),
+        "{retry}"
+    );
+    assert_eq!(
+        events(&j, "done")
+            .iter()
+            .find(|r| r["trial"].as_u64() == Some(victim))
+            .unwrap()["worker"],
+        a2.as_str()
+    );
+}
