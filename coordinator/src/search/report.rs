@@ -287,10 +287,10 @@ impl Report {
                 _ => {}
             }
         }
-        s += "\n## Workers\n\n| worker | host | device | load s | resident MB | evaluations | last error |\n|---|---|---|---:|---:|---:|---|\n";
+        s += "\n## Workers\n\n| worker | host | device | load s | resident MB | evaluations | scored tokens/s | last error |\n|---|---|---|---:|---:|---:|---:|---|\n";
         for wk in &self.workers {
             s += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 wk.name,
                 wk.host.as_deref().unwrap_or("–"),
                 wk.device.as_deref().unwrap_or("–"),
@@ -301,6 +301,9 @@ impl Report {
                     .map(|x| format!("{}", x / 1_000_000))
                     .unwrap_or("–".into()),
                 wk.evaluations,
+                wk.tokens_per_s
+                    .map(|x| format!("{x:.0}"))
+                    .unwrap_or("–".into()),
                 wk.last_error.as_deref().unwrap_or("").replace('|', "/")
             );
         }

@@ -146,6 +146,8 @@ pub struct WorkerSummary {
     pub load_seconds: Option<f64>,
     pub rss_bytes: Option<u64>,
     pub evaluations: usize,
+    /// Scored tokens per second of evaluation (this session's and earlier ones').
+    pub tokens_per_s: Option<f64>,
     pub last_error: Option<String>,
 }
 
@@ -928,6 +930,24 @@ impl Scheduler {
                 load_seconds: s.report.as_ref().map(|r| r.seconds),
                 rss_bytes: s.report.as_ref().map(|r| r.rss_bytes),
                 evaluations: s.evaluations,
+                tokens_per_s: {
+                    let (mut tok, mut sec) = (0.0, 0.0);
+                    for r in &self.done {
+                        if let Record::Done {
+                            worker,
+                            tokens,
+                            eval_seconds,
+                            ..
+                        } = r
+                        {
+                            if *worker == s.name {
+                                tok += *tokens as f64;
+                                sec += eval_seconds;
+                            }
+                        }
+                    }
+                    (sec > 0.0).then(|| tok / sec)
+                },
                 last_error: s.last_error.clone(),
             })
             .collect()
