@@ -70,6 +70,11 @@ struct SearchCliArgs {
     #[arg(long)]
     max_evals: Option<usize>,
 
+    /// Override workers.addresses_file: a file of worker addresses that workers append to
+    /// as they start (`ckmerge worker --announce FILE`); used by the Slurm script.
+    #[arg(long, value_name = "FILE")]
+    workers_file: Option<PathBuf>,
+
     /// Override workers.local: in-process workers when no worker addresses are given.
     #[arg(long)]
     local_workers: Option<usize>,
@@ -268,6 +273,7 @@ fn run_search(args: SearchCliArgs) -> Result<()> {
         live: true,
         max_evals: args.max_evals,
         local_workers: args.local_workers,
+        workers_file: args.workers_file,
     })?;
     let r = &outcome.report;
     println!(

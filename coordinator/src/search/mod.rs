@@ -49,6 +49,8 @@ pub struct SearchArgs {
     /// Budget overrides (allowed on a resume).
     pub max_evals: Option<usize>,
     pub local_workers: Option<usize>,
+    /// Override `workers.addresses_file` (allowed on a resume: workers may change).
+    pub workers_file: Option<PathBuf>,
 }
 
 /// What a finished search produced.
@@ -124,6 +126,10 @@ fn prepare(args: &SearchArgs) -> Result<SearchConfig> {
     }
     if let Some(n) = args.local_workers {
         cfg.workers.local = Some(n);
+    }
+    if let Some(f) = &args.workers_file {
+        cfg.workers.addresses_file =
+            Some(std::path::absolute(f).with_context(|| format!("resolving {}", f.display()))?);
     }
     Ok(cfg)
 }
