@@ -687,3 +687,74 @@ fn missing_checkpoint_directory_is_reported_once() {
     let err = stderr(&o);
     assert_eq!(err.matches("os error 2").count(), 1, "{err}");
 }
+
+#[test]
+fn a_merge_split_into_parts_writes_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        fixtures().join("step-100"),
+        fixtures().join("step-200"),
+        fixtures().join("step-300"),
+    );
+    let whole = tmp.path().join("whole");
+    let split = tmp.path().join("split");
+    let common: [&dyn AsRef<std::ffi::OsStr>; 6] = [
+        &a,
+        &b,
+        &c,
+        &"--weights",
+        &"0.2,0.3,0.5",
+        &"--max-shard-size",
+    ];
+    let run = |out: &Path, extra: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = common.to_vec();
+        args.extend_from_slice(&[&"50KB", &"--out", &out]);
+        args.extend_from_slice(extra);
+        ckmerge(&args)
+    };
+    assert!(run(&whole, &[]).status.success());
+    // Finishing before every part is written names the missing shard and its part.
+    assert!(run(&split, &[&"--part", &"0/3"]).status.success());
+    let o = run(&split, &[&"--finish-parts", &"3"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("run part 1/3"), "{}", stderr(&o));
+    assert!(!split.exists());
+    for p in ["1/3", "2/3", "1/3"] {
+        // (part 1 twice: a rerun skips the shards it already wrote)
+        let o = run(&split, &[&"--part", &p]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let o = run(&split, &[&"--finish-parts", &"3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&whole), names(&split));
+    for f in names(&whole) {
+        if f == "ckmerge.json" {
+            continue; // records the command line, which differs
+        }
+        assert_eq!(
+            std::fs::read(whole.join(&f)).unwrap(),
+            std::fs::read(split.join(&f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    assert!(
+        names(&whole)
+            .iter()
+            .filter(|f| f.ends_with(".safetensors"))
+            .count()
+            > 3
+    );
+    // The shared parts directory is gone.
+    assert_eq!(names(tmp.path()), vec!["split", "whole"]);
+    // Out-of-range parts are refused by the argument parser.
+    let o = run(&split, &[&"--part", &"3/3"]);
+    assert!(!o.status.success());
+}

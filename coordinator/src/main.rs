@@ -10,6 +10,7 @@ use ckmerge_common::size::{human_bytes, parse_size};
 use ckmerge_common::DType;
 use ckmerge_worker::data::TokenBits;
 use ckmerge_worker::eval::{dataset_name, EvalOptions, Evaluator};
+use ckmerge_worker::merge::MergePart;
 use ckmerge_worker::{merge_to_dir, MergeRequest, Progress};
 use clap::{Args, Parser, Subcommand};
 
@@ -212,6 +213,37 @@ struct MergeArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+
+    /// Write only part I of N of the output shards (0-based, for example
+    /// `$SLURM_PROCID/$SLURM_NTASKS`), into a directory beside --out shared by the parts;
+    /// `--finish-parts N` then assembles the model. Same bytes as a single-process merge.
+    #[arg(long, value_name = "I/N", value_parser = parse_part, conflicts_with = "finish_parts")]
+    part: Option<(usize, usize)>,
+
+    /// Check that all N parts are written, add the index, config and provenance, and move
+    /// the model into place.
+    #[arg(long, value_name = "N")]
+    finish_parts: Option<usize>,
+}
+
+fn parse_part(s: &str) -> Result<(usize, usize), String> {
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("`{s}`: write I/N, for example 0/4"))?;
+    let i: usize = i
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: I is not a number"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: N is not a number"))?;
+    if n == 0 || i >= n {
+        return Err(format!(
+            "`{s}`: need 0 <= I < N (parts are numbered from 0)"
+        ));
+    }
+    Ok((i, n))
 }
 
 fn main() -> ExitCode {
@@ -482,12 +514,28 @@ fn run_merge(args: MergeArgs) -> Result<()> {
         force: args.force,
         provenance: serde_json::json!({ "argv": argv }),
         groups: None,
+        part: match (args.part, args.finish_parts) {
+            (Some((index, count)), _) => Some(MergePart::Shards { index, count }),
+            (None, Some(count)) => Some(MergePart::Finish { count }),
+            (None, None) => None,
+        },
     };
     for (c, w) in args.checkpoints.iter().zip(&weights) {
         tracing::info!("{w:>10} x {}", c.display());
     }
     let bar = Bar(indicatif::ProgressBar::hidden());
     let summary = merge_to_dir(&req, &bar)?;
+    if let Some((i, n)) = args.part {
+        println!(
+            "part {i}/{n}: wrote {} shard{} ({}) into {} in {:.2} s; when all {n} parts are done, run the same command with --finish-parts {n} instead of --part",
+            summary.shards,
+            if summary.shards == 1 { "" } else { "s" },
+            human_bytes(summary.bytes_written),
+            summary.out.display(),
+            summary.seconds
+        );
+        return Ok(());
+    }
     println!(
         "wrote {} ({} tensors, {} shard{}, {}) in {:.2} s ({}/s read + written)",
         summary.out.display(),

@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use ckmerge_common::checkpoint::SAFE_WEIGHTS_INDEX_NAME;
-use ckmerge_common::write::{index_json, plan_shards, OutputError, StagedDir, TensorSpec};
+use ckmerge_common::write::{
+    index_json, plan_shards, sync_dir, OutputError, ShardPlan, StagedDir, TensorSpec,
+};
 use ckmerge_common::{check_compatible, Checkpoint, CheckpointError, DType};
 use ckmerge_kernels::{weighted_sum_serial, Input};
 use rayon::prelude::*;
@@ -87,6 +89,21 @@ pub struct MergeRequest {
     /// Per-group weights instead of `weights`: group patterns (see [`crate::groups`])
     /// and one weight vector per group. `weights` is then only recorded, not applied.
     pub groups: Option<(Vec<String>, Vec<Vec<f32>>)>,
+    /// Split the merge across processes by output shard (see [`MergePart`]).
+    pub part: Option<MergePart>,
+}
+
+/// One process's share of a merge split by output shard, for clusters: every part plans
+/// the same shards and writes those whose index `j` has `j % count == index` into a shared
+/// directory beside the output (`.NAME.ckmerge-parts`), each shard written to a temporary
+/// name, synced and renamed, so a finished shard is never partial and a rerun of a part
+/// skips shards already there. `Finish` checks every shard is there, writes the index,
+/// config and provenance, and moves the whole into place atomically. The shards are the
+/// bytes a single-process merge writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergePart {
+    Shards { index: usize, count: usize },
+    Finish { count: usize },
 }
 
 /// What a finished merge wrote.
@@ -230,13 +247,10 @@ pub fn merge_to_dir(
     let plans = plan_shards(&specs, req.max_shard_bytes, &metadata);
     let total: u64 = specs.iter().map(TensorSpec::nbytes).sum();
 
-    let staged = StagedDir::create(&req.out, req.force)?;
-    staged.check_space(total)?;
-    progress.start(total);
-
     let bytes_read = AtomicU64::new(0);
-    for plan in &plans {
-        let path = staged.path().join(&plan.file_name);
+    // Writes one shard, header and data, to `path` and syncs it.
+    let write_shard = |plan: &ShardPlan, path: &Path| -> Result<(), MergeError> {
+        let path = path.to_path_buf();
         let file = File::create(&path).map_err(io(&path))?;
         file.write_all_at(&plan.header, 0).map_err(io(&path))?;
         // The rayon threads merge pieces into buffers from a small pool; one writer thread
@@ -298,7 +312,82 @@ pub fn merge_to_dir(
             })
         })?;
         file.sync_all().map_err(io(&path))?;
-    }
+        Ok(())
+    };
+
+    let staged = match req.part {
+        Some(MergePart::Shards { index, count }) => {
+            if count == 0 || index >= count {
+                return Err(MergeError::Request(format!(
+                    "part {index}/{count}: the index must be below the count (0-based, as SLURM_PROCID)"
+                )));
+            }
+            let final_path = StagedDir::absolute(&req.out)?;
+            if final_path.exists() && !req.force {
+                return Err(MergeError::Output(OutputError::Exists(req.out.clone())));
+            }
+            let dir = parts_dir(&final_path)?;
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            let mine: Vec<&ShardPlan> = plans
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| j % count == index)
+                .map(|(_, p)| p)
+                .collect();
+            progress.start(mine.iter().map(|p| p.data_bytes).sum());
+            for plan in &mine {
+                let done = dir.join(&plan.file_name);
+                if std::fs::metadata(&done)
+                    .is_ok_and(|m| m.len() == plan.header.len() as u64 + plan.data_bytes)
+                {
+                    continue; // written by an earlier run of this part
+                }
+                let tmp = dir.join(format!("{}.partial-{}", plan.file_name, std::process::id()));
+                write_shard(plan, &tmp)?;
+                std::fs::rename(&tmp, &done).map_err(io(&done))?;
+            }
+            sync_dir(&dir)?;
+            progress.finish();
+            return Ok(MergeSummary {
+                out: dir,
+                tensors: mine.iter().map(|p| p.tensors.len()).sum(),
+                shards: mine.len(),
+                bytes_read: bytes_read.into_inner(),
+                bytes_written: mine.iter().map(|p| p.data_bytes).sum(),
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+        }
+        Some(MergePart::Finish { count }) => {
+            let dir = parts_dir(&StagedDir::absolute(&req.out)?)?;
+            for (j, plan) in plans.iter().enumerate() {
+                let f = dir.join(&plan.file_name);
+                let want = plan.header.len() as u64 + plan.data_bytes;
+                match std::fs::metadata(&f) {
+                    Ok(m) if m.len() == want => {}
+                    _ => return Err(MergeError::Request(format!(
+                        "{}: shard missing or incomplete; run part {}/{count} of this merge first",
+                        f.display(),
+                        j % count.max(1)
+                    ))),
+                }
+            }
+            let staged = StagedDir::create(&req.out, req.force)?;
+            for plan in &plans {
+                let to = staged.path().join(&plan.file_name);
+                std::fs::rename(dir.join(&plan.file_name), &to).map_err(io(&to))?;
+            }
+            staged
+        }
+        None => {
+            let staged = StagedDir::create(&req.out, req.force)?;
+            staged.check_space(total)?;
+            progress.start(total);
+            for plan in &plans {
+                write_shard(plan, &staged.path().join(&plan.file_name))?;
+            }
+            staged
+        }
+    };
     let bytes_read = bytes_read.into_inner();
 
     if let Some(index) = index_json(&specs, &plans) {
@@ -326,6 +415,10 @@ pub fn merge_to_dir(
     write_synced(&staged.path().join("ckmerge.json"), text.as_bytes())?;
 
     let out = staged.commit()?;
+    if let Some(MergePart::Finish { .. }) = req.part {
+        let dir = parts_dir(&out)?;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     progress.finish();
     Ok(MergeSummary {
         out,
@@ -335,6 +428,17 @@ pub fn merge_to_dir(
         bytes_written: total,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The directory the parts of a split merge into `out` share.
+fn parts_dir(out: &Path) -> Result<PathBuf, MergeError> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| MergeError::Request(format!("{}: not a directory name", out.display())))?;
+    Ok(out
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(format!(".{}.ckmerge-parts", name.to_string_lossy())))
 }
 
 /// Copies config, generation config, tokenizer and custom-code files from the first

@@ -311,6 +311,7 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
                     "weights": weights,
                 }),
                 groups,
+                part: None,
             };
             let s =
                 merge_to_dir(&req, &()).context("writing the merged model of the best weights")?;
