@@ -364,11 +364,13 @@ pub fn merge_to_dir(
                 let want = plan.header.len() as u64 + plan.data_bytes;
                 match std::fs::metadata(&f) {
                     Ok(m) if m.len() == want => {}
-                    _ => return Err(MergeError::Request(format!(
+                    _ => {
+                        return Err(MergeError::Request(format!(
                         "{}: shard missing or incomplete; run part {}/{count} of this merge first",
                         f.display(),
                         j % count.max(1)
-                    ))),
+                    )))
+                    }
                 }
             }
             let staged = StagedDir::create(&req.out, req.force)?;
