@@ -628,3 +628,66 @@ fn a_worker_that_hangs_past_its_deadline_is_treated_as_lost() {
         a2.as_str()
     );
 }
+
+#[test]
+fn group_search_writes_the_model_it_scored() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let cfg = tmp.path().join("groups.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"checkpoints = [{:?}, {:?}]
+[space]
+kind = "groups"
+groups = ["embeddings", "attention", "mlp", "rest"]
+[data]
+objective = [{:?}]
+seq_len = 128
+[search]
+max_evals = 7
+[output]
+plots = false
+"#,
+            f.join("llama/step-1250"),
+            f.join("llama/step-1500"),
+            f.join("data/heldout.txt"),
+        ),
+    )
+    .unwrap();
+    let run_dir = tmp.path().join("run");
+    let o = run(search(&[
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rep = report(&run_dir);
+    let best = &rep["best"];
+    assert_eq!(
+        best["weights"].as_array().unwrap().len(),
+        8,
+        "4 groups x 2 weights"
+    );
+    // The merged model applies each group's weights: it scores what the search scored.
+    let prov: Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("merged/ckmerge.json")).unwrap())
+            .unwrap();
+    assert_eq!(prov["groups"].as_array().unwrap().len(), 4);
+    let o = Command::new(bin())
+        .arg("eval")
+        .arg(run_dir.join("merged"))
+        .arg("--data")
+        .arg(f.join("data/heldout.txt"))
+        .args(["--seq-len", "128", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["datasets"][0]["mean_nll"].as_f64().unwrap(),
+        best["mean_nll"].as_f64().unwrap()
+    );
+}
