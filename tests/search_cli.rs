@@ -199,6 +199,33 @@ fn ppl_of(rep: &Value, label: &str) -> f64 {
         .unwrap()
 }
 
+/// Runs a search to its end and returns its report.
+fn search_to_end(cfg: &Path, run_dir: &Path) -> Value {
+    let o = run(search(&[
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    report(run_dir)
+}
+
+/// Mean NLL `ckmerge eval` gives a model directory on the held-out fixture data.
+fn eval_nll(model: &Path) -> f64 {
+    let o = Command::new(bin())
+        .arg("eval")
+        .arg(model)
+        .arg("--data")
+        .arg(fixtures().join("data/heldout.txt"))
+        .args(["--seq-len", "128", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["datasets"][0]["mean_nll"].as_f64().unwrap()
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -255,17 +282,7 @@ fn embedded_search_beats_both_ends_and_writes_model_and_report() {
     }
     // The merged model is the best weights' model: `ckmerge eval` on it gives the
     // journal's value.
-    let o = Command::new(bin())
-        .arg("eval")
-        .arg(run_dir.join("merged"))
-        .arg("--data")
-        .arg(fixtures().join("data/heldout.txt"))
-        .args(["--seq-len", "128", "--json"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["datasets"][0]["mean_nll"].as_f64().unwrap(), best_nll);
+    assert_eq!(eval_nll(&run_dir.join("merged")), best_nll);
     // A second run into the same directory needs --resume or --force.
     let o = run(search(&[
         "--config".as_ref(),
@@ -295,14 +312,7 @@ fn coordinator_and_two_worker_processes_find_a_better_merge() {
         },
     );
     let run_dir = tmp.path().join("run");
-    let o = run(search(&[
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        "--run-dir".as_ref(),
-        run_dir.as_os_str(),
-    ]));
-    assert!(o.status.success(), "{}", stderr(&o));
-    let rep = report(&run_dir);
+    let rep = search_to_end(&cfg, &run_dir);
     let best = ppl_of(&rep, "best found");
     assert!(best < ppl_of(&rep, "step-1250").min(ppl_of(&rep, "step-1500")));
     let j = journal(&run_dir);
@@ -317,55 +327,86 @@ fn coordinator_and_two_worker_processes_find_a_better_merge() {
     assert!(w2.wait(Duration::from_secs(20)).success());
 }
 
+/// Two worker processes and a coordinator in the background, running slow trials.
+struct Running {
+    w1: Proc,
+    a2: String,
+    _w2: Proc,
+    coord: Proc,
+    run_dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Running {
+    /// Starts the run; returns once a trial is running on w1 (issued to it, not finished).
+    fn start(dir: &Path, max_evals: usize, extra: &str) -> (Running, u64) {
+        let secret = secret_file(dir, SECRET);
+        let (w1, a1) = worker(dir, "w1", &secret);
+        let (w2, a2) = worker(dir, "w2", &secret);
+        let cfg = write_config(
+            dir,
+            "run.toml",
+            &Cfg {
+                workers: &[a1.clone(), a2.clone()],
+                max_evals,
+                copies: 8,
+                extra,
+            },
+        );
+        let run_dir = dir.join("run");
+        let log = dir.join("coord.log");
+        let coord = Proc(
+            search(&[
+                "--config".as_ref(),
+                cfg.as_os_str(),
+                "--run-dir".as_ref(),
+                run_dir.as_os_str(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+        );
+        let victim = wait_for("a trial running on w1", Duration::from_secs(60), || {
+            let j = journal(&run_dir);
+            let finished: BTreeSet<u64> = j
+                .iter()
+                .filter(|r| r["event"] != "issued")
+                .map(|r| r["trial"].as_u64().unwrap())
+                .collect();
+            events(&j, "issued")
+                .iter()
+                .filter(|r| r["worker"] == a1.as_str())
+                .map(|r| r["trial"].as_u64().unwrap())
+                .find(|t| !finished.contains(t))
+        });
+        let r = Running {
+            w1,
+            a2,
+            _w2: w2,
+            coord,
+            run_dir,
+            log,
+        };
+        (r, victim)
+    }
+
+    /// Waits for the coordinator; returns its log and the journal.
+    fn finish(&mut self) -> (String, Vec<Value>) {
+        let status = self.coord.wait(Duration::from_secs(180));
+        let log = std::fs::read_to_string(&self.log).unwrap();
+        assert!(status.success(), "{log}");
+        (log, journal(&self.run_dir))
+    }
+}
+
 #[test]
 fn sigkill_of_a_worker_mid_evaluation_loses_no_trial() {
     let _g = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let secret = secret_file(tmp.path(), SECRET);
-    let (w1, a1) = worker(tmp.path(), "w1", &secret);
-    let (_w2, a2) = worker(tmp.path(), "w2", &secret);
-    let cfg = write_config(
-        tmp.path(),
-        "run.toml",
-        &Cfg {
-            workers: &[a1.clone(), a2.clone()],
-            max_evals: 5,
-            copies: 8,
-            extra: "heartbeat_timeout_s = 3\n",
-        },
-    );
-    let run_dir = tmp.path().join("run");
-    let mut coord = Proc(
-        search(&[
-            "--config".as_ref(),
-            cfg.as_os_str(),
-            "--run-dir".as_ref(),
-            run_dir.as_os_str(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(tmp.path().join("coord.log")).unwrap())
-        .spawn()
-        .unwrap(),
-    );
-    // Kill w1 while it evaluates a trial (issued to it, not finished).
-    let victim = wait_for("a trial running on w1", Duration::from_secs(60), || {
-        let j = journal(&run_dir);
-        let done: BTreeSet<u64> = j
-            .iter()
-            .filter(|r| r["event"] != "issued")
-            .map(|r| r["trial"].as_u64().unwrap())
-            .collect();
-        events(&j, "issued")
-            .iter()
-            .filter(|r| r["worker"] == a1.as_str())
-            .map(|r| r["trial"].as_u64().unwrap())
-            .find(|t| !done.contains(t))
-    });
-    w1.signal(libc::SIGKILL);
-    let status = coord.wait(Duration::from_secs(180));
-    let log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
-    assert!(status.success(), "{log}");
-    let j = journal(&run_dir);
+    let (mut r, victim) = Running::start(tmp.path(), 5, "heartbeat_timeout_s = 3\n");
+    r.w1.signal(libc::SIGKILL);
+    let (log, j) = r.finish();
     let done = done_ids(&j);
     assert_eq!(done.len(), 5, "the configured number of trials completed");
     assert!(done.contains_key(&victim), "the killed trial was run again");
@@ -376,7 +417,7 @@ fn sigkill_of_a_worker_mid_evaluation_loses_no_trial() {
     assert_eq!(retried, 1, "{log}");
     assert!(events(&j, "done")
         .iter()
-        .all(|r| r["trial"].as_u64() != Some(victim) || r["worker"] == a2.as_str()));
+        .all(|t| t["trial"].as_u64() != Some(victim) || t["worker"] == r.a2.as_str()));
     assert!(log.contains("lost"), "{log}");
 }
 
@@ -564,52 +605,12 @@ fn wrong_secret_and_wrong_version_are_refused() {
 fn a_worker_that_hangs_past_its_deadline_is_treated_as_lost() {
     let _g = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let secret = secret_file(tmp.path(), SECRET);
-    let (w1, a1) = worker(tmp.path(), "w1", &secret);
-    let (_w2, a2) = worker(tmp.path(), "w2", &secret);
     // Heartbeats would notice a stopped process too; give them a long timeout so that
     // the evaluation deadline is what catches it.
-    let cfg = write_config(
-        tmp.path(),
-        "run.toml",
-        &Cfg {
-            workers: &[a1.clone(), a2.clone()],
-            max_evals: 4,
-            copies: 8,
-            extra: "deadline_s = 6\nheartbeat_timeout_s = 600\n",
-        },
-    );
-    let run_dir = tmp.path().join("run");
-    let mut coord = Proc(
-        search(&[
-            "--config".as_ref(),
-            cfg.as_os_str(),
-            "--run-dir".as_ref(),
-            run_dir.as_os_str(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(tmp.path().join("coord.log")).unwrap())
-        .spawn()
-        .unwrap(),
-    );
-    let victim = wait_for("a trial running on w1", Duration::from_secs(60), || {
-        let j = journal(&run_dir);
-        let finished: BTreeSet<u64> = j
-            .iter()
-            .filter(|r| r["event"] != "issued")
-            .map(|r| r["trial"].as_u64().unwrap())
-            .collect();
-        events(&j, "issued")
-            .iter()
-            .filter(|r| r["worker"] == a1.as_str())
-            .map(|r| r["trial"].as_u64().unwrap())
-            .find(|t| !finished.contains(t))
-    });
-    w1.signal(libc::SIGSTOP);
-    let status = coord.wait(Duration::from_secs(180));
-    let log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
-    assert!(status.success(), "{log}");
-    let j = journal(&run_dir);
+    let (mut r, victim) =
+        Running::start(tmp.path(), 4, "deadline_s = 6\nheartbeat_timeout_s = 600\n");
+    r.w1.signal(libc::SIGSTOP);
+    let (log, j) = r.finish();
     let done = done_ids(&j);
     assert_eq!(done.len(), 4);
     let retry = events(&j, "retry")
@@ -625,7 +626,7 @@ fn a_worker_that_hangs_past_its_deadline_is_treated_as_lost() {
             .iter()
             .find(|r| r["trial"].as_u64() == Some(victim))
             .unwrap()["worker"],
-        a2.as_str()
+        r.a2.as_str()
     );
 }
 
@@ -657,14 +658,7 @@ plots = false
     )
     .unwrap();
     let run_dir = tmp.path().join("run");
-    let o = run(search(&[
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        "--run-dir".as_ref(),
-        run_dir.as_os_str(),
-    ]));
-    assert!(o.status.success(), "{}", stderr(&o));
-    let rep = report(&run_dir);
+    let rep = search_to_end(&cfg, &run_dir);
     let best = &rep["best"];
     assert_eq!(
         best["weights"].as_array().unwrap().len(),
@@ -676,18 +670,8 @@ plots = false
         serde_json::from_slice(&std::fs::read(run_dir.join("merged/ckmerge.json")).unwrap())
             .unwrap();
     assert_eq!(prov["groups"].as_array().unwrap().len(), 4);
-    let o = Command::new(bin())
-        .arg("eval")
-        .arg(run_dir.join("merged"))
-        .arg("--data")
-        .arg(f.join("data/heldout.txt"))
-        .args(["--seq-len", "128", "--json"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
-        v["datasets"][0]["mean_nll"].as_f64().unwrap(),
+        eval_nll(&run_dir.join("merged")),
         best["mean_nll"].as_f64().unwrap()
     );
 }
