@@ -15,7 +15,9 @@ use ckmerge_common::protocol::{
     self, DatasetScore, EvalReply, EvalRequest, LoadReport, LoadSpec, Secret, WorkerApi,
     WorkerApiClient, WorkerInfo, WorkerStatus,
 };
-use futures::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures::{FutureExt, StreamExt};
 use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::TcpListener;
@@ -155,8 +157,50 @@ impl WorkerService {
     }
 }
 
+/// A panic's message, for an error reply.
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    let what = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("the worker panicked: {what}")
+}
+
 impl WorkerApi for WorkerService {
+    // A panic in a handler would drop its reply and leave the coordinator waiting for
+    // the deadline; catching it turns it into an error reply at once.
     async fn load(self, _: Context, spec: LoadSpec) -> Result<LoadReport, String> {
+        AssertUnwindSafe(self.load_inner(spec))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|p| Err(panic_message(p)))
+    }
+
+    async fn evaluate(self, _: Context, req: EvalRequest) -> Result<EvalReply, String> {
+        AssertUnwindSafe(self.evaluate_inner(req))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|p| Err(panic_message(p)))
+    }
+
+    async fn status(self, _: Context) -> WorkerStatus {
+        self.status_now()
+    }
+
+    async fn shutdown(self, _: Context) {
+        tracing::info!("shutdown requested");
+        // Let the reply go out before the process exits.
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            inner.shutdown.notify_one();
+        });
+    }
+}
+
+impl WorkerService {
+    async fn load_inner(self, spec: LoadSpec) -> Result<LoadReport, String> {
         let mut guard = self.inner.loaded.lock().await;
         if let Some(l) = guard.as_ref().filter(|l| l.spec == spec) {
             let mut r = l.report.clone();
@@ -204,7 +248,7 @@ impl WorkerApi for WorkerService {
         Ok(report)
     }
 
-    async fn evaluate(self, _: Context, req: EvalRequest) -> Result<EvalReply, String> {
+    async fn evaluate_inner(self, req: EvalRequest) -> Result<EvalReply, String> {
         let t0 = Instant::now();
         self.inner.queued.fetch_add(1, Ordering::SeqCst);
         let waiting = CountGuard(&self.inner.queued);
@@ -284,7 +328,7 @@ impl WorkerApi for WorkerService {
         result
     }
 
-    async fn status(self, _: Context) -> WorkerStatus {
+    fn status_now(&self) -> WorkerStatus {
         WorkerStatus {
             loaded: self.inner.is_loaded.load(Ordering::SeqCst),
             running: *self.inner.running.lock().expect("never poisoned"),
@@ -293,16 +337,6 @@ impl WorkerApi for WorkerService {
             uptime_s: self.inner.started.elapsed().as_secs_f64(),
             rss_bytes: protocol::rss_bytes(),
         }
-    }
-
-    async fn shutdown(self, _: Context) {
-        tracing::info!("shutdown requested");
-        // Let the reply go out before the process exits.
-        let inner = self.inner.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            inner.shutdown.notify_one();
-        });
     }
 }
 
