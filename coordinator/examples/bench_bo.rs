@@ -325,6 +325,16 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("tabulate") => tabulate(Path::new(&args[2])),
+        Some("latency") => {
+            for d in [1, 3, 6] {
+                let (full, warm) = latency(d);
+                println!(
+                    "d = {d}: fit + 8 proposals at 100 observations: {:.1} ms with a full refit, {:.1} ms with hyperparameters kept",
+                    full * 1e3,
+                    warm * 1e3
+                );
+            }
+        }
         Some("run") => {
             let mut problems = standard();
             problems.extend(landscapes(Path::new(&args[2])));
@@ -365,6 +375,8 @@ fn main() {
             let out = json!({"results": results, "latency_fit_plus_8_proposals_at_100": lat});
             std::fs::write(&args[3], serde_json::to_string(&out).unwrap()).unwrap();
         }
-        _ => eprintln!("usage: bench_bo tabulate OUT.json | bench_bo run LANDSCAPES.json OUT.json"),
+        _ => eprintln!(
+            "usage: bench_bo tabulate OUT.json | bench_bo run LANDSCAPES.json OUT.json | bench_bo latency"
+        ),
     }
 }

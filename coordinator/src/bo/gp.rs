@@ -3,6 +3,9 @@
 //! posterior means and standard deviations are in standardised units whatever the NLL's
 //! scale. Hyperparameters (length scales) are re-optimised with a few restarts on a full
 //! refit, and kept fixed for the cheap refits in between and for Kriging-believer updates.
+//! egobox-gp fits the hyperparameters; predictions and updates go through
+//! [`Posterior`], the same model with an explicit inverse Cholesky factor (several times
+//! faster per prediction than egobox's triangular solves; see `posterior`).
 
 use egobox_gp::correlation_models::Matern52Corr;
 use egobox_gp::mean_models::ConstantMean;
@@ -10,16 +13,19 @@ use egobox_gp::{GaussianProcess, ThetaTuning};
 use linfa::prelude::*;
 use ndarray::{Array1, Array2};
 
+use super::posterior::Posterior;
+
 pub struct Surrogate {
-    gp: GaussianProcess<f64, ConstantMean, Matern52Corr>,
+    post: Posterior,
+    theta: Vec<f64>,
     y_mean: f64,
     y_std: f64,
-    dim: usize,
 }
 
 impl Surrogate {
     /// Fits on cube points `x` with values `y`. `theta`: fixed length-scale parameters, or
-    /// `None` to optimise them with `n_start` restarts. `nugget` regularises (noise).
+    /// `None` to optimise them (egobox-gp, `n_start` restarts). `nugget` regularises (noise).
+    /// With fixed parameters egobox is not called: the posterior is computed directly.
     pub fn fit(
         x: &[Vec<f64>],
         y: &[f64],
@@ -32,32 +38,36 @@ impl Surrogate {
         let y_mean = y.iter().sum::<f64>() / y.len() as f64;
         let var = y.iter().map(|v| (v - y_mean).powi(2)).sum::<f64>() / y.len() as f64;
         let y_std = if var > 0.0 { var.sqrt() } else { 1.0 };
-        let xa = Array2::from_shape_fn((x.len(), dim), |(i, j)| x[i][j]);
-        let ya = Array1::from_iter(y.iter().map(|v| (v - y_mean) / y_std));
-        let tuning = match theta {
-            Some(t) => ThetaTuning::Fixed(Array1::from(t.to_vec())),
-            None => ThetaTuning::default(),
+        let ys: Vec<f64> = y.iter().map(|v| (v - y_mean) / y_std).collect();
+        let theta = match theta {
+            Some(t) => t.to_vec(),
+            None => {
+                let xa = Array2::from_shape_fn((x.len(), dim), |(i, j)| x[i][j]);
+                let gp = GaussianProcess::<f64, ConstantMean, Matern52Corr>::params(
+                    ConstantMean::default(),
+                    Matern52Corr::default(),
+                )
+                .theta_tuning(ThetaTuning::default())
+                .n_start(n_start)
+                .nugget(nugget)
+                .fit(&Dataset::new(xa, Array1::from(ys.clone())))
+                .map_err(|e| format!("Gaussian-process fit failed: {e}"))?;
+                gp.theta().to_vec()
+            }
         };
-        let gp = GaussianProcess::<f64, ConstantMean, Matern52Corr>::params(
-            ConstantMean::default(),
-            Matern52Corr::default(),
-        )
-        .theta_tuning(tuning)
-        .n_start(n_start)
-        .nugget(nugget)
-        .fit(&Dataset::new(xa, ya))
-        .map_err(|e| format!("Gaussian-process fit failed: {e}"))?;
+        let post = Posterior::new(x, &ys, &theta, nugget)
+            .map_err(|e| format!("Gaussian-process fit failed: {e}"))?;
         Ok(Surrogate {
-            gp,
+            post,
+            theta,
             y_mean,
             y_std,
-            dim,
         })
     }
 
     /// The fitted length-scale parameters (to fix them in later refits).
     pub fn theta(&self) -> Vec<f64> {
-        self.gp.theta().to_vec()
+        self.theta.clone()
     }
 
     /// Standardises an objective value.
@@ -76,30 +86,24 @@ impl Surrogate {
 
     /// Posterior mean and standard deviation (standardised units) at each point.
     pub fn predict(&self, pts: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
-        if pts.is_empty() {
-            return (vec![], vec![]);
-        }
-        let xa = Array2::from_shape_fn((pts.len(), self.dim), |(i, j)| pts[i][j]);
-        let (m, v) = self
-            .gp
-            .predict_valvar(&xa)
-            .expect("prediction on well-formed input");
-        (m.to_vec(), v.iter().map(|v| v.max(0.0).sqrt()).collect())
+        let (m, v) = self.post.predict(pts);
+        (m, v.iter().map(|v| v.max(0.0).sqrt()).collect())
     }
 
-    /// Adds points with (standardised) values, hyperparameters and normalisation frozen:
-    /// a rank-m update, for Kriging-believer batches.
-    pub fn add_believed(self, pts: &[Vec<f64>], y_std_units: &[f64]) -> Result<Surrogate, String> {
+    /// Adds points with (standardised) values, hyperparameters and normalisation frozen,
+    /// for Kriging-believer batches: O(n²) per point.
+    pub fn add_believed(
+        mut self,
+        pts: &[Vec<f64>],
+        y_std_units: &[f64],
+    ) -> Result<Surrogate, String> {
         if pts.is_empty() {
             return Ok(self);
         }
-        let xa = Array2::from_shape_fn((pts.len(), self.dim), |(i, j)| pts[i][j]);
-        let ya = Array1::from(y_std_units.to_vec());
-        let gp = self
-            .gp
-            .update(&xa, &ya)
+        self.post
+            .add(pts, y_std_units)
             .map_err(|e| format!("Gaussian-process update failed: {e}"))?;
-        Ok(Surrogate { gp, ..self })
+        Ok(self)
     }
 }
 

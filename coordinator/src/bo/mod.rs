@@ -15,6 +15,7 @@
 pub mod acquisition;
 pub mod gp;
 pub mod optimizer;
+pub mod posterior;
 pub mod space;
 
 pub use acquisition::{Acquisition, Hedge};
