@@ -190,31 +190,46 @@ impl Posterior {
         Ok(())
     }
 
-    /// Posterior mean and variance at each point, in the units of the `y` given.
+    /// Posterior mean and variance at one point (normalised units).
+    fn predict_one(&self, p: &[f64], fnorm: f64, c: &mut [f64]) -> (f64, f64) {
+        let xn = self.normalize(p);
+        for (cj, t) in c.iter_mut().zip(&self.xs) {
+            *cj = self.corr(&xn, t);
+        }
+        let m = self.beta + dot(c, &self.gamma);
+        let (mut rr, mut fr) = (0.0, 0.0);
+        for (i, row) in self.linv.iter().enumerate() {
+            let r = dot(row, c);
+            rr += r * r;
+            fr += self.ft[i] * r;
+        }
+        let u = (fr - 1.0) / fnorm;
+        (m, self.sigma2 * (1.0 - rr + u * u))
+    }
+
+    /// Posterior mean and variance at each point, in the units of the `y` given. Large
+    /// batches (candidate sets) are spread over the rayon pool; each point's result does
+    /// not depend on how they are split.
     pub fn predict(&self, pts: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
+        use rayon::prelude::*;
         let fnorm = dot(&self.ft, &self.ft).sqrt();
         let n = self.xs.len();
-        let mut mean = Vec::with_capacity(pts.len());
-        let mut var = Vec::with_capacity(pts.len());
-        let mut c = vec![0.0; n];
-        for p in pts {
-            let xn = self.normalize(p);
-            for (cj, t) in c.iter_mut().zip(&self.xs) {
-                *cj = self.corr(&xn, t);
-            }
-            let m = self.beta + dot(&c, &self.gamma);
-            let (mut rr, mut fr) = (0.0, 0.0);
-            for (i, row) in self.linv.iter().enumerate() {
-                let r = dot(row, &c);
-                rr += r * r;
-                fr += self.ft[i] * r;
-            }
-            let u = (fr - 1.0) / fnorm;
-            let v = self.sigma2 * (1.0 - rr + u * u);
-            mean.push(m * self.y_std + self.y_mean);
-            var.push((v * self.y_std * self.y_std).max(0.0));
-        }
-        (mean, var)
+        let one = |p: &Vec<f64>, c: &mut Vec<f64>| {
+            let (m, v) = self.predict_one(p, fnorm, c);
+            (
+                m * self.y_std + self.y_mean,
+                (v * self.y_std * self.y_std).max(0.0),
+            )
+        };
+        let out: Vec<(f64, f64)> = if pts.len() * n >= 16_384 {
+            pts.par_iter()
+                .map_init(|| vec![0.0; n], |c, p| one(p, c))
+                .collect()
+        } else {
+            let mut c = vec![0.0; n];
+            pts.iter().map(|p| one(p, &mut c)).collect()
+        };
+        out.into_iter().unzip()
     }
 }
 

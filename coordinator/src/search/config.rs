@@ -79,7 +79,7 @@ pub struct SearchParams {
     /// Wall-time budget of one coordinator session, in seconds.
     pub max_seconds: Option<f64>,
     pub seed: u64,
-    /// `ei`, `pi`, `lcb` or `hedge` (the paper's GP-Hedge).
+    /// `hedge` (the paper's GP-Hedge over EI, PI and LCB; the default), `ei`, `pi` or `lcb`.
     pub acquisition: String,
     /// Stop when the best expected improvement stays under this for 3 rounds.
     pub converge_tol: Option<f64>,
@@ -91,7 +91,7 @@ impl Default for SearchParams {
             max_evals: 12,
             max_seconds: None,
             seed: 0,
-            acquisition: "ei".into(),
+            acquisition: "hedge".into(),
             converge_tol: None,
         }
     }
