@@ -66,7 +66,15 @@ impl ProgressView {
         );
         match &self.bar {
             Some(b) => b.println(line),
-            None => tracing::info!("{line}"),
+            // Key=value fields, so batch logs can be parsed.
+            None => tracing::info!(
+                trial,
+                worker,
+                weights = %fmt_weights(weights),
+                perplexity = ppl,
+                mean_nll = nll,
+                "trial done"
+            ),
         }
     }
 
