@@ -354,6 +354,7 @@ fn run_worker(args: WorkerArgs) -> Result<()> {
             .with_context(|| format!("listening on {}", args.listen))?;
         let local = listener.local_addr()?;
         let host = match &args.advertise {
+            Some(h) if h.trim().is_empty() => bail!("--advertise is empty: give a host name or IP the coordinator can reach"),
             Some(h) => h.clone(),
             None if local.ip().is_unspecified() => bail!(
                 "--listen {} accepts on every interface: pass --advertise HOST so the coordinator knows where to connect",
