@@ -675,3 +675,118 @@ plots = false
         best["mean_nll"].as_f64().unwrap()
     );
 }
+
+/// A model split over two worker processes (a pipeline: layer 0 on one, layer 1 and the
+/// head on the other, hidden states passed between them over TCP) scores exactly what
+/// one worker holding the whole model scores, with one weight vector and with per-group
+/// weights; and a search can use the pipeline as one evaluator.
+#[test]
+fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
+    let _g = serial();
+    use ckmerge_common::protocol::{connect, EvalRequest, LoadSpec, Secret, PROTOCOL_VERSION};
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = secret_file(tmp.path(), SECRET);
+    let (mut w1, a1) = worker(tmp.path(), "w1", &secret);
+    let (mut w2, a2) = worker(tmp.path(), "w2", &secret);
+    let (_w3, a3) = worker(tmp.path(), "w3", &secret);
+    let f = fixtures();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = Secret::new(SECRET.as_bytes().to_vec()).unwrap();
+    let ctx = || ckmerge_common::protocol::context_with_timeout(Duration::from_secs(120));
+    rt.block_on(async {
+        for groups in [vec![], vec!["attention".to_string(), "rest".to_string()]] {
+            let spec = LoadSpec {
+                checkpoints: vec![f.join("llama/step-1250"), f.join("llama/step-1500")],
+                datasets: vec![
+                    ("heldout".into(), vec![f.join("data/heldout.txt")]),
+                    ("python-docs".into(), vec![f.join("data/python-docs.txt")]),
+                ],
+                seq_len: Some(128),
+                stride: None,
+                batch: Some(4),
+                max_tokens: None,
+                token_bits: None,
+                groups: groups.clone(),
+                pipeline: vec![],
+                stage: None,
+            };
+            let one = connect(&a3, &key, PROTOCOL_VERSION).await.unwrap();
+            let whole = one.load(ctx(), spec.clone()).await.unwrap().unwrap();
+            let head = connect(&a1, &key, PROTOCOL_VERSION).await.unwrap();
+            let piped = head
+                .load(
+                    ctx(),
+                    LoadSpec {
+                        pipeline: vec![a2.clone()],
+                        ..spec
+                    },
+                )
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(piped.parameters, whole.parameters);
+            assert!(
+                piped.info.device.contains("stage 1/2 (layers 0..1)")
+                    && piped.info.device.contains("stage 2/2 (layers 1..2)"),
+                "{}",
+                piped.info.device
+            );
+            let weights = if groups.is_empty() {
+                vec![vec![0.42f32, 0.58]]
+            } else {
+                vec![vec![0.3f32, 0.7], vec![0.6, 0.4]]
+            };
+            for trial in [1u64, 2] {
+                let mut w = weights.clone();
+                w[0].reverse(); // a second trial with other weights: both stages merge again
+                let req = EvalRequest {
+                    trial,
+                    weights: if trial == 1 { weights.clone() } else { w },
+                    all_datasets: true,
+                };
+                let a = one.evaluate(ctx(), req.clone()).await.unwrap().unwrap();
+                let b = head.evaluate(ctx(), req).await.unwrap().unwrap();
+                assert_eq!(a.scores.len(), 2);
+                for (x, y) in a.scores.iter().zip(&b.scores) {
+                    assert_eq!(x.tokens, y.tokens);
+                    assert_eq!(
+                        x.mean_nll.to_bits(),
+                        y.mean_nll.to_bits(),
+                        "{} (groups {groups:?}, trial {trial}): one worker {} vs pipeline {}",
+                        x.name,
+                        x.mean_nll,
+                        y.mean_nll
+                    );
+                }
+            }
+        }
+    });
+
+    // The coordinator treats the pipeline as one evaluator.
+    let cfg = write_config(
+        tmp.path(),
+        "run.toml",
+        &Cfg {
+            workers: &[],
+            max_evals: 4,
+            copies: 1,
+            extra: &format!("pipelines = [[{a1:?}, {a2:?}]]"),
+        },
+    );
+    let run_dir = tmp.path().join("run");
+    let rep = search_to_end(&cfg, &run_dir);
+    let best = ppl_of(&rep, "best found");
+    assert!(best < ppl_of(&rep, "step-1250").min(ppl_of(&rep, "step-1500")));
+    let j = journal(&run_dir);
+    assert_eq!(done_ids(&j).len(), 4);
+    let pipeline = format!("{a1} > {a2}");
+    assert!(events(&j, "done")
+        .iter()
+        .all(|r| r["worker"] == pipeline.as_str()));
+    // Shutting the head down at the end shuts the whole pipeline down.
+    assert!(w1.wait(Duration::from_secs(20)).success());
+    assert!(w2.wait(Duration::from_secs(20)).success());
+}

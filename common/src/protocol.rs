@@ -31,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Bumped whenever a message or the handshake changes incompatibly.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 const MAGIC: &[u8; 8] = b"CKMERGE\0";
 const OK: u8 = 0;
@@ -59,6 +59,11 @@ pub struct LoadSpec {
     pub token_bits: Option<u8>,
     /// Tensor group patterns for per-group weights; empty: one weight vector.
     pub groups: Vec<String>,
+    /// Pipeline: addresses of the workers holding the following stages, in order. A
+    /// worker given a non-empty list holds the first layers and loads the rest onto them.
+    pub pipeline: Vec<String>,
+    /// Set by the previous stage: this worker is stage `.0` of `.1`.
+    pub stage: Option<(usize, usize)>,
 }
 
 /// Who a worker is, sent after loading.
@@ -126,8 +131,22 @@ pub struct WorkerStatus {
 
 /// The worker service. Errors are strings: they cross process boundaries and end up in
 /// the journal and the log, so they must already say what went wrong and where.
+/// One batch passed down a pipeline: the trial's weights (each stage merges its own
+/// layers with them, once per trial), the batch's tokens (the last stage scores them),
+/// and the previous stage's hidden states, `[tokens, hidden]` in f32.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageRequest {
+    pub weights: Vec<Vec<f32>>,
+    pub tokens: Vec<u32>,
+    pub seq: usize,
+    pub scored: usize,
+    pub hidden: Vec<f32>,
+}
+
 #[tarpc::service]
 pub trait WorkerApi {
+    /// The rest of the pipeline on one batch; returns its summed NLL.
+    async fn stage_forward(req: StageRequest) -> Result<f64, String>;
     /// Loads sources and data (or reuses them when `spec` is already loaded).
     async fn load(spec: LoadSpec) -> Result<LoadReport, String>;
     /// Merges with the request's weights and scores. Concurrent calls queue.

@@ -375,8 +375,9 @@ fn run_worker(args: WorkerArgs) -> Result<()> {
                 .and_then(|_| file.sync_data())
                 .with_context(|| format!("announcing in {}", f.display()))?;
         }
-        let svc = ckmerge_worker::serve::WorkerService::new(
+        let svc = ckmerge_worker::serve::WorkerService::with_secret(
             args.bench_fixed_cost_ms.map(std::time::Duration::from_millis),
+            Some(secret.clone()),
         );
         ckmerge_worker::serve::serve_tcp(listener, secret, svc).await;
         tracing::info!("worker {addr} shut down");
@@ -457,6 +458,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
                 TokenBits::U32
             }
         }),
+        stage: None,
     };
     let mut sets: Vec<(String, Vec<PathBuf>)> = vec![(dataset_name(&args.data), args.data.clone())];
     sets.extend(

@@ -14,7 +14,7 @@ use ckmerge_common::{check_compatible, Checkpoint, CheckpointError, DType};
 use ckmerge_kernels::{weighted_sum_to_f32, Input};
 
 use crate::data::{self, DataError, TextTokenizer, TokenBits, Window};
-use crate::model::{ConfigError, Model, ModelConfig, ParamStore, WeightError};
+use crate::model::{ConfigError, Model, ModelConfig, ParamStore, Part, WeightError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -44,6 +44,24 @@ pub struct EvalOptions {
     pub batch: Option<usize>,
     pub max_tokens: Option<usize>,
     pub token_bits: Option<TokenBits>,
+    /// Hold only pipeline stage `.0` of `.1` (see [`Part::stage`]): its layers' tensors,
+    /// and data only on the first stage. None: the whole model.
+    pub stage: Option<(usize, usize)>,
+}
+
+/// One batch of equal-shape windows, ready for a forward pass.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    pub seq: usize,
+    pub scored: usize,
+}
+
+/// What a pipeline stage passes on: hidden states to the next stage, or, from the last,
+/// the batch's summed NLL.
+pub enum StageOutput {
+    Hidden(Vec<f32>),
+    Nll(f64),
 }
 
 /// A tokenized data set and its windows.
@@ -85,6 +103,7 @@ pub struct Evaluator {
     batch: usize,
     pub datasets: Vec<Dataset>,
     weights: Option<Vec<f32>>,
+    group_weights: Option<Vec<Vec<f32>>>,
     merged_once: bool,
     /// Seconds spent loading sources and tokenizing.
     pub load_seconds: f64,
@@ -102,7 +121,8 @@ impl Evaluator {
         if checkpoints.is_empty() {
             return Err(EvalError::Request("no checkpoints given".into()));
         }
-        if datasets.is_empty() || datasets.iter().any(|(_, f)| f.is_empty()) {
+        let first_stage = opts.stage.is_none_or(|(i, _)| i == 0);
+        if first_stage && (datasets.is_empty() || datasets.iter().any(|(_, f)| f.is_empty())) {
             return Err(EvalError::Request("no data given; pass --data FILE".into()));
         }
         let ckpts = checkpoints
@@ -125,12 +145,24 @@ impl Evaluator {
             )));
         }
 
-        // Tokenize before copying weights: bad data fails fast.
+        let part = match opts.stage {
+            None => Part::whole(&config),
+            Some((i, n)) if n == 0 || i >= n || n > config.layers => {
+                return Err(EvalError::Request(format!(
+                    "pipeline stage {i} of {n}: the model has {} layers; use 1 to {} stages",
+                    config.layers, config.layers
+                )))
+            }
+            Some((i, n)) => Part::stage(&config, i, n),
+        };
+
+        // Tokenize before copying weights: bad data fails fast. Only the first stage of
+        // a pipeline reads data; the others are sent each batch's tokens.
         let vocab = config.vocab;
         let tok_dir = first.dir.clone();
         let tokenizer = move || TextTokenizer::load(&tok_dir);
         let mut sets = Vec::new();
-        for (name, files) in datasets {
+        for (name, files) in datasets.iter().filter(|_| part.first) {
             let mut tokens = data::load_tokens(files, &tokenizer, vocab, opts.token_bits)?;
             if let Some(m) = opts.max_tokens {
                 tokens.truncate(m);
@@ -143,8 +175,13 @@ impl Evaluator {
             });
         }
 
-        let names: Vec<String> = first.tensors.iter().map(|t| t.name.clone()).collect();
-        let shapes: Vec<Vec<usize>> = first.tensors.iter().map(|t| t.shape.clone()).collect();
+        let held: Vec<_> = first
+            .tensors
+            .iter()
+            .filter(|t| part.needs(&config, &t.name))
+            .collect();
+        let names: Vec<String> = held.iter().map(|t| t.name.clone()).collect();
+        let shapes: Vec<Vec<usize>> = held.iter().map(|t| t.shape.clone()).collect();
         let sources = ckpts
             .iter()
             .map(|c| Source {
@@ -158,10 +195,11 @@ impl Evaluator {
             })
             .collect();
         let store = ParamStore::new(names, shapes);
-        let model = Model::new(config, &store, seq_len).map_err(|cause| EvalError::Weights {
-            dir: first.dir.clone(),
-            cause,
-        })?;
+        let model =
+            Model::new_part(config, &store, seq_len, part).map_err(|cause| EvalError::Weights {
+                dir: first.dir.clone(),
+                cause,
+            })?;
         Ok(Evaluator {
             sources,
             store,
@@ -170,6 +208,7 @@ impl Evaluator {
             batch: opts.batch.unwrap_or(8).max(1),
             datasets: sets,
             weights: None,
+            group_weights: None,
             merged_once: false,
             load_seconds: t0.elapsed().as_secs_f64(),
         })
@@ -196,6 +235,7 @@ impl Evaluator {
         if self.weights.as_deref() == Some(weights) {
             return Ok(());
         }
+        self.group_weights = None;
         for (i, out) in self.store.data.iter_mut().enumerate() {
             let inputs: Vec<Input> = self
                 .sources
@@ -232,6 +272,9 @@ impl Evaluator {
                 )));
             }
         }
+        if self.group_weights.as_deref() == Some(weights) {
+            return Ok(());
+        }
         for (i, out) in self.store.data.iter_mut().enumerate() {
             let w = weights.get(group_of[i]).ok_or_else(|| {
                 EvalError::Request(format!("no weights for group {}", group_of[i]))
@@ -245,6 +288,7 @@ impl Evaluator {
         }
         // Not one weight vector: `set_weights` must merge again whatever it is given.
         self.weights = None;
+        self.group_weights = Some(weights.to_vec());
         self.merged_once = true;
         Ok(())
     }
@@ -254,13 +298,11 @@ impl Evaluator {
         &self.store.names
     }
 
-    /// Scores the current weights on data set `d`.
-    pub fn score(&self, d: usize) -> EvalResult {
-        assert!(self.merged_once, "set_weights before score");
-        let t0 = Instant::now();
+    /// The batches of data set `d`: windows of equal shape, at most `batch` per batch
+    /// (with a stride only the last window may differ), in window order.
+    pub fn batches(&self, d: usize) -> Vec<Batch> {
         let set = &self.datasets[d];
-        // Batch windows of equal shape; with a stride only the last window may differ.
-        let mut groups: Vec<(usize, usize)> = Vec::new();
+        let mut out = Vec::new();
         let mut i = 0;
         while i < set.windows.len() {
             let w0 = set.windows[i];
@@ -272,34 +314,47 @@ impl Evaluator {
             {
                 j += 1;
             }
-            groups.push((i, j));
-            i = j;
-        }
-        let run = |&(i, j): &(usize, usize)| -> (f64, usize, usize) {
-            let w0 = set.windows[i];
             let mut tokens = Vec::with_capacity((j - i) * w0.len);
             for w in &set.windows[i..j] {
                 tokens.extend_from_slice(&set.tokens[w.start..w.start + w.len]);
             }
-            let nll = self.model.nll(&self.store, &tokens, w0.len, w0.scored);
-            (nll, (j - i) * w0.scored, tokens.len())
-        };
+            out.push(Batch {
+                tokens,
+                seq: w0.len,
+                scored: w0.scored,
+            });
+            i = j;
+        }
+        out
+    }
+
+    /// Scores the current weights on data set `d` (whole model).
+    pub fn score(&self, d: usize) -> EvalResult {
+        assert!(self.merged_once, "set_weights before score");
+        let t0 = Instant::now();
+        let batches = self.batches(d);
+        let run = |b: &Batch| -> f64 { self.model.nll(&self.store, &b.tokens, b.seq, b.scored) };
         // Small models: one batch per thread, no synchronisation inside a forward pass.
         // Large ones: every thread works on each batch (activations of one batch per
         // thread would not fit). Partial sums are added in window order either way.
-        let parts: Vec<(f64, usize, usize)> = if self.batches_in_parallel() {
+        let parts: Vec<f64> = if self.batches_in_parallel() {
             use rayon::prelude::*;
-            groups.par_iter().map(run).collect()
+            batches.par_iter().map(run).collect()
         } else {
-            groups.iter().map(run).collect()
+            batches.iter().map(run).collect()
         };
+        Self::result(&batches, &parts, t0.elapsed().as_secs_f64())
+    }
+
+    /// Totals per-batch NLL sums (added in batch order, so a pipeline's total equals a
+    /// single process's bit for bit) into a result.
+    pub fn result(batches: &[Batch], nll: &[f64], seconds: f64) -> EvalResult {
         let (mut total, mut scored, mut through) = (0.0f64, 0usize, 0usize);
-        for (n, s, t) in parts {
+        for (b, n) in batches.iter().zip(nll) {
             total += n;
-            scored += s;
-            through += t;
+            scored += b.scored * b.tokens.len() / b.seq;
+            through += b.tokens.len();
         }
-        let seconds = t0.elapsed().as_secs_f64();
         let mean_nll = total / scored as f64;
         EvalResult {
             tokens: scored,
@@ -308,6 +363,77 @@ impl Evaluator {
             seconds,
             tokens_per_s: through as f64 / seconds,
         }
+    }
+
+    /// This process's part of a pipeline on one batch: embeds `batch.tokens` (first
+    /// stage) or takes `hidden` from the previous stage, runs its layers, and returns the
+    /// hidden states for the next stage or, on the last, the batch's summed NLL.
+    pub fn stage_forward(
+        &self,
+        batch: &Batch,
+        hidden: Option<Vec<f32>>,
+    ) -> Result<StageOutput, EvalError> {
+        if !self.merged_once {
+            return Err(EvalError::Request(
+                "stage_forward before set_weights".into(),
+            ));
+        }
+        let part = &self.model.part;
+        let h = self.model.config.hidden;
+        if batch.seq < 2
+            || batch.scored >= batch.seq
+            || !batch.tokens.len().is_multiple_of(batch.seq)
+            || batch.seq > self.seq_len
+        {
+            return Err(EvalError::Request(format!(
+                "bad batch shape: {} tokens, windows of {}, {} scored (this stage was loaded for windows of {})",
+                batch.tokens.len(), batch.seq, batch.scored, self.seq_len
+            )));
+        }
+        let vocab = self.model.config.vocab as u32;
+        if let Some(t) = batch.tokens.iter().find(|&&t| t >= vocab) {
+            return Err(EvalError::Request(format!(
+                "token id {t} is outside the vocabulary ({vocab})"
+            )));
+        }
+        let mut x = match (part.first, hidden) {
+            (true, None) => self.model.embed(&self.store, &batch.tokens),
+            (false, Some(x)) if x.len() == batch.tokens.len() * h => x,
+            (false, Some(x)) => {
+                return Err(EvalError::Request(format!(
+                    "{} hidden values for {} tokens of width {h}",
+                    x.len(),
+                    batch.tokens.len()
+                )))
+            }
+            (true, Some(_)) => {
+                return Err(EvalError::Request(
+                    "the first stage takes tokens, not hidden states".into(),
+                ))
+            }
+            (false, None) => {
+                return Err(EvalError::Request(
+                    "this stage needs the previous stage's hidden states".into(),
+                ))
+            }
+        };
+        self.model.forward_layers(&self.store, &mut x, batch.seq);
+        Ok(if part.last {
+            StageOutput::Nll(self.model.head_nll(
+                &self.store,
+                &x,
+                &batch.tokens,
+                batch.seq,
+                batch.scored,
+            ))
+        } else {
+            StageOutput::Hidden(x)
+        })
+    }
+
+    /// The part of the model this process holds.
+    pub fn part(&self) -> &Part {
+        &self.model.part
     }
 
     /// Whether one batch per thread fits in [`PARALLEL_BATCH_BYTES`] of activations.

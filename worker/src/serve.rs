@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ckmerge_common::protocol::{
-    self, DatasetScore, EvalReply, EvalRequest, LoadReport, LoadSpec, Secret, WorkerApi,
-    WorkerApiClient, WorkerInfo, WorkerStatus,
+    self, DatasetScore, EvalReply, EvalRequest, LoadReport, LoadSpec, Secret, StageRequest,
+    WorkerApi, WorkerApiClient, WorkerInfo, WorkerStatus, PROTOCOL_VERSION,
 };
 use std::panic::AssertUnwindSafe;
 
@@ -23,7 +23,7 @@ use tarpc::server::{BaseChannel, Channel};
 use tokio::net::TcpListener;
 
 use crate::data::TokenBits;
-use crate::eval::{EvalOptions, Evaluator};
+use crate::eval::{Batch, EvalOptions, Evaluator, StageOutput};
 use crate::groups::{assign, GroupSpec};
 
 struct Loaded {
@@ -31,6 +31,10 @@ struct Loaded {
     report: LoadReport,
     ev: Option<Arc<std::sync::Mutex<Evaluator>>>,
     group_of: Option<Vec<usize>>,
+    /// The next pipeline stage's worker, on every stage but the last.
+    next: Option<WorkerApiClient>,
+    /// Stages of the pipeline this worker heads or belongs to (1: the whole model).
+    stages: usize,
 }
 
 struct Inner {
@@ -44,6 +48,8 @@ struct Inner {
     shutdown: tokio::sync::Notify,
     info: WorkerInfo,
     bench_cost: Option<Duration>,
+    /// The run's secret, for connecting to the next pipeline stage (TCP workers only).
+    secret: Option<Secret>,
 }
 
 /// A worker's state, cheap to clone (tarpc clones the service per request).
@@ -65,6 +71,12 @@ impl WorkerService {
     /// this long and returns a fixed smooth function of the weights, so the scheduling
     /// overhead can be measured against evaluations of known cost. Never used by a search.
     pub fn new(bench_cost: Option<Duration>) -> WorkerService {
+        WorkerService::with_secret(bench_cost, None)
+    }
+
+    /// A worker that can head or join a pipeline: it connects to the next stage with
+    /// `secret`, the run's secret it also accepts connections with.
+    pub fn with_secret(bench_cost: Option<Duration>, secret: Option<Secret>) -> WorkerService {
         let threads = rayon::current_num_threads();
         WorkerService {
             inner: Arc::new(Inner {
@@ -86,6 +98,7 @@ impl WorkerService {
                     },
                 },
                 bench_cost,
+                secret,
             }),
         }
     }
@@ -108,6 +121,7 @@ impl WorkerService {
                 Some(32) => Some(TokenBits::U32),
                 Some(b) => return Err(format!("token_bits {b}: use 16 or 32")),
             },
+            stage: stage_of(spec).filter(|&(_, n)| n > 1),
         };
         let ev =
             Evaluator::load(&spec.checkpoints, &spec.datasets, &opts).map_err(|e| e.to_string())?;
@@ -139,6 +153,8 @@ impl WorkerService {
             report,
             ev: Some(Arc::new(std::sync::Mutex::new(ev))),
             group_of,
+            next: None,
+            stages: stage_of(spec).map_or(1, |(_, n)| n),
         })
     }
 
@@ -157,6 +173,30 @@ impl WorkerService {
     }
 }
 
+/// The pipeline stage a load spec asks for: given by the previous stage, or stage 0 of
+/// 1 + the number of further stages for a pipeline's head; None for a whole model.
+fn stage_of(spec: &LoadSpec) -> Option<(usize, usize)> {
+    spec.stage
+        .or((!spec.pipeline.is_empty()).then(|| (0, spec.pipeline.len() + 1)))
+}
+
+/// Merges the trial's weights: one vector, or one per tensor group.
+fn apply_weights(
+    ev: &mut Evaluator,
+    group_of: Option<&[usize]>,
+    weights: &[Vec<f32>],
+) -> Result<(), String> {
+    match group_of {
+        None if weights.len() == 1 => ev.set_weights(&weights[0]),
+        None => Err(crate::eval::EvalError::Request(format!(
+            "{} weight vectors but no tensor groups were loaded",
+            weights.len()
+        ))),
+        Some(g) => ev.set_group_weights(g, weights),
+    }
+    .map_err(|e| e.to_string())
+}
+
 /// A panic's message, for an error reply.
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     let what = p
@@ -170,15 +210,22 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 impl WorkerApi for WorkerService {
     // A panic in a handler would drop its reply and leave the coordinator waiting for
     // the deadline; catching it turns it into an error reply at once.
-    async fn load(self, _: Context, spec: LoadSpec) -> Result<LoadReport, String> {
-        AssertUnwindSafe(self.load_inner(spec))
+    async fn load(self, ctx: Context, spec: LoadSpec) -> Result<LoadReport, String> {
+        AssertUnwindSafe(self.load_inner(ctx, spec))
             .catch_unwind()
             .await
             .unwrap_or_else(|p| Err(panic_message(p)))
     }
 
-    async fn evaluate(self, _: Context, req: EvalRequest) -> Result<EvalReply, String> {
-        AssertUnwindSafe(self.evaluate_inner(req))
+    async fn evaluate(self, ctx: Context, req: EvalRequest) -> Result<EvalReply, String> {
+        AssertUnwindSafe(self.evaluate_inner(ctx, req))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|p| Err(panic_message(p)))
+    }
+
+    async fn stage_forward(self, ctx: Context, req: StageRequest) -> Result<f64, String> {
+        AssertUnwindSafe(self.stage_forward_inner(ctx, req))
             .catch_unwind()
             .await
             .unwrap_or_else(|p| Err(panic_message(p)))
@@ -190,9 +237,21 @@ impl WorkerApi for WorkerService {
 
     async fn shutdown(self, _: Context) {
         tracing::info!("shutdown requested");
-        // Let the reply go out before the process exits.
+        // Let the reply go out before the process exits. A pipeline's head passes the
+        // request on, so the whole group ends with it.
         let inner = self.inner.clone();
         tokio::spawn(async move {
+            let next = match tokio::time::timeout(Duration::from_secs(1), inner.loaded.lock()).await
+            {
+                Ok(g) => g.as_ref().and_then(|l| l.next.clone()),
+                Err(_) => None,
+            };
+            if let Some(next) = next {
+                let ctx = protocol::context_with_timeout(Duration::from_secs(2));
+                if let Err(e) = next.shutdown(ctx).await {
+                    tracing::warn!("could not shut the next pipeline stage down: {e}");
+                }
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
             inner.shutdown.notify_one();
         });
@@ -200,7 +259,8 @@ impl WorkerApi for WorkerService {
 }
 
 impl WorkerService {
-    async fn load_inner(self, spec: LoadSpec) -> Result<LoadReport, String> {
+    async fn load_inner(self, ctx: Context, spec: LoadSpec) -> Result<LoadReport, String> {
+        let t0 = Instant::now();
         let mut guard = self.inner.loaded.lock().await;
         if let Some(l) = guard.as_ref().filter(|l| l.spec == spec) {
             let mut r = l.report.clone();
@@ -229,12 +289,45 @@ impl WorkerService {
                 spec,
                 ev: None,
                 group_of: None,
+                next: None,
+                stages: 1,
             }
         } else {
+            if let Some((i, n)) = stage_of(&spec) {
+                if spec.pipeline.len() + i + 1 != n {
+                    return Err(format!(
+                        "stage {i} of {n} was given {} further stage addresses",
+                        spec.pipeline.len()
+                    ));
+                }
+            }
             let s = spec.clone();
-            tokio::task::spawn_blocking(move || Self::load_blocking(&s, info))
+            let mut loaded = tokio::task::spawn_blocking(move || Self::load_blocking(&s, info))
                 .await
-                .map_err(|e| format!("loading panicked: {e}"))??
+                .map_err(|e| format!("loading panicked: {e}"))??;
+            if let Some(addr) = spec.pipeline.first() {
+                let (next, report) = self.load_next_stage(&ctx, &spec, addr).await?;
+                loaded.report.parameters += report.parameters;
+                loaded.report.rss_bytes += report.rss_bytes;
+                loaded.report.seconds = t0.elapsed().as_secs_f64();
+                loaded.report.info.device = format!(
+                    "{}; then {addr}: {}",
+                    loaded.report.info.device, report.info.device
+                );
+                loaded.next = Some(next);
+            }
+            if let Some((i, n)) = stage_of(&spec) {
+                let (first, last) = {
+                    let ev = loaded.ev.as_ref().expect("loaded").lock().expect("fresh");
+                    (ev.part().layers.start, ev.part().layers.end)
+                };
+                loaded.report.info.device = format!(
+                    "stage {}/{n} (layers {first}..{last}) {}",
+                    i + 1,
+                    loaded.report.info.device
+                );
+            }
+            loaded
         };
         tracing::info!(
             "loaded {} checkpoints in {:.2} s, {} MB resident",
@@ -248,7 +341,7 @@ impl WorkerService {
         Ok(report)
     }
 
-    async fn evaluate_inner(self, req: EvalRequest) -> Result<EvalReply, String> {
+    async fn evaluate_inner(self, ctx: Context, req: EvalRequest) -> Result<EvalReply, String> {
         let t0 = Instant::now();
         self.inner.queued.fetch_add(1, Ordering::SeqCst);
         let waiting = CountGuard(&self.inner.queued);
@@ -276,21 +369,25 @@ impl WorkerService {
                 tokens_per_s: 0.0,
                 queued_seconds,
             })
+        } else if let Some(next) = loaded.next.clone() {
+            let ev = loaded.ev.clone().expect("loaded outside benchmark mode");
+            Self::evaluate_pipeline(
+                ev,
+                loaded.group_of.clone(),
+                next,
+                loaded.stages,
+                ctx,
+                req,
+                queued_seconds,
+            )
+            .await
         } else {
             let ev = loaded.ev.clone().expect("loaded outside benchmark mode");
             let group_of = loaded.group_of.clone();
             tokio::task::spawn_blocking(move || {
                 let mut ev = ev.lock().map_err(|_| "evaluator poisoned by a panic")?;
                 let t = Instant::now();
-                match &group_of {
-                    None if req.weights.len() == 1 => ev.set_weights(&req.weights[0]),
-                    None => Err(crate::eval::EvalError::Request(format!(
-                        "{} weight vectors but no tensor groups were loaded",
-                        req.weights.len()
-                    ))),
-                    Some(g) => ev.set_group_weights(g, &req.weights),
-                }
-                .map_err(|e| e.to_string())?;
+                apply_weights(&mut ev, group_of.as_deref(), &req.weights)?;
                 let merge_seconds = t.elapsed().as_secs_f64();
                 let n = if req.all_datasets {
                     ev.datasets.len()
@@ -326,6 +423,179 @@ impl WorkerService {
         self.inner.evaluations.fetch_add(1, Ordering::SeqCst);
         drop(guard);
         result
+    }
+
+    /// Connects to the next stage and loads the rest of the pipeline onto it (it loads the
+    /// stage after it in turn, before answering).
+    async fn load_next_stage(
+        &self,
+        ctx: &Context,
+        spec: &LoadSpec,
+        addr: &str,
+    ) -> Result<(WorkerApiClient, LoadReport), String> {
+        let secret = self.inner.secret.as_ref().ok_or(
+            "a pipeline needs TCP workers (`ckmerge worker`), which hold the run's secret",
+        )?;
+        let next = protocol::connect(addr, secret, PROTOCOL_VERSION)
+            .await
+            .map_err(|e| format!("next pipeline stage {addr}: {e}"))?;
+        let (i, n) = stage_of(spec).expect("a pipeline has stages");
+        let mut s = spec.clone();
+        s.stage = Some((i + 1, n));
+        s.pipeline.remove(0);
+        let mut c = tarpc::context::current();
+        c.deadline = ctx.deadline;
+        let report = next
+            .load(c, s)
+            .await
+            .map_err(|e| format!("next pipeline stage {addr}: {e}"))?
+            .map_err(|e| format!("next pipeline stage {addr}: {e}"))?;
+        Ok((next, report))
+    }
+
+    /// The head of a pipeline: merges its own layers, then streams batches through its
+    /// layers and on to the next stage, keeping one batch in flight per stage so stages
+    /// work at once. Per-batch NLLs come back in order and are added in window order, so
+    /// the score equals a single worker's bit for bit.
+    async fn evaluate_pipeline(
+        ev: Arc<std::sync::Mutex<Evaluator>>,
+        group_of: Option<Vec<usize>>,
+        next: WorkerApiClient,
+        stages: usize,
+        ctx: Context,
+        req: EvalRequest,
+        queued_seconds: f64,
+    ) -> Result<EvalReply, String> {
+        let t = Instant::now();
+        let (e, g, w) = (ev.clone(), group_of.clone(), req.weights.clone());
+        let n_sets = tokio::task::spawn_blocking(move || {
+            let mut ev = e.lock().map_err(|_| "evaluator poisoned by a panic")?;
+            apply_weights(&mut ev, g.as_deref(), &w)?;
+            Ok::<_, String>(if req.all_datasets {
+                ev.datasets.len()
+            } else {
+                1
+            })
+        })
+        .await
+        .map_err(|e| format!("merge panicked: {e}"))??;
+        let merge_seconds = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let (mut through, mut scores) = (0.0, Vec::new());
+        for d in 0..n_sets {
+            let t_set = Instant::now();
+            let (batches, name) = {
+                let ev = ev.lock().map_err(|_| "evaluator poisoned by a panic")?;
+                (ev.batches(d), ev.datasets[d].name.clone())
+            };
+            let nll: Vec<f64> = futures::stream::iter(batches.iter().cloned().map(|b| {
+                let (ev, next, weights) = (ev.clone(), next.clone(), req.weights.clone());
+                async move {
+                    let (b, out) = tokio::task::spawn_blocking(move || {
+                        let ev = ev.lock().map_err(|_| "evaluator poisoned by a panic")?;
+                        let out = ev.stage_forward(&b, None).map_err(|e| e.to_string())?;
+                        Ok::<_, String>((b, out))
+                    })
+                    .await
+                    .map_err(|e| format!("stage panicked: {e}"))??;
+                    match out {
+                        StageOutput::Nll(n) => Ok(n),
+                        StageOutput::Hidden(hidden) => {
+                            let mut c = tarpc::context::current();
+                            c.deadline = ctx.deadline;
+                            let req = StageRequest {
+                                weights,
+                                tokens: b.tokens,
+                                seq: b.seq,
+                                scored: b.scored,
+                                hidden,
+                            };
+                            next.stage_forward(c, req)
+                                .await
+                                .map_err(|e| format!("next pipeline stage: {e}"))?
+                        }
+                    }
+                }
+            }))
+            .buffered(stages.max(2))
+            .collect::<Vec<Result<f64, String>>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+            let r = Evaluator::result(&batches, &nll, t_set.elapsed().as_secs_f64());
+            through += r.tokens_per_s * r.seconds;
+            scores.push(DatasetScore {
+                name,
+                tokens: r.tokens,
+                mean_nll: r.mean_nll,
+                perplexity: r.perplexity,
+            });
+        }
+        let eval_seconds = t.elapsed().as_secs_f64();
+        Ok(EvalReply {
+            trial: req.trial,
+            scores,
+            merge_seconds,
+            eval_seconds,
+            tokens_per_s: through / eval_seconds.max(1e-9),
+            queued_seconds,
+        })
+    }
+
+    /// A later stage: merge this trial's weights into its layers (once per trial), run
+    /// them, and pass the result on or score it.
+    async fn stage_forward_inner(self, ctx: Context, req: StageRequest) -> Result<f64, String> {
+        let (ev, group_of, next) = {
+            let guard = self.inner.loaded.lock().await;
+            let l = guard
+                .as_ref()
+                .ok_or("this pipeline stage has nothing loaded; load the pipeline's head again")?;
+            (
+                l.ev.clone().ok_or("benchmark-mode workers hold no model")?,
+                l.group_of.clone(),
+                l.next.clone(),
+            )
+        };
+        let batch = Batch {
+            tokens: req.tokens,
+            seq: req.seq,
+            scored: req.scored,
+        };
+        let weights = req.weights.clone();
+        let hidden = req.hidden;
+        let (batch, out) = tokio::task::spawn_blocking(move || {
+            let mut ev = ev.lock().map_err(|_| "evaluator poisoned by a panic")?;
+            if ev.part().first {
+                return Err("stage_forward sent to the first stage of a pipeline".to_string());
+            }
+            apply_weights(&mut ev, group_of.as_deref(), &weights)?;
+            let out = ev
+                .stage_forward(&batch, Some(hidden))
+                .map_err(|e| e.to_string())?;
+            Ok((batch, out))
+        })
+        .await
+        .map_err(|e| format!("stage panicked: {e}"))??;
+        match (out, next) {
+            (StageOutput::Nll(n), _) => Ok(n),
+            (StageOutput::Hidden(hidden), Some(next)) => {
+                let mut c = tarpc::context::current();
+                c.deadline = ctx.deadline;
+                let req = StageRequest {
+                    weights: req.weights,
+                    tokens: batch.tokens,
+                    seq: batch.seq,
+                    scored: batch.scored,
+                    hidden,
+                };
+                next.stage_forward(c, req)
+                    .await
+                    .map_err(|e| format!("next pipeline stage: {e}"))?
+            }
+            (StageOutput::Hidden(_), None) => {
+                Err("a middle pipeline stage has no next stage".into())
+            }
+        }
     }
 
     fn status_now(&self) -> WorkerStatus {

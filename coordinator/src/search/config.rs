@@ -105,6 +105,10 @@ pub struct WorkersConfig {
     /// A file of worker addresses, one per line, re-read while the search runs so workers
     /// can join late (a launcher appends to it as they start).
     pub addresses_file: Option<PathBuf>,
+    /// Pipelines for models too big for one worker: each entry lists the workers holding
+    /// consecutive layer ranges, first to last; the coordinator talks to the first and
+    /// treats the whole group as one evaluator. Hidden states go worker to worker.
+    pub pipelines: Vec<Vec<String>>,
     /// In-process workers when no addresses are given (default: 1, see `local_default`).
     pub local: Option<usize>,
     /// The run's shared secret, as a file (else the `CKMERGE_SECRET` variable).
@@ -127,6 +131,7 @@ impl Default for WorkersConfig {
         WorkersConfig {
             addresses: Vec::new(),
             addresses_file: None,
+            pipelines: Vec::new(),
             local: None,
             secret_file: None,
             deadline_s: 3600.0,
@@ -339,6 +344,8 @@ impl SearchConfig {
                 SpaceConfig::Groups { groups } => groups.clone(),
                 _ => Vec::new(),
             },
+            pipeline: Vec::new(),
+            stage: None,
         }
     }
 
@@ -367,6 +374,15 @@ impl SearchConfig {
                 bail!(
                     "data.seq_len = {s} exceeds the model's max_position_embeddings ({})",
                     mc.max_positions
+                );
+            }
+        }
+        for (k, p) in self.workers.pipelines.iter().enumerate() {
+            if p.len() < 2 || p.len() > mc.layers {
+                bail!(
+                    "workers.pipelines[{k}] lists {} workers; a pipeline has 2 to {} stages (one per layer at most) — list a single worker under workers.addresses",
+                    p.len(),
+                    mc.layers
                 );
             }
         }

@@ -226,7 +226,9 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
         cfg.datasets().len(),
         if cfg.datasets().len() == 1 { "" } else { "s" }
     );
-    let remote = !cfg.workers.addresses.is_empty() || cfg.workers.addresses_file.is_some();
+    let remote = !cfg.workers.addresses.is_empty()
+        || !cfg.workers.pipelines.is_empty()
+        || cfg.workers.addresses_file.is_some();
     let secret = if remote {
         Some(
             Secret::load(

@@ -48,7 +48,8 @@ enum State {
 }
 
 enum Kind {
-    Remote(String),
+    /// A worker's address, and the addresses of the further stages it heads (if any).
+    Remote(String, Vec<String>),
     Local(WorkerService),
 }
 
@@ -238,14 +239,20 @@ impl Scheduler {
             );
             s.queue.push_back(r.id);
         }
-        if s.cfg.workers.addresses.is_empty() && s.cfg.workers.addresses_file.is_none() {
+        if s.cfg.workers.addresses.is_empty()
+            && s.cfg.workers.pipelines.is_empty()
+            && s.cfg.workers.addresses_file.is_none()
+        {
             let n = s.cfg.workers.local.unwrap_or(1).max(1);
             for i in 0..n {
                 s.add_slot(format!("local-{i}"), Kind::Local(WorkerService::new(None)));
             }
         } else {
             for a in s.cfg.workers.addresses.clone() {
-                s.add_slot(a.clone(), Kind::Remote(a));
+                s.add_slot(a.clone(), Kind::Remote(a, Vec::new()));
+            }
+            for p in s.cfg.workers.pipelines.clone() {
+                s.add_slot(p.join(" > "), Kind::Remote(p[0].clone(), p[1..].to_vec()));
             }
             s.read_addresses_file();
         }
@@ -283,7 +290,7 @@ impl Scheduler {
         for a in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
             if !self.slots.iter().any(|s| s.name == a) {
                 tracing::info!("worker {a} joined (from {})", f.display());
-                self.add_slot(a.to_string(), Kind::Remote(a.to_string()));
+                self.add_slot(a.to_string(), Kind::Remote(a.to_string(), Vec::new()));
             }
         }
     }
@@ -370,7 +377,7 @@ impl Scheduler {
                 });
                 s.state = State::Connecting;
             }
-            Kind::Remote(addr) => {
+            Kind::Remote(addr, _) => {
                 let Some(secret) = self.secret.clone() else {
                     s.state = State::Failed;
                     s.last_error = Some("no secret configured".into());
@@ -484,7 +491,10 @@ impl Scheduler {
         let gen = s.gen;
         s.state = State::Loading;
         s.client = Some(client.clone());
-        let spec = self.spec.clone();
+        let mut spec = self.spec.clone();
+        if let Kind::Remote(_, rest) = &s.kind {
+            spec.pipeline = rest.clone();
+        }
         let c = client.clone();
         let h = tokio::spawn(async move {
             let ev = match c.load(context_with_timeout(load_deadline), spec).await {
@@ -509,7 +519,7 @@ impl Scheduler {
             let _ = tx.send(ev);
         });
         s.tasks.push(h.abort_handle());
-        if matches!(s.kind, Kind::Remote(_)) {
+        if matches!(s.kind, Kind::Remote(..)) {
             let tx = self.tx.clone();
             let h = tokio::spawn(async move {
                 let mut last_ok = Instant::now();
@@ -559,7 +569,7 @@ impl Scheduler {
             _ => None,
         };
         match s.kind {
-            Kind::Remote(_) => {
+            Kind::Remote(..) => {
                 s.state = State::Down;
                 s.retry_at = Instant::now() + s.backoff;
             }
@@ -958,7 +968,7 @@ impl Scheduler {
         let mut calls = Vec::new();
         for s in &mut self.slots {
             s.stop_tasks();
-            if let (Kind::Remote(_), Some(c)) = (&s.kind, s.client.take()) {
+            if let (Kind::Remote(..), Some(c)) = (&s.kind, s.client.take()) {
                 calls.push(async move {
                     let _ = c
                         .shutdown(context_with_timeout(Duration::from_secs(5)))

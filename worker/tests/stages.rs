@@ -1,0 +1,92 @@
+//! A model split into pipeline stages scores exactly what the whole model scores: the
+//! stages run the same layers on the same hidden states, and the per-batch NLLs are
+//! added in the same order. Checked in-process, stage by stage, on both fixture
+//! architectures; `tests/search_cli.rs` checks the same across worker processes.
+
+use std::path::PathBuf;
+
+use ckmerge_worker::eval::{EvalOptions, Evaluator, StageOutput};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trajectory")
+}
+
+fn data() -> Vec<(String, Vec<PathBuf>)> {
+    vec![("heldout".into(), vec![fixtures().join("data/heldout.txt")])]
+}
+
+fn opts(stage: Option<(usize, usize)>) -> EvalOptions {
+    EvalOptions {
+        seq_len: Some(128),
+        max_tokens: Some(4096),
+        batch: Some(4),
+        stage,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn two_stages_give_the_nll_of_the_whole_model() {
+    for arch in ["llama", "neox"] {
+        let ckpts = [
+            fixtures().join(arch).join("step-1250"),
+            fixtures().join(arch).join("step-1500"),
+        ];
+        let w = [0.37f32, 0.63];
+        let mut whole = Evaluator::load(&ckpts, &data(), &opts(None)).unwrap();
+        whole.set_weights(&w).unwrap();
+        let want = whole.score(0);
+
+        let mut s0 = Evaluator::load(&ckpts, &data(), &opts(Some((0, 2)))).unwrap();
+        // Later stages read no data: the first stage sends each batch's tokens.
+        let mut s1 = Evaluator::load(&ckpts, &[], &opts(Some((1, 2)))).unwrap();
+        assert_eq!(s0.part().layers, 0..1);
+        assert_eq!(s1.part().layers, 1..2);
+        assert!(s0.part().first && !s0.part().last && s1.part().last);
+        assert_eq!(
+            s0.parameters() + s1.parameters(),
+            whole.parameters(),
+            "{arch}: every tensor is held by exactly one stage"
+        );
+        s0.set_weights(&w).unwrap();
+        s1.set_weights(&w).unwrap();
+
+        let batches = s0.batches(0);
+        assert!(batches.len() > 1, "several batches, so their order matters");
+        let nll: Vec<f64> = batches
+            .iter()
+            .map(|b| {
+                let StageOutput::Hidden(h) = s0.stage_forward(b, None).unwrap() else {
+                    panic!("the first of two stages passes hidden states on")
+                };
+                // Tokens without hidden states, or the other way round, are refused.
+                assert!(s1.stage_forward(b, None).is_err());
+                assert!(s0.stage_forward(b, Some(h.clone())).is_err());
+                let StageOutput::Nll(n) = s1.stage_forward(b, Some(h)).unwrap() else {
+                    panic!("the last stage scores")
+                };
+                n
+            })
+            .collect();
+        let got = Evaluator::result(&batches, &nll, 1.0);
+        assert_eq!(got.tokens, want.tokens, "{arch}");
+        assert_eq!(
+            got.mean_nll.to_bits(),
+            want.mean_nll.to_bits(),
+            "{arch}: pipeline {} vs whole model {}",
+            got.mean_nll,
+            want.mean_nll
+        );
+    }
+}
+
+#[test]
+fn impossible_stage_splits_are_refused() {
+    let ckpts = [fixtures().join("llama/step-1250")];
+    for stage in [(0, 3), (2, 2), (0, 0)] {
+        let e = Evaluator::load(&ckpts, &data(), &opts(Some(stage)))
+            .err()
+            .unwrap_or_else(|| panic!("stage {stage:?} of a 2-layer model was accepted"));
+        assert!(e.to_string().contains("2 layers"), "{e}");
+    }
+}
