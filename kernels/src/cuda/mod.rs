@@ -14,6 +14,7 @@
 
 pub mod device;
 pub mod merge;
+pub mod ops;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -111,6 +112,7 @@ impl Module {
                         "gather_heads",
                         "scatter_heads",
                         "causal_softmax",
+                        "gather_rows",
                     ] {
                         k.push(format!("{f}_{d}"));
                     }

@@ -199,6 +199,15 @@ nll_rows(const float* logits, const u32* targets, double* nll, int vocab) {
     if (threadIdx.x == 0) nll[r] = (double)m + log((double)s) - (double)row[targets[r]];
 }
 
+// dst[i, :] = src[idx[i], :] (the scored rows, before the output head). Grid: idx rows.
+template <typename O>
+__device__ void gather_rows(const typename Storage<O>::T* src, const u32* idx,
+                            typename Storage<O>::T* dst, int h) {
+    const u64 r = blockIdx.x;
+    const typename Storage<O>::T* row = src + (u64)idx[r] * h;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) dst[r * h + i] = row[i];
+}
+
 // x += y (residual add), f32.
 extern "C" __global__ void add_f32(float* x, const float* y, u64 n) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
@@ -243,6 +252,10 @@ extern "C" __global__ void gather_heads_##NAME(const float* src, int row_stride,
 extern "C" __global__ void scatter_heads_##NAME(const float* src, Storage<TAG>::T* dst, int batch, \
         int seq, int heads, int hd) {                                                           \
     scatter_heads<TAG>(src, dst, batch, seq, heads, hd);                                          \
+}                                                                                               \
+extern "C" __global__ void gather_rows_##NAME(const Storage<TAG>::T* src, const u32* idx,          \
+                                              Storage<TAG>::T* dst, int h) {                    \
+    gather_rows<TAG>(src, idx, dst, h);                                                         \
 }                                                                                               \
 extern "C" __global__ void __launch_bounds__(BLOCK)                                             \
 causal_softmax_##NAME(const float* scores, Storage<TAG>::T* probs, int seq) {                     \

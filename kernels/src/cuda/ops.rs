@@ -1,0 +1,357 @@
+//! Host wrappers for the forward-pass kernels (`ops.cu`) and the cuBLAS GEMMs, on raw
+//! device pointers. Everything is enqueued on the GPU's one stream, so operations run in
+//! the order they are called and buffers need no event tracking; the caller owns the
+//! buffers (as `CudaSlice`s) and keeps them alive until the stream is synchronised.
+//!
+//! Each wrapper names its CPU reference in `crate::ops`; `kernels/tests/gpu_parity.rs`
+//! holds every one to it.
+
+use std::ffi::c_void;
+
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+
+use ckmerge_common::DType;
+
+use super::device::Gpu;
+use super::merge::dtype_name;
+use super::GpuError;
+
+/// A device address (the caller keeps the allocation alive).
+pub type Ptr = u64;
+
+/// The device address of `s`.
+pub fn ptr<T>(gpu: &Gpu, s: &CudaSlice<T>) -> Ptr {
+    s.device_ptr(&gpu.stream).0
+}
+
+const BLOCK: u32 = 256;
+
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Grid-stride launches: enough blocks to fill any current GPU, no more.
+fn flat_cfg(n: u64) -> LaunchConfig {
+    let blocks = n.div_ceil(BLOCK as u64).clamp(1, 65_536) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Binds each argument to a local first: the launch builder keeps pointers to them.
+macro_rules! launch {
+    ($gpu:expr, $name:expr, $cfg:expr; $($arg:ident = $val:expr),* $(,)?) => {{
+        // Name and shape first: the argument bindings below may shadow what they use.
+        let name: String = $name;
+        let cfg: LaunchConfig = $cfg;
+        $(#[allow(clippy::redundant_locals)] let $arg = $val;)*
+        let f = $gpu.func(&name);
+        let mut b = $gpu.stream.launch_builder(f);
+        $(b.arg(&$arg);)*
+        // SAFETY: the argument list matches the kernel's signature in ops.cu (checked by
+        // the parity tests), pointers are live device buffers sized by the caller.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(GpuError::from)
+    }};
+}
+
+fn rows_i32(n: usize, what: &str) -> Result<i32, GpuError> {
+    i32::try_from(n).map_err(|_| GpuError::Request(format!("{what} = {n} exceeds i32")))
+}
+
+/// `x[r] = table[tokens[r]]` widened to f32 (embedding lookup).
+pub fn embed(
+    gpu: &Gpu,
+    dt: DType,
+    tokens: Ptr,
+    table: Ptr,
+    x: Ptr,
+    rows: usize,
+    h: usize,
+) -> Result<(), GpuError> {
+    launch!(gpu, format!("embed_{}", dtype_name(dt)), rows_cfg(rows);
+        tokens = tokens, table = table, x = x, h = rows_i32(h, "hidden")?)
+}
+
+/// RMSNorm rows of `h` (ops::rms_norm); weights `wd`, output `od`.
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm(
+    gpu: &Gpu,
+    wd: DType,
+    od: DType,
+    x: Ptr,
+    w: Ptr,
+    eps: f32,
+    out: Ptr,
+    rows: usize,
+    h: usize,
+) -> Result<(), GpuError> {
+    launch!(gpu, format!("rms_norm_{}_{}", dtype_name(wd), dtype_name(od)), rows_cfg(rows);
+        x = x, w = w, eps = eps, out = out, h = rows_i32(h, "hidden")?)
+}
+
+/// LayerNorm rows of `h` (ops::layer_norm).
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm(
+    gpu: &Gpu,
+    wd: DType,
+    od: DType,
+    x: Ptr,
+    w: Ptr,
+    b: Ptr,
+    eps: f32,
+    out: Ptr,
+    rows: usize,
+    h: usize,
+) -> Result<(), GpuError> {
+    launch!(gpu, format!("layer_norm_{}_{}", dtype_name(wd), dtype_name(od)), rows_cfg(rows);
+        x = x, w = w, b = b, eps = eps, out = out, h = rows_i32(h, "hidden")?)
+}
+
+/// `y[r, j] += bias[j]` for `rows` rows of `n`.
+pub fn add_bias(
+    gpu: &Gpu,
+    wd: DType,
+    y: Ptr,
+    bias: Ptr,
+    rows: usize,
+    n: usize,
+) -> Result<(), GpuError> {
+    launch!(gpu, format!("add_bias_{}", dtype_name(wd)), flat_cfg((rows * n) as u64);
+        y = y, bias = bias, rows = rows as u64, n = rows_i32(n, "width")?)
+}
+
+/// `x += y` over `n` f32s (ops::add_in_place).
+pub fn add(gpu: &Gpu, x: Ptr, y: Ptr, n: usize) -> Result<(), GpuError> {
+    launch!(gpu, "add_f32".to_string(), flat_cfg(n as u64); x = x, y = y, n = n as u64)
+}
+
+/// f32 to the compute dtype.
+pub fn to_compute(gpu: &Gpu, od: DType, x: Ptr, out: Ptr, n: usize) -> Result<(), GpuError> {
+    launch!(gpu, format!("to_compute_{}", dtype_name(od)), flat_cfg(n as u64);
+        x = x, out = out, n = n as u64)
+}
+
+/// Activation codes of `act_mul` in ops.cu.
+pub fn act_code(a: crate::ops::Activation) -> i32 {
+    match a {
+        crate::ops::Activation::Silu => 0,
+        crate::ops::Activation::Gelu => 1,
+        crate::ops::Activation::GeluTanh => 2,
+        crate::ops::Activation::Relu => 3,
+    }
+}
+
+/// `out = act(x) * up` (`up` 0: no multiply) in the compute dtype (ops::activate,
+/// ops::silu_mul).
+#[allow(clippy::too_many_arguments)]
+pub fn act_mul(
+    gpu: &Gpu,
+    od: DType,
+    x: Ptr,
+    up: Ptr,
+    act: crate::ops::Activation,
+    out: Ptr,
+    n: usize,
+) -> Result<(), GpuError> {
+    launch!(gpu, format!("act_mul_{}", dtype_name(od)), flat_cfg(n as u64);
+        x = x, up = up, kind = act_code(act), out = out, n = n as u64)
+}
+
+/// Where one attention operand sits in a projection's output rows (see `gather_heads`).
+#[derive(Clone, Copy, Debug)]
+pub struct Operand {
+    pub row_stride: usize,
+    pub offset: usize,
+    pub head_stride: usize,
+    /// Source heads (key/value heads for grouped-query attention).
+    pub heads: usize,
+}
+
+/// Gathers an operand into `[batch, heads, seq, hd]` in the compute dtype, repeating
+/// key/value heads `heads / src.heads` times and applying rotary embeddings to the first
+/// `rot_dim` dims (0: none) — ops::apply_rope's rotate_half convention.
+#[allow(clippy::too_many_arguments)]
+pub fn gather_heads(
+    gpu: &Gpu,
+    od: DType,
+    src: Ptr,
+    op: Operand,
+    dst: Ptr,
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    hd: usize,
+    rot_dim: usize,
+    cos: Ptr,
+    sin: Ptr,
+) -> Result<(), GpuError> {
+    let n = (batch * heads * seq * hd) as u64;
+    let group = (heads / op.heads) as i32;
+    launch!(gpu, format!("gather_heads_{}", dtype_name(od)), flat_cfg(n);
+        src = src, row_stride = rows_i32(op.row_stride, "row stride")?, offset = op.offset as i32,
+        head_stride = op.head_stride as i32, dst = dst, batch = batch as i32, seq = seq as i32,
+        heads = heads as i32, group = group, hd = hd as i32,
+        rot_dim = rot_dim as i32, cos = cos, sin = sin)
+}
+
+/// `[batch, heads, seq, hd]` f32 back to rows `[batch * seq, heads * hd]`.
+#[allow(clippy::too_many_arguments)]
+pub fn scatter_heads(
+    gpu: &Gpu,
+    od: DType,
+    src: Ptr,
+    dst: Ptr,
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    hd: usize,
+) -> Result<(), GpuError> {
+    let n = (batch * heads * seq * hd) as u64;
+    launch!(gpu, format!("scatter_heads_{}", dtype_name(od)), flat_cfg(n);
+        src = src, dst = dst, batch = batch as i32, seq = seq as i32, heads = heads as i32, hd = hd as i32)
+}
+
+/// Causal softmax over `rows` score rows of `seq` (ops::causal_attention's softmax).
+pub fn causal_softmax(
+    gpu: &Gpu,
+    od: DType,
+    scores: Ptr,
+    probs: Ptr,
+    rows: usize,
+    seq: usize,
+) -> Result<(), GpuError> {
+    launch!(gpu, format!("causal_softmax_{}", dtype_name(od)), rows_cfg(rows);
+        scores = scores, probs = probs, seq = seq as i32)
+}
+
+/// `dst[i] = src[idx[i]]`, rows of `h` in the compute dtype.
+pub fn gather_rows(
+    gpu: &Gpu,
+    od: DType,
+    src: Ptr,
+    idx: Ptr,
+    dst: Ptr,
+    n: usize,
+    h: usize,
+) -> Result<(), GpuError> {
+    launch!(gpu, format!("gather_rows_{}", dtype_name(od)), rows_cfg(n);
+        src = src, idx = idx, dst = dst, h = h as i32)
+}
+
+/// Per-row NLL (f64) of `targets` under softmax of f32 logit rows (ops::nll_sum).
+pub fn nll_rows(
+    gpu: &Gpu,
+    logits: Ptr,
+    targets: Ptr,
+    out: Ptr,
+    rows: usize,
+    vocab: usize,
+) -> Result<(), GpuError> {
+    launch!(gpu, "nll_rows".to_string(), rows_cfg(rows);
+        logits = logits, targets = targets, out = out, vocab = rows_i32(vocab, "vocab")?)
+}
+
+fn cuda_type(d: DType) -> blas_sys::cudaDataType {
+    match d {
+        DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+        DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+        DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+    }
+}
+
+/// One GEMM description in row-major terms: `C[m, n] = alpha * A[m, k] * op(B) + beta * C`,
+/// `op(B) = B^T` with `B` stored `[n, k]` (a weight, as in `nn.Linear`) when `b_trans`,
+/// else `B` stored `[k, n]`. Leading dimensions are row strides. `A` and `B` in `ab`
+/// (bf16, f16 or f32), `C` in f32, accumulation in f32 (TF32 is not used for f32 inputs:
+/// cuBLAS's default math mode).
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub ab: DType,
+    pub b_trans: bool,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl Gemm {
+    /// `C[m, n] = A[m, k] W[n, k]^T` (a linear layer without bias).
+    pub fn linear(m: usize, n: usize, k: usize, ab: DType) -> Gemm {
+        Gemm {
+            m,
+            n,
+            k,
+            ab,
+            b_trans: true,
+            lda: k,
+            ldb: k,
+            ldc: n,
+            alpha: 1.0,
+            beta: 0.0,
+        }
+    }
+
+    /// Runs `count` of them, operands `stride_*` elements apart (count 1: plain GEMM).
+    /// Row-major C = A op(B) is column-major C^T = op(B)^T A^T, so cuBLAS gets B first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        blas: &CudaBlas,
+        a: Ptr,
+        b: Ptr,
+        c: Ptr,
+        count: usize,
+        stride_a: usize,
+        stride_b: usize,
+        stride_c: usize,
+    ) -> Result<(), GpuError> {
+        let int = |v: usize, what: &str| rows_i32(v, what);
+        let op_b = if self.b_trans {
+            blas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            blas_sys::cublasOperation_t::CUBLAS_OP_N
+        };
+        let t = cuda_type(self.ab);
+        let (alpha, beta) = (self.alpha, self.beta);
+        // SAFETY: pointers are live device buffers the caller sized for these shapes.
+        unsafe {
+            blas::gemm_strided_batched_ex(
+                *blas.handle(),
+                op_b,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                int(self.n, "n")?,
+                int(self.m, "m")?,
+                int(self.k, "k")?,
+                &alpha as *const f32 as *const c_void,
+                b as *const c_void,
+                t,
+                int(self.ldb, "ldb")?,
+                stride_b as i64,
+                a as *const c_void,
+                t,
+                int(self.lda, "lda")?,
+                stride_a as i64,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                int(self.ldc, "ldc")?,
+                stride_c as i64,
+                int(count, "batch")?,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+        Ok(())
+    }
+}

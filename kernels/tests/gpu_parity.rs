@@ -1,0 +1,546 @@
+//! Every CUDA kernel against its CPU reference, on fresh random inputs. Runs where a GPU
+//! and its driver are present; elsewhere each test prints why it skipped and passes
+//! (`CKMERGE_REQUIRE_GPU=1`, set by scripts/gpu-check.sh, turns a skip into a failure).
+//!
+//! Tolerances, per output dtype:
+//! - merge: bit-identical to `weighted_sum` (same FMA chain, same rounding);
+//! - embedding, bias, residual add, row gathers: exact;
+//! - norms, activations, softmax, cross-entropy (f32 reductions in another order, CUDA's
+//!   expf/erff): 2e-6 relative + 1e-6 absolute in f32; one ulp in bf16/f16 outputs;
+//! - GEMMs and attention (cuBLAS's accumulation order): 2e-5 relative to the row's
+//!   magnitude in f32; bf16 inputs are compared with the CPU on the same bf16-rounded
+//!   inputs, within 1e-3 relative.
+
+use ckmerge_common::DType;
+use ckmerge_kernels::cuda::device::Gpu;
+use ckmerge_kernels::cuda::merge::{FusedMerge, MergeTensor};
+use ckmerge_kernels::cuda::ops::{self as g, ptr, Gemm, Operand};
+use ckmerge_kernels::merge::{bf16_bits_to_f32, f32_to_bf16_bits_rne};
+use ckmerge_kernels::ops::{self, Activation, HeadLayout};
+use ckmerge_kernels::{weighted_sum, Input};
+use cudarc::driver::CudaSlice;
+use half::f16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn gpu() -> Option<Gpu> {
+    match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            assert!(
+                std::env::var("CKMERGE_REQUIRE_GPU").as_deref() != Ok("1"),
+                "CKMERGE_REQUIRE_GPU=1 but: {e}"
+            );
+            eprintln!("skipping GPU parity test: {e}");
+            None
+        }
+    }
+}
+
+fn rand_f32(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-scale..scale)).collect()
+}
+
+fn encode(dt: DType, x: &[f32]) -> Vec<u8> {
+    match dt {
+        DType::F32 => bytemuck::cast_slice(x).to_vec(),
+        DType::BF16 => x
+            .iter()
+            .flat_map(|&v| f32_to_bf16_bits_rne(v).to_le_bytes())
+            .collect(),
+        DType::F16 => x
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+    }
+}
+
+fn decode(dt: DType, b: &[u8]) -> Vec<f32> {
+    match dt {
+        DType::F32 => bytemuck::cast_slice(b).to_vec(),
+        DType::BF16 => b
+            .chunks_exact(2)
+            .map(|c| bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])))
+            .collect(),
+        DType::F16 => b
+            .chunks_exact(2)
+            .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+    }
+}
+
+/// Values as the dtype stores them (rounded), back in f32.
+fn rounded(dt: DType, x: &[f32]) -> Vec<f32> {
+    decode(dt, &encode(dt, x))
+}
+
+fn up_f32(gpu: &Gpu, x: &[f32]) -> CudaSlice<f32> {
+    gpu.stream.clone_htod(x).unwrap()
+}
+fn up_bytes(gpu: &Gpu, x: &[u8]) -> CudaSlice<u8> {
+    gpu.stream.clone_htod(x).unwrap()
+}
+fn zeros_f32(gpu: &Gpu, n: usize) -> CudaSlice<f32> {
+    gpu.stream.alloc_zeros::<f32>(n.max(1)).unwrap()
+}
+fn zeros_bytes(gpu: &Gpu, n: usize) -> CudaSlice<u8> {
+    gpu.stream.alloc_zeros::<u8>(n.max(1)).unwrap()
+}
+fn down_f32(gpu: &Gpu, x: &CudaSlice<f32>) -> Vec<f32> {
+    gpu.stream.clone_dtoh(x).unwrap()
+}
+fn down_bytes(gpu: &Gpu, x: &CudaSlice<u8>) -> Vec<u8> {
+    gpu.stream.clone_dtoh(x).unwrap()
+}
+
+/// |got - want| <= rel * |want| + abs, elementwise.
+fn close(what: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() <= rel * b.abs() + abs,
+            "{what}: element {i}: GPU {a} vs CPU {b}"
+        );
+    }
+}
+
+/// Within one ulp of the 16-bit dtype at the reference value.
+fn within_ulp(what: &str, dt: DType, got: &[f32], want: &[f32]) {
+    let eps = match dt {
+        DType::BF16 => 2f32.powi(-7),
+        DType::F16 => 2f32.powi(-10),
+        DType::F32 => 2f32.powi(-22),
+    };
+    for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+        let ulp = eps * b.abs().max(f32::MIN_POSITIVE * 1e3);
+        assert!(
+            (a - b).abs() <= ulp * 1.01,
+            "{what}: element {i}: GPU {a} vs CPU {b}"
+        );
+    }
+}
+
+#[test]
+fn merge_is_bit_identical_to_the_cpu_kernel() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let lens = [1usize, 7, 8, 4095, 8195, 100_003];
+    for dt in [DType::BF16, DType::F16, DType::F32] {
+        for n_src in [1usize, 2, 3, 5] {
+            let weights: Vec<f32> = (0..n_src).map(|_| rng.gen_range(-0.5..1.5)).collect();
+            let host: Vec<Vec<Vec<u8>>> = lens
+                .iter()
+                .map(|&n| {
+                    (0..n_src)
+                        .map(|_| encode(dt, &rand_f32(&mut rng, n, 4.0)))
+                        .collect()
+                })
+                .collect();
+            let srcs: Vec<Vec<CudaSlice<u8>>> = host
+                .iter()
+                .map(|t| t.iter().map(|s| up_bytes(&gpu, s)).collect())
+                .collect();
+            let dsts: Vec<CudaSlice<u8>> = lens
+                .iter()
+                .map(|&n| zeros_bytes(&gpu, n * dt.size()))
+                .collect();
+            let tensors: Vec<MergeTensor> = (0..lens.len())
+                .map(|i| MergeTensor {
+                    dtype: dt,
+                    dst: &dsts[i],
+                    srcs: srcs[i].iter().collect(),
+                })
+                .collect();
+            let mut plans = FusedMerge::plan(&gpu, &tensors).unwrap();
+            assert_eq!(plans.len(), 1, "one launch for every tensor of one dtype");
+            plans[0].run(&gpu, &weights).unwrap();
+            gpu.synchronize().unwrap();
+            for (i, &n) in lens.iter().enumerate() {
+                let inputs: Vec<Input> = host[i].iter().map(|b| Input::new(dt, b)).collect();
+                let mut want = vec![0u8; n * dt.size()];
+                weighted_sum(&inputs, &weights, dt, &mut want);
+                let got = down_bytes(&gpu, &dsts[i]);
+                assert!(
+                    got[..want.len()] == want[..],
+                    "{dt} x{n_src}, tensor of {n}: GPU merge differs from the CPU kernel"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn norms_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let (rows, h) = (37, 1000);
+    let x = rand_f32(&mut rng, rows * h, 3.0);
+    for (wd, od) in [
+        (DType::BF16, DType::BF16),
+        (DType::BF16, DType::F32),
+        (DType::F16, DType::F16),
+        (DType::F32, DType::F32),
+    ] {
+        let w = rounded(wd, &rand_f32(&mut rng, h, 1.5));
+        let b = rounded(wd, &rand_f32(&mut rng, h, 0.5));
+        let (dx, dw, db) = (
+            up_f32(&gpu, &x),
+            up_bytes(&gpu, &encode(wd, &w)),
+            up_bytes(&gpu, &encode(wd, &b)),
+        );
+        let out = zeros_bytes(&gpu, rows * h * od.size());
+        for layer in [false, true] {
+            let mut want = vec![0f32; rows * h];
+            if layer {
+                ops::layer_norm(&x, &w, &b, 1e-5, &mut want);
+                g::layer_norm(
+                    &gpu,
+                    wd,
+                    od,
+                    ptr(&gpu, &dx),
+                    ptr(&gpu, &dw),
+                    ptr(&gpu, &db),
+                    1e-5,
+                    ptr(&gpu, &out),
+                    rows,
+                    h,
+                )
+                .unwrap();
+            } else {
+                ops::rms_norm(&x, &w, 1e-5, &mut want);
+                g::rms_norm(
+                    &gpu,
+                    wd,
+                    od,
+                    ptr(&gpu, &dx),
+                    ptr(&gpu, &dw),
+                    1e-5,
+                    ptr(&gpu, &out),
+                    rows,
+                    h,
+                )
+                .unwrap();
+            }
+            let got = decode(od, &down_bytes(&gpu, &out));
+            let what = format!(
+                "{} {wd}->{od}",
+                if layer { "layer_norm" } else { "rms_norm" }
+            );
+            match od {
+                DType::F32 => close(&what, &got, &want, 2e-6, 1e-6),
+                _ => within_ulp(&what, od, &got, &rounded(od, &want)),
+            }
+        }
+    }
+}
+
+#[test]
+fn elementwise_kernels_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (rows, n, vocab) = (19, 513, 50_257);
+    // Embedding lookup, bias, residual add: exact.
+    let table = rounded(DType::BF16, &rand_f32(&mut rng, vocab * 64, 1.0));
+    let tokens: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..vocab as u32)).collect();
+    let dt = up_bytes(&gpu, &encode(DType::BF16, &table));
+    let dtok = gpu.stream.clone_htod(&tokens).unwrap();
+    let x = zeros_f32(&gpu, rows * 64);
+    g::embed(
+        &gpu,
+        DType::BF16,
+        ptr(&gpu, &dtok),
+        ptr(&gpu, &dt),
+        ptr(&gpu, &x),
+        rows,
+        64,
+    )
+    .unwrap();
+    let want: Vec<f32> = tokens
+        .iter()
+        .flat_map(|&t| table[t as usize * 64..(t as usize + 1) * 64].to_vec())
+        .collect();
+    assert_eq!(down_f32(&gpu, &x), want, "embed");
+
+    let y = rand_f32(&mut rng, rows * n, 2.0);
+    let z = rand_f32(&mut rng, rows * n, 2.0);
+    let bias = rounded(DType::F16, &rand_f32(&mut rng, n, 1.0));
+    let (dy, dz, dbias) = (
+        up_f32(&gpu, &y),
+        up_f32(&gpu, &z),
+        up_bytes(&gpu, &encode(DType::F16, &bias)),
+    );
+    g::add(&gpu, ptr(&gpu, &dy), ptr(&gpu, &dz), rows * n).unwrap();
+    g::add_bias(&gpu, DType::F16, ptr(&gpu, &dy), ptr(&gpu, &dbias), rows, n).unwrap();
+    let mut want = y.clone();
+    ops::add_in_place(&mut want, &z);
+    want.chunks_mut(n)
+        .for_each(|r| r.iter_mut().zip(&bias).for_each(|(a, b)| *a += b));
+    assert_eq!(down_f32(&gpu, &dy), want, "add + add_bias");
+
+    // Activations (times `up` where given), written in each compute dtype.
+    for act in [
+        Activation::Silu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::Relu,
+    ] {
+        for od in [DType::F32, DType::BF16] {
+            let out = zeros_bytes(&gpu, rows * n * od.size());
+            g::act_mul(
+                &gpu,
+                od,
+                ptr(&gpu, &dz),
+                ptr(&gpu, &dy),
+                act,
+                ptr(&gpu, &out),
+                rows * n,
+            )
+            .unwrap();
+            let mut want = z.clone();
+            ops::activate(&mut want, act);
+            let y_now = down_f32(&gpu, &dy);
+            want.iter_mut().zip(&y_now).for_each(|(a, u)| *a *= u);
+            let got = decode(od, &down_bytes(&gpu, &out));
+            let what = format!("{act:?} -> {od}");
+            match od {
+                DType::F32 => close(&what, &got, &want, 4e-6, 1e-6),
+                _ => close(&what, &got, &rounded(od, &want), 2f32.powi(-7), 1e-6),
+            }
+        }
+    }
+
+    // Cross-entropy over a large vocabulary, per row in f64.
+    let logits = rand_f32(&mut rng, rows * vocab, 8.0);
+    let targets: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..vocab as u32)).collect();
+    let (dl, dtg) = (
+        up_f32(&gpu, &logits),
+        gpu.stream.clone_htod(&targets).unwrap(),
+    );
+    let dn = gpu.stream.alloc_zeros::<f64>(rows).unwrap();
+    g::nll_rows(
+        &gpu,
+        ptr(&gpu, &dl),
+        ptr(&gpu, &dtg),
+        ptr(&gpu, &dn),
+        rows,
+        vocab,
+    )
+    .unwrap();
+    let got: f64 = gpu.stream.clone_dtoh(&dn).unwrap().iter().sum();
+    let want = ops::nll_sum(&logits, vocab, &targets);
+    assert!(
+        (got - want).abs() <= 1e-6 * want.abs(),
+        "nll: GPU {got} vs CPU {want}"
+    );
+}
+
+#[test]
+fn gemm_matches_the_cpu_linear() {
+    let Some(gpu) = gpu() else { return };
+    let blas = cudarc::cublas::CudaBlas::new(gpu.stream.clone()).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (m, k, n) = (67, 320, 200);
+    for dt in [DType::F32, DType::BF16] {
+        let a = rounded(dt, &rand_f32(&mut rng, m * k, 1.0));
+        let w = rounded(dt, &rand_f32(&mut rng, n * k, 0.2));
+        let (da, dw) = (
+            up_bytes(&gpu, &encode(dt, &a)),
+            up_bytes(&gpu, &encode(dt, &w)),
+        );
+        let dc = zeros_f32(&gpu, m * n);
+        Gemm::linear(m, n, k, dt)
+            .run(
+                &blas,
+                ptr(&gpu, &da),
+                ptr(&gpu, &dw),
+                ptr(&gpu, &dc),
+                1,
+                0,
+                0,
+                0,
+            )
+            .unwrap();
+        let mut want = vec![0f32; m * n];
+        ops::linear(&a, m, k, &w, n, None, &mut want);
+        let got = down_f32(&gpu, &dc);
+        let scale = want.iter().fold(0f32, |s, v| s.max(v.abs()));
+        close(&format!("linear {dt}"), &got, &want, 0.0, 2e-5 * scale);
+    }
+}
+
+/// gather_heads (with rotary) + scores GEMM + causal softmax + values GEMM +
+/// scatter_heads, as the GPU forward pass composes them, against ops::apply_rope +
+/// ops::causal_attention, with grouped-query heads and partial rotary.
+#[test]
+fn attention_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let blas = cudarc::cublas::CudaBlas::new(gpu.stream.clone()).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let (batch, seq, heads, kv, hd, rot) = (2usize, 48usize, 4usize, 2usize, 32usize, 16usize);
+    let rows = batch * seq;
+    let (qd, kvd) = (heads * hd, kv * hd);
+    let inv: Vec<f64> = (0..rot / 2)
+        .map(|i| 10000f64.powf(-(2.0 * i as f64) / rot as f64))
+        .collect();
+    let (cos, sin) = ops::rope_tables(&inv, seq);
+    let q = rand_f32(&mut rng, rows * qd, 1.0);
+    let k = rand_f32(&mut rng, rows * kvd, 1.0);
+    let v = rand_f32(&mut rng, rows * kvd, 1.0);
+    let scale = 1.0 / (hd as f32).sqrt();
+
+    let (mut qr, mut kr) = (q.clone(), k.clone());
+    ops::apply_rope(&mut qr, qd, 0, heads, hd, rot, seq, &cos, &sin);
+    ops::apply_rope(&mut kr, kvd, 0, kv, hd, rot, seq, &cos, &sin);
+    let mut want = vec![0f32; rows * qd];
+    let ql = HeadLayout {
+        row_stride: qd,
+        head_stride: hd,
+    };
+    let kl = HeadLayout {
+        row_stride: kvd,
+        head_stride: hd,
+    };
+    ops::causal_attention(
+        &qr, ql, &kr, &v, kl, &mut want, ql, batch, seq, heads, kv, hd, scale,
+    );
+
+    let od = DType::F32;
+    let (dq, dk, dv) = (up_f32(&gpu, &q), up_f32(&gpu, &k), up_f32(&gpu, &v));
+    let (dcos, dsin) = (up_f32(&gpu, &cos), up_f32(&gpu, &sin));
+    let heads_len = batch * heads * seq * hd;
+    let (qh, kh, vh) = (
+        zeros_f32(&gpu, heads_len),
+        zeros_f32(&gpu, heads_len),
+        zeros_f32(&gpu, heads_len),
+    );
+    let opq = Operand {
+        row_stride: qd,
+        offset: 0,
+        head_stride: hd,
+        heads,
+    };
+    let opk = Operand {
+        row_stride: kvd,
+        offset: 0,
+        head_stride: hd,
+        heads: kv,
+    };
+    let (pc, ps) = (ptr(&gpu, &dcos), ptr(&gpu, &dsin));
+    g::gather_heads(
+        &gpu,
+        od,
+        ptr(&gpu, &dq),
+        opq,
+        ptr(&gpu, &qh),
+        batch,
+        seq,
+        heads,
+        hd,
+        rot,
+        pc,
+        ps,
+    )
+    .unwrap();
+    g::gather_heads(
+        &gpu,
+        od,
+        ptr(&gpu, &dk),
+        opk,
+        ptr(&gpu, &kh),
+        batch,
+        seq,
+        heads,
+        hd,
+        rot,
+        pc,
+        ps,
+    )
+    .unwrap();
+    g::gather_heads(
+        &gpu,
+        od,
+        ptr(&gpu, &dv),
+        opk,
+        ptr(&gpu, &vh),
+        batch,
+        seq,
+        heads,
+        hd,
+        0,
+        pc,
+        ps,
+    )
+    .unwrap();
+    let scores = zeros_f32(&gpu, batch * heads * seq * seq);
+    let probs = zeros_f32(&gpu, batch * heads * seq * seq);
+    let out_h = zeros_f32(&gpu, heads_len);
+    let out = zeros_f32(&gpu, rows * qd);
+    let s = Gemm {
+        m: seq,
+        n: seq,
+        k: hd,
+        ab: od,
+        b_trans: true,
+        lda: hd,
+        ldb: hd,
+        ldc: seq,
+        alpha: scale,
+        beta: 0.0,
+    };
+    s.run(
+        &blas,
+        ptr(&gpu, &qh),
+        ptr(&gpu, &kh),
+        ptr(&gpu, &scores),
+        batch * heads,
+        seq * hd,
+        seq * hd,
+        seq * seq,
+    )
+    .unwrap();
+    g::causal_softmax(
+        &gpu,
+        od,
+        ptr(&gpu, &scores),
+        ptr(&gpu, &probs),
+        batch * heads * seq,
+        seq,
+    )
+    .unwrap();
+    let pv = Gemm {
+        m: seq,
+        n: hd,
+        k: seq,
+        ab: od,
+        b_trans: false,
+        lda: seq,
+        ldb: hd,
+        ldc: hd,
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    pv.run(
+        &blas,
+        ptr(&gpu, &probs),
+        ptr(&gpu, &vh),
+        ptr(&gpu, &out_h),
+        batch * heads,
+        seq * seq,
+        seq * hd,
+        seq * hd,
+    )
+    .unwrap();
+    g::scatter_heads(
+        &gpu,
+        od,
+        ptr(&gpu, &out_h),
+        ptr(&gpu, &out),
+        batch,
+        seq,
+        heads,
+        hd,
+    )
+    .unwrap();
+    let got = down_f32(&gpu, &out);
+    close("attention f32", &got, &want, 0.0, 2e-5);
+}
