@@ -56,7 +56,7 @@ fn golden_arch(arch: &str) {
         w[i] = 1.0;
         ev.set_weights(&w).unwrap();
         for (d, name) in ["heldout", "python-docs"].iter().enumerate() {
-            let r = ev.score(d);
+            let r = ev.score(d).unwrap();
             let want = &gm["checkpoints"][s][name];
             assert_eq!(
                 r.tokens as u64,
@@ -413,10 +413,10 @@ fn per_group_weights_reach_the_evaluator() {
     let groups = assign(ev.tensor_names(), &specs).unwrap();
     // The same weights in every group is the plain merge.
     ev.set_weights(&[0.3, 0.7]).unwrap();
-    let plain = ev.score(0).mean_nll;
+    let plain = ev.score(0).unwrap().mean_nll;
     ev.set_group_weights(&groups, &vec![vec![0.3, 0.7]; 5])
         .unwrap();
-    assert_eq!(ev.score(0).mean_nll, plain);
+    assert_eq!(ev.score(0).unwrap().mean_nll, plain);
     // Different weights per group give a different model, and set_weights still resets it.
     ev.set_group_weights(
         &groups,
@@ -429,10 +429,10 @@ fn per_group_weights_reach_the_evaluator() {
         ],
     )
     .unwrap();
-    let grouped = ev.score(0).mean_nll;
+    let grouped = ev.score(0).unwrap().mean_nll;
     assert!((grouped - plain).abs() > 1e-4, "{grouped} vs {plain}");
     ev.set_weights(&[0.3, 0.7]).unwrap();
-    assert_eq!(ev.score(0).mean_nll, plain);
+    assert_eq!(ev.score(0).unwrap().mean_nll, plain);
 }
 
 #[test]
@@ -453,9 +453,13 @@ fn repeated_scores_are_bit_identical() {
         };
         let mut ev = Evaluator::load(&dirs, &data_sets(), &opts).unwrap();
         ev.set_weights(&[0.5, 0.5]).unwrap();
-        let first: Vec<u64> = (0..2).map(|d| ev.score(d).mean_nll.to_bits()).collect();
+        let first: Vec<u64> = (0..2)
+            .map(|d| ev.score(d).unwrap().mean_nll.to_bits())
+            .collect();
         for _ in 0..6 {
-            let again: Vec<u64> = (0..2).map(|d| ev.score(d).mean_nll.to_bits()).collect();
+            let again: Vec<u64> = (0..2)
+                .map(|d| ev.score(d).unwrap().mean_nll.to_bits())
+                .collect();
             assert_eq!(again, first);
         }
     });

@@ -85,7 +85,15 @@ fn worker(dir: &Path, name: &str, secret: &Path) -> (Proc, String) {
     let announce = dir.join(format!("{name}.addr"));
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
     let child = Command::new(bin())
-        .args(["worker", "--listen", "127.0.0.1:0", "--threads", "1"])
+        .args([
+            "worker",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--gpus",
+            "none",
+        ])
         .arg("--announce")
         .arg(&announce)
         .arg("--secret-file")

@@ -108,6 +108,11 @@ struct WorkerArgs {
     #[arg(long)]
     threads: Option<usize>,
 
+    /// Where to hold the model: `auto` (every visible GPU, else the CPU, said in the
+    /// log), `all`, a list of CUDA ordinals (`0,1`), or `none` (CPU).
+    #[arg(long, default_value = "auto")]
+    gpus: String,
+
     /// Benchmark mode: read nothing, make every evaluation sleep MS and return a fixed
     /// smooth function of the weights (to measure scheduling overhead; never for a search
     /// whose result matters).
@@ -161,6 +166,11 @@ struct EvalArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+
+    /// Evaluate on GPUs: `all`, a list of CUDA ordinals (`0,1`), `auto` (GPUs if any),
+    /// or `none` (the CPU reference, the default).
+    #[arg(long, default_value = "none")]
+    gpus: String,
 }
 
 /// Merge weights, shared by `merge` and `eval`.
@@ -339,9 +349,48 @@ fn run_search(args: SearchCliArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--gpus`: None for the CPU, else the CUDA ordinals to use. `auto` picks every
+/// visible GPU and says so, or says why it runs on the CPU; `all` and explicit lists
+/// fail when there is no usable GPU.
+fn resolve_gpus(arg: &str) -> Result<Option<Vec<usize>>> {
+    use ckmerge_kernels::cuda::device::device_count;
+    match arg.trim() {
+        "none" | "cpu" => Ok(None),
+        "auto" => match device_count() {
+            Ok(n) => {
+                tracing::info!("using {n} GPU(s) (--gpus auto)");
+                Ok(Some((0..n).collect()))
+            }
+            Err(e) => {
+                tracing::info!("running on the CPU (--gpus auto): {e}");
+                Ok(None)
+            }
+        },
+        "all" => {
+            let n = device_count().map_err(|e| anyhow::anyhow!("--gpus all: {e}"))?;
+            Ok(Some((0..n).collect()))
+        }
+        list => {
+            let ids = list
+                .split(',')
+                .map(|x| x.trim().parse::<usize>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| {
+                    anyhow::anyhow!("--gpus {list}: use auto, all, none or CUDA ordinals like 0,1")
+                })?;
+            let n = device_count().map_err(|e| anyhow::anyhow!("--gpus {list}: {e}"))?;
+            if let Some(bad) = ids.iter().find(|&&i| i >= n) {
+                bail!("--gpus {list}: GPU {bad} asked for, {n} visible");
+            }
+            Ok(Some(ids))
+        }
+    }
+}
+
 fn run_worker(args: WorkerArgs) -> Result<()> {
     use ckmerge_common::protocol::Secret;
     set_threads(args.threads)?;
+    let gpus = resolve_gpus(&args.gpus)?;
     let secret = Secret::load(args.secret_file.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -375,9 +424,10 @@ fn run_worker(args: WorkerArgs) -> Result<()> {
                 .and_then(|_| file.sync_data())
                 .with_context(|| format!("announcing in {}", f.display()))?;
         }
-        let svc = ckmerge_worker::serve::WorkerService::with_secret(
+        let svc = ckmerge_worker::serve::WorkerService::with_options(
             args.bench_fixed_cost_ms.map(std::time::Duration::from_millis),
             Some(secret.clone()),
+            gpus,
         );
         ckmerge_worker::serve::serve_tcp(listener, secret, svc).await;
         tracing::info!("worker {addr} shut down");
@@ -459,6 +509,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
             }
         }),
         stage: None,
+        gpus: resolve_gpus(&args.gpus)?,
     };
     let mut sets: Vec<(String, Vec<PathBuf>)> = vec![(dataset_name(&args.data), args.data.clone())];
     sets.extend(
@@ -468,7 +519,9 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     );
     let mut ev = Evaluator::load(&args.checkpoints, &sets, &opts)?;
     ev.set_weights(&weights)?;
-    let results: Vec<_> = (0..ev.datasets.len()).map(|d| ev.score(d)).collect();
+    let results = (0..ev.datasets.len())
+        .map(|d| ev.score(d))
+        .collect::<Result<Vec<_>, _>>()?;
     if args.json {
         let v = serde_json::json!({
             "checkpoints": args.checkpoints,
@@ -476,6 +529,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
             "seq_len": ev.seq_len,
             "stride": args.stride,
             "load_seconds": ev.load_seconds,
+            "device": ev.device(),
             "datasets": ev.datasets.iter().zip(&sets).zip(&results).map(|((d, (_, files)), r)| serde_json::json!({
                 "name": d.name, "files": files, "windows": d.windows.len(),
                 "tokens_scored": r.tokens, "mean_nll": r.mean_nll, "perplexity": r.perplexity,

@@ -28,6 +28,8 @@ pub enum EvalError {
     Data(#[from] DataError),
     #[error("{0}")]
     Request(String),
+    #[error(transparent)]
+    Gpu(#[from] ckmerge_kernels::cuda::GpuError),
 }
 
 /// Activation memory allowed for running one batch per thread at once.
@@ -47,6 +49,8 @@ pub struct EvalOptions {
     /// Hold only pipeline stage `.0` of `.1` (see [`Part::stage`]): its layers' tensors,
     /// and data only on the first stage. None: the whole model.
     pub stage: Option<(usize, usize)>,
+    /// Hold the sources on these GPUs (CUDA ordinals) and evaluate there; None: CPU.
+    pub gpus: Option<Vec<usize>>,
 }
 
 /// One batch of equal-shape windows, ready for a forward pass.
@@ -94,11 +98,27 @@ struct Source {
     tensors: Vec<(DType, Vec<u8>)>,
 }
 
-/// Resident sources, merged weights, model and data.
-pub struct Evaluator {
+/// The CPU backend: sources in host memory, merged f32 weights, the reference model.
+struct Cpu {
     sources: Vec<Source>,
     store: ParamStore,
     model: Model,
+}
+
+/// Where the sources live and the forward pass runs.
+enum Backend {
+    Cpu(Box<Cpu>),
+    Gpu(Box<crate::gpu::GpuModel>),
+}
+
+/// Resident sources, merged weights, model and data.
+pub struct Evaluator {
+    backend: Backend,
+    config: ModelConfig,
+    part: Part,
+    /// Tensor names, in the order group assignments index them.
+    names: Vec<String>,
+    n_sources: usize,
     pub seq_len: usize,
     batch: usize,
     pub datasets: Vec<Dataset>,
@@ -180,32 +200,48 @@ impl Evaluator {
             .iter()
             .filter(|t| part.needs(&config, &t.name))
             .collect();
-        let names: Vec<String> = held.iter().map(|t| t.name.clone()).collect();
-        let shapes: Vec<Vec<usize>> = held.iter().map(|t| t.shape.clone()).collect();
-        let sources = ckpts
-            .iter()
-            .map(|c| Source {
-                tensors: names
-                    .iter()
-                    .map(|n| {
-                        let t = c.tensor(n).expect("checked by check_compatible");
-                        (t.dtype, c.bytes(t).to_vec())
-                    })
-                    .collect(),
-            })
-            .collect();
-        let store = ParamStore::new(names, shapes);
-        let model =
-            Model::new_part(config, &store, seq_len, part).map_err(|cause| EvalError::Weights {
-                dir: first.dir.clone(),
-                cause,
-            })?;
+        let batch = opts.batch.unwrap_or(8).max(1);
+        let mut names: Vec<String> = held.iter().map(|t| t.name.clone()).collect();
+        let backend = if let Some(gpus) = &opts.gpus {
+            let m =
+                crate::gpu::GpuModel::load(&ckpts, &config, &part, gpus, seq_len, batch * seq_len)?;
+            names = m.tensor_names();
+            Backend::Gpu(Box::new(m))
+        } else {
+            let shapes: Vec<Vec<usize>> = held.iter().map(|t| t.shape.clone()).collect();
+            let sources = ckpts
+                .iter()
+                .map(|c| Source {
+                    tensors: names
+                        .iter()
+                        .map(|n| {
+                            let t = c.tensor(n).expect("checked by check_compatible");
+                            (t.dtype, c.bytes(t).to_vec())
+                        })
+                        .collect(),
+                })
+                .collect();
+            let store = ParamStore::new(names.clone(), shapes);
+            let model = Model::new_part(config.clone(), &store, seq_len, part.clone()).map_err(
+                |cause| EvalError::Weights {
+                    dir: first.dir.clone(),
+                    cause,
+                },
+            )?;
+            Backend::Cpu(Box::new(Cpu {
+                sources,
+                store,
+                model,
+            }))
+        };
         Ok(Evaluator {
-            sources,
-            store,
-            model,
+            backend,
+            config,
+            part,
+            names,
+            n_sources: ckpts.len(),
             seq_len,
-            batch: opts.batch.unwrap_or(8).max(1),
+            batch,
             datasets: sets,
             weights: None,
             group_weights: None,
@@ -215,16 +251,24 @@ impl Evaluator {
     }
 
     pub fn config(&self) -> &ModelConfig {
-        &self.model.config
+        &self.config
+    }
+
+    /// Where the model runs, for reports: "cpu" or the GPUs and their layer ranges.
+    pub fn device(&self) -> String {
+        match &self.backend {
+            Backend::Cpu(_) => "cpu".into(),
+            Backend::Gpu(m) => m.description.clone(),
+        }
     }
 
     /// Merges the sources with `weights` into the resident f32 weights.
     pub fn set_weights(&mut self, weights: &[f32]) -> Result<(), EvalError> {
-        if weights.len() != self.sources.len() {
+        if weights.len() != self.n_sources {
             return Err(EvalError::Request(format!(
                 "{} weights for {} checkpoints",
                 weights.len(),
-                self.sources.len()
+                self.n_sources
             )));
         }
         if weights.iter().any(|w| !w.is_finite()) {
@@ -236,14 +280,22 @@ impl Evaluator {
             return Ok(());
         }
         self.group_weights = None;
-        for (i, out) in self.store.data.iter_mut().enumerate() {
-            let inputs: Vec<Input> = self
-                .sources
-                .iter()
-                .map(|s| Input::new(s.tensors[i].0, &s.tensors[i].1))
-                .collect();
-            let round_to = self.sources[0].tensors[i].0;
-            weighted_sum_to_f32(&inputs, weights, round_to, out);
+        match &mut self.backend {
+            Backend::Cpu(cpu) => {
+                for (i, out) in cpu.store.data.iter_mut().enumerate() {
+                    let inputs: Vec<Input> = cpu
+                        .sources
+                        .iter()
+                        .map(|s| Input::new(s.tensors[i].0, &s.tensors[i].1))
+                        .collect();
+                    let round_to = cpu.sources[0].tensors[i].0;
+                    weighted_sum_to_f32(&inputs, weights, round_to, out);
+                }
+            }
+            Backend::Gpu(m) => {
+                m.set_groups(&vec![0; self.names.len()])?;
+                m.merge(&[weights.to_vec()])?;
+            }
         }
         self.weights = Some(weights.to_vec());
         self.merged_once = true;
@@ -257,34 +309,43 @@ impl Evaluator {
         group_of: &[usize],
         weights: &[Vec<f32>],
     ) -> Result<(), EvalError> {
-        if group_of.len() != self.store.data.len() {
+        if group_of.len() != self.names.len() {
             return Err(EvalError::Request(format!(
                 "group assignment covers {} tensors, the model has {}",
                 group_of.len(),
-                self.store.data.len()
+                self.names.len()
             )));
         }
         for w in weights {
-            if w.len() != self.sources.len() || w.iter().any(|x| !x.is_finite()) {
+            if w.len() != self.n_sources || w.iter().any(|x| !x.is_finite()) {
                 return Err(EvalError::Request(format!(
                     "group weights {w:?}: need {} finite weights",
-                    self.sources.len()
+                    self.n_sources
                 )));
             }
+        }
+        if let Some(g) = group_of.iter().find(|&&g| g >= weights.len()) {
+            return Err(EvalError::Request(format!("no weights for group {g}")));
         }
         if self.group_weights.as_deref() == Some(weights) {
             return Ok(());
         }
-        for (i, out) in self.store.data.iter_mut().enumerate() {
-            let w = weights.get(group_of[i]).ok_or_else(|| {
-                EvalError::Request(format!("no weights for group {}", group_of[i]))
-            })?;
-            let inputs: Vec<Input> = self
-                .sources
-                .iter()
-                .map(|s| Input::new(s.tensors[i].0, &s.tensors[i].1))
-                .collect();
-            weighted_sum_to_f32(&inputs, w, self.sources[0].tensors[i].0, out);
+        match &mut self.backend {
+            Backend::Cpu(cpu) => {
+                for (i, out) in cpu.store.data.iter_mut().enumerate() {
+                    let w = &weights[group_of[i]];
+                    let inputs: Vec<Input> = cpu
+                        .sources
+                        .iter()
+                        .map(|s| Input::new(s.tensors[i].0, &s.tensors[i].1))
+                        .collect();
+                    weighted_sum_to_f32(&inputs, w, cpu.sources[0].tensors[i].0, out);
+                }
+            }
+            Backend::Gpu(m) => {
+                m.set_groups(group_of)?;
+                m.merge(weights)?;
+            }
         }
         // Not one weight vector: `set_weights` must merge again whatever it is given.
         self.weights = None;
@@ -295,7 +356,7 @@ impl Evaluator {
 
     /// Names of the tensors, in the order group assignments index them.
     pub fn tensor_names(&self) -> &[String] {
-        &self.store.names
+        &self.names
     }
 
     /// The batches of data set `d`: windows of equal shape, at most `batch` per batch
@@ -329,21 +390,41 @@ impl Evaluator {
     }
 
     /// Scores the current weights on data set `d` (whole model).
-    pub fn score(&self, d: usize) -> EvalResult {
+    pub fn score(&self, d: usize) -> Result<EvalResult, EvalError> {
         assert!(self.merged_once, "set_weights before score");
         let t0 = Instant::now();
         let batches = self.batches(d);
-        let run = |b: &Batch| -> f64 { self.model.nll(&self.store, &b.tokens, b.seq, b.scored) };
-        // Small models: one batch per thread, no synchronisation inside a forward pass.
-        // Large ones: every thread works on each batch (activations of one batch per
-        // thread would not fit). Partial sums are added in window order either way.
-        let parts: Vec<f64> = if self.batches_in_parallel() {
-            use rayon::prelude::*;
-            batches.par_iter().map(run).collect()
-        } else {
-            batches.iter().map(run).collect()
+        let parts: Vec<f64> = match &self.backend {
+            Backend::Cpu(cpu) => {
+                let run =
+                    |b: &Batch| -> f64 { cpu.model.nll(&cpu.store, &b.tokens, b.seq, b.scored) };
+                // Small models: one batch per thread, no synchronisation inside a forward
+                // pass. Large ones: every thread works on each batch (activations of one
+                // batch per thread would not fit). Partial sums are added in window order
+                // either way.
+                if self.batches_in_parallel() {
+                    use rayon::prelude::*;
+                    batches.par_iter().map(run).collect()
+                } else {
+                    batches.iter().map(run).collect()
+                }
+            }
+            Backend::Gpu(m) => {
+                let mut out = Vec::with_capacity(batches.len());
+                for b in &batches {
+                    match m.forward(b, None)? {
+                        StageOutput::Nll(n) => out.push(n),
+                        StageOutput::Hidden(_) => {
+                            return Err(EvalError::Request(
+                                "score on a pipeline stage: the head drives the pipeline".into(),
+                            ))
+                        }
+                    }
+                }
+                out
+            }
         };
-        Self::result(&batches, &parts, t0.elapsed().as_secs_f64())
+        Ok(Self::result(&batches, &parts, t0.elapsed().as_secs_f64()))
     }
 
     /// Totals per-batch NLL sums (added in batch order, so a pipeline's total equals a
@@ -378,8 +459,8 @@ impl Evaluator {
                 "stage_forward before set_weights".into(),
             ));
         }
-        let part = &self.model.part;
-        let h = self.model.config.hidden;
+        let part = &self.part;
+        let h = self.config.hidden;
         if batch.seq < 2
             || batch.scored >= batch.seq
             || !batch.tokens.len().is_multiple_of(batch.seq)
@@ -390,15 +471,15 @@ impl Evaluator {
                 batch.tokens.len(), batch.seq, batch.scored, self.seq_len
             )));
         }
-        let vocab = self.model.config.vocab as u32;
+        let vocab = self.config.vocab as u32;
         if let Some(t) = batch.tokens.iter().find(|&&t| t >= vocab) {
             return Err(EvalError::Request(format!(
                 "token id {t} is outside the vocabulary ({vocab})"
             )));
         }
-        let mut x = match (part.first, hidden) {
-            (true, None) => self.model.embed(&self.store, &batch.tokens),
-            (false, Some(x)) if x.len() == batch.tokens.len() * h => x,
+        let hidden = match (part.first, hidden) {
+            (true, None) => None,
+            (false, Some(x)) if x.len() == batch.tokens.len() * h => Some(x),
             (false, Some(x)) => {
                 return Err(EvalError::Request(format!(
                     "{} hidden values for {} tokens of width {h}",
@@ -417,10 +498,18 @@ impl Evaluator {
                 ))
             }
         };
-        self.model.forward_layers(&self.store, &mut x, batch.seq);
+        let cpu = match &self.backend {
+            Backend::Cpu(cpu) => cpu,
+            Backend::Gpu(m) => return Ok(m.forward(batch, hidden)?),
+        };
+        let mut x = match hidden {
+            None => cpu.model.embed(&cpu.store, &batch.tokens),
+            Some(x) => x,
+        };
+        cpu.model.forward_layers(&cpu.store, &mut x, batch.seq);
         Ok(if part.last {
-            StageOutput::Nll(self.model.head_nll(
-                &self.store,
+            StageOutput::Nll(cpu.model.head_nll(
+                &cpu.store,
                 &x,
                 &batch.tokens,
                 batch.seq,
@@ -433,7 +522,7 @@ impl Evaluator {
 
     /// The part of the model this process holds.
     pub fn part(&self) -> &Part {
-        &self.model.part
+        &self.part
     }
 
     /// Whether one batch per thread fits in [`PARALLEL_BATCH_BYTES`] of activations.
@@ -450,16 +539,19 @@ impl Evaluator {
     /// Merges with `weights` and scores data set 0 (the objective).
     pub fn evaluate(&mut self, weights: &[f32]) -> Result<EvalResult, EvalError> {
         self.set_weights(weights)?;
-        Ok(self.score(0))
+        self.score(0)
     }
 
     /// Parameters of the model (elements of all tensors).
     pub fn parameters(&self) -> u64 {
-        self.store.data.iter().map(|t| t.len() as u64).sum()
+        match &self.backend {
+            Backend::Cpu(cpu) => cpu.store.data.iter().map(|t| t.len() as u64).sum(),
+            Backend::Gpu(m) => m.parameters,
+        }
     }
 
     pub fn n_sources(&self) -> usize {
-        self.sources.len()
+        self.n_sources
     }
 }
 

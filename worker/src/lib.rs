@@ -10,3 +10,4 @@ pub mod model;
 pub mod serve;
 
 pub use merge::{merge_to_dir, MergeError, MergeRequest, MergeSummary, Progress};
+pub mod gpu;

@@ -50,6 +50,8 @@ struct Inner {
     bench_cost: Option<Duration>,
     /// The run's secret, for connecting to the next pipeline stage (TCP workers only).
     secret: Option<Secret>,
+    /// CUDA ordinals to hold the model on; None: CPU.
+    gpus: Option<Vec<usize>>,
 }
 
 /// A worker's state, cheap to clone (tarpc clones the service per request).
@@ -71,12 +73,16 @@ impl WorkerService {
     /// this long and returns a fixed smooth function of the weights, so the scheduling
     /// overhead can be measured against evaluations of known cost. Never used by a search.
     pub fn new(bench_cost: Option<Duration>) -> WorkerService {
-        WorkerService::with_secret(bench_cost, None)
+        WorkerService::with_options(bench_cost, None, None)
     }
 
-    /// A worker that can head or join a pipeline: it connects to the next stage with
-    /// `secret`, the run's secret it also accepts connections with.
-    pub fn with_secret(bench_cost: Option<Duration>, secret: Option<Secret>) -> WorkerService {
+    /// `secret`: the run's secret, which a worker heading a pipeline connects to the
+    /// next stage with. `gpus`: CUDA ordinals to hold the model on (None: CPU).
+    pub fn with_options(
+        bench_cost: Option<Duration>,
+        secret: Option<Secret>,
+        gpus: Option<Vec<usize>>,
+    ) -> WorkerService {
         let threads = rayon::current_num_threads();
         WorkerService {
             inner: Arc::new(Inner {
@@ -99,6 +105,7 @@ impl WorkerService {
                 },
                 bench_cost,
                 secret,
+                gpus,
             }),
         }
     }
@@ -108,7 +115,11 @@ impl WorkerService {
         self.inner.shutdown.notified().await
     }
 
-    fn load_blocking(spec: &LoadSpec, info: WorkerInfo) -> Result<Loaded, String> {
+    fn load_blocking(
+        spec: &LoadSpec,
+        mut info: WorkerInfo,
+        gpus: &Option<Vec<usize>>,
+    ) -> Result<Loaded, String> {
         let t0 = Instant::now();
         let opts = EvalOptions {
             seq_len: spec.seq_len,
@@ -122,6 +133,7 @@ impl WorkerService {
                 Some(b) => return Err(format!("token_bits {b}: use 16 or 32")),
             },
             stage: stage_of(spec).filter(|&(_, n)| n > 1),
+            gpus: gpus.clone(),
         };
         let ev =
             Evaluator::load(&spec.checkpoints, &spec.datasets, &opts).map_err(|e| e.to_string())?;
@@ -135,6 +147,9 @@ impl WorkerService {
                 .collect::<Result<Vec<_>, _>>()?;
             Some(assign(ev.tensor_names(), &specs)?)
         };
+        if gpus.is_some() {
+            info.device = ev.device();
+        }
         let report = LoadReport {
             info,
             seconds: t0.elapsed().as_secs_f64(),
@@ -302,9 +317,11 @@ impl WorkerService {
                 }
             }
             let s = spec.clone();
-            let mut loaded = tokio::task::spawn_blocking(move || Self::load_blocking(&s, info))
-                .await
-                .map_err(|e| format!("loading panicked: {e}"))??;
+            let gpus = self.inner.gpus.clone();
+            let mut loaded =
+                tokio::task::spawn_blocking(move || Self::load_blocking(&s, info, &gpus))
+                    .await
+                    .map_err(|e| format!("loading panicked: {e}"))??;
             if let Some(addr) = spec.pipeline.first() {
                 let (next, report) = self.load_next_stage(&ctx, &spec, addr).await?;
                 loaded.report.parameters += report.parameters;
@@ -397,7 +414,7 @@ impl WorkerService {
                 let t = Instant::now();
                 let (mut through, mut scores) = (0.0, Vec::new());
                 for d in 0..n {
-                    let r = ev.score(d);
+                    let r = ev.score(d).map_err(|e| e.to_string())?;
                     through += r.tokens_per_s * r.seconds;
                     scores.push(DatasetScore {
                         name: ev.datasets[d].name.clone(),

@@ -35,7 +35,7 @@ fn two_stages_give_the_nll_of_the_whole_model() {
         let w = [0.37f32, 0.63];
         let mut whole = Evaluator::load(&ckpts, &data(), &opts(None)).unwrap();
         whole.set_weights(&w).unwrap();
-        let want = whole.score(0);
+        let want = whole.score(0).unwrap();
 
         let mut s0 = Evaluator::load(&ckpts, &data(), &opts(Some((0, 2)))).unwrap();
         // Later stages read no data: the first stage sends each batch's tokens.

@@ -1,0 +1,162 @@
+//! The GPU evaluator against the CPU reference on the fixture trajectory. Where there is
+//! no GPU, asking for one must fail with a clear "no GPU" error (never a panic) and the
+//! parity checks are skipped with a message; `CKMERGE_REQUIRE_GPU=1` (set by
+//! scripts/gpu-check.sh) makes a missing GPU a failure.
+//!
+//! Tolerances (the issue's): perplexity within 1e-3 relative in bf16 (GEMM inputs are
+//! rounded to bf16 on the GPU, as transformers does, where the CPU reference computes in
+//! f32), 1e-5 relative in f32.
+
+use std::path::{Path, PathBuf};
+
+use ckmerge_common::DType;
+use ckmerge_worker::eval::{EvalOptions, Evaluator, StageOutput};
+use ckmerge_worker::{merge_to_dir, MergeRequest};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trajectory")
+}
+
+fn data() -> Vec<(String, Vec<PathBuf>)> {
+    vec![
+        ("heldout".into(), vec![fixtures().join("data/heldout.txt")]),
+        ("python-docs".into(), vec![fixtures().join("data/python-docs.txt")]),
+    ]
+}
+
+fn opts(gpus: Option<Vec<usize>>, stage: Option<(usize, usize)>) -> EvalOptions {
+    EvalOptions {
+        seq_len: Some(128),
+        gpus,
+        stage,
+        ..Default::default()
+    }
+}
+
+/// Whether GPU 0 can be used; prints why not, or fails under CKMERGE_REQUIRE_GPU=1.
+fn have_gpu(ckpts: &[PathBuf]) -> bool {
+    match Evaluator::load(ckpts, &data(), &opts(Some(vec![0]), None)) {
+        Ok(_) => true,
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                std::env::var("CKMERGE_REQUIRE_GPU").as_deref() != Ok("1"),
+                "CKMERGE_REQUIRE_GPU=1 but: {msg}"
+            );
+            assert!(
+                msg.contains("no GPU"),
+                "without a GPU the error must say so: {msg}"
+            );
+            eprintln!("skipping GPU evaluation test: {msg}");
+            false
+        }
+    }
+}
+
+fn ppl(ev: &mut Evaluator, w: &[f32]) -> Vec<f64> {
+    ev.set_weights(w).unwrap();
+    (0..ev.datasets.len())
+        .map(|d| ev.score(d).unwrap().perplexity)
+        .collect()
+}
+
+fn compare(ckpts: &[PathBuf], rel: f64, what: &str) {
+    let mut cpu = Evaluator::load(ckpts, &data(), &opts(None, None)).unwrap();
+    let mut gpu = Evaluator::load(ckpts, &data(), &opts(Some(vec![0]), None)).unwrap();
+    for w in [[1.0f32, 0.0], [0.5, 0.5], [0.3, 0.7]] {
+        let (a, b) = (ppl(&mut cpu, &w), ppl(&mut gpu, &w));
+        for (x, y) in a.iter().zip(&b) {
+            let err = (x - y).abs() / x;
+            eprintln!("{what} {w:?}: CPU ppl {x:.6}, GPU {y:.6}, relative {err:.2e}");
+            assert!(err <= rel, "{what} {w:?}: CPU {x} vs GPU {y} ({err:.2e} > {rel:.0e})");
+        }
+    }
+}
+
+#[test]
+fn gpu_perplexity_matches_the_cpu_in_bf16() {
+    for arch in ["llama", "neox"] {
+        let ckpts = vec![
+            fixtures().join(arch).join("step-1250"),
+            fixtures().join(arch).join("step-1500"),
+        ];
+        if !have_gpu(&ckpts) {
+            return;
+        }
+        compare(&ckpts, 1e-3, &format!("{arch} bf16"));
+    }
+}
+
+fn to_f32(src: &Path, out: &Path) {
+    merge_to_dir(
+        &MergeRequest {
+            sources: vec![src.to_path_buf()],
+            weights: vec![1.0],
+            out: out.to_path_buf(),
+            dtype: Some(DType::F32),
+            max_shard_bytes: 1 << 30,
+            force: false,
+            provenance: serde_json::Value::Null,
+            groups: None,
+            part: None,
+        },
+        &(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn gpu_perplexity_matches_the_cpu_in_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpts: Vec<PathBuf> = ["step-1250", "step-1500"]
+        .iter()
+        .map(|s| {
+            let out = tmp.path().join(s);
+            to_f32(&fixtures().join("llama").join(s), &out);
+            out
+        })
+        .collect();
+    if !have_gpu(&ckpts) {
+        return;
+    }
+    compare(&ckpts, 1e-5, "llama f32");
+}
+
+/// A pipeline whose first stage runs on the GPU and second on the CPU (hidden states
+/// cross in f32) scores like the whole model on the CPU, within the bf16 tolerance.
+#[test]
+fn a_gpu_stage_feeds_a_cpu_stage() {
+    let ckpts = vec![
+        fixtures().join("llama/step-1250"),
+        fixtures().join("llama/step-1500"),
+    ];
+    if !have_gpu(&ckpts) {
+        return;
+    }
+    let w = [0.4f32, 0.6];
+    let mut whole = Evaluator::load(&ckpts, &data(), &opts(None, None)).unwrap();
+    whole.set_weights(&w).unwrap();
+    let want = whole.score(0).unwrap().mean_nll;
+    let mut s0 = Evaluator::load(&ckpts, &data(), &opts(Some(vec![0]), Some((0, 2)))).unwrap();
+    let mut s1 = Evaluator::load(&ckpts, &[], &opts(None, Some((1, 2)))).unwrap();
+    s0.set_weights(&w).unwrap();
+    s1.set_weights(&w).unwrap();
+    let batches = s0.batches(0);
+    let nll: Vec<f64> = batches
+        .iter()
+        .map(|b| {
+            let StageOutput::Hidden(h) = s0.stage_forward(b, None).unwrap() else {
+                panic!("stage 0 passes hidden states on")
+            };
+            let StageOutput::Nll(n) = s1.stage_forward(b, Some(h)).unwrap() else {
+                panic!("stage 1 scores")
+            };
+            n
+        })
+        .collect();
+    let got = Evaluator::result(&batches, &nll, 1.0).mean_nll;
+    assert!(
+        ((got.exp() - want.exp()) / want.exp()).abs() <= 1e-3,
+        "GPU+CPU pipeline {got} vs CPU {want}"
+    );
+}
