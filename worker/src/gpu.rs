@@ -959,10 +959,17 @@ mod tests {
     fn layers_are_split_evenly_by_bytes() {
         let n = need(&[10; 8], 10, 10, 1);
         assert_eq!(plan_layers(&n, &[100, 100]).unwrap(), vec![0..4, 4..8]);
-        assert_eq!(
-            plan_layers(&n, &[100; 4]).unwrap(),
-            vec![0..2, 2..4, 4..6, 6..8]
-        );
+        // Four GPUs: contiguous, non-empty, none more than one layer over an even share.
+        let r = plan_layers(&n, &[100; 4]).unwrap();
+        assert_eq!(r.len(), 4);
+        assert_eq!((r[0].start, r[3].end), (0, 8));
+        assert!(r
+            .windows(2)
+            .all(|w| w[0].end == w[1].start && !w[0].is_empty()));
+        let load = |i: usize| {
+            10 * r[i].len() as u64 + if i == 0 { 10 } else { 0 } + if i == 3 { 10 } else { 0 }
+        };
+        assert!((0..4).all(|i| load(i) <= 100 / 4 + 10), "{r:?}");
         // One GPU takes everything that fits.
         assert_eq!(plan_layers(&n, &[101]).unwrap(), vec![0..8]);
         // More GPUs than layers: one layer each, the rest unused.

@@ -20,7 +20,10 @@ fn fixtures() -> PathBuf {
 fn data() -> Vec<(String, Vec<PathBuf>)> {
     vec![
         ("heldout".into(), vec![fixtures().join("data/heldout.txt")]),
-        ("python-docs".into(), vec![fixtures().join("data/python-docs.txt")]),
+        (
+            "python-docs".into(),
+            vec![fixtures().join("data/python-docs.txt")],
+        ),
     ]
 }
 
@@ -68,7 +71,10 @@ fn compare(ckpts: &[PathBuf], rel: f64, what: &str) {
         for (x, y) in a.iter().zip(&b) {
             let err = (x - y).abs() / x;
             eprintln!("{what} {w:?}: CPU ppl {x:.6}, GPU {y:.6}, relative {err:.2e}");
-            assert!(err <= rel, "{what} {w:?}: CPU {x} vs GPU {y} ({err:.2e} > {rel:.0e})");
+            assert!(
+                err <= rel,
+                "{what} {w:?}: CPU {x} vs GPU {y} ({err:.2e} > {rel:.0e})"
+            );
         }
     }
 }
