@@ -41,6 +41,25 @@ enum Command {
     Search(SearchCliArgs),
     /// Serve merge-and-evaluate requests to a search coordinator over TCP.
     Worker(WorkerArgs),
+    /// GPU merge bandwidth against a device-to-device copy (scripts/gpu-check.sh).
+    #[command(hide = true)]
+    GpuBench(GpuBenchArgs),
+}
+
+#[derive(Args)]
+struct GpuBenchArgs {
+    /// Model size in bytes (suffixes KB, MB, GB).
+    #[arg(long, default_value = "2GB", value_parser = parse_size)]
+    bytes: u64,
+    /// Numbers of sources to measure, comma-separated.
+    #[arg(long, default_value = "2,4", value_delimiter = ',')]
+    sources: Vec<usize>,
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    #[arg(long, default_value_t = 0)]
+    gpu: usize,
 }
 
 #[derive(Args)]
@@ -282,6 +301,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => run_eval(args),
         Command::Search(args) => run_search(args),
         Command::Worker(args) => run_worker(args),
+        Command::GpuBench(args) => run_gpu_bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -346,6 +366,22 @@ fn run_search(args: SearchCliArgs) -> Result<()> {
         println!("merged model: {}", m.display());
     }
     println!("report: {}", outcome.run_dir.join("report.md").display());
+    Ok(())
+}
+
+fn run_gpu_bench(args: GpuBenchArgs) -> Result<()> {
+    use ckmerge_kernels::cuda::{bench::merge_bandwidth, device::Gpu};
+    let dtype = match args.dtype.as_str() {
+        "bf16" => ckmerge_common::DType::BF16,
+        "f16" => ckmerge_common::DType::F16,
+        "f32" => ckmerge_common::DType::F32,
+        d => bail!("--dtype {d}: use bf16, f16 or f32"),
+    };
+    let gpu = Gpu::open(args.gpu)?;
+    for n in args.sources {
+        let r = merge_bandwidth(&gpu, args.bytes, n, dtype, args.iters)?;
+        println!("{}", serde_json::to_string(&r)?);
+    }
     Ok(())
 }
 
@@ -518,7 +554,9 @@ fn run_eval(args: EvalArgs) -> Result<()> {
             .map(|f| (dataset_name(std::slice::from_ref(f)), vec![f.clone()])),
     );
     let mut ev = Evaluator::load(&args.checkpoints, &sets, &opts)?;
+    let t_merge = std::time::Instant::now();
     ev.set_weights(&weights)?;
+    let merge_seconds = t_merge.elapsed().as_secs_f64();
     let results = (0..ev.datasets.len())
         .map(|d| ev.score(d))
         .collect::<Result<Vec<_>, _>>()?;
@@ -530,6 +568,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
             "stride": args.stride,
             "load_seconds": ev.load_seconds,
             "device": ev.device(),
+            "merge_seconds": merge_seconds,
             "datasets": ev.datasets.iter().zip(&sets).zip(&results).map(|((d, (_, files)), r)| serde_json::json!({
                 "name": d.name, "files": files, "windows": d.windows.len(),
                 "tokens_scored": r.tokens, "mean_nll": r.mean_nll, "perplexity": r.perplexity,

@@ -12,6 +12,7 @@
 //! cudarc's safe API panics when a library is missing instead of returning an error, so
 //! every entry point here checks for the library first and returns [`GpuError`].
 
+pub mod bench;
 pub mod device;
 pub mod merge;
 pub mod ops;

@@ -1,0 +1,135 @@
+//! Merge bandwidth on one GPU, against a device-to-device copy measured in the same run
+//! (for `ckmerge gpu-bench merge` and scripts/gpu-check.sh). The merge of N sources moves
+//! (N + 1) x the model's bytes (N reads, one write); a copy moves 2 x its bytes. Both are
+//! timed over whole launches after a warm-up, on synchronised streams.
+
+use std::time::Instant;
+
+use ckmerge_common::DType;
+use cudarc::driver::CudaSlice;
+
+use super::device::Gpu;
+use super::merge::{FusedMerge, MergeTensor};
+use super::GpuError;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MergeBandwidth {
+    pub gpu: String,
+    pub dtype: String,
+    pub sources: usize,
+    pub tensors: usize,
+    pub model_bytes: u64,
+    /// Bytes moved by one merge, (N + 1) x model bytes, over its time.
+    pub merge_gb_s: f64,
+    pub merge_ms: f64,
+    /// Read + write bytes of a device-to-device copy of the same total size, over its time.
+    pub copy_gb_s: f64,
+    pub ratio: f64,
+}
+
+/// Splits `total` elements into tensors shaped like a transformer's (a few large
+/// matrices, many small vectors), so the one-launch table is exercised as in a model.
+fn tensor_lens(total: usize) -> Vec<usize> {
+    let mut lens = Vec::new();
+    let mut left = total;
+    let mut i = 0usize;
+    while left > 0 {
+        let n = match i % 5 {
+            0 => 4096,      // a norm vector
+            1 => left / 16, // attention-sized matrices
+            _ => left / 8,  // MLP-sized
+        }
+        .clamp(1, left);
+        lens.push(n);
+        left -= n;
+        i += 1;
+    }
+    lens
+}
+
+pub fn merge_bandwidth(
+    gpu: &Gpu,
+    model_bytes: u64,
+    n_src: usize,
+    dtype: DType,
+    iters: usize,
+) -> Result<MergeBandwidth, GpuError> {
+    let s = &gpu.stream;
+    let elems = (model_bytes as usize / dtype.size()).max(1);
+    let lens = tensor_lens(elems);
+    let srcs: Vec<Vec<CudaSlice<u8>>> = lens
+        .iter()
+        .map(|&n| {
+            (0..n_src)
+                .map(|_| s.alloc_zeros::<u8>(n * dtype.size()))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<_, _>>()?;
+    let dsts: Vec<CudaSlice<u8>> = lens
+        .iter()
+        .map(|&n| s.alloc_zeros::<u8>(n * dtype.size()))
+        .collect::<Result<_, _>>()?;
+    let tensors: Vec<MergeTensor> = dsts
+        .iter()
+        .zip(&srcs)
+        .map(|(d, ss)| MergeTensor {
+            dtype,
+            dst: d,
+            srcs: ss.iter().collect(),
+        })
+        .collect();
+    let mut plans = FusedMerge::plan(gpu, &tensors)?;
+    let w: Vec<f32> = (0..n_src).map(|i| 1.0 / (i + 1) as f32).collect();
+    let time = |f: &mut dyn FnMut() -> Result<(), GpuError>| -> Result<f64, GpuError> {
+        f()?;
+        gpu.synchronize()?;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            f()?;
+        }
+        gpu.synchronize()?;
+        Ok(t0.elapsed().as_secs_f64() / iters as f64)
+    };
+    let merge_s = time(&mut || {
+        for p in plans.iter_mut() {
+            p.run(gpu, &w)?;
+        }
+        Ok(())
+    })?;
+    drop(tensors);
+    drop(srcs);
+    // The copy: one buffer of the merge's total traffic / 2 (read + write).
+    let bytes = (elems * dtype.size()) as u64;
+    let copy_len = ((n_src as u64 + 1) * bytes / 2) as usize;
+    let a = s.alloc_zeros::<u8>(copy_len)?;
+    let mut b = s.alloc_zeros::<u8>(copy_len)?;
+    let copy_s = time(&mut || {
+        s.memcpy_dtod(&a, &mut b)?;
+        Ok(())
+    })?;
+    let merge_gb_s = (n_src as u64 + 1) as f64 * bytes as f64 / merge_s / 1e9;
+    let copy_gb_s = 2.0 * copy_len as f64 / copy_s / 1e9;
+    Ok(MergeBandwidth {
+        gpu: gpu.name.clone(),
+        dtype: dtype.to_string(),
+        sources: n_src,
+        tensors: lens.len(),
+        model_bytes: bytes,
+        merge_gb_s,
+        merge_ms: merge_s * 1e3,
+        copy_gb_s,
+        ratio: merge_gb_s / copy_gb_s,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tensor_lengths_cover_the_total() {
+        for total in [1usize, 100, 1 << 20, 123_456_789] {
+            let l = super::tensor_lens(total);
+            assert_eq!(l.iter().sum::<usize>(), total);
+            assert!(l.iter().all(|&n| n > 0));
+        }
+    }
+}
