@@ -277,6 +277,49 @@ fn elementwise_kernels_match_the_cpu() {
         .for_each(|r| r.iter_mut().zip(&bias).for_each(|(a, b)| *a += b));
     assert_eq!(down_f32(&gpu, &dy), want, "add + add_bias");
 
+    // Row gather (the scored rows before the head) and conversion: exact.
+    let rows_bf16 = encode(DType::BF16, &y);
+    let idx: Vec<u32> = vec![3, 0, 18, 7];
+    let (dsrc, didx) = (
+        up_bytes(&gpu, &rows_bf16),
+        gpu.stream.clone_htod(&idx).unwrap(),
+    );
+    let picked = zeros_bytes(&gpu, idx.len() * n * 2);
+    g::gather_rows(
+        &gpu,
+        DType::BF16,
+        ptr(&gpu, &dsrc),
+        ptr(&gpu, &didx),
+        ptr(&gpu, &picked),
+        idx.len(),
+        n,
+    )
+    .unwrap();
+    let want: Vec<u8> = idx
+        .iter()
+        .flat_map(|&i| rows_bf16[i as usize * n * 2..(i as usize + 1) * n * 2].to_vec())
+        .collect();
+    assert_eq!(
+        down_bytes(&gpu, &picked)[..want.len()],
+        want[..],
+        "gather_rows"
+    );
+    let conv = zeros_bytes(&gpu, rows * n * 2);
+    let dy0 = up_f32(&gpu, &y);
+    g::to_compute(
+        &gpu,
+        DType::BF16,
+        ptr(&gpu, &dy0),
+        ptr(&gpu, &conv),
+        rows * n,
+    )
+    .unwrap();
+    assert_eq!(
+        down_bytes(&gpu, &conv)[..rows_bf16.len()],
+        rows_bf16[..],
+        "to_compute (bf16 round to nearest even)"
+    );
+
     // Activations (times `up` where given), written in each compute dtype.
     for act in [
         Activation::Silu,

@@ -148,6 +148,10 @@ impl GpuModel {
         if gpus.is_empty() {
             return Err(GpuError::Request("no GPUs given".into()));
         }
+        if !ckmerge_kernels::cuda::cublas_present() {
+            // cudarc would panic on the first cuBLAS call.
+            return Err(GpuError::NoCublas);
+        }
         let devices = gpus
             .iter()
             .map(|&i| Gpu::open(i))
@@ -660,6 +664,9 @@ impl Shard {
         x: &CudaSlice<f32>,
         seq: usize,
     ) -> Result<(), GpuError> {
+        // cuBLAS calls use the calling thread's current context (kernel launches and
+        // allocations bind it themselves); evaluations run on pool threads.
+        self.gpu.ctx.bind_to_thread()?;
         let gpu = &self.gpu;
         let h = c.hidden;
         let rows = x.len() / h;
@@ -855,6 +862,7 @@ impl Shard {
         x: &CudaSlice<f32>,
         batch: &Batch,
     ) -> Result<f64, GpuError> {
+        self.gpu.ctx.bind_to_thread()?;
         let gpu = &self.gpu;
         let h = c.hidden;
         let rows = batch.tokens.len();
