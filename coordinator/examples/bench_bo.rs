@@ -19,7 +19,14 @@ use ckmerge_worker::eval::{EvalOptions, Evaluator};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-const SEEDS: u64 = 20;
+/// Seeds per optimiser and problem: 20 unless `BENCH_SEEDS` says otherwise (medians over
+/// 20 seeds move by about the gaps between optimisers; use more to compare variants).
+fn seeds() -> u64 {
+    std::env::var("BENCH_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20)
+}
 const BUDGET: usize = 20;
 const GRID_1D: usize = 100;
 const GRID_2D: usize = 50;
@@ -338,21 +345,27 @@ fn main() {
         Some("run") => {
             let mut problems = standard();
             problems.extend(landscapes(Path::new(&args[2])));
+            // `BENCH_ONLY=branin,hartmann` (substrings of problem names) narrows the run.
+            if let Ok(only) = std::env::var("BENCH_ONLY") {
+                problems.retain(|p| only.split(',').any(|o| p.name.contains(o)));
+            }
+            let n_seeds = seeds();
             let mut results = Vec::new();
             for p in &problems {
                 for (name, q, strategy) in [
                     ("ckmerge-ei", 1, Some(Strategy::Single(Acquisition::Ei))),
                     ("ckmerge-ei-q4", 4, Some(Strategy::Single(Acquisition::Ei))),
                     ("ckmerge-hedge", 1, Some(Strategy::Hedge)),
+                    ("ckmerge-hedge-q4", 4, Some(Strategy::Hedge)),
                     ("random", 1, None),
                 ] {
                     let mut traces = Vec::new();
                     let mut per_eval = 0.0;
-                    for seed in 0..SEEDS {
+                    for seed in 0..n_seeds {
                         match strategy {
                             Some(s) => {
                                 let (t, busy) = run_bo(p, seed, q, s);
-                                per_eval += busy / SEEDS as f64;
+                                per_eval += busy / n_seeds as f64;
                                 traces.push(t);
                             }
                             None => traces.push(run_random(p, seed)),

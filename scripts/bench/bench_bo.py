@@ -10,6 +10,7 @@ Writes every run's best-so-far trace; q = 4 runs use each library's batch interf
 """
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -20,7 +21,9 @@ import torch
 torch.set_num_threads(1)  # Optuna's GPSampler; the script runs as two processes on two cores
 
 warnings.filterwarnings("ignore")
-SEEDS, BUDGET = 20, 20
+# BENCH_SEEDS and BENCH_ONLY as for the Rust side (coordinator/examples/bench_bo.rs).
+SEEDS, BUDGET = int(os.environ.get("BENCH_SEEDS", "20")), 20
+ONLY = [o for o in os.environ.get("BENCH_ONLY", "").split(",") if o]
 
 
 def forrester(u): return (6 * u[0] - 2) ** 2 * math.sin(12 * u[0] - 4)
@@ -180,6 +183,8 @@ def main():
              ("bayes_opt", 1, lambda f, d, k, s: run_bayes_opt(f, d, k, s))]
     only = set(sys.argv[3].split(",")) if len(sys.argv) > 3 else None
     for name, d, f, kind in problems(landscapes):
+        if ONLY and not any(o in name for o in ONLY):
+            continue
         for peer, q, run in peers:
             if only and peer not in only:
                 continue

@@ -325,12 +325,16 @@ impl Optimizer {
                 chosen.push(x);
             }
         }
+        // The best observations first: candidates are sampled around them.
+        let mut order: Vec<usize> = (0..xs.len()).collect();
+        order.sort_by(|&a, &b| ys[a].partial_cmp(&ys[b]).expect("finite"));
+        let incumbents: Vec<Vec<f64>> = order.iter().map(|&i| xs[i].clone()).collect();
         let mut acq_used: Option<Acquisition> = None;
         let mut best_ei = f64::INFINITY;
         while chosen.len() < q {
             let k = chosen.len() as u64;
             let all: Vec<Vec<f64>> = taken.iter().chain(&chosen).cloned().collect();
-            let cands = self.candidates(&xs, &all, k);
+            let cands = self.candidates(&incumbents, &all, k);
             if cands.is_empty() {
                 return Err("no candidate point is far enough from the points already evaluated; the space is exhausted at this resolution".into());
             }
@@ -340,6 +344,10 @@ impl Optimizer {
                 .fold(0.0, f64::max);
             best_ei = best_ei.min(ei_max);
             let acq = match (acq_used, self.config.strategy) {
+                // GP-Hedge picks one point per round (its gains are per round); the rest
+                // of a batch is filled by EI under the Kriging believer, which spreads
+                // out where PI would stack points on the believed incumbent.
+                (Some(_), Strategy::Hedge) => Acquisition::Ei,
                 (Some(a), _) => a,
                 (None, Strategy::Single(a)) => a,
                 (None, Strategy::Hedge) => {
@@ -481,9 +489,9 @@ impl Optimizer {
             .then_some(x)
     }
 
-    /// Random candidates, plus points near the best observations, all far enough from
-    /// `taken`.
-    fn candidates(&self, xs: &[Vec<f64>], taken: &[Vec<f64>], salt: u64) -> Vec<Vec<f64>> {
+    /// Random candidates, plus points near the best observations (`incumbents`, best
+    /// first), all far enough from `taken`.
+    fn candidates(&self, incumbents: &[Vec<f64>], taken: &[Vec<f64>], salt: u64) -> Vec<Vec<f64>> {
         let d = self.space.dim();
         let mut rng = self.rng(100 + salt);
         let mut out = Vec::with_capacity(self.config.n_candidates + 64);
@@ -491,7 +499,7 @@ impl Optimizer {
             out.push((0..d).map(|_| rng.gen::<f64>()).collect::<Vec<f64>>());
         }
         // Around the incumbents, where the minimum most likely is.
-        for x in xs.iter().take(8) {
+        for x in incumbents.iter().take(8) {
             for s in [0.1, 0.02] {
                 for _ in 0..8 {
                     out.push(
