@@ -797,4 +797,29 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
     // Shutting the head down at the end shuts the whole pipeline down.
     assert!(w1.wait(Duration::from_secs(20)).success());
     assert!(w2.wait(Duration::from_secs(20)).success());
+
+    // Workers announced in a file (as the Slurm script does), grouped two by two by
+    // `workers.stages`, in the order they announced.
+    let (_w4, a4) = worker(tmp.path(), "w4", &secret);
+    let (_w5, a5) = worker(tmp.path(), "w5", &secret);
+    let list = tmp.path().join("workers.txt");
+    std::fs::write(&list, format!("{a4}\n{a5}\n")).unwrap();
+    let cfg = write_config(
+        tmp.path(),
+        "staged.toml",
+        &Cfg {
+            workers: &[],
+            max_evals: 3,
+            copies: 1,
+            extra: &format!("addresses_file = {list:?}\nstages = 2"),
+        },
+    );
+    let run_dir = tmp.path().join("staged");
+    search_to_end(&cfg, &run_dir);
+    let j = journal(&run_dir);
+    assert_eq!(done_ids(&j).len(), 3);
+    let pipeline = format!("{a4} > {a5}");
+    assert!(events(&j, "done")
+        .iter()
+        .all(|r| r["worker"] == pipeline.as_str()));
 }

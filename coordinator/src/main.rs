@@ -95,6 +95,11 @@ struct SearchCliArgs {
     #[arg(long, value_name = "FILE")]
     workers_file: Option<PathBuf>,
 
+    /// Override workers.stages: group the workers into pipelines of N stages, in the
+    /// order they are listed or announced.
+    #[arg(long, value_name = "N")]
+    stages: Option<usize>,
+
     /// Override workers.local: in-process workers when no worker addresses are given.
     #[arg(long)]
     local_workers: Option<usize>,
@@ -336,6 +341,7 @@ fn run_search(args: SearchCliArgs) -> Result<()> {
         max_evals: args.max_evals,
         local_workers: args.local_workers,
         workers_file: args.workers_file,
+        stages: args.stages,
     })?;
     let r = &outcome.report;
     println!(

@@ -109,6 +109,10 @@ pub struct WorkersConfig {
     /// consecutive layer ranges, first to last; the coordinator talks to the first and
     /// treats the whole group as one evaluator. Hidden states go worker to worker.
     pub pipelines: Vec<Vec<String>>,
+    /// Group the workers of `addresses` and `addresses_file`, in the order they are listed
+    /// (announced), into pipelines of this many stages (1: every worker holds the whole
+    /// model). For a model too big for one node under a launcher such as Slurm.
+    pub stages: usize,
     /// In-process workers when no addresses are given (default: 1, see `local_default`).
     pub local: Option<usize>,
     /// The run's shared secret, as a file (else the `CKMERGE_SECRET` variable).
@@ -132,6 +136,7 @@ impl Default for WorkersConfig {
             addresses: Vec::new(),
             addresses_file: None,
             pipelines: Vec::new(),
+            stages: 1,
             local: None,
             secret_file: None,
             deadline_s: 3600.0,
@@ -376,6 +381,13 @@ impl SearchConfig {
                     mc.max_positions
                 );
             }
+        }
+        if self.workers.stages == 0 || self.workers.stages > mc.layers {
+            bail!(
+                "workers.stages = {}: use 1 to {} (the model's layers)",
+                self.workers.stages,
+                mc.layers
+            );
         }
         for (k, p) in self.workers.pipelines.iter().enumerate() {
             if p.len() < 2 || p.len() > mc.layers {

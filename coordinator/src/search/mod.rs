@@ -51,6 +51,8 @@ pub struct SearchArgs {
     pub local_workers: Option<usize>,
     /// Override `workers.addresses_file` (allowed on a resume: workers may change).
     pub workers_file: Option<PathBuf>,
+    /// Override `workers.stages`.
+    pub stages: Option<usize>,
 }
 
 /// What a finished search produced.
@@ -126,6 +128,9 @@ fn prepare(args: &SearchArgs) -> Result<SearchConfig> {
     }
     if let Some(n) = args.local_workers {
         cfg.workers.local = Some(n);
+    }
+    if let Some(k) = args.stages {
+        cfg.workers.stages = k;
     }
     if let Some(f) = &args.workers_file {
         cfg.workers.addresses_file =

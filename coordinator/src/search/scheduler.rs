@@ -174,6 +174,8 @@ pub struct Scheduler {
     progress: ProgressView,
     /// Seconds per completed evaluation (wall, on the worker), for the ETA.
     eval_seconds: Vec<f64>,
+    /// Workers waiting for the rest of their pipeline (`workers.stages` > 1).
+    forming: Vec<String>,
 }
 
 /// A trial that was in flight when the coordinator stopped.
@@ -209,6 +211,7 @@ impl Scheduler {
         let mut s = Scheduler {
             spec,
             secret,
+            forming: Vec::new(),
             slots: Vec::new(),
             tx,
             rx,
@@ -249,7 +252,7 @@ impl Scheduler {
             }
         } else {
             for a in s.cfg.workers.addresses.clone() {
-                s.add_slot(a.clone(), Kind::Remote(a, Vec::new()));
+                s.add_worker(a);
             }
             for p in s.cfg.workers.pipelines.clone() {
                 s.add_slot(p.join(" > "), Kind::Remote(p[0].clone(), p[1..].to_vec()));
@@ -288,10 +291,31 @@ impl Scheduler {
             return; // not written yet: workers have not started
         };
         for a in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            if !self.slots.iter().any(|s| s.name == a) {
+            let known = self.forming.iter().any(|x| x == a)
+                || self
+                    .slots
+                    .iter()
+                    .any(|s| s.name.split(" > ").any(|x| x == a));
+            if !known {
                 tracing::info!("worker {a} joined (from {})", f.display());
-                self.add_slot(a.to_string(), Kind::Remote(a.to_string(), Vec::new()));
+                self.add_worker(a.to_string());
             }
+        }
+    }
+
+    /// A worker address: a slot of its own, or, with `workers.stages` = k > 1, the next
+    /// stage of the pipeline being formed (a slot once it has k workers).
+    fn add_worker(&mut self, a: String) {
+        let k = self.cfg.workers.stages.max(1);
+        if k == 1 {
+            self.add_slot(a.clone(), Kind::Remote(a, Vec::new()));
+            return;
+        }
+        self.forming.push(a);
+        if self.forming.len() == k {
+            let p = std::mem::take(&mut self.forming);
+            tracing::info!("pipeline {} formed", p.join(" > "));
+            self.add_slot(p.join(" > "), Kind::Remote(p[0].clone(), p[1..].to_vec()));
         }
     }
 
