@@ -399,6 +399,9 @@ fn activation_bytes(c: &ModelConfig, rows: usize, seq: usize) -> u64 {
 impl Shard {
     fn plan_groups(&mut self, group_of: Option<&[usize]>) -> Result<(), GpuError> {
         if let Some(g) = group_of {
+            if !self.plans.is_empty() && g == self.group_of.as_slice() {
+                return Ok(()); // the same groups: keep the uploaded tables
+            }
             self.group_of = g.to_vec();
         }
         let groups = self.group_of.iter().copied().max().map_or(1, |m| m + 1);
