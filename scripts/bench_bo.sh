@@ -5,6 +5,9 @@
 # adjacent checkpoints; weights over the last three), 20 seeds, 20 evaluations, q = 1 and 4.
 # Writes a Markdown table to stdout and docs/bench_bo.png.
 #   RETABULATE=1  recompute tests/fixtures/trajectory/landscapes.json with the evaluator
+#   BENCH_SEEDS=N seeds per optimiser and problem (default 20; medians over 20 seeds move
+#                 by about the gaps between optimisers, so compare variants with 100)
+#   BENCH_ONLY=a,b only the problems whose names contain one of these (e.g. hartmann)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=$(scripts/peers-venv.sh | tail -n 1)
