@@ -148,14 +148,15 @@ impl GpuModel {
         if gpus.is_empty() {
             return Err(GpuError::Request("no GPUs given".into()));
         }
-        if !ckmerge_kernels::cuda::cublas_present() {
-            // cudarc would panic on the first cuBLAS call.
-            return Err(GpuError::NoCublas);
-        }
         let devices = gpus
             .iter()
             .map(|&i| Gpu::open(i))
             .collect::<Result<Vec<_>, _>>()?;
+        // After the devices (no driver: "no GPU" comes first), before any cuBLAS call:
+        // cudarc would panic on the first one without the library.
+        if !ckmerge_kernels::cuda::cublas_present() {
+            return Err(GpuError::NoCublas);
+        }
         let first = &ckpts[0];
         let names: Vec<&str> = first
             .tensors
