@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use ckmerge_common::{Checkpoint, DType};
 use ckmerge_kernels::cuda::device::Gpu;
-use ckmerge_kernels::cuda::merge::{FusedMerge, MergeTensor};
+use ckmerge_kernels::cuda::merge::{dtype_name, FusedMerge, MergeTensor};
 use ckmerge_kernels::cuda::ops::{self as g, ptr, Gemm, Operand, Ptr};
 use ckmerge_kernels::cuda::GpuError;
 use ckmerge_kernels::ops::Activation;
@@ -496,6 +496,13 @@ impl Shard {
         rows: usize,
     ) -> Result<(), GpuError> {
         let w = self.tensor(&format!("{prefix}.weight"))?;
+        let pair = (dtype_name(w.dtype), dtype_name(cd));
+        if !ckmerge_kernels::cuda::NORM_PAIRS.contains(&pair) {
+            return Err(GpuError::Request(format!(
+                "`{prefix}.weight` is {} in a model computing in {cd}: this norm is not implemented on the GPU (use --gpus none)",
+                w.dtype
+            )));
+        }
         let gpu = &self.gpu;
         match self
             .opt(&format!("{prefix}.bias"))
