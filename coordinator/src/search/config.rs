@@ -79,7 +79,8 @@ pub struct SearchParams {
     /// Wall-time budget of one coordinator session, in seconds.
     pub max_seconds: Option<f64>,
     pub seed: u64,
-    /// `hedge` (the paper's GP-Hedge over EI, PI and LCB; the default), `ei`, `pi` or `lcb`.
+    /// `ei` (the default), `hedge` (the paper's GP-Hedge over EI, PI and LCB), `pi` or
+    /// `lcb`.
     pub acquisition: String,
     /// Stop when the best expected improvement stays under this for 3 rounds.
     pub converge_tol: Option<f64>,
@@ -91,7 +92,7 @@ impl Default for SearchParams {
             max_evals: 12,
             max_seconds: None,
             seed: 0,
-            acquisition: "hedge".into(),
+            acquisition: "ei".into(),
             converge_tol: None,
         }
     }
