@@ -907,7 +907,23 @@ impl Scheduler {
         let mut out: Vec<Option<EvalReply>> = vec![None; points.len()];
         let mut running = FuturesUnordered::new();
         let mut busy = vec![false; self.slots.len()];
-        let deadline = Duration::from_secs_f64(self.cfg.workers.deadline_s);
+        // `deadline_s` is for one trial, which scores the objective only; these score every
+        // data set, so the deadline grows with the tokens they add.
+        let factor = self
+            .slots
+            .iter()
+            .find_map(|s| s.report.as_ref())
+            .map(|r| {
+                let total: usize = r.datasets.iter().map(|d| d.1).sum();
+                let objective = r.datasets.first().map_or(0, |d| d.1);
+                if objective == 0 {
+                    1.0
+                } else {
+                    (total as f64 / objective as f64).max(1.0)
+                }
+            })
+            .unwrap_or(1.0);
+        let deadline = Duration::from_secs_f64(self.cfg.workers.deadline_s * factor);
         loop {
             for (i, in_use) in busy.iter_mut().enumerate() {
                 if todo.is_empty() {
