@@ -300,6 +300,12 @@ fn embedded_search_beats_both_ends_and_writes_model_and_report() {
     ]));
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--resume"), "{}", stderr(&o));
+    // Resuming a finished run (say, one whose job ended during the report) runs no trial
+    // and writes the report again: workers are connected for the re-scoring.
+    let o = run(search(&["--resume".as_ref(), run_dir.as_os_str()]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(journal(&run_dir).len(), j.len(), "no new journal record");
+    assert_eq!(report(&run_dir)["best"], rep["best"]);
 }
 
 #[test]

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use ckmerge_common::protocol::{
     self, context_with_timeout, EvalReply, EvalRequest, HandshakeError, LoadReport, LoadSpec,
     Secret, WorkerApiClient, PROTOCOL_VERSION,
@@ -952,7 +952,18 @@ impl Scheduler {
                 if todo.is_empty() {
                     break;
                 }
-                bail!("no worker left to score the report's reference points");
+                // Nothing running and no idle worker: on a resume of a finished run no
+                // worker has connected yet, and a lost one may come back. Drive the
+                // connections until one is ready, or fail as a search does when none can.
+                self.on_tick();
+                self.check_workers()
+                    .context("no worker left to score the report's reference points")?;
+                tokio::select! {
+                    Some(ev) = self.rx.recv() => self.handle(ev)?,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                busy.resize(self.slots.len(), false);
+                continue;
             };
             busy[i] = false;
             match r {
