@@ -411,9 +411,9 @@ fn gemm_matches_the_cpu_linear() {
     }
 }
 
-/// gather_heads (with rotary) + scores GEMM + causal softmax + values GEMM +
-/// scatter_heads, as the GPU forward pass composes them, against ops::apply_rope +
-/// ops::causal_attention, with grouped-query heads and partial rotary.
+/// `cuda::ops::causal_attention` (gather_heads with rotary, scores GEMM, causal softmax,
+/// values GEMM, scatter_heads), the composition the GPU forward pass calls, against
+/// ops::apply_rope + ops::causal_attention, with grouped-query heads and partial rotary.
 #[test]
 fn attention_matches_the_cpu() {
     let Some(gpu) = gpu() else { return };
@@ -468,120 +468,35 @@ fn attention_matches_the_cpu() {
         head_stride: hd,
         heads: kv,
     };
-    let (pc, ps) = (ptr(&gpu, &dcos), ptr(&gpu, &dsin));
-    g::gather_heads(
-        &gpu,
-        od,
-        ptr(&gpu, &dq),
-        opq,
-        ptr(&gpu, &qh),
-        batch,
-        seq,
-        heads,
-        hd,
-        rot,
-        pc,
-        ps,
-    )
-    .unwrap();
-    g::gather_heads(
-        &gpu,
-        od,
-        ptr(&gpu, &dk),
-        opk,
-        ptr(&gpu, &kh),
-        batch,
-        seq,
-        heads,
-        hd,
-        rot,
-        pc,
-        ps,
-    )
-    .unwrap();
-    g::gather_heads(
-        &gpu,
-        od,
-        ptr(&gpu, &dv),
-        opk,
-        ptr(&gpu, &vh),
-        batch,
-        seq,
-        heads,
-        hd,
-        0,
-        pc,
-        ps,
-    )
-    .unwrap();
     let scores = zeros_f32(&gpu, batch * heads * seq * seq);
     let probs = zeros_f32(&gpu, batch * heads * seq * seq);
     let out_h = zeros_f32(&gpu, heads_len);
     let out = zeros_f32(&gpu, rows * qd);
-    let s = Gemm {
-        m: seq,
-        n: seq,
-        k: hd,
-        ab: od,
-        b_trans: true,
-        lda: hd,
-        ldb: hd,
-        ldc: seq,
-        alpha: scale,
-        beta: 0.0,
+    let scratch = g::AttentionScratch {
+        qh: ptr(&gpu, &qh),
+        kh: ptr(&gpu, &kh),
+        vh: ptr(&gpu, &vh),
+        scores: ptr(&gpu, &scores),
+        probs: ptr(&gpu, &probs),
+        out_h: ptr(&gpu, &out_h),
     };
-    s.run(
-        &blas,
-        ptr(&gpu, &qh),
-        ptr(&gpu, &kh),
-        ptr(&gpu, &scores),
-        batch * heads,
-        seq * hd,
-        seq * hd,
-        seq * seq,
-    )
-    .unwrap();
-    g::causal_softmax(
+    g::causal_attention(
         &gpu,
-        od,
-        ptr(&gpu, &scores),
-        ptr(&gpu, &probs),
-        batch * heads * seq,
-        seq,
-    )
-    .unwrap();
-    let pv = Gemm {
-        m: seq,
-        n: hd,
-        k: seq,
-        ab: od,
-        b_trans: false,
-        lda: seq,
-        ldb: hd,
-        ldc: hd,
-        alpha: 1.0,
-        beta: 0.0,
-    };
-    pv.run(
         &blas,
-        ptr(&gpu, &probs),
-        ptr(&gpu, &vh),
-        ptr(&gpu, &out_h),
-        batch * heads,
-        seq * seq,
-        seq * hd,
-        seq * hd,
-    )
-    .unwrap();
-    g::scatter_heads(
-        &gpu,
         od,
-        ptr(&gpu, &out_h),
+        [
+            (ptr(&gpu, &dq), opq),
+            (ptr(&gpu, &dk), opk),
+            (ptr(&gpu, &dv), opk),
+        ],
+        &scratch,
         ptr(&gpu, &out),
         batch,
         seq,
         heads,
         hd,
+        rot,
+        (ptr(&gpu, &dcos), ptr(&gpu, &dsin)),
     )
     .unwrap();
     let got = down_f32(&gpu, &out);

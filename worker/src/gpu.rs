@@ -7,14 +7,12 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
 
 use ckmerge_common::{Checkpoint, DType};
 use ckmerge_kernels::cuda::device::Gpu;
 use ckmerge_kernels::cuda::merge::{dtype_name, FusedMerge, MergeTensor};
 use ckmerge_kernels::cuda::ops::{self as g, ptr, Gemm, Operand, Ptr};
 use ckmerge_kernels::cuda::GpuError;
-use ckmerge_kernels::ops::Activation;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 
@@ -557,110 +555,38 @@ impl Shard {
         let scores = self.f32_buf(chunk * heads * seq * seq)?;
         let probs = self.c_buf(cd, chunk * heads * seq * seq)?;
         let out_h = self.f32_buf(n)?;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (pc, ps) = (ptr(gpu, &self.cos), ptr(gpu, &self.sin));
+        let scratch = g::AttentionScratch {
+            qh: ptr(gpu, &qh),
+            kh: ptr(gpu, &kh),
+            vh: ptr(gpu, &vh),
+            scores: ptr(gpu, &scores),
+            probs: ptr(gpu, &probs),
+            out_h: ptr(gpu, &out_h),
+        };
+        let tables = (ptr(gpu, &self.cos), ptr(gpu, &self.sin));
         let mut b0 = 0;
         while b0 < batch {
             let nb = chunk.min(batch - b0);
             let row0 = b0 * seq;
-            let at =
-                |s: &CudaSlice<f32>, op: &Operand| ptr(gpu, s) + (row0 * op.row_stride * 4) as u64;
-            g::gather_heads(
-                gpu,
-                cd,
-                at(src.0, &ops.0),
-                ops.0,
-                ptr(gpu, &qh),
-                nb,
-                seq,
-                heads,
-                hd,
-                c.rot_dim,
-                pc,
-                ps,
-            )?;
-            g::gather_heads(
-                gpu,
-                cd,
-                at(src.1, &ops.1),
-                ops.1,
-                ptr(gpu, &kh),
-                nb,
-                seq,
-                heads,
-                hd,
-                c.rot_dim,
-                pc,
-                ps,
-            )?;
-            g::gather_heads(
-                gpu,
-                cd,
-                at(src.2, &ops.2),
-                ops.2,
-                ptr(gpu, &vh),
-                nb,
-                seq,
-                heads,
-                hd,
-                0,
-                pc,
-                ps,
-            )?;
-            let sgemm = Gemm {
-                m: seq,
-                n: seq,
-                k: hd,
-                ab: cd,
-                b_trans: true,
-                lda: hd,
-                ldb: hd,
-                ldc: seq,
-                alpha: scale,
-                beta: 0.0,
+            // This chunk's first row in each operand (f32 rows) and in `out`.
+            let at = |s: &CudaSlice<f32>, op: Operand| {
+                (ptr(gpu, s) + (row0 * op.row_stride * 4) as u64, op)
             };
-            sgemm.run(
-                &self.blas,
-                ptr(gpu, &qh),
-                ptr(gpu, &kh),
-                ptr(gpu, &scores),
-                nb * heads,
-                seq * hd,
-                seq * hd,
-                seq * seq,
-            )?;
-            g::causal_softmax(
-                gpu,
-                cd,
-                ptr(gpu, &scores),
-                ptr(gpu, &probs),
-                nb * heads * seq,
-                seq,
-            )?;
-            let pv = Gemm {
-                m: seq,
-                n: hd,
-                k: seq,
-                ab: cd,
-                b_trans: false,
-                lda: seq,
-                ldb: hd,
-                ldc: hd,
-                alpha: 1.0,
-                beta: 0.0,
-            };
-            pv.run(
-                &self.blas,
-                ptr(gpu, &probs),
-                ptr(gpu, &vh),
-                ptr(gpu, &out_h),
-                nb * heads,
-                seq * seq,
-                seq * hd,
-                seq * hd,
-            )?;
             let dst = ptr(gpu, out) + (row0 * heads * hd * cd.size()) as u64;
-            g::scatter_heads(gpu, cd, ptr(gpu, &out_h), dst, nb, seq, heads, hd)?;
+            g::causal_attention(
+                gpu,
+                &self.blas,
+                cd,
+                [at(src.0, ops.0), at(src.1, ops.1), at(src.2, ops.2)],
+                &scratch,
+                dst,
+                nb,
+                seq,
+                heads,
+                hd,
+                c.rot_dim,
+                tables,
+            )?;
             b0 += nb;
         }
         Ok(())
@@ -949,17 +875,6 @@ impl Shard {
         Ok(per_row[..idx.len()].iter().sum())
     }
 }
-
-/// Keeps the activation enum in the public signature of this module's users.
-pub fn supported_activation(a: Activation) -> bool {
-    matches!(
-        a,
-        Activation::Silu | Activation::Gelu | Activation::GeluTanh | Activation::Relu
-    )
-}
-
-/// Shared handle for callers that hold the model behind a lock.
-pub type Shared = Arc<std::sync::Mutex<GpuModel>>;
 
 #[cfg(test)]
 mod tests {

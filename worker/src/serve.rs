@@ -195,6 +195,34 @@ fn stage_of(spec: &LoadSpec) -> Option<(usize, usize)> {
         .or((!spec.pipeline.is_empty()).then(|| (0, spec.pipeline.len() + 1)))
 }
 
+/// A context for a call to the next pipeline stage, under the caller's deadline.
+fn downstream(ctx: &Context) -> Context {
+    let mut c = tarpc::context::current();
+    c.deadline = ctx.deadline;
+    c
+}
+
+/// Hands one batch's hidden states to the next stage; returns the batch's summed NLL
+/// from the end of the pipeline.
+async fn pass_on(
+    next: &WorkerApiClient,
+    ctx: &Context,
+    weights: Vec<Vec<f32>>,
+    batch: Batch,
+    hidden: Vec<f32>,
+) -> Result<f64, String> {
+    let req = StageRequest {
+        weights,
+        tokens: batch.tokens,
+        seq: batch.seq,
+        scored: batch.scored,
+        hidden,
+    };
+    next.stage_forward(downstream(ctx), req)
+        .await
+        .map_err(|e| format!("next pipeline stage: {e}"))?
+}
+
 /// Merges the trial's weights: one vector, or one per tensor group.
 fn apply_weights(
     ev: &mut Evaluator,
@@ -460,10 +488,8 @@ impl WorkerService {
         let mut s = spec.clone();
         s.stage = Some((i + 1, n));
         s.pipeline.remove(0);
-        let mut c = tarpc::context::current();
-        c.deadline = ctx.deadline;
         let report = next
-            .load(c, s)
+            .load(downstream(ctx), s)
             .await
             .map_err(|e| format!("next pipeline stage {addr}: {e}"))?
             .map_err(|e| format!("next pipeline stage {addr}: {e}"))?;
@@ -518,18 +544,7 @@ impl WorkerService {
                     match out {
                         StageOutput::Nll(n) => Ok(n),
                         StageOutput::Hidden(hidden) => {
-                            let mut c = tarpc::context::current();
-                            c.deadline = ctx.deadline;
-                            let req = StageRequest {
-                                weights,
-                                tokens: b.tokens,
-                                seq: b.seq,
-                                scored: b.scored,
-                                hidden,
-                            };
-                            next.stage_forward(c, req)
-                                .await
-                                .map_err(|e| format!("next pipeline stage: {e}"))?
+                            pass_on(&next, &ctx, weights, b, hidden).await
                         }
                     }
                 }
@@ -596,18 +611,7 @@ impl WorkerService {
         match (out, next) {
             (StageOutput::Nll(n), _) => Ok(n),
             (StageOutput::Hidden(hidden), Some(next)) => {
-                let mut c = tarpc::context::current();
-                c.deadline = ctx.deadline;
-                let req = StageRequest {
-                    weights: req.weights,
-                    tokens: batch.tokens,
-                    seq: batch.seq,
-                    scored: batch.scored,
-                    hidden,
-                };
-                next.stage_forward(c, req)
-                    .await
-                    .map_err(|e| format!("next pipeline stage: {e}"))?
+                pass_on(&next, &ctx, req.weights, batch, hidden).await
             }
             (StageOutput::Hidden(_), None) => {
                 Err("a middle pipeline stage has no next stage".into())

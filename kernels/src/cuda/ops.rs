@@ -355,3 +355,91 @@ impl Gemm {
         Ok(())
     }
 }
+
+/// Scratch space for [`causal_attention`], each sized for its `windows`: `qh`, `kh`, `vh`
+/// `[windows, heads, seq, hd]` in the compute dtype, `scores` `[windows, heads, seq, seq]`
+/// in f32, `probs` the same in the compute dtype, `out_h` `[windows, heads, seq, hd]` in f32.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionScratch {
+    pub qh: Ptr,
+    pub kh: Ptr,
+    pub vh: Ptr,
+    pub scores: Ptr,
+    pub probs: Ptr,
+    pub out_h: Ptr,
+}
+
+/// Causal attention over `windows` windows of `seq` rows, as the forward pass composes it
+/// (the reference: ops::apply_rope on q and k, then ops::causal_attention): q, k and v
+/// gathered from projection rows (`src`: the first row's address and the layout of each)
+/// with rotary on q and k, scores by a strided-batched GEMM scaled by 1/sqrt(hd), causal
+/// softmax, the values GEMM, and the result scattered into `out`, rows
+/// `[windows * seq, heads * hd]` in the compute dtype `cd`.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention(
+    gpu: &Gpu,
+    blas: &CudaBlas,
+    cd: DType,
+    src: [(Ptr, Operand); 3],
+    scratch: &AttentionScratch,
+    out: Ptr,
+    windows: usize,
+    seq: usize,
+    heads: usize,
+    hd: usize,
+    rot_dim: usize,
+    (cos, sin): (Ptr, Ptr),
+) -> Result<(), GpuError> {
+    let s = scratch;
+    for (i, ((p, op), dst)) in src.into_iter().zip([s.qh, s.kh, s.vh]).enumerate() {
+        let rot = if i < 2 { rot_dim } else { 0 };
+        gather_heads(gpu, cd, p, op, dst, windows, seq, heads, hd, rot, cos, sin)?;
+    }
+    let items = windows * heads;
+    let scores = Gemm {
+        m: seq,
+        n: seq,
+        k: hd,
+        ab: cd,
+        b_trans: true,
+        lda: hd,
+        ldb: hd,
+        ldc: seq,
+        alpha: 1.0 / (hd as f32).sqrt(),
+        beta: 0.0,
+    };
+    scores.run(
+        blas,
+        s.qh,
+        s.kh,
+        s.scores,
+        items,
+        seq * hd,
+        seq * hd,
+        seq * seq,
+    )?;
+    causal_softmax(gpu, cd, s.scores, s.probs, items * seq, seq)?;
+    let values = Gemm {
+        m: seq,
+        n: hd,
+        k: seq,
+        ab: cd,
+        b_trans: false,
+        lda: seq,
+        ldb: hd,
+        ldc: hd,
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    values.run(
+        blas,
+        s.probs,
+        s.vh,
+        s.out_h,
+        items,
+        seq * seq,
+        seq * hd,
+        seq * hd,
+    )?;
+    scatter_heads(gpu, cd, s.out_h, out, windows, seq, heads, hd)
+}
