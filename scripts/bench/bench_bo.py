@@ -94,7 +94,9 @@ def problems(landscapes):
 def initial(kind, d):
     """Points every optimiser starts with (as ckmerge's design), then counts of random ones."""
     if kind == "lambda":
-        return [[0.0], [1.0], [0.5]], 0
+        # The paper's two ends; each optimiser picks the third point itself (ckmerge's is
+        # the middle of the better half, Optimizer::lambda_probe).
+        return [[0.0], [1.0]], 0
     if kind == "simplex":
         # The simplex's vertices and centroid, in the cube (SearchSpace::anchor_points).
         return [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [5.0 / 9.0, 0.5]], 0

@@ -162,7 +162,8 @@ impl SearchSpace {
     }
 
     /// The initial design, in the cube: the paper's two ends in 1-D (plus the middle when
-    /// `with_center`); in more dimensions the simplex's vertices and centroid.
+    /// `with_center`; the optimiser moves it to the better half once the ends have values);
+    /// in more dimensions the simplex's vertices and centroid.
     pub fn anchor_points(&self, with_center: bool) -> Vec<Vec<f64>> {
         match self {
             SearchSpace::Lambda { .. } => {
