@@ -23,6 +23,7 @@ torch.set_num_threads(1)  # Optuna's GPSampler; the script runs as two processes
 warnings.filterwarnings("ignore")
 # BENCH_SEEDS and BENCH_ONLY as for the Rust side (coordinator/examples/bench_bo.rs).
 SEEDS, BUDGET = int(os.environ.get("BENCH_SEEDS", "20")), 20
+SEED0 = int(os.environ.get("BENCH_SEED0", "0"))
 ONLY = [o for o in os.environ.get("BENCH_ONLY", "").split(",") if o]
 
 
@@ -191,7 +192,7 @@ def main():
             if only and peer not in only:
                 continue
             t = time.perf_counter()
-            traces = [trace_of(run(f, d, kind, s)) for s in range(SEEDS)]
+            traces = [trace_of(run(f, d, kind, s)) for s in range(SEED0, SEED0 + SEEDS)]
             per_eval = (time.perf_counter() - t) / (SEEDS * BUDGET)
             out.append({"problem": name, "optimizer": peer, "q": q, "traces": traces, "seconds_per_eval": per_eval})
             print(f"{name} {peer}: {per_eval * 1000:.1f} ms/eval", flush=True)

@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::acquisition::{AcqParams, Acquisition, Hedge, ALL};
-use super::gp::Surrogate;
+use super::gp::{Surrogate, THETA_BOUNDS};
 use super::space::SearchSpace;
 
 /// Which acquisition drives proposals. The default is the paper's GP-Hedge. (It was EI
@@ -53,6 +53,10 @@ pub struct BoConfig {
     pub refit_all_until: usize,
     /// Restarts of the hyperparameter optimisation on a full refit.
     pub n_start: usize,
+    /// Bounds of the GP's correlation parameters (inverse length scales); see
+    /// [`THETA_BOUNDS`].
+    #[serde(default = "default_theta_bounds")]
+    pub theta_bounds: (f64, f64),
     pub nugget: f64,
     /// Random candidates per proposal (plus local refinement around the best).
     pub n_candidates: usize,
@@ -79,6 +83,10 @@ fn default_refit_all_until() -> usize {
     30
 }
 
+fn default_theta_bounds() -> (f64, f64) {
+    THETA_BOUNDS
+}
+
 impl Default for BoConfig {
     fn default() -> Self {
         BoConfig {
@@ -90,6 +98,7 @@ impl Default for BoConfig {
             refit_every: 5,
             refit_all_until: default_refit_all_until(),
             n_start: 3,
+            theta_bounds: THETA_BOUNDS,
             nugget: 1e-8,
             n_candidates: 256,
             min_distance: 1e-4,
@@ -322,12 +331,26 @@ impl Optimizer {
             || n_ok < self.config.refit_all_until
             || n_ok >= self.theta_at + self.config.refit_every;
         let mut gp = if full {
-            let g = Surrogate::fit(&xs, &ys, None, self.config.n_start, self.config.nugget)?;
+            let g = Surrogate::fit(
+                &xs,
+                &ys,
+                None,
+                self.config.n_start,
+                self.config.nugget,
+                self.config.theta_bounds,
+            )?;
             self.theta = Some(g.theta());
             self.theta_at = n_ok;
             g
         } else {
-            Surrogate::fit(&xs, &ys, self.theta.as_deref(), 0, self.config.nugget)?
+            Surrogate::fit(
+                &xs,
+                &ys,
+                self.theta.as_deref(),
+                0,
+                self.config.nugget,
+                self.config.theta_bounds,
+            )?
         };
         if let Some(noms) = self.nominees.take() {
             let (mu, _) = gp.predict(&noms);

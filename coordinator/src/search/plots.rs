@@ -58,7 +58,15 @@ pub fn draw_all(run_dir: &Path, report: &Report, opt: &Optimizer) -> Result<Vec<
     if ok.len() >= 3 {
         let xs: Vec<Vec<f64>> = ok.iter().map(|o| o.0.clone()).collect();
         let ys: Vec<f64> = ok.iter().map(|o| o.1).collect();
-        let gp = Surrogate::fit(&xs, &ys, None, 3, opt.config.nugget).map_err(e)?;
+        let gp = Surrogate::fit(
+            &xs,
+            &ys,
+            None,
+            3,
+            opt.config.nugget,
+            opt.config.theta_bounds,
+        )
+        .map_err(e)?;
         match &opt.space {
             SearchSpace::Lambda { lo, hi } => {
                 surrogate_1d(&run_dir.join("surrogate.png"), &gp, *lo, *hi, &ok)?;
