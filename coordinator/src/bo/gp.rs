@@ -30,6 +30,20 @@ use super::posterior::Posterior;
 /// egobox's.
 pub const THETA_BOUNDS: (f64, f64) = (0.2, 10.0);
 
+/// How a fit gets its hyperparameters.
+#[derive(Clone, Copy, Debug)]
+pub enum Hyper<'a> {
+    /// Kept from an earlier fit.
+    Fixed(&'a [f64]),
+    /// Re-optimised by maximum likelihood: from `from` alone when given (a warm refit),
+    /// else from the default start plus `n_start` restarts. (egobox-gp draws a single
+    /// restart from system entropy, so use 0 or at least 2 for determinism.)
+    Fit {
+        n_start: usize,
+        from: Option<&'a [f64]>,
+    },
+}
+
 pub struct Surrogate {
     post: Posterior,
     theta: Vec<f64>,
@@ -38,15 +52,13 @@ pub struct Surrogate {
 }
 
 impl Surrogate {
-    /// Fits on cube points `x` with values `y`. `theta`: fixed length-scale parameters, or
-    /// `None` to optimise them (egobox-gp, `n_start` restarts) within `bounds` (see
-    /// [`THETA_BOUNDS`]). `nugget` regularises (noise). With fixed parameters egobox is not
-    /// called: the posterior is computed directly.
+    /// Fits on cube points `x` with values `y`, the hyperparameters as `hyper` says, within
+    /// `bounds` (see [`THETA_BOUNDS`]). `nugget` regularises (noise). With fixed parameters
+    /// egobox is not called: the posterior is computed directly.
     pub fn fit(
         x: &[Vec<f64>],
         y: &[f64],
-        theta: Option<&[f64]>,
-        n_start: usize,
+        hyper: Hyper,
         nugget: f64,
         bounds: (f64, f64),
     ) -> Result<Surrogate, String> {
@@ -56,20 +68,26 @@ impl Surrogate {
         let var = y.iter().map(|v| (v - y_mean).powi(2)).sum::<f64>() / y.len() as f64;
         let y_std = if var > 0.0 { var.sqrt() } else { 1.0 };
         let ys: Vec<f64> = y.iter().map(|v| (v - y_mean) / y_std).collect();
-        let theta = match theta {
-            Some(t) => t.to_vec(),
-            None => {
+        let theta = match hyper {
+            Hyper::Fixed(t) => t.to_vec(),
+            Hyper::Fit { n_start, from } => {
+                // Warm: one local optimisation from the previous optimum. Cold: egobox's
+                // start at the longest length scale allowed plus `n_start` Latin-hypercube
+                // starts (seeded inside egobox, so deterministic).
+                let init = match from {
+                    Some(t) if t.len() == dim => t.to_vec(),
+                    _ => vec![bounds.0; dim],
+                };
                 let xa = Array2::from_shape_fn((x.len(), dim), |(i, j)| x[i][j]);
                 let gp = GaussianProcess::<f64, ConstantMean, Matern52Corr>::params(
                     ConstantMean::default(),
                     Matern52Corr::default(),
                 )
                 .theta_tuning(ThetaTuning::Full {
-                    // The optimisation starts at the longest length scale allowed.
-                    init: Array1::from(vec![bounds.0; dim]),
+                    init: Array1::from(init),
                     bounds: Array1::from(vec![bounds; dim]),
                 })
-                .n_start(n_start)
+                .n_start(if from.is_some() { 0 } else { n_start })
                 .nugget(nugget)
                 .fit(&Dataset::new(xa, Array1::from(ys.clone())))
                 .map_err(|e| format!("Gaussian-process fit failed: {e}"))?;
@@ -136,7 +154,17 @@ mod tests {
     fn interpolates_its_data() {
         let x: Vec<Vec<f64>> = (0..7).map(|i| vec![i as f64 / 6.0]).collect();
         let y: Vec<f64> = x.iter().map(|p| (6.0 * p[0]).sin() + 3.0).collect();
-        let s = Surrogate::fit(&x, &y, None, 5, 1e-10, THETA_BOUNDS).unwrap();
+        let s = Surrogate::fit(
+            &x,
+            &y,
+            Hyper::Fit {
+                n_start: 5,
+                from: None,
+            },
+            1e-10,
+            THETA_BOUNDS,
+        )
+        .unwrap();
         let (m, sd) = s.predict(&x);
         for i in 0..x.len() {
             let got = m[i] * s.y_std + s.y_mean;

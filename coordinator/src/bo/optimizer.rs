@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::acquisition::{AcqParams, Acquisition, Hedge, ALL};
-use super::gp::{Surrogate, THETA_BOUNDS};
+use super::gp::{Hyper, Surrogate, THETA_BOUNDS};
 use super::space::SearchSpace;
 
 /// Which acquisition drives proposals. The default is the paper's GP-Hedge. (It was EI
@@ -331,11 +331,21 @@ impl Optimizer {
             || n_ok < self.config.refit_all_until
             || n_ok >= self.theta_at + self.config.refit_every;
         let mut gp = if full {
+            // Past the early phase, a refit starts from the current length scales alone: they
+            // move little between refits then, and the restarts are most of a refit's cost
+            // (see `bench_bo latency`).
+            let from = match n_ok >= self.config.refit_all_until {
+                true => self.theta.as_deref(),
+                false => None,
+            };
+            let hyper = Hyper::Fit {
+                n_start: self.config.n_start,
+                from,
+            };
             let g = Surrogate::fit(
                 &xs,
                 &ys,
-                None,
-                self.config.n_start,
+                hyper,
                 self.config.nugget,
                 self.config.theta_bounds,
             )?;
@@ -343,11 +353,11 @@ impl Optimizer {
             self.theta_at = n_ok;
             g
         } else {
+            let theta = self.theta.as_deref().expect("kept only after a fit");
             Surrogate::fit(
                 &xs,
                 &ys,
-                self.theta.as_deref(),
-                0,
+                Hyper::Fixed(theta),
                 self.config.nugget,
                 self.config.theta_bounds,
             )?

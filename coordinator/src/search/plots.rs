@@ -12,7 +12,7 @@ use plotters::style::FontStyle;
 
 use super::journal::Record;
 use super::report::Report;
-use crate::bo::gp::Surrogate;
+use crate::bo::gp::{Hyper, Surrogate};
 use crate::bo::{Optimizer, SearchSpace};
 
 static FONT: &[u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
@@ -61,8 +61,10 @@ pub fn draw_all(run_dir: &Path, report: &Report, opt: &Optimizer) -> Result<Vec<
         let gp = Surrogate::fit(
             &xs,
             &ys,
-            None,
-            3,
+            Hyper::Fit {
+                n_start: 3,
+                from: None,
+            },
             opt.config.nugget,
             opt.config.theta_bounds,
         )
