@@ -8,6 +8,9 @@ import sys
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from cycler import cycler
+
+plt.rcParams["axes.prop_cycle"] = cycler(color=plt.cm.tab20.colors)  # 11 optimisers, distinct colours
 
 rust = json.load(open(sys.argv[1]))
 plot_path = sys.argv[2]
