@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ckmerge_coordinator::bo::acquisition::Acquisition;
-use ckmerge_coordinator::bo::optimizer::Strategy;
+use ckmerge_coordinator::bo::optimizer::{Batch, Strategy};
 use ckmerge_coordinator::bo::{BoConfig, Optimizer, SearchSpace};
 use ckmerge_worker::eval::{EvalOptions, Evaluator};
 use rand::{Rng, SeedableRng};
@@ -260,7 +260,7 @@ fn landscapes(path: &Path) -> Vec<Problem> {
     out
 }
 
-fn run_bo(p: &Problem, seed: u64, q: usize, strategy: Strategy) -> (Vec<f64>, f64) {
+fn optimizer(p: &Problem, seed: u64, strategy: Strategy, batch: Batch) -> Optimizer {
     let d = p.space.dim();
     let initial_random = if matches!(p.space, SearchSpace::Cube { .. }) {
         d + 1
@@ -271,10 +271,16 @@ fn run_bo(p: &Problem, seed: u64, q: usize, strategy: Strategy) -> (Vec<f64>, f6
         seed,
         max_evals: BUDGET,
         strategy,
+        batch,
         initial_random,
         ..Default::default()
     };
-    let mut o = Optimizer::new(p.space.clone(), cfg);
+    Optimizer::new(p.space.clone(), cfg)
+}
+
+/// Synchronous batches of `q`: each batch is proposed before any of it is told.
+fn run_bo(p: &Problem, seed: u64, q: usize, strategy: Strategy, batch: Batch) -> (Vec<f64>, f64) {
+    let mut o = optimizer(p, seed, strategy, batch);
     let mut trace = Vec::new();
     let mut best = f64::INFINITY;
     let mut busy = 0.0;
@@ -287,6 +293,50 @@ fn run_bo(p: &Problem, seed: u64, q: usize, strategy: Strategy) -> (Vec<f64>, f6
             best = best.min(v);
             trace.push(best);
             o.tell(u, Ok(v));
+        }
+    }
+    (trace, busy / BUDGET as f64)
+}
+
+/// The coordinator's main mode: `workers` evaluations in flight, each taking a time drawn
+/// uniformly from [0.5, 1.5); whenever one finishes it is told and one new point is
+/// proposed with the others pending. The trace is in order of completion.
+fn run_async(
+    p: &Problem,
+    seed: u64,
+    workers: usize,
+    strategy: Strategy,
+    batch: Batch,
+) -> (Vec<f64>, f64) {
+    let mut o = optimizer(p, seed, strategy, batch);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xA5A5);
+    let mut running: Vec<(f64, Vec<f64>)> = Vec::new();
+    let (mut now, mut busy, mut issued) = (0.0, 0.0, 0);
+    let t = Instant::now();
+    for u in o.propose(workers.min(BUDGET), &[]).unwrap() {
+        running.push((now + rng.gen_range(0.5..1.5), u));
+        issued += 1;
+    }
+    busy += t.elapsed().as_secs_f64();
+    let mut trace = Vec::new();
+    let mut best = f64::INFINITY;
+    while trace.len() < BUDGET {
+        let i = (0..running.len())
+            .min_by(|&a, &b| running[a].0.partial_cmp(&running[b].0).unwrap())
+            .unwrap();
+        let (finish, u) = running.remove(i);
+        now = finish;
+        let v = (p.f)(&u);
+        best = best.min(v);
+        trace.push(best);
+        o.tell(u, Ok(v));
+        if issued < BUDGET {
+            let pending: Vec<Vec<f64>> = running.iter().map(|r| r.1.clone()).collect();
+            let t = Instant::now();
+            let next = o.propose(1, &pending).unwrap().remove(0);
+            busy += t.elapsed().as_secs_f64();
+            running.push((now + rng.gen_range(0.5..1.5), next));
+            issued += 1;
         }
     }
     (trace, busy / BUDGET as f64)
@@ -366,19 +416,26 @@ fn main() {
             let n_seeds = seeds();
             let mut results = Vec::new();
             for p in &problems {
-                for (name, q, strategy) in [
-                    ("ckmerge-ei", 1, Some(Strategy::Single(Acquisition::Ei))),
-                    ("ckmerge-ei-q4", 4, Some(Strategy::Single(Acquisition::Ei))),
-                    ("ckmerge-hedge", 1, Some(Strategy::Hedge)),
-                    ("ckmerge-hedge-q4", 4, Some(Strategy::Hedge)),
-                    ("random", 1, None),
+                for (name, q, strategy, batch) in [
+                    ("ckmerge-ei", 1, Some(Strategy::Single(Acquisition::Ei)), Batch::Believer),
+                    ("ckmerge-ei-q4", 4, Some(Strategy::Single(Acquisition::Ei)), Batch::Believer),
+                    ("ckmerge-ei-q4-joint", 4, Some(Strategy::Single(Acquisition::Ei)), Batch::JointEi),
+                    // q = 0 here means asynchronous with 4 workers (run_async).
+                    ("ckmerge-ei-async4", 0, Some(Strategy::Single(Acquisition::Ei)), Batch::Believer),
+                    ("ckmerge-ei-async4-joint", 0, Some(Strategy::Single(Acquisition::Ei)), Batch::JointEi),
+                    ("ckmerge-hedge", 1, Some(Strategy::Hedge), Batch::Believer),
+                    ("ckmerge-hedge-q4", 4, Some(Strategy::Hedge), Batch::Believer),
+                    ("random", 1, None, Batch::Believer),
                 ] {
                     let mut traces = Vec::new();
                     let mut per_eval = 0.0;
                     for seed in seed0()..seed0() + n_seeds {
                         match strategy {
                             Some(s) => {
-                                let (t, busy) = run_bo(p, seed, q, s);
+                                let (t, busy) = match q {
+                                    0 => run_async(p, seed, 4, s, batch),
+                                    _ => run_bo(p, seed, q, s, batch),
+                                };
                                 per_eval += busy / n_seeds as f64;
                                 traces.push(t);
                             }
@@ -387,7 +444,7 @@ fn main() {
                     }
                     eprintln!("{} {name}: done", p.name);
                     results.push(
-                        json!({"problem": p.name, "optimizer": name, "q": q, "min": p.min,
+                        json!({"problem": p.name, "optimizer": name, "q": if q == 0 { json!("4 async") } else { json!(q) }, "min": p.min,
                         "reference": p.reference, "traces": traces, "seconds_per_eval": per_eval}),
                     );
                 }

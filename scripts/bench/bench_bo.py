@@ -153,6 +153,41 @@ def run_optuna(f, d, kind, seed, sampler_name, q):
     return vals
 
 
+def run_optuna_async(f, d, kind, seed, workers=4):
+    """The coordinator's main mode, as run_async in bench_bo.rs: `workers` trials running,
+    each taking a time drawn uniformly from [0.5, 1.5); whenever one finishes it is told and
+    one new trial is asked with the others still running (GPSampler then maximises qLogEI
+    over them)."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    fixed, n_random = initial(kind, d)
+    sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=len(fixed) + n_random)
+    study = optuna.create_study(sampler=sampler)
+    for x in fixed:
+        study.enqueue_trial({f"x{i}": x[i] for i in range(d)})
+    rng = np.random.default_rng(seed ^ 0xA5A5)
+    running, vals, now, issued = [], [], 0.0, 0
+
+    def launch():
+        t = study.ask()
+        x = [t.suggest_float(f"x{i}", 0.0, 1.0) for i in range(d)]
+        running.append((now + rng.uniform(0.5, 1.5), t, x))
+
+    for _ in range(min(workers, BUDGET)):
+        launch()
+        issued += 1
+    while len(vals) < BUDGET:
+        running.sort(key=lambda r: r[0])
+        now, t, x = running.pop(0)
+        v = f(x)
+        study.tell(t, v)
+        vals.append(v)
+        if issued < BUDGET:
+            launch()
+            issued += 1
+    return vals
+
+
 def run_bayes_opt(f, d, kind, seed):
     from bayes_opt import BayesianOptimization
     fixed, n_random = initial(kind, d)
@@ -182,6 +217,7 @@ def main():
              ("skopt-gp_hedge-q4", 4, lambda f, d, k, s: run_skopt(f, d, k, s, "gp_hedge", 4)),
              ("optuna-gp", 1, lambda f, d, k, s: run_optuna(f, d, k, s, "gp", 1)),
              ("optuna-gp-q4", 4, lambda f, d, k, s: run_optuna(f, d, k, s, "gp", 4)),
+             ("optuna-gp-async4", "4 async", lambda f, d, k, s: run_optuna_async(f, d, k, s)),
              ("optuna-tpe", 1, lambda f, d, k, s: run_optuna(f, d, k, s, "tpe", 1)),
              ("bayes_opt", 1, lambda f, d, k, s: run_bayes_opt(f, d, k, s))]
     only = set(sys.argv[3].split(",")) if len(sys.argv) > 3 else None

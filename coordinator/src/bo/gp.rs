@@ -13,7 +13,7 @@ use egobox_gp::{GaussianProcess, ThetaTuning};
 use linfa::prelude::*;
 use ndarray::{Array1, Array2};
 
-use super::posterior::Posterior;
+use super::posterior::{JointEi, Posterior};
 
 /// Bounds of the correlation parameters `theta` (inverse length scales, cube units) that
 /// the maximum-likelihood fit may choose. egobox-gp's default lower bound, 0.01 (length
@@ -127,6 +127,24 @@ impl Surrogate {
     pub fn predict(&self, pts: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
         let (m, v) = self.post.predict(pts);
         (m, v.iter().map(|v| v.max(0.0).sqrt()).collect())
+    }
+
+    /// Draws for the expected improvement jointly with `pending` points (q-EI); `best`
+    /// in standardised units. See [`Posterior::joint_ei`].
+    pub fn joint_ei(
+        &self,
+        pending: &[Vec<f64>],
+        best: f64,
+        samples: usize,
+        seed: u64,
+    ) -> Result<JointEi, String> {
+        self.post.joint_ei(pending, best, samples, seed)
+    }
+
+    /// Joint expected improvement (standardised units) of each point with the pending
+    /// points of `je`.
+    pub fn score_joint(&self, je: &JointEi, pts: &[Vec<f64>]) -> Vec<f64> {
+        self.post.score_joint(je, pts)
     }
 
     /// Adds points with (standardised) values, hyperparameters and normalisation frozen,
