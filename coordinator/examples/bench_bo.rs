@@ -418,11 +418,11 @@ fn main() {
             for p in &problems {
                 for (name, q, strategy, batch) in [
                     ("ckmerge-ei", 1, Some(Strategy::Single(Acquisition::Ei)), Batch::Believer),
-                    ("ckmerge-ei-q4", 4, Some(Strategy::Single(Acquisition::Ei)), Batch::Believer),
-                    ("ckmerge-ei-q4-joint", 4, Some(Strategy::Single(Acquisition::Ei)), Batch::JointEi),
+                    ("ckmerge-ei-q4", 4, Some(Strategy::Single(Acquisition::Ei)), Batch::JointEi),
+                    ("ckmerge-ei-q4-believer", 4, Some(Strategy::Single(Acquisition::Ei)), Batch::Believer),
                     // q = 0 here means asynchronous with 4 workers (run_async).
-                    ("ckmerge-ei-async4", 0, Some(Strategy::Single(Acquisition::Ei)), Batch::Believer),
-                    ("ckmerge-ei-async4-joint", 0, Some(Strategy::Single(Acquisition::Ei)), Batch::JointEi),
+                    ("ckmerge-ei-async4", 0, Some(Strategy::Single(Acquisition::Ei)), Batch::JointEi),
+                    ("ckmerge-ei-async4-believer", 0, Some(Strategy::Single(Acquisition::Ei)), Batch::Believer),
                     ("ckmerge-hedge", 1, Some(Strategy::Hedge), Batch::Believer),
                     ("ckmerge-hedge-q4", 4, Some(Strategy::Hedge), Batch::Believer),
                     ("random", 1, None, Batch::Believer),

@@ -417,7 +417,7 @@ impl Posterior {
                 .sum();
             total / je.zp.len() as f64 * self.y_std
         };
-        if pts.len() * (self.xs.len() + je.zp.len()) >= 16_384 {
+        if pts.len() * (self.xs.len() + 4 * je.zp.len()) >= 4_096 {
             pts.par_iter().map(one).collect()
         } else {
             pts.iter().map(one).collect()
