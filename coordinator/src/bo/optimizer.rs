@@ -331,10 +331,25 @@ impl Optimizer {
         }
         let n_ok = self.successes().count();
         if chosen.len() == q || n_ok < 2 {
-            // Still in the initial design, or too few values to fit a surrogate: random.
+            // Still in the initial design, or too few values to fit a surrogate: random, or
+            // in 1-D the middle of the widest gap (a random lambda can land next to a
+            // point already running).
             let mut rng = self.rng(1);
             while chosen.len() < q {
-                let p: Vec<f64> = (0..self.space.dim()).map(|_| rng.gen()).collect();
+                let p: Vec<f64> = match self.space {
+                    SearchSpace::Lambda { .. } => {
+                        let mut xs: Vec<f64> = taken.iter().chain(&chosen).map(|t| t[0]).collect();
+                        xs.extend([0.0, 1.0]);
+                        xs.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+                        let (lo, hi) = xs
+                            .windows(2)
+                            .map(|w| (w[0], w[1]))
+                            .max_by(|a, b| (a.1 - a.0).partial_cmp(&(b.1 - b.0)).expect("finite"))
+                            .expect("two ends");
+                        vec![0.5 * (lo + hi)]
+                    }
+                    _ => (0..self.space.dim()).map(|_| rng.gen()).collect(),
+                };
                 let all: Vec<Vec<f64>> = taken.iter().chain(&chosen).cloned().collect();
                 if far(&p, &all, self.config.min_distance) {
                     chosen.push(p);
@@ -897,6 +912,21 @@ mod tests {
             dist(&next, &[0.75]) > 1e-3,
             "a second probe while the first runs"
         );
+    }
+
+    #[test]
+    fn a_1d_opening_wider_than_the_design_fills_the_widest_gaps() {
+        let mut o = Optimizer::new(SearchSpace::lambda(0.0).unwrap(), BoConfig::default());
+        let first = o.propose(5, &[]).unwrap();
+        assert_eq!(
+            first,
+            vec![vec![0.0], vec![1.0], vec![0.5], vec![0.75], vec![0.25]]
+        );
+        // Asynchronously: one value back, four running; the next fills a gap too.
+        o.tell(vec![0.5], Ok(3.0));
+        let pending: Vec<Vec<f64>> = first.iter().filter(|p| p[0] != 0.5).cloned().collect();
+        let next = o.propose(1, &pending).unwrap();
+        assert_eq!(next, vec![vec![0.875]]);
     }
 
     #[test]
