@@ -5,7 +5,8 @@
 //! LCB combined by GP-Hedge (Hoffman, Brochu and de Freitas 2011), starting from the two
 //! ends of `lambda`'s range. Generalised here to N checkpoints on the simplex (searched in
 //! the unit cube through a stick-breaking bijection) and to batches of proposals that
-//! account for evaluations still running (Kriging believer).
+//! account for evaluations still running (the expected improvement a point adds to them
+//! under the joint posterior with EI; the Kriging believer with the other acquisitions).
 //!
 //! What must stay true: the surrogate only ever sees completed evaluations (a failure is
 //! remembered as a point not to propose again, never as a value); for a given seed and the

@@ -1,5 +1,5 @@
 //! The optimiser: initial design, surrogate fits, GP-Hedge, batch proposals that account
-//! for pending evaluations (Kriging believer), failures, stopping, and a serialisable state.
+//! for pending evaluations, failures, stopping, and a serialisable state.
 //!
 //! Batches and asynchrony are one code path: each later proposal of a batch, and each
 //! evaluation still running, is a pending point. With EI (the default) a candidate is
