@@ -371,9 +371,10 @@ impl Optimizer {
             // Past the early phase, a refit starts from the current length scales alone: they
             // move little between refits then, and the restarts are most of a refit's cost
             // (see `bench_bo latency`).
-            let from = match n_ok >= self.config.refit_all_until {
-                true => self.theta.as_deref(),
-                false => None,
+            let from = if n_ok >= self.config.refit_all_until {
+                self.theta.as_deref()
+            } else {
+                None
             };
             let hyper = Hyper::Fit {
                 n_start: self.config.n_start,
@@ -462,18 +463,17 @@ impl Optimizer {
             // With points pending under joint EI, the candidates are scored by the EI they
             // add to those points (which is also what convergence watches); otherwise by
             // the posterior at each.
-            let joint_scores = match joint_mode && !joint.is_empty() {
-                true => {
-                    let je = gp.joint_ei(
-                        &joint,
-                        best_std,
-                        JOINT_SAMPLES,
-                        self.config.seed ^ self.round.wrapping_mul(31) ^ (k + 1) << 40,
-                    )?;
-                    let scores = gp.score_joint(&je, &cands);
-                    Some((je, scores))
-                }
-                false => None,
+            let joint_scores = if joint_mode && !joint.is_empty() {
+                let je = gp.joint_ei(
+                    &joint,
+                    best_std,
+                    JOINT_SAMPLES,
+                    self.config.seed ^ self.round.wrapping_mul(31) ^ (k + 1) << 40,
+                )?;
+                let scores = gp.score_joint(&je, &cands);
+                Some((je, scores))
+            } else {
+                None
             };
             let (mu, sd) = match joint_scores {
                 Some(_) => (Vec::new(), Vec::new()),
