@@ -3,8 +3,8 @@
 # PyTorch and transformers but no Rust and no network. Build first, here:
 #   scripts/gpu/build.sh        # -> target/gpu-check/{ckmerge,gpu_parity}
 # then run this from the repository root on the GPU machine, with target/gpu-check
-# carried. Results go to $OUT (default target/gpu-check/out): one JSON per step and
-# summary.md, printed last.
+# carried. Results: one file per step and summary.md, printed last, in
+# target/gpu-check/out, or archived as $OUT/gpu-check.tgz where OUT is set.
 #
 # 1. kernel parity: every CUDA kernel against its CPU reference (gpu_parity);
 # 2. model parity: `ckmerge eval --gpus 0` vs the CPU on the fixture trajectory, bf16 and
@@ -18,8 +18,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/gpu-check/ckmerge}
 PARITY=${PARITY:-target/gpu-check/gpu_parity}
-OUT=${OUT:-target/gpu-check/out}
 WORK=${WORK:-/tmp/ckmerge-gpu-check}
+if [ -n "${OUT:-}" ]; then
+  # A machine that sends back only a few files from $OUT: work in $WORK/results and
+  # archive it there at exit (also when a step times out), summary beside it.
+  DEST=$OUT
+  OUT=$WORK/results
+  trap 'tar czf "$DEST/gpu-check.tgz" -C "$WORK" results; cp "$OUT/summary.md" "$DEST/" 2>/dev/null' EXIT
+else
+  OUT=target/gpu-check/out
+fi
 PY=${PY:-python3}
 TOKENS=${TOKENS:-1048576}
 mkdir -p "$OUT" "$WORK"
@@ -36,6 +44,7 @@ for p in nvidia.__path__:
 export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:-}"
 export CKMERGE_REQUIRE_GPU=1
 nvidia-smi -L | tee "$OUT/gpus.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 
 step "1. kernel parity"
 if timeout 120 "$PARITY" --test-threads 1 2>&1 | tee "$OUT/kernel-parity.txt"; then
@@ -87,16 +96,21 @@ step "3. merge bandwidth"
 timeout 120 "$BIN" gpu-bench --bytes 4GB --sources 2,4 --dtype bf16 | tee "$OUT/merge-bandwidth.jsonl" || status=1
 
 step "4. forward pass vs transformers (~1.1B Llama, random weights)"
-timeout 240 $PY scripts/gpu/hf_bench.py make --dir "$WORK/llama1b" --tokens "$TOKENS" 2>&1 | tail -3
-timeout 240 $PY scripts/gpu/hf_bench.py bench --dir "$WORK/llama1b" --seq 2048 --batch 8 >"$OUT/hf.json" 2>"$OUT/hf.log" || { echo "transformers run failed"; tail -5 "$OUT/hf.log"; status=1; }
+timeout 180 $PY scripts/gpu/hf_bench.py make --dir "$WORK/llama1b" --tokens "$TOKENS" 2>&1 | tail -3
+timeout 180 $PY scripts/gpu/hf_bench.py bench --dir "$WORK/llama1b" --seq 2048 --batch 8 --profile >"$OUT/hf.json" 2>"$OUT/hf.log" || { echo "transformers run failed"; tail -5 "$OUT/hf.log"; status=1; }
 cat "$OUT/hf.json" 2>/dev/null
 run_ck() { # name, ckmerge eval arguments
   local name=$1; shift
-  timeout 240 "$BIN" eval "$@" --data "$WORK/llama1b/tokens.bin" --token-bits 16 --seq-len 2048 --batch 8 \
+  timeout 180 "$BIN" eval "$@" --data "$WORK/llama1b/tokens.bin" --token-bits 16 --seq-len 2048 --batch 8 \
     --json --gpus 0 >"$OUT/$name.json" 2>"$OUT/$name.log" || { echo "ckmerge eval failed: $name"; tail -5 "$OUT/$name.log"; status=1; }
 }
 run_ck ck-forward "$WORK/llama1b/a"
 run_ck ck-trial "$WORK/llama1b/a" "$WORK/llama1b/b" --weights 0.5,0.5
+# Where the time goes: a profiled pass over 256k tokens (each span synchronises, so this
+# run's speed is not the benchmark's), then transformers' kernels over two batches.
+CKMERGE_GPU_PROFILE=1 run_ck ck-profile "$WORK/llama1b/a" --max-tokens 262144
+grep '^profile:' "$OUT/ck-profile.log"
+grep -A24 'Self CUDA' "$OUT/hf.log" | cut -c1-160 | head -26
 
 step "summary"
 $PY - "$OUT" "$kernel" "$model" <<'PYEOF' | tee "$OUT/summary.md"

@@ -566,6 +566,12 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     let results = (0..ev.datasets.len())
         .map(|d| ev.score(d))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(rows) = ckmerge_kernels::cuda::profile::report() {
+        // CKMERGE_GPU_PROFILE: the per-operation split, on stderr so --json stays clean.
+        for (op, seconds, calls) in rows {
+            eprintln!("profile: {seconds:9.4} s {calls:7} calls  {op}");
+        }
+    }
     if args.json {
         let v = serde_json::json!({
             "checkpoints": args.checkpoints,

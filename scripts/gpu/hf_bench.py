@@ -36,10 +36,13 @@ def make(d, tokens):
 
 
 @torch.no_grad()
-def bench(d, seq, batch):
-    m = LlamaForCausalLM.from_pretrained(
-        os.path.join(d, "a"), torch_dtype=torch.bfloat16, attn_implementation="sdpa"
-    ).cuda().eval()
+def bench(d, seq, batch, profile=False):
+    path = os.path.join(d, "a")
+    try:  # transformers >= 4.56 names it `dtype`; older ones only know `torch_dtype`
+        m = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
+    except TypeError:
+        m = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
+    m = m.cuda().eval()
     toks = np.fromfile(os.path.join(d, "tokens.bin"), dtype=np.uint16).astype(np.int64)
     n = len(toks) // seq
     x = torch.from_numpy(toks[: n * seq].reshape(n, seq)).cuda()
@@ -57,6 +60,15 @@ def bench(d, seq, batch):
     torch.cuda.synchronize()
     s = time.perf_counter() - t0
     scored = n * (seq - 1)
+    if profile:
+        # Where transformers' time goes (CUDA kernels over two batches), for the log.
+        from torch.profiler import ProfilerActivity, profile as prof
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for b in batches[1:3]:
+                run(b)
+            torch.cuda.synchronize()
+        import sys
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=20), file=sys.stderr)
     print(json.dumps({
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "windows": n, "seq": seq, "batch": batch, "seconds": s,
@@ -71,5 +83,6 @@ if __name__ == "__main__":
     ap.add_argument("--tokens", type=int, default=1 << 20)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--profile", action="store_true", help="after timing, print a CUDA kernel profile of two batches to stderr")
     a = ap.parse_args()
-    make(a.dir, a.tokens) if a.mode == "make" else bench(a.dir, a.seq, a.batch)
+    make(a.dir, a.tokens) if a.mode == "make" else bench(a.dir, a.seq, a.batch, a.profile)

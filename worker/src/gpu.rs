@@ -12,6 +12,7 @@ use ckmerge_common::{Checkpoint, DType};
 use ckmerge_kernels::cuda::device::Gpu;
 use ckmerge_kernels::cuda::merge::{dtype_name, FusedMerge, MergeTensor};
 use ckmerge_kernels::cuda::ops::{self as g, ptr, Gemm, Operand, Ptr};
+use ckmerge_kernels::cuda::profile::span;
 use ckmerge_kernels::cuda::GpuError;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
@@ -444,11 +445,15 @@ impl Shard {
     }
 
     fn f32_buf(&self, n: usize) -> Result<CudaSlice<f32>, GpuError> {
-        Ok(self.gpu.stream.alloc_zeros::<f32>(n.max(1))?)
+        span(&self.gpu, "allocate + zero", || {
+            Ok(self.gpu.stream.alloc_zeros::<f32>(n.max(1))?)
+        })
     }
 
     fn c_buf(&self, dt: DType, n: usize) -> Result<CudaSlice<u8>, GpuError> {
-        Ok(self.gpu.stream.alloc_zeros::<u8>((n * dt.size()).max(1))?)
+        span(&self.gpu, "allocate + zero", || {
+            Ok(self.gpu.stream.alloc_zeros::<u8>((n * dt.size()).max(1))?)
+        })
     }
 
     /// `out[rows, n] = x[rows, k] W^T (+ b)`, `x` in the compute dtype.
@@ -468,20 +473,27 @@ impl Shard {
             )));
         }
         let (n, k) = (w.shape[0], w.shape[1]);
-        Gemm::linear(rows, n, k, cd).run(
-            &self.blas,
-            x,
-            self.p(w),
-            ptr(&self.gpu, out),
-            1,
-            0,
-            0,
-            0,
-        )?;
-        if let Some(b) = self.opt(&format!("{prefix}.bias")) {
-            g::add_bias(&self.gpu, b.dtype, ptr(&self.gpu, out), self.p(b), rows, n)?;
-        }
-        Ok(())
+        let what = if prefix.contains(".mlp.") {
+            "linear: MLP"
+        } else {
+            "linear: attention projections"
+        };
+        span(&self.gpu, what, || {
+            Gemm::linear(rows, n, k, cd).run(
+                &self.blas,
+                x,
+                self.p(w),
+                ptr(&self.gpu, out),
+                1,
+                0,
+                0,
+                0,
+            )?;
+            if let Some(b) = self.opt(&format!("{prefix}.bias")) {
+                g::add_bias(&self.gpu, b.dtype, ptr(&self.gpu, out), self.p(b), rows, n)?;
+            }
+            Ok(())
+        })
     }
 
     fn norm(
@@ -502,34 +514,36 @@ impl Shard {
             )));
         }
         let gpu = &self.gpu;
-        match self
-            .opt(&format!("{prefix}.bias"))
-            .filter(|_| c.arch == Arch::GptNeoX)
-        {
-            Some(b) => g::layer_norm(
-                gpu,
-                w.dtype,
-                cd,
-                ptr(gpu, x),
-                self.p(w),
-                self.p(b),
-                c.norm_eps,
-                ptr(gpu, out),
-                rows,
-                c.hidden,
-            ),
-            None => g::rms_norm(
-                gpu,
-                w.dtype,
-                cd,
-                ptr(gpu, x),
-                self.p(w),
-                c.norm_eps,
-                ptr(gpu, out),
-                rows,
-                c.hidden,
-            ),
-        }
+        span(gpu, "norm", || {
+            match self
+                .opt(&format!("{prefix}.bias"))
+                .filter(|_| c.arch == Arch::GptNeoX)
+            {
+                Some(b) => g::layer_norm(
+                    gpu,
+                    w.dtype,
+                    cd,
+                    ptr(gpu, x),
+                    self.p(w),
+                    self.p(b),
+                    c.norm_eps,
+                    ptr(gpu, out),
+                    rows,
+                    c.hidden,
+                ),
+                None => g::rms_norm(
+                    gpu,
+                    w.dtype,
+                    cd,
+                    ptr(gpu, x),
+                    self.p(w),
+                    c.norm_eps,
+                    ptr(gpu, out),
+                    rows,
+                    c.hidden,
+                ),
+            }
+        })
     }
 
     /// Causal attention from projection rows `src` (operands `q`, `k`, `v`) into `out`
@@ -662,7 +676,9 @@ impl Shard {
                     &format!("{p}.self_attn.o_proj"),
                     &tmp,
                 )?;
-                g::add(gpu, px, ptr(gpu, &tmp), rows * h)?;
+                span(gpu, "residual add", || {
+                    g::add(gpu, px, ptr(gpu, &tmp), rows * h)
+                })?;
                 self.norm(
                     c,
                     cd,
@@ -690,15 +706,17 @@ impl Shard {
                     &up,
                 )?;
                 let act = self.c_buf(cd, rows * c.intermediate)?;
-                g::act_mul(
-                    gpu,
-                    cd,
-                    ptr(gpu, &gate),
-                    ptr(gpu, &up),
-                    c.act,
-                    ptr(gpu, &act),
-                    rows * c.intermediate,
-                )?;
+                span(gpu, "activation", || {
+                    g::act_mul(
+                        gpu,
+                        cd,
+                        ptr(gpu, &gate),
+                        ptr(gpu, &up),
+                        c.act,
+                        ptr(gpu, &act),
+                        rows * c.intermediate,
+                    )
+                })?;
                 self.linear(
                     cd,
                     ptr(gpu, &act),
@@ -706,7 +724,9 @@ impl Shard {
                     &format!("{p}.mlp.down_proj"),
                     &tmp,
                 )?;
-                g::add(gpu, px, ptr(gpu, &tmp), rows * h)?;
+                span(gpu, "residual add", || {
+                    g::add(gpu, px, ptr(gpu, &tmp), rows * h)
+                })?;
             }
             Arch::GptNeoX => {
                 let p = format!("gpt_neox.layers.{l}");
@@ -745,7 +765,9 @@ impl Shard {
                     &attn_out,
                 )?;
                 if !c.parallel_residual {
-                    g::add(gpu, px, ptr(gpu, &attn_out), rows * h)?;
+                    span(gpu, "residual add", || {
+                        g::add(gpu, px, ptr(gpu, &attn_out), rows * h)
+                    })?;
                 }
                 self.norm(
                     c,
@@ -764,15 +786,17 @@ impl Shard {
                     &mid,
                 )?;
                 let act = self.c_buf(cd, rows * c.intermediate)?;
-                g::act_mul(
-                    gpu,
-                    cd,
-                    ptr(gpu, &mid),
-                    0,
-                    c.act,
-                    ptr(gpu, &act),
-                    rows * c.intermediate,
-                )?;
+                span(gpu, "activation", || {
+                    g::act_mul(
+                        gpu,
+                        cd,
+                        ptr(gpu, &mid),
+                        0,
+                        c.act,
+                        ptr(gpu, &act),
+                        rows * c.intermediate,
+                    )
+                })?;
                 let mlp_out = self.f32_buf(rows * h)?;
                 self.linear(
                     cd,
@@ -782,9 +806,13 @@ impl Shard {
                     &mlp_out,
                 )?;
                 if c.parallel_residual {
-                    g::add(gpu, px, ptr(gpu, &attn_out), rows * h)?;
+                    span(gpu, "residual add", || {
+                        g::add(gpu, px, ptr(gpu, &attn_out), rows * h)
+                    })?;
                 }
-                g::add(gpu, px, ptr(gpu, &mlp_out), rows * h)?;
+                span(gpu, "residual add", || {
+                    g::add(gpu, px, ptr(gpu, &mlp_out), rows * h)
+                })?;
             }
         }
         Ok(())
@@ -851,24 +879,28 @@ impl Shard {
         while r0 < idx.len() {
             let m = chunk.min(idx.len() - r0);
             let a = ptr(gpu, &picked) + (r0 * h * cd.size()) as u64;
-            Gemm::linear(m, c.vocab, h, cd).run(
-                &self.blas,
-                a,
-                self.p(w),
-                ptr(gpu, &logits),
-                1,
-                0,
-                0,
-                0,
-            )?;
-            g::nll_rows(
-                gpu,
-                ptr(gpu, &logits),
-                ptr(gpu, &dtg) + (r0 * 4) as u64,
-                ptr(gpu, &nll) + (r0 * 8) as u64,
-                m,
-                c.vocab,
-            )?;
+            span(gpu, "head: logits GEMM", || {
+                Gemm::linear(m, c.vocab, h, cd).run(
+                    &self.blas,
+                    a,
+                    self.p(w),
+                    ptr(gpu, &logits),
+                    1,
+                    0,
+                    0,
+                    0,
+                )
+            })?;
+            span(gpu, "head: log-softmax NLL", || {
+                g::nll_rows(
+                    gpu,
+                    ptr(gpu, &logits),
+                    ptr(gpu, &dtg) + (r0 * 4) as u64,
+                    ptr(gpu, &nll) + (r0 * 8) as u64,
+                    m,
+                    c.vocab,
+                )
+            })?;
             r0 += m;
         }
         let per_row = s.clone_dtoh(&nll)?;

@@ -47,6 +47,46 @@ fn tensor_lens(total: usize) -> Vec<usize> {
     lens
 }
 
+/// Fills `buf` with values in [-1, 1) of `dtype` (a repeated 16 MiB random pattern,
+/// shifted per buffer): never time on zeros, which can hide unwritten output and run
+/// faster than real data.
+fn fill_random(
+    gpu: &Gpu,
+    buf: &mut CudaSlice<u8>,
+    dtype: DType,
+    seed: u64,
+) -> Result<(), GpuError> {
+    const PATTERN: usize = 16 << 20;
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        // xorshift64*: plenty for bench data.
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 * 2.0 - 1.0
+    };
+    let pattern: Vec<u8> = match dtype {
+        DType::BF16 => (0..PATTERN / 2)
+            .flat_map(|_| half::bf16::from_f32(next()).to_le_bytes())
+            .collect(),
+        DType::F16 => (0..PATTERN / 2)
+            .flat_map(|_| half::f16::from_f32(next()).to_le_bytes())
+            .collect(),
+        DType::F32 => (0..PATTERN / 4)
+            .flat_map(|_| next().to_le_bytes())
+            .collect(),
+    };
+    let len = buf.len();
+    let mut at = 0;
+    while at < len {
+        let n = PATTERN.min(len - at);
+        let mut view = buf.slice_mut(at..at + n);
+        gpu.stream.memcpy_htod(&pattern[..n], &mut view)?;
+        at += n;
+    }
+    Ok(())
+}
+
 pub fn merge_bandwidth(
     gpu: &Gpu,
     model_bytes: u64,
@@ -57,7 +97,7 @@ pub fn merge_bandwidth(
     let s = &gpu.stream;
     let elems = (model_bytes as usize / dtype.size()).max(1);
     let lens = tensor_lens(elems);
-    let srcs: Vec<Vec<CudaSlice<u8>>> = lens
+    let mut srcs: Vec<Vec<CudaSlice<u8>>> = lens
         .iter()
         .map(|&n| {
             (0..n_src)
@@ -69,6 +109,9 @@ pub fn merge_bandwidth(
         .iter()
         .map(|&n| s.alloc_zeros::<u8>(n * dtype.size()))
         .collect::<Result<_, _>>()?;
+    for (i, b) in srcs.iter_mut().flatten().enumerate() {
+        fill_random(gpu, b, dtype, i as u64 + 1)?;
+    }
     let tensors: Vec<MergeTensor> = dsts
         .iter()
         .zip(&srcs)
@@ -101,7 +144,8 @@ pub fn merge_bandwidth(
     // The copy: one buffer of the merge's total traffic / 2 (read + write).
     let bytes = (elems * dtype.size()) as u64;
     let copy_len = ((n_src as u64 + 1) * bytes / 2) as usize;
-    let a = s.alloc_zeros::<u8>(copy_len)?;
+    let mut a = s.alloc_zeros::<u8>(copy_len)?;
+    fill_random(gpu, &mut a, dtype, 0)?;
     let mut b = s.alloc_zeros::<u8>(copy_len)?;
     let copy_s = time(&mut || {
         s.memcpy_dtod(&a, &mut b)?;

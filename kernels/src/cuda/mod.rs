@@ -16,6 +16,7 @@ pub mod bench;
 pub mod device;
 pub mod merge;
 pub mod ops;
+pub mod profile;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};

@@ -15,6 +15,7 @@ use ckmerge_common::DType;
 
 use super::device::Gpu;
 use super::merge::dtype_name;
+use super::profile::span;
 use super::GpuError;
 
 /// A device address (the caller keeps the allocation alive).
@@ -391,10 +392,13 @@ pub fn causal_attention(
     (cos, sin): (Ptr, Ptr),
 ) -> Result<(), GpuError> {
     let s = scratch;
-    for (i, ((p, op), dst)) in src.into_iter().zip([s.qh, s.kh, s.vh]).enumerate() {
-        let rot = if i < 2 { rot_dim } else { 0 };
-        gather_heads(gpu, cd, p, op, dst, windows, seq, heads, hd, rot, cos, sin)?;
-    }
+    span(gpu, "attention: gather heads + rotary", || {
+        for (i, ((p, op), dst)) in src.into_iter().zip([s.qh, s.kh, s.vh]).enumerate() {
+            let rot = if i < 2 { rot_dim } else { 0 };
+            gather_heads(gpu, cd, p, op, dst, windows, seq, heads, hd, rot, cos, sin)?;
+        }
+        Ok(())
+    })?;
     let items = windows * heads;
     let scores = Gemm {
         m: seq,
@@ -408,17 +412,21 @@ pub fn causal_attention(
         alpha: 1.0 / (hd as f32).sqrt(),
         beta: 0.0,
     };
-    scores.run(
-        blas,
-        s.qh,
-        s.kh,
-        s.scores,
-        items,
-        seq * hd,
-        seq * hd,
-        seq * seq,
-    )?;
-    causal_softmax(gpu, cd, s.scores, s.probs, items * seq, seq)?;
+    span(gpu, "attention: scores GEMM", || {
+        scores.run(
+            blas,
+            s.qh,
+            s.kh,
+            s.scores,
+            items,
+            seq * hd,
+            seq * hd,
+            seq * seq,
+        )
+    })?;
+    span(gpu, "attention: causal softmax", || {
+        causal_softmax(gpu, cd, s.scores, s.probs, items * seq, seq)
+    })?;
     let values = Gemm {
         m: seq,
         n: hd,
@@ -431,15 +439,19 @@ pub fn causal_attention(
         alpha: 1.0,
         beta: 0.0,
     };
-    values.run(
-        blas,
-        s.probs,
-        s.vh,
-        s.out_h,
-        items,
-        seq * seq,
-        seq * hd,
-        seq * hd,
-    )?;
-    scatter_heads(gpu, cd, s.out_h, out, windows, seq, heads, hd)
+    span(gpu, "attention: values GEMM", || {
+        values.run(
+            blas,
+            s.probs,
+            s.vh,
+            s.out_h,
+            items,
+            seq * seq,
+            seq * hd,
+            seq * hd,
+        )
+    })?;
+    span(gpu, "attention: scatter heads", || {
+        scatter_heads(gpu, cd, s.out_h, out, windows, seq, heads, hd)
+    })
 }
