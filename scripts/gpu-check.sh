@@ -106,6 +106,9 @@ run_ck() { # name, ckmerge eval arguments
 }
 run_ck ck-forward "$WORK/llama1b/a"
 run_ck ck-trial "$WORK/llama1b/a" "$WORK/llama1b/b" --weights 0.5,0.5
+# The same forward pass with the materialised-scores attention (cuBLAS batched GEMMs and a
+# softmax kernel) instead of the flash kernel, to show what the kernel is worth.
+CKMERGE_GPU_ATTENTION=scores run_ck ck-forward-scores "$WORK/llama1b/a"
 # Where the time goes: a profiled pass over 256k tokens (each span synchronises, so this
 # run's speed is not the benchmark's), then transformers' kernels over two batches.
 CKMERGE_GPU_PROFILE=1 run_ck ck-profile "$WORK/llama1b/a" --max-tokens 262144
@@ -135,6 +138,10 @@ if hf and fw:
     d = fw["datasets"][0]
     print(f"| forward tokens/s, 1.1B Llama bf16 | ckmerge {d['tokens_per_s']:.0f} vs transformers {hf['tokens_per_s']:.0f} = {d['tokens_per_s']/hf['tokens_per_s']:.2f}x (goal >= 1.0) |")
     print(f"| mean NLL on the same tokens | ckmerge {d['mean_nll']:.5f}, transformers {hf['mean_nll']:.5f} |")
+    sc = load("ck-forward-scores.json")
+    if sc:
+        s = sc["datasets"][0]
+        print(f"| forward tokens/s with materialised-scores attention | {s['tokens_per_s']:.0f} = {s['tokens_per_s']/hf['tokens_per_s']:.2f}x transformers, mean NLL {s['mean_nll']:.5f} |")
 else:
     print("| forward vs transformers | not measured |")
 if fw and tr:

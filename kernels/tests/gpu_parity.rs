@@ -502,3 +502,101 @@ fn attention_matches_the_cpu() {
     let got = down_f32(&gpu, &out);
     close("attention f32", &got, &want, 0.0, 2e-5);
 }
+
+/// The flash kernel (bf16/f16 tensor cores, online softmax) against the f32 reference on
+/// the same rounded q, k, v, over every instantiated head size, sequences that end inside
+/// a tile, grouped and plain heads, partial and no rotary. The output starts as NaN, so
+/// an unwritten element fails. Tolerance: P is rounded to the compute type before the
+/// P V product and the output is rounded once (bf16: 2^-9 relative each, f16: 2^-12), so
+/// |GPU - CPU| <= 2e-2 |CPU| + 4e-3 in bf16 and 4e-3 |CPU| + 1e-3 in f16; a wrong
+/// fragment layout or mask errs by the values' own size (0.1-1).
+#[test]
+fn flash_attention_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for (cd, rel, abs) in [(DType::BF16, 2e-2, 4e-3), (DType::F16, 4e-3, 1e-3)] {
+        for (i, &hd) in g::FLASH_HEAD_DIMS.iter().enumerate() {
+            // (windows, seq, heads, kv heads, rotary dims) varied with the head size.
+            let (batch, seq, heads, kv, rot) = match i % 3 {
+                0 => (2usize, 128usize, 4usize, 2usize, hd),
+                1 => (3, 100, 4, 1, hd / 2),
+                _ => (1, 65, 2, 2, 0),
+            };
+            assert!(g::flash_supported(cd, hd));
+            let rows = batch * seq;
+            let (qd, kvd) = (heads * hd, kv * hd);
+            let inv: Vec<f64> = (0..rot / 2)
+                .map(|i| 10000f64.powf(-(2.0 * i as f64) / rot as f64))
+                .collect();
+            let (cos, sin) = match rot {
+                0 => (vec![0.0], vec![0.0]), // unread, but a buffer must exist
+                _ => ops::rope_tables(&inv, seq),
+            };
+            let q = rand_f32(&mut rng, rows * qd, 2.0);
+            let k = rand_f32(&mut rng, rows * kvd, 1.0);
+            let v = rand_f32(&mut rng, rows * kvd, 1.0);
+
+            let (mut qr, mut kr) = (q.clone(), k.clone());
+            if rot > 0 {
+                ops::apply_rope(&mut qr, qd, 0, heads, hd, rot, seq, &cos, &sin);
+                ops::apply_rope(&mut kr, kvd, 0, kv, hd, rot, seq, &cos, &sin);
+            }
+            let (qr, kr, vr) = (rounded(cd, &qr), rounded(cd, &kr), rounded(cd, &v));
+            let ql = HeadLayout {
+                row_stride: qd,
+                head_stride: hd,
+            };
+            let kl = HeadLayout {
+                row_stride: kvd,
+                head_stride: hd,
+            };
+            let mut want = vec![0f32; rows * qd];
+            let scale = 1.0 / (hd as f32).sqrt();
+            ops::causal_attention(
+                &qr, ql, &kr, &vr, kl, &mut want, ql, batch, seq, heads, kv, hd, scale,
+            );
+
+            let (dq, dk, dv) = (up_f32(&gpu, &q), up_f32(&gpu, &k), up_f32(&gpu, &v));
+            let (dcos, dsin) = (up_f32(&gpu, &cos), up_f32(&gpu, &sin));
+            let size = cd.size();
+            let qh = zeros_bytes(&gpu, rows * qd * size);
+            let (kh, vh) = (
+                zeros_bytes(&gpu, rows * kvd * size),
+                zeros_bytes(&gpu, rows * kvd * size),
+            );
+            let out = up_bytes(&gpu, &vec![0xff; rows * qd * size]);
+            let op = |heads, stride| Operand {
+                row_stride: stride,
+                offset: 0,
+                head_stride: hd,
+                heads,
+            };
+            g::flash_causal_attention(
+                &gpu,
+                cd,
+                [
+                    (ptr(&gpu, &dq), op(heads, qd)),
+                    (ptr(&gpu, &dk), op(kv, kvd)),
+                    (ptr(&gpu, &dv), op(kv, kvd)),
+                ],
+                (ptr(&gpu, &qh), ptr(&gpu, &kh), ptr(&gpu, &vh)),
+                ptr(&gpu, &out),
+                batch,
+                seq,
+                heads,
+                hd,
+                rot,
+                (ptr(&gpu, &dcos), ptr(&gpu, &dsin)),
+            )
+            .unwrap();
+            let got = decode(cd, &down_bytes(&gpu, &out));
+            close(
+                &format!("flash attention {cd} hd {hd} seq {seq} heads {heads}/{kv}"),
+                &got,
+                &want,
+                rel,
+                abs,
+            );
+        }
+    }
+}

@@ -20,6 +20,14 @@ use cudarc::driver::CudaSlice;
 use crate::eval::{Batch, StageOutput};
 use crate::model::{Arch, ModelConfig, Part};
 
+/// `CKMERGE_GPU_ATTENTION=scores` forces the materialised-scores attention (cuBLAS batched
+/// GEMMs and a softmax kernel) where the flash kernel would run: for comparing the two on
+/// a GPU. f32 models and head sizes without a flash kernel always use it.
+fn materialise_scores() -> bool {
+    static SCORES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SCORES.get_or_init(|| std::env::var("CKMERGE_GPU_ATTENTION").as_deref() == Ok("scores"))
+}
+
 /// Attention scores of one launch stay under this; bigger batches are done a window at
 /// a time.
 const SCORES_BYTES: usize = 1 << 30;
@@ -444,15 +452,21 @@ impl Shard {
         self.index.get(name).map(|&i| &self.tensors[i])
     }
 
+    /// Activation scratch, uninitialised: every caller writes all of it before anything
+    /// reads it (zeroing cost a pass over about 1.4 GB per layer of a 1B model at batch 8
+    /// x 2048). Stream-ordered allocations from a pool that keeps freed memory (see
+    /// `Gpu::open`), so a buffer per layer costs no driver round trip.
     fn f32_buf(&self, n: usize) -> Result<CudaSlice<f32>, GpuError> {
-        span(&self.gpu, "allocate + zero", || {
-            Ok(self.gpu.stream.alloc_zeros::<f32>(n.max(1))?)
+        span(&self.gpu, "allocate", || {
+            // SAFETY: the contents are written before they are read (above).
+            Ok(unsafe { self.gpu.stream.alloc::<f32>(n.max(1)) }?)
         })
     }
 
     fn c_buf(&self, dt: DType, n: usize) -> Result<CudaSlice<u8>, GpuError> {
-        span(&self.gpu, "allocate + zero", || {
-            Ok(self.gpu.stream.alloc_zeros::<u8>((n * dt.size()).max(1))?)
+        span(&self.gpu, "allocate", || {
+            // SAFETY: as for `f32_buf`.
+            Ok(unsafe { self.gpu.stream.alloc::<u8>((n * dt.size()).max(1)) }?)
         })
     }
 
@@ -464,6 +478,21 @@ impl Shard {
         rows: usize,
         prefix: &str,
         out: &CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        self.linear_into(cd, x, rows, prefix, out, false)
+    }
+
+    /// As `linear`, or with `accumulate` `out += x W^T (+ b)`: the residual add done by
+    /// the GEMM's epilogue (beta = 1, one f32 rounding as in a separate add), saving a
+    /// pass over the hidden states and a buffer per projection.
+    fn linear_into(
+        &self,
+        cd: DType,
+        x: Ptr,
+        rows: usize,
+        prefix: &str,
+        out: &CudaSlice<f32>,
+        accumulate: bool,
     ) -> Result<(), GpuError> {
         let w = self.tensor(&format!("{prefix}.weight"))?;
         if w.dtype != cd {
@@ -478,17 +507,12 @@ impl Shard {
         } else {
             "linear: attention projections"
         };
+        let gemm = Gemm {
+            beta: if accumulate { 1.0 } else { 0.0 },
+            ..Gemm::linear(rows, n, k, cd)
+        };
         span(&self.gpu, what, || {
-            Gemm::linear(rows, n, k, cd).run(
-                &self.blas,
-                x,
-                self.p(w),
-                ptr(&self.gpu, out),
-                1,
-                0,
-                0,
-                0,
-            )?;
+            gemm.run(&self.blas, x, self.p(w), ptr(&self.gpu, out), 1, 0, 0, 0)?;
             if let Some(b) = self.opt(&format!("{prefix}.bias")) {
                 g::add_bias(&self.gpu, b.dtype, ptr(&self.gpu, out), self.p(b), rows, n)?;
             }
@@ -562,6 +586,32 @@ impl Shard {
         let gpu = &self.gpu;
         let (heads, hd) = (c.heads, c.head_dim);
         let batch = rows / seq;
+        let tables = (ptr(gpu, &self.cos), ptr(gpu, &self.sin));
+        if g::flash_supported(cd, hd) && !materialise_scores() {
+            let kv = ops.1.heads;
+            let qh = self.c_buf(cd, rows * heads * hd)?;
+            let (kh, vh) = (
+                self.c_buf(cd, rows * kv * hd)?,
+                self.c_buf(cd, rows * kv * hd)?,
+            );
+            return g::flash_causal_attention(
+                gpu,
+                cd,
+                [
+                    (ptr(gpu, src.0), ops.0),
+                    (ptr(gpu, src.1), ops.1),
+                    (ptr(gpu, src.2), ops.2),
+                ],
+                (ptr(gpu, &qh), ptr(gpu, &kh), ptr(gpu, &vh)),
+                ptr(gpu, out),
+                batch,
+                seq,
+                heads,
+                hd,
+                c.rot_dim,
+                tables,
+            );
+        }
         let per_window = heads * seq * seq * 4;
         let chunk = (SCORES_BYTES / per_window.max(1)).clamp(1, batch);
         let n = chunk * heads * seq * hd;
@@ -577,7 +627,6 @@ impl Shard {
             probs: ptr(gpu, &probs),
             out_h: ptr(gpu, &out_h),
         };
-        let tables = (ptr(gpu, &self.cos), ptr(gpu, &self.sin));
         let mut b0 = 0;
         while b0 < batch {
             let nb = chunk.min(batch - b0);
@@ -622,7 +671,6 @@ impl Shard {
         let h = c.hidden;
         let rows = x.len() / h;
         let normed = self.c_buf(cd, rows * h)?;
-        let px = ptr(gpu, x);
         match c.arch {
             Arch::Llama => {
                 let p = format!("model.layers.{l}");
@@ -668,17 +716,14 @@ impl Shard {
                 };
                 let att = self.c_buf(cd, rows * qd)?;
                 self.attention(c, cd, (&q, &k, &v), (opq, opkv, opkv), &att, rows, seq)?;
-                let tmp = self.f32_buf(rows * h)?;
-                self.linear(
+                self.linear_into(
                     cd,
                     ptr(gpu, &att),
                     rows,
                     &format!("{p}.self_attn.o_proj"),
-                    &tmp,
+                    x,
+                    true,
                 )?;
-                span(gpu, "residual add", || {
-                    g::add(gpu, px, ptr(gpu, &tmp), rows * h)
-                })?;
                 self.norm(
                     c,
                     cd,
@@ -717,16 +762,14 @@ impl Shard {
                         rows * c.intermediate,
                     )
                 })?;
-                self.linear(
+                self.linear_into(
                     cd,
                     ptr(gpu, &act),
                     rows,
                     &format!("{p}.mlp.down_proj"),
-                    &tmp,
+                    x,
+                    true,
                 )?;
-                span(gpu, "residual add", || {
-                    g::add(gpu, px, ptr(gpu, &tmp), rows * h)
-                })?;
             }
             Arch::GptNeoX => {
                 let p = format!("gpt_neox.layers.{l}");
@@ -756,27 +799,33 @@ impl Shard {
                     rows,
                     seq,
                 )?;
-                let attn_out = self.f32_buf(rows * h)?;
-                self.linear(
+                // Both residual adds are the projections' GEMM epilogues. With the
+                // parallel residual the MLP's norm reads x before the attention is added
+                // (`normed` is free again once the QKV projection has read it).
+                let post_norm = |x: &CudaSlice<f32>| {
+                    self.norm(
+                        c,
+                        cd,
+                        &format!("{p}.post_attention_layernorm"),
+                        x,
+                        &normed,
+                        rows,
+                    )
+                };
+                if c.parallel_residual {
+                    post_norm(x)?;
+                }
+                self.linear_into(
                     cd,
                     ptr(gpu, &att),
                     rows,
                     &format!("{p}.attention.dense"),
-                    &attn_out,
+                    x,
+                    true,
                 )?;
                 if !c.parallel_residual {
-                    span(gpu, "residual add", || {
-                        g::add(gpu, px, ptr(gpu, &attn_out), rows * h)
-                    })?;
+                    post_norm(x)?;
                 }
-                self.norm(
-                    c,
-                    cd,
-                    &format!("{p}.post_attention_layernorm"),
-                    x,
-                    &normed,
-                    rows,
-                )?;
                 let mid = self.f32_buf(rows * c.intermediate)?;
                 self.linear(
                     cd,
@@ -797,22 +846,14 @@ impl Shard {
                         rows * c.intermediate,
                     )
                 })?;
-                let mlp_out = self.f32_buf(rows * h)?;
-                self.linear(
+                self.linear_into(
                     cd,
                     ptr(gpu, &act),
                     rows,
                     &format!("{p}.mlp.dense_4h_to_h"),
-                    &mlp_out,
+                    x,
+                    true,
                 )?;
-                if c.parallel_residual {
-                    span(gpu, "residual add", || {
-                        g::add(gpu, px, ptr(gpu, &attn_out), rows * h)
-                    })?;
-                }
-                span(gpu, "residual add", || {
-                    g::add(gpu, px, ptr(gpu, &mlp_out), rows * h)
-                })?;
             }
         }
         Ok(())

@@ -34,6 +34,29 @@ pub fn device_count() -> Result<usize, GpuError> {
     }
 }
 
+/// Stream-ordered allocations come from the device's default pool, which by default hands
+/// freed memory back to the driver at every synchronisation; the forward pass frees and
+/// re-allocates its activations every batch, so the pool keeps what it has instead.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<(), GpuError> {
+    use cudarc::driver::sys;
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on a live context's device, with valid out-pointers.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()?;
+    }
+    Ok(())
+}
+
 impl Gpu {
     /// Opens device `ordinal` and loads every module.
     pub fn open(ordinal: usize) -> Result<Gpu, GpuError> {
@@ -44,6 +67,10 @@ impl Gpu {
             )));
         }
         let ctx = CudaContext::new(ordinal)?;
+        // SAFETY: all of ckmerge's work on a GPU goes through its one stream, in order, so
+        // cudarc's cross-stream events (two created per allocation) order nothing.
+        unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx)?;
         let (major, minor) = ctx.compute_capability()?;
         let arch = format!("compute_{major}{minor}");
         let stream = ctx.default_stream();

@@ -119,6 +119,11 @@ impl Module {
                         k.push(format!("{f}_{d}"));
                     }
                 }
+                for d in ["bf16", "f16"] {
+                    for hd in ops::FLASH_HEAD_DIMS {
+                        k.push(format!("flash_attention_{d}_d{hd}"));
+                    }
+                }
                 for (w, o) in NORM_PAIRS {
                     k.push(format!("rms_norm_{w}_{o}"));
                     k.push(format!("layer_norm_{w}_{o}"));

@@ -126,23 +126,24 @@ template <typename O>
 __device__ void gather_heads(const float* src, int row_stride, int offset, int head_stride,
                              typename Storage<O>::T* dst, int batch, int seq, int heads, int group,
                              int hd, int rot_dim, const float* cos, const float* sin) {
-    const u64 n = (u64)batch * heads * seq * hd;
+    // Grid: batch * seq source rows; a row's heads * hd elements are read in order and
+    // each head's hd land contiguously. 32-bit index arithmetic within the row (64-bit
+    // divisions per element made this kernel several times slower than its bytes).
+    const u64 r = blockIdx.x;
+    const int p = (int)(r % (u64)seq);
+    const u64 b = r / (u64)seq;
     const int half = rot_dim / 2;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        const int d = i % hd;
-        const u64 t = i / hd;
-        const int p = t % seq;
-        const u64 bh = t / seq;
-        const int h = bh % heads;
-        const u64 b = bh / heads;
-        const float* head = src + (b * seq + p) * row_stride + offset + (u64)(h / group) * head_stride;
+    const float* row = src + r * row_stride + offset;
+    for (int i = threadIdx.x; i < heads * hd; i += blockDim.x) {
+        const int h = i / hd, d = i - h * hd;
+        const float* head = row + (h / group) * head_stride;
         float v = head[d];
         if (d < rot_dim) {
             const int j = d < half ? d : d - half;
             const float c = cos[(u64)p * half + j], s = sin[(u64)p * half + j];
             v = d < half ? v * c - head[d + half] * s : v * c + head[d - half] * s;
         }
-        dst[i] = Storage<O>::store(v);
+        dst[((b * heads + h) * seq + p) * hd + d] = Storage<O>::store(v);
     }
 }
 
@@ -271,3 +272,195 @@ WO(f16_tag, f16_tag, f16_f16)
 WO(f16_tag, f32_tag, f16_f32)
 WO(f32_tag, f32_tag, f32_f32)
 WO(f32_tag, bf16_tag, f32_bf16)
+
+// ---- Causal flash attention (FlashAttention-2's schedule) for bf16 and f16 ----
+// softmax(q k^T * scale + causal mask) v without materialising the scores: a block owns
+// 64 query rows of one (window, head), 16 per warp; it walks the key tiles of 64 up to
+// its diagonal, keeps a running row max and sum in f32 (online softmax), and accumulates
+// O in f32 registers through tensor-core MMAs (m16n8k16, f32 accumulation). P is rounded
+// to the compute type before the P V product, as the materialised path rounds its
+// probabilities. q: [batch, heads, seq, D]; k, v: [batch, heads / group, seq, D]; out:
+// rows [batch * seq, heads * D] in the compute type, ready for the output projection.
+// The CPU reference is ops::causal_attention; `scale_log2` is scale * log2(e).
+#define FA_BQ 64
+#define FA_BK 64
+
+template <typename Tag> struct Mma;
+template <> struct Mma<bf16_tag> {
+    static __device__ __forceinline__ void run(float* c, const u32* a, u32 b0, u32 b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+template <> struct Mma<f16_tag> {
+    static __device__ __forceinline__ void run(float* c, const u32* a, u32 b0, u32 b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+// Two values in one register, the lower column in the low half (the MMA operand layout).
+template <typename Tag>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    return (u32)Storage<Tag>::store(lo) | ((u32)Storage<Tag>::store(hi) << 16);
+}
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+template <typename Tag, int D>
+__device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* out, int seq,
+                                int heads, int group, float scale_log2) {
+    constexpr int KP = D + 8;  // padded row (halves): conflict-free fragment reads
+    __shared__ __align__(16) u16 ks[FA_BK * KP];
+    __shared__ __align__(16) u16 vs[FA_BK * KP];
+    const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int kv_heads = heads / group;
+    const u16* qh = q + ((u64)b * heads + h) * seq * D;
+    const u64 kv0 = ((u64)b * kv_heads + h / group) * seq * D;
+    const u16* kh = k + kv0;
+    const u16* vh = v + kv0;
+    const int r_lo = qb * FA_BQ + warp * 16 + g, r_hi = r_lo + 8;
+
+    // This warp's 16 query rows as A fragments, one per 16 dims.
+    u32 qf[D / 16][4];
+#pragma unroll
+    for (int s = 0; s < D / 16; ++s) {
+        const int c = s * 16 + 2 * t;
+        qf[s][0] = r_lo < seq ? *(const u32*)(qh + (u64)r_lo * D + c) : 0u;
+        qf[s][1] = r_hi < seq ? *(const u32*)(qh + (u64)r_hi * D + c) : 0u;
+        qf[s][2] = r_lo < seq ? *(const u32*)(qh + (u64)r_lo * D + c + 8) : 0u;
+        qf[s][3] = r_hi < seq ? *(const u32*)(qh + (u64)r_hi * D + c + 8) : 0u;
+    }
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
+
+    const int keys = min(seq, (qb + 1) * FA_BQ);
+    for (int k0 = 0; k0 < keys; k0 += FA_BK) {
+        __syncthreads();  // the previous tile is consumed
+        // K and V tiles, row-major [key][d], 16 bytes per load; zeros past the end.
+        for (int i = threadIdx.x; i < FA_BK * D / 8; i += blockDim.x) {
+            const int key = i / (D / 8), c = (i % (D / 8)) * 8;
+            uint4 kk = make_uint4(0, 0, 0, 0), vv = kk;
+            if (k0 + key < seq) {
+                kk = *(const uint4*)(kh + (u64)(k0 + key) * D + c);
+                vv = *(const uint4*)(vh + (u64)(k0 + key) * D + c);
+            }
+            *(uint4*)(ks + key * KP + c) = kk;
+            *(uint4*)(vs + key * KP + c) = vv;
+        }
+        __syncthreads();
+
+        // S = Q K^T for 16 rows x 64 keys: B(d, key) = K[key][d].
+        float sc[FA_BK / 8][4];
+#pragma unroll
+        for (int j = 0; j < FA_BK / 8; ++j) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+            const u16* kr = ks + (j * 8 + g) * KP + 2 * t;
+#pragma unroll
+            for (int s = 0; s < D / 16; ++s)
+                Mma<Tag>::run(sc[j], qf[s], *(const u32*)(kr + s * 16), *(const u32*)(kr + s * 16 + 8));
+        }
+        // Scale (in log2 units), causal mask, running max.
+        float mx_lo = NEG_INF, mx_hi = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < FA_BK / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + j * 8 + 2 * t + (e & 1);
+                const int row = e < 2 ? r_lo : r_hi;
+                const float x = key <= row ? sc[j][e] * scale_log2 : NEG_INF;
+                sc[j][e] = x;
+                if (e < 2) mx_lo = fmaxf(mx_lo, x); else mx_hi = fmaxf(mx_hi, x);
+            }
+        }
+#pragma unroll
+        for (int w = 1; w <= 2; w <<= 1) {
+            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, w));
+            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, w));
+        }
+        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+        // A row with every key so far masked keeps base 0 (no -inf - -inf).
+        const float base_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;
+        const float base_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
+        const float c_lo = exp2f(m_lo - base_lo), c_hi = exp2f(m_hi - base_hi);
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+        float s_lo = 0.0f, s_hi = 0.0f;
+#pragma unroll
+        for (int j = 0; j < FA_BK / 8; ++j) {
+            sc[j][0] = exp2f(sc[j][0] - base_lo);
+            sc[j][1] = exp2f(sc[j][1] - base_lo);
+            sc[j][2] = exp2f(sc[j][2] - base_hi);
+            sc[j][3] = exp2f(sc[j][3] - base_hi);
+            s_lo += sc[j][0] + sc[j][1];
+            s_hi += sc[j][2] + sc[j][3];
+        }
+        // Per-thread partial sums: the quad's four are added once, at the end.
+        l_lo = l_lo * c_lo + s_lo;
+        l_hi = l_hi * c_hi + s_hi;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            o[n][0] *= c_lo;
+            o[n][1] *= c_lo;
+            o[n][2] *= c_hi;
+            o[n][3] *= c_hi;
+        }
+        // O += P V: P's accumulators are already the A fragments of the next MMA; V's B
+        // fragments (B(key, d) = V[key][d]) come transposed out of shared memory.
+#pragma unroll
+        for (int kk = 0; kk < FA_BK / 16; ++kk) {
+            u32 a[4];
+            a[0] = pack2<Tag>(sc[2 * kk][0], sc[2 * kk][1]);
+            a[1] = pack2<Tag>(sc[2 * kk][2], sc[2 * kk][3]);
+            a[2] = pack2<Tag>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            a[3] = pack2<Tag>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+            const u32 row_addr = smem_addr(vs + (kk * 16 + (lane & 15)) * KP);
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                u32 b0, b1;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                             : "=r"(b0), "=r"(b1)
+                             : "r"(row_addr + n * 16));
+                Mma<Tag>::run(o[n], a, b0, b1);
+            }
+        }
+    }
+#pragma unroll
+    for (int w = 1; w <= 2; w <<= 1) {
+        l_lo += __shfl_xor_sync(0xffffffffu, l_lo, w);
+        l_hi += __shfl_xor_sync(0xffffffffu, l_hi, w);
+    }
+    const float i_lo = 1.0f / l_lo, i_hi = 1.0f / l_hi;
+    const u64 stride = (u64)heads * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        const int c = h * D + n * 8 + 2 * t;
+        if (r_lo < seq)
+            *(u32*)(out + ((u64)b * seq + r_lo) * stride + c) = pack2<Tag>(o[n][0] * i_lo, o[n][1] * i_lo);
+        if (r_hi < seq)
+            *(u32*)(out + ((u64)b * seq + r_hi) * stride + c) = pack2<Tag>(o[n][2] * i_hi, o[n][3] * i_hi);
+    }
+}
+
+#define FLASH(TAG, NAME, D)                                                                     \
+extern "C" __global__ void __launch_bounds__(128)                                               \
+flash_attention_##NAME##_d##D(const u16* q, const u16* k, const u16* v, u16* out, int seq,      \
+                              int heads, int group, float scale_log2) {                         \
+    flash_attention<TAG, D>(q, k, v, out, seq, heads, group, scale_log2);                       \
+}
+#define FLASH_DIMS(TAG, NAME) \
+    FLASH(TAG, NAME, 16) FLASH(TAG, NAME, 32) FLASH(TAG, NAME, 64) FLASH(TAG, NAME, 80) \
+    FLASH(TAG, NAME, 96) FLASH(TAG, NAME, 128)
+FLASH_DIMS(bf16_tag, bf16)
+FLASH_DIMS(f16_tag, f16)

@@ -193,9 +193,8 @@ pub fn gather_heads(
     cos: Ptr,
     sin: Ptr,
 ) -> Result<(), GpuError> {
-    let n = (batch * heads * seq * hd) as u64;
     let group = (heads / op.heads) as i32;
-    launch!(gpu, format!("gather_heads_{}", dtype_name(od)), flat_cfg(n);
+    launch!(gpu, format!("gather_heads_{}", dtype_name(od)), rows_cfg(batch * seq);
         src = src, row_stride = rows_i32(op.row_stride, "row stride")?, offset = op.offset as i32,
         head_stride = op.head_stride as i32, dst = dst, batch = batch as i32, seq = seq as i32,
         heads = heads as i32, group = group, hd = hd as i32,
@@ -453,5 +452,69 @@ pub fn causal_attention(
     })?;
     span(gpu, "attention: scatter heads", || {
         scatter_heads(gpu, cd, s.out_h, out, windows, seq, heads, hd)
+    })
+}
+
+/// Head sizes the flash-attention kernel is instantiated for (multiples of 16, the MMA's
+/// depth).
+pub const FLASH_HEAD_DIMS: [usize; 6] = [16, 32, 64, 80, 96, 128];
+
+/// Whether [`flash_attention`] covers this compute dtype and head size. It runs on tensor
+/// cores in bf16/f16 only; f32 models (and other head sizes) use [`causal_attention`],
+/// which materialises the scores.
+pub fn flash_supported(cd: DType, hd: usize) -> bool {
+    cd != DType::F32 && FLASH_HEAD_DIMS.contains(&hd)
+}
+
+/// Causal flash attention (the reference: ops::apply_rope on q and k, then
+/// ops::causal_attention): q, k and v gathered from projection rows with rotary on q and
+/// k, into `qh` `[windows, heads, seq, hd]` and `kh`, `vh` `[windows, kv_heads, seq, hd]`
+/// (compute dtype, key/value heads not repeated), then one kernel that never materialises
+/// the scores and writes `out`, rows `[windows * seq, heads * hd]` in the compute dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_causal_attention(
+    gpu: &Gpu,
+    cd: DType,
+    src: [(Ptr, Operand); 3],
+    (qh, kh, vh): (Ptr, Ptr, Ptr),
+    out: Ptr,
+    windows: usize,
+    seq: usize,
+    heads: usize,
+    hd: usize,
+    rot_dim: usize,
+    (cos, sin): (Ptr, Ptr),
+) -> Result<(), GpuError> {
+    if !flash_supported(cd, hd) {
+        return Err(GpuError::Request(format!(
+            "flash attention covers bf16/f16 with head sizes {FLASH_HEAD_DIMS:?}, not {cd} with {hd}"
+        )));
+    }
+    let kv_heads = src[1].1.heads;
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || windows > 65_535 || heads > 65_535 {
+        return Err(GpuError::Request(format!(
+            "flash attention: {heads} query heads over {kv_heads} key/value heads in {windows} windows"
+        )));
+    }
+    span(gpu, "attention: gather heads + rotary", || {
+        for (i, ((p, op), dst)) in src.into_iter().zip([qh, kh, vh]).enumerate() {
+            let rot = if i < 2 { rot_dim } else { 0 };
+            gather_heads(
+                gpu, cd, p, op, dst, windows, seq, op.heads, hd, rot, cos, sin,
+            )?;
+        }
+        Ok(())
+    })?;
+    let cfg = LaunchConfig {
+        grid_dim: (seq.div_ceil(64) as u32, heads as u32, windows as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let scale_log2 = std::f32::consts::LOG2_E / (hd as f32).sqrt();
+    let group = (heads / kv_heads) as i32;
+    span(gpu, "attention: flash kernel", || {
+        launch!(gpu, format!("flash_attention_{}_d{hd}", dtype_name(cd)), cfg;
+            q = qh, k = kh, v = vh, out = out, seq = rows_i32(seq, "seq")?,
+            heads = heads as i32, group = group, scale_log2 = scale_log2)
     })
 }
