@@ -171,13 +171,17 @@ impl GpuModel {
             .filter(|t| part.needs(config, &t.name))
             .map(|t| t.name.as_str())
             .collect();
+        let compute = first
+            .tensor(embedding_name(config))
+            .map(|t| t.dtype)
+            .unwrap_or(DType::BF16);
         let n_src = ckpts.len() as u64;
         let layer_of = |name: &str| layer_index(config, name);
         let mut need = MemoryNeed {
             layers: vec![0; part.layers.len()],
             first_extra: 0,
             last_extra: 0,
-            activations: activation_bytes(config, batch_rows, max_seq),
+            activations: activation_bytes(config, compute, batch_rows, max_seq),
         };
         for name in &names {
             let t = first.tensor(name).expect("listed from the checkpoint");
@@ -196,10 +200,6 @@ impl GpuModel {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let ranges = plan_layers(&need, &free).map_err(GpuError::Request)?;
-        let compute = first
-            .tensor(embedding_name(config))
-            .map(|t| t.dtype)
-            .unwrap_or(DType::BF16);
 
         let mut shards = Vec::new();
         let k = ranges.len();
@@ -394,13 +394,18 @@ fn is_embedding(c: &ModelConfig, name: &str) -> bool {
 }
 
 /// A generous estimate of one batch's activations: the f32 residual stream and
-/// projections, the widest intermediate, and one launch's attention scores.
-fn activation_bytes(c: &ModelConfig, rows: usize, seq: usize) -> u64 {
+/// projections, the widest intermediate, and one launch's attention scores where the
+/// scores are materialised (the flash kernel keeps them on chip).
+fn activation_bytes(c: &ModelConfig, compute: DType, rows: usize, seq: usize) -> u64 {
     let wide = (3 * c.hidden)
         .max(c.heads * c.head_dim * 3)
         .max(2 * c.intermediate);
     let per_row = 4 * (4 * c.hidden + 2 * wide) as u64;
-    let scores = (c.heads * seq * seq * 4 * 2).min(2 * SCORES_BYTES) as u64;
+    let scores = if g::flash_supported(compute, c.head_dim) && !materialise_scores() {
+        0
+    } else {
+        (c.heads * seq * seq * 4 * 2).min(2 * SCORES_BYTES) as u64
+    };
     rows as u64 * per_row + scores + (HEAD_ROWS * c.vocab * 4) as u64
 }
 
