@@ -8,7 +8,9 @@
 #
 # 1. kernel parity: every CUDA kernel against its CPU reference (gpu_parity);
 # 2. model parity: `ckmerge eval --gpus 0` vs the CPU on the fixture trajectory, bf16 and
-#    f32, single checkpoints and merges (perplexity within 1e-3 / 1e-5 relative);
+#    f32, single checkpoints and merges (perplexity within 1e-3 / 1e-5 relative); the
+#    layers split over two shards; the same search on the CPU, on the GPU in-process and
+#    through a pipeline of two GPU worker processes;
 # 3. merge bandwidth against a device-to-device copy in the same run (bf16, 2 and 4
 #    sources);
 # 4. forward tokens/s against transformers (bf16, sdpa) on a ~1.1B Llama with random
@@ -30,6 +32,7 @@ else
 fi
 PY=${PY:-python3}
 TOKENS=${TOKENS:-1048576}
+GPU=${GPU:-0}     # the CUDA ordinal to use (`none` runs the CPU steps alone, to test this script)
 mkdir -p "$OUT" "$WORK"
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
@@ -60,9 +63,10 @@ for s in step-1250 step-1500; do
 done
 parity_run() { # name, then ckmerge eval arguments
   local name=$1; shift
-  for dev in none 0; do
+  for tag in cpu gpu; do
+    local dev=none; [ $tag = gpu ] && dev=$GPU
     timeout 120 "$BIN" eval "$@" --data "$F/data/heldout.txt" --extra-data "$F/data/python-docs.txt" \
-      --seq-len 128 --json --gpus "$dev" >"$OUT/parity-$name-$dev.json" 2>>"$OUT/parity.log" || echo "eval failed: $name on $dev" | tee -a "$OUT/parity.log"
+      --seq-len 128 --json --gpus "$dev" >"$OUT/parity-$name-$tag.json" 2>>"$OUT/parity.log" || echo "eval failed: $name on $dev" | tee -a "$OUT/parity.log"
   done
 }
 parity_run llama-bf16 "$F/llama/step-1250"
@@ -75,9 +79,9 @@ out = sys.argv[1]
 ok = True
 print("| case | data set | CPU ppl | GPU ppl | relative | limit | |")
 print("|---|---|---|---|---|---|---|")
-for f in sorted(glob.glob(os.path.join(out, "parity-*-none.json"))):
-    name = os.path.basename(f)[len("parity-"):-len("-none.json")]
-    g = f.replace("-none.json", "-0.json")
+for f in sorted(glob.glob(os.path.join(out, "parity-*-cpu.json"))):
+    name = os.path.basename(f)[len("parity-"):-len("-cpu.json")]
+    g = f.replace("-cpu.json", "-gpu.json")
     try:
         a, b = json.load(open(f)), json.load(open(g))
     except Exception as e:
@@ -92,6 +96,68 @@ sys.exit(0 if ok else 1)
 PYEOF
 [ "${PIPESTATUS[0]}" = 0 ] && model=pass || { model=FAIL; status=1; }
 
+step "2b. layer split, pipeline stages and searches on the GPU (fixtures)"
+# The multi-GPU path on one GPU: --gpus 0,0 splits the layers into two shards (hidden
+# states copied between them through the host), which must score exactly what one shard
+# scores. Then the same search three ways: in-process worker on the CPU, in-process on the
+# GPU, and a pipeline of two GPU worker processes over loopback TCP; the last two must
+# journal the same values (bit for bit), and the GPU's best within 1e-3 of the CPU's.
+timeout 60 "$BIN" eval "$F/llama/step-1250" "$F/llama/step-1500" --weights 0.4,0.6 \
+  --data "$F/data/heldout.txt" --extra-data "$F/data/python-docs.txt" --seq-len 128 --json \
+  --gpus "$([ "$GPU" = none ] && echo none || echo "$GPU,$GPU")" >"$OUT/split-llama-bf16-merge.json" 2>>"$OUT/parity.log" || echo "split eval failed"
+export CKMERGE_SECRET=gpu-check-secret-$$
+for port in 47171 47172; do
+  timeout 200 "$BIN" worker --listen 127.0.0.1:$port --gpus "$GPU" >"$OUT/worker-$port.log" 2>&1 &
+done
+abs=$(cd "$F" && pwd)
+sed -e "s#\"llama/#\"$abs/llama/#g" -e "s#\"data/#\"$abs/data/#g" "$F/search.toml" >"$WORK/search.toml"
+cat "$WORK/search.toml" - >"$WORK/search-pipeline.toml" <<'TOML'
+[workers]
+pipelines = [["127.0.0.1:47171", "127.0.0.1:47172"]]
+TOML
+for run in cpu:none gpu:$GPU; do
+  timeout 120 "$BIN" search --config "$WORK/search.toml" --run-dir "$WORK/search-${run%%:*}" --force \
+    --gpus "${run#*:}" >"$OUT/search-${run%%:*}.log" 2>&1 || echo "search on ${run%%:*} failed"
+done
+timeout 120 "$BIN" search --config "$WORK/search-pipeline.toml" --run-dir "$WORK/search-pipeline" --force \
+  >"$OUT/search-pipeline.log" 2>&1 || echo "pipeline search failed"
+for r in cpu gpu pipeline; do cp "$WORK/search-$r/trials.jsonl" "$OUT/search-$r.jsonl" 2>/dev/null; done
+$PY - "$OUT" <<'PYEOF' | tee "$OUT/split.md"
+import json, sys, os
+out = sys.argv[1]
+ok = True
+def load(n):
+    try: return json.load(open(os.path.join(out, n)))
+    except Exception as e: print(f"| {n} | missing ({e}) |"); return None
+one, two = load("parity-llama-bf16-merge-gpu.json"), load("split-llama-bf16-merge.json")
+print("| check | result |\n|---|---|")
+if one and two:
+    same = [a["mean_nll"] == b["mean_nll"] for a, b in zip(one["datasets"], two["datasets"])]
+    ok &= all(same)
+    print(f"| two shards on one GPU vs one shard (mean NLL, both data sets) | {'identical' if all(same) else 'DIFFERENT'}: {[d['mean_nll'] for d in two['datasets']]} ({two['device']}) |")
+else:
+    ok = False
+def done(r):
+    try:
+        return [(x["trial"], x["mean_nll"]) for x in map(json.loads, open(os.path.join(out, f"search-{r}.jsonl"))) if x["event"] == "done"]
+    except Exception as e:
+        return None
+cpu, gpu, pipe = done("cpu"), done("gpu"), done("pipeline")
+if cpu and gpu and pipe:
+    same = sorted(gpu) == sorted(pipe)
+    best = lambda d: min(v for _, v in d)
+    rel = abs(best(gpu) - best(cpu)) / best(cpu)
+    ok &= same and rel < 1e-3
+    print(f"| search, GPU in-process vs 2-stage GPU pipeline ({len(gpu)} trials) | {'identical' if same else 'DIFFERENT'} values |")
+    print(f"| search, best mean NLL: CPU {best(cpu):.6f}, GPU {best(gpu):.6f} | relative {rel:.1e} (limit 1e-3) |")
+else:
+    ok = False
+    print(f"| searches | missing: cpu {cpu is not None}, gpu {gpu is not None}, pipeline {pipe is not None} |")
+sys.exit(0 if ok else 1)
+PYEOF
+[ "${PIPESTATUS[0]}" = 0 ] && split=pass || { split=FAIL; status=1; }
+kill %1 %2 2>/dev/null
+
 step "3. merge bandwidth"
 timeout 120 "$BIN" gpu-bench --bytes 4GB --sources 2,4 --dtype bf16 | tee "$OUT/merge-bandwidth.jsonl" || status=1
 
@@ -102,7 +168,7 @@ cat "$OUT/hf.json" 2>/dev/null
 run_ck() { # name, ckmerge eval arguments
   local name=$1; shift
   timeout 180 "$BIN" eval "$@" --data "$WORK/llama1b/tokens.bin" --token-bits 16 --seq-len 2048 --batch 8 \
-    --json --gpus 0 >"$OUT/$name.json" 2>"$OUT/$name.log" || { echo "ckmerge eval failed: $name"; tail -5 "$OUT/$name.log"; status=1; }
+    --json --gpus "$GPU" >"$OUT/$name.json" 2>"$OUT/$name.log" || { echo "ckmerge eval failed: $name"; tail -5 "$OUT/$name.log"; status=1; }
 }
 run_ck ck-forward "$WORK/llama1b/a"
 run_ck ck-trial "$WORK/llama1b/a" "$WORK/llama1b/b" --weights 0.5,0.5
@@ -116,17 +182,18 @@ grep '^profile:' "$OUT/ck-profile.log"
 grep -A24 'Self CUDA' "$OUT/hf.log" | cut -c1-160 | head -26
 
 step "summary"
-$PY - "$OUT" "$kernel" "$model" <<'PYEOF' | tee "$OUT/summary.md"
+$PY - "$OUT" "$kernel" "$model" "$split" <<'PYEOF' | tee "$OUT/summary.md"
 import json, sys, os
-out, kernel, model = sys.argv[1:4]
+out, kernel, model, split = sys.argv[1:5]
 def load(n):
     try: return json.load(open(os.path.join(out, n)))
     except Exception: return None
-gpu = open(os.path.join(out, "gpus.txt")).read().strip().splitlines()[0]
+gpu = (open(os.path.join(out, "gpus.txt")).read().strip().splitlines() or ["no GPU listed"])[0]
 print(f"GPU: {gpu}\n")
 print("| check | result |\n|---|---|")
 print(f"| kernel parity (gpu_parity) | {kernel} |")
 print(f"| model parity (fixtures, bf16 1e-3, f32 1e-5) | {model} |")
+print(f"| two shards vs one; GPU search vs 2-stage GPU pipeline vs CPU search | {split} |")
 try:
     for l in open(os.path.join(out, "merge-bandwidth.jsonl")):
         m = json.loads(l)

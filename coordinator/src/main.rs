@@ -107,6 +107,12 @@ struct SearchCliArgs {
     /// Threads for in-process workers and the final merge (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+
+    /// GPUs of the in-process workers (used when the config lists no worker addresses):
+    /// `auto` (every visible GPU, else the CPU, said in the log), `all`, CUDA ordinals
+    /// like `0,1`, or `none`. Remote workers choose their own (`ckmerge worker --gpus`).
+    #[arg(long, default_value = "auto")]
+    gpus: String,
 }
 
 #[derive(Args)]
@@ -342,6 +348,7 @@ fn run_search(args: SearchCliArgs) -> Result<()> {
         local_workers: args.local_workers,
         workers_file: args.workers_file,
         stages: args.stages,
+        local_gpus: args.gpus,
     })?;
     let r = &outcome.report;
     println!(
@@ -391,42 +398,9 @@ fn run_gpu_bench(args: GpuBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--gpus`: None for the CPU, else the CUDA ordinals to use. `auto` picks every
-/// visible GPU and says so, or says why it runs on the CPU; `all` and explicit lists
-/// fail when there is no usable GPU.
+/// `--gpus` (see `ckmerge_worker::gpu::resolve_gpus`).
 fn resolve_gpus(arg: &str) -> Result<Option<Vec<usize>>> {
-    use ckmerge_kernels::cuda::device::device_count;
-    match arg.trim() {
-        "none" | "cpu" => Ok(None),
-        "auto" => match device_count() {
-            Ok(n) => {
-                tracing::info!("using {n} GPU(s) (--gpus auto)");
-                Ok(Some((0..n).collect()))
-            }
-            Err(e) => {
-                tracing::info!("running on the CPU (--gpus auto): {e}");
-                Ok(None)
-            }
-        },
-        "all" => {
-            let n = device_count().map_err(|e| anyhow::anyhow!("--gpus all: {e}"))?;
-            Ok(Some((0..n).collect()))
-        }
-        list => {
-            let ids = list
-                .split(',')
-                .map(|x| x.trim().parse::<usize>())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| {
-                    anyhow::anyhow!("--gpus {list}: use auto, all, none or CUDA ordinals like 0,1")
-                })?;
-            let n = device_count().map_err(|e| anyhow::anyhow!("--gpus {list}: {e}"))?;
-            if let Some(bad) = ids.iter().find(|&&i| i >= n) {
-                bail!("--gpus {list}: GPU {bad} asked for, {n} visible");
-            }
-            Ok(Some(ids))
-        }
-    }
+    ckmerge_worker::gpu::resolve_gpus(arg).map_err(|e| anyhow::anyhow!(e))
 }
 
 fn run_worker(args: WorkerArgs) -> Result<()> {

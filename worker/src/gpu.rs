@@ -20,6 +20,46 @@ use cudarc::driver::CudaSlice;
 use crate::eval::{Batch, StageOutput};
 use crate::model::{Arch, ModelConfig, Part};
 
+/// Resolves a `--gpus` argument: None for the CPU, else the CUDA ordinals to use. `auto`
+/// picks every visible GPU and says so, or says why it runs on the CPU; `all` and explicit
+/// lists fail when there is no usable GPU. An ordinal may repeat: the layers are then split
+/// across the same GPU twice, which runs the multi-GPU path (shards, hidden states copied
+/// between them) on a machine with one.
+pub fn resolve_gpus(arg: &str) -> Result<Option<Vec<usize>>, String> {
+    use ckmerge_kernels::cuda::device::device_count;
+    match arg.trim() {
+        "none" | "cpu" => Ok(None),
+        "auto" => match device_count() {
+            Ok(n) => {
+                tracing::info!("using {n} GPU(s) (--gpus auto)");
+                Ok(Some((0..n).collect()))
+            }
+            Err(e) => {
+                tracing::info!("running on the CPU (--gpus auto): {e}");
+                Ok(None)
+            }
+        },
+        "all" => {
+            let n = device_count().map_err(|e| format!("--gpus all: {e}"))?;
+            Ok(Some((0..n).collect()))
+        }
+        list => {
+            let ids = list
+                .split(',')
+                .map(|x| x.trim().parse::<usize>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| {
+                    format!("--gpus {list}: use auto, all, none or CUDA ordinals like 0,1")
+                })?;
+            let n = device_count().map_err(|e| format!("--gpus {list}: {e}"))?;
+            if let Some(bad) = ids.iter().find(|&&i| i >= n) {
+                return Err(format!("--gpus {list}: GPU {bad} asked for, {n} visible"));
+            }
+            Ok(Some(ids))
+        }
+    }
+}
+
 /// `CKMERGE_GPU_ATTENTION=scores` forces the materialised-scores attention (cuBLAS batched
 /// GEMMs and a softmax kernel) where the flash kernel would run: for comparing the two on
 /// a GPU. f32 models and head sizes without a flash kernel always use it.

@@ -53,6 +53,9 @@ pub struct SearchArgs {
     pub workers_file: Option<PathBuf>,
     /// Override `workers.stages`.
     pub stages: Option<usize>,
+    /// `--gpus` for the in-process workers (`auto`, `all`, `none`, ordinals), resolved
+    /// only when the run has no remote workers.
+    pub local_gpus: String,
 }
 
 /// What a finished search produced.
@@ -246,6 +249,11 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
     } else {
         None
     };
+    let local_gpus = if remote {
+        None
+    } else {
+        ckmerge_worker::gpu::resolve_gpus(&args.local_gpus).map_err(|e| anyhow::anyhow!(e))?
+    };
     let run_dir = args.run_dir.clone();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
@@ -270,7 +278,15 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
         .context("starting the async runtime")?;
     let cfg2 = cfg.clone();
     let (sched, stop_reason, refs) = rt.block_on(async move {
-        let mut sched = Scheduler::new(cfg2, secret, journal, run_dir.clone(), resumed, progress);
+        let mut sched = Scheduler::new(
+            cfg2,
+            secret,
+            journal,
+            run_dir.clone(),
+            resumed,
+            progress,
+            local_gpus,
+        );
         let stop = sched.run().await?;
         tracing::info!("search stopped: {stop}");
         let points = report::reference_points(&sched);

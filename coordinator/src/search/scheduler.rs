@@ -205,6 +205,7 @@ impl Scheduler {
         run_dir: PathBuf,
         resumed: Resumed,
         progress: ProgressView,
+        local_gpus: Option<Vec<usize>>,
     ) -> Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
         let spec = cfg.load_spec();
@@ -248,7 +249,8 @@ impl Scheduler {
         {
             let n = s.cfg.workers.local.unwrap_or(1).max(1);
             for i in 0..n {
-                s.add_slot(format!("local-{i}"), Kind::Local(WorkerService::new(None)));
+                let w = WorkerService::with_options(None, None, local_gpus.clone());
+                s.add_slot(format!("local-{i}"), Kind::Local(w));
             }
         } else {
             for a in s.cfg.workers.addresses.clone() {
