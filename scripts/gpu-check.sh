@@ -36,6 +36,9 @@ GPU=${GPU:-0}     # the CUDA ordinal to use (`none` runs the CPU steps alone, to
 mkdir -p "$OUT" "$WORK"
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
+# STEPS="1 3" runs only those steps (1, 2, 2b, 3, 3a, 4); default: all.
+want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
+kernel=skipped model=skipped split=skipped
 
 # CUDA libraries: the toolkit's, else PyTorch's wheels (nvrtc, cublas).
 libdirs=$(
@@ -49,15 +52,18 @@ export CKMERGE_REQUIRE_GPU=1
 nvidia-smi -L | tee "$OUT/gpus.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 
+if want 1; then
 step "1. kernel parity"
 if timeout 120 "$PARITY" --test-threads 1 2>&1 | tee "$OUT/kernel-parity.txt"; then
   kernel=pass
 else
   kernel=FAIL; status=1
 fi
+fi
 
-step "2. model parity (fixtures)"
 F=tests/fixtures/trajectory
+if want 2; then
+step "2. model parity (fixtures)"
 for s in step-1250 step-1500; do
   [ -d "$WORK/f32/$s" ] || "$BIN" merge "$F/llama/$s" --weights 1 --dtype f32 --out "$WORK/f32/$s" >/dev/null
 done
@@ -95,7 +101,9 @@ for f in sorted(glob.glob(os.path.join(out, "parity-*-cpu.json"))):
 sys.exit(0 if ok else 1)
 PYEOF
 [ "${PIPESTATUS[0]}" = 0 ] && model=pass || { model=FAIL; status=1; }
+fi
 
+if want 2b; then
 step "2b. layer split, pipeline stages and searches on the GPU (fixtures)"
 # The multi-GPU path on one GPU: --gpus 0,0 splits the layers into two shards (hidden
 # states copied between them through the host), which must score exactly what one shard
@@ -157,10 +165,19 @@ sys.exit(0 if ok else 1)
 PYEOF
 [ "${PIPESTATUS[0]}" = 0 ] && split=pass || { split=FAIL; status=1; }
 kill %1 %2 2>/dev/null
+fi
 
+if want 3; then
 step "3. merge bandwidth"
 timeout 120 "$BIN" gpu-bench --bytes 4GB --sources 2,4 --dtype bf16 | tee "$OUT/merge-bandwidth.jsonl" || status=1
+fi
+if want 3a; then
+step "3a. flash-attention variants"
+# TinyLlama's attention shape: 8 windows of 2048, 32 query heads over 4 key/value heads.
+timeout 60 "$BIN" gpu-bench --attention 8,2048,32,4 --iters 20 | tee "$OUT/attention-variants.jsonl" || status=1
+fi
 
+if want 4; then
 step "4. forward pass vs transformers (~1.1B Llama, random weights)"
 timeout 180 $PY scripts/gpu/hf_bench.py make --dir "$WORK/llama1b" --tokens "$TOKENS" 2>&1 | tail -3
 timeout 180 $PY scripts/gpu/hf_bench.py bench --dir "$WORK/llama1b" --seq 2048 --batch 8 --profile >"$OUT/hf.json" 2>"$OUT/hf.log" || { echo "transformers run failed"; tail -5 "$OUT/hf.log"; status=1; }
@@ -180,6 +197,7 @@ CKMERGE_GPU_ATTENTION=scores run_ck ck-forward-scores "$WORK/llama1b/a"
 CKMERGE_GPU_PROFILE=1 run_ck ck-profile "$WORK/llama1b/a" --max-tokens 262144
 grep '^profile:' "$OUT/ck-profile.log"
 grep -A24 'Self CUDA' "$OUT/hf.log" | cut -c1-160 | head -26
+fi
 
 step "summary"
 $PY - "$OUT" "$kernel" "$model" "$split" <<'PYEOF' | tee "$OUT/summary.md"
@@ -200,6 +218,12 @@ try:
         print(f"| fused merge bf16, {m['sources']} sources, {m['model_bytes']/1e9:.1f} GB model | {m['merge_gb_s']:.0f} GB/s vs copy {m['copy_gb_s']:.0f} GB/s = {m['ratio']:.2f} (goal >= 0.90) |")
 except Exception as e:
     print(f"| fused merge | not measured ({e}) |")
+try:
+    for l in open(os.path.join(out, "attention-variants.jsonl")):
+        a = json.loads(l)
+        print(f"| flash attention {a['kernel']} ({a['windows']}x{a['seq']}, {a['heads']}/{a['kv_heads']} heads) | {a['ms']:.2f} ms, {a['tflop_s']:.0f} TFLOP/s, output {'identical to the first' if a['identical'] else 'DIFFERENT'} |")
+except Exception:
+    pass
 hf, fw, tr = load("hf.json"), load("ck-forward.json"), load("ck-trial.json")
 if hf and fw:
     d = fw["datasets"][0]

@@ -41,7 +41,8 @@ enum Command {
     Search(SearchCliArgs),
     /// Serve merge-and-evaluate requests to a search coordinator over TCP.
     Worker(WorkerArgs),
-    /// GPU merge bandwidth against a device-to-device copy (scripts/gpu-check.sh).
+    /// GPU merge bandwidth against a device-to-device copy, or the flash-attention
+    /// variants (scripts/gpu-check.sh).
     #[command(hide = true)]
     GpuBench(GpuBenchArgs),
 }
@@ -60,6 +61,10 @@ struct GpuBenchArgs {
     iters: usize,
     #[arg(long, default_value_t = 0)]
     gpu: usize,
+    /// Time the flash-attention variants instead (bf16, head size 64) on WINDOWS x SEQ
+    /// tokens of HEADS/KV_HEADS heads.
+    #[arg(long, value_name = "WINDOWS,SEQ,HEADS,KV_HEADS", value_delimiter = ',')]
+    attention: Option<Vec<usize>>,
 }
 
 #[derive(Args)]
@@ -390,7 +395,27 @@ fn run_gpu_bench(args: GpuBenchArgs) -> Result<()> {
         "f32" => ckmerge_common::DType::F32,
         d => bail!("--dtype {d}: use bf16, f16 or f32"),
     };
+    if let Some(a) = &args.attention {
+        if a.len() != 4 || a.contains(&0) || a[2] % a[3] != 0 {
+            bail!(
+                "--attention {a:?}: give WINDOWS,SEQ,HEADS,KV_HEADS, HEADS a multiple of KV_HEADS"
+            );
+        }
+    }
     let gpu = Gpu::open(args.gpu)?;
+    if let Some(a) = args.attention {
+        let rows = ckmerge_kernels::cuda::bench::attention_variants(
+            &gpu,
+            a[0],
+            a[1],
+            (a[2], a[3]),
+            args.iters,
+        )?;
+        for r in rows {
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        return Ok(());
+    }
     for n in args.sources {
         let r = merge_bandwidth(&gpu, args.bytes, n, dtype, args.iters)?;
         println!("{}", serde_json::to_string(&r)?);

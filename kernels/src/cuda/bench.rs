@@ -177,3 +177,96 @@ mod tests {
         }
     }
 }
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AttentionTiming {
+    pub gpu: String,
+    pub kernel: String,
+    pub warps: u32,
+    pub asynchronous: bool,
+    pub windows: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub ms: f64,
+    /// Causal FLOPs (4 x hd per query-key pair at or below the diagonal) over the time.
+    pub tflop_s: f64,
+    /// Output bit for bit the first variant's (all compute the same function).
+    pub identical: bool,
+}
+
+/// Times every bench variant of the flash kernel (bf16, head size 64) on the same random
+/// gathered heads, after checking each writes exactly what the first one does.
+pub fn attention_variants(
+    gpu: &Gpu,
+    windows: usize,
+    seq: usize,
+    (heads, kv_heads): (usize, usize),
+    iters: usize,
+) -> Result<Vec<AttentionTiming>, GpuError> {
+    use super::ops::{flash_attention, ptr, FlashVariant};
+    const HD: usize = 64;
+    let s = &gpu.stream;
+    let dt = DType::BF16;
+    let mut bufs = Vec::new();
+    for (i, n) in [heads, kv_heads, kv_heads].into_iter().enumerate() {
+        let mut b = s.alloc_zeros::<u8>(windows * n * seq * HD * dt.size())?;
+        fill_random(gpu, &mut b, dt, 100 + i as u64)?;
+        bufs.push(b);
+    }
+    let out_len = windows * seq * heads * HD * dt.size();
+    let mut first: Option<Vec<u8>> = None;
+    let mut rows = Vec::new();
+    let pairs = (seq * (seq + 1) / 2) as f64;
+    let flops = 4.0 * HD as f64 * heads as f64 * windows as f64 * pairs;
+    for v in FlashVariant::BENCH {
+        let mut out = s.alloc_zeros::<u8>(out_len)?;
+        fill_random(gpu, &mut out, dt, 7)?; // poison: every element must be rewritten
+        let run = || {
+            flash_attention(
+                gpu,
+                v,
+                v.kernel(),
+                (
+                    ptr(gpu, &bufs[0]),
+                    ptr(gpu, &bufs[1]),
+                    ptr(gpu, &bufs[2]),
+                    ptr(gpu, &out),
+                ),
+                windows,
+                seq,
+                (heads, kv_heads, HD),
+            )
+        };
+        run()?;
+        gpu.synchronize()?;
+        let got = s.clone_dtoh(&out)?;
+        let identical = match &first {
+            None => {
+                first = Some(got);
+                true
+            }
+            Some(f) => *f == got,
+        };
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            run()?;
+        }
+        gpu.synchronize()?;
+        let secs = t0.elapsed().as_secs_f64() / iters as f64;
+        rows.push(AttentionTiming {
+            gpu: gpu.name.clone(),
+            kernel: v.kernel(),
+            warps: v.warps,
+            asynchronous: v.asynchronous,
+            windows,
+            seq,
+            heads,
+            kv_heads,
+            ms: secs * 1e3,
+            tflop_s: flops / secs / 1e12,
+            identical,
+        });
+    }
+    Ok(rows)
+}

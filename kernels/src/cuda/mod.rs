@@ -90,11 +90,19 @@ impl Module {
     }
 
     pub fn source(self) -> String {
-        let body = match self {
-            Module::Merge => include_str!("merge.cu"),
-            Module::Ops => include_str!("ops.cu"),
-        };
-        format!("{COMMON}\n{body}")
+        match self {
+            Module::Merge => format!("{COMMON}\n{}", include_str!("merge.cu")),
+            Module::Ops => {
+                // The forward pass's flash variant, one definition for host and device.
+                let v = ops::FlashVariant::DEFAULT;
+                format!(
+                    "{COMMON}\n#define FLASH_WARPS {}\n#define FLASH_ASYNC {}\n{}",
+                    v.warps,
+                    v.asynchronous,
+                    include_str!("ops.cu")
+                )
+            }
+        }
     }
 
     /// Every kernel the host code launches from this module: the compile test checks
@@ -123,6 +131,9 @@ impl Module {
                     for hd in ops::FLASH_HEAD_DIMS {
                         k.push(format!("flash_attention_{d}_d{hd}"));
                     }
+                }
+                for v in ops::FlashVariant::BENCH {
+                    k.push(v.kernel());
                 }
                 for (w, o) in NORM_PAIRS {
                     k.push(format!("rms_norm_{w}_{o}"));

@@ -315,12 +315,44 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return a;
 }
 
-template <typename Tag, int D>
+// One K and one V tile, row-major [key][d], 16 bytes per copy; zeros past the end. With
+// ASYNC the copies are cp.async (the caller commits and waits), else plain loads/stores.
+template <int D, bool ASYNC>
+__device__ __forceinline__ void fa_load_tile(u16* ks, u16* vs, const u16* kh, const u16* vh,
+                                             int k0, int seq) {
+    constexpr int KP = D + 8;
+    for (int i = threadIdx.x; i < FA_BK * D / 8; i += blockDim.x) {
+        const int key = i / (D / 8), c = (i % (D / 8)) * 8;
+        const bool in = k0 + key < seq;
+        const u64 off = in ? (u64)(k0 + key) * D + c : 0;
+        if (ASYNC) {
+            const int n = in ? 16 : 0;  // 0 bytes read: the 16 are zero-filled
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                         :: "r"(smem_addr(ks + key * KP + c)), "l"(kh + off), "r"(n) : "memory");
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                         :: "r"(smem_addr(vs + key * KP + c)), "l"(vh + off), "r"(n) : "memory");
+        } else {
+            uint4 kk = make_uint4(0, 0, 0, 0), vv = kk;
+            if (in) {
+                kk = *(const uint4*)(kh + off);
+                vv = *(const uint4*)(vh + off);
+            }
+            *(uint4*)(ks + key * KP + c) = kk;
+            *(uint4*)(vs + key * KP + c) = vv;
+        }
+    }
+}
+
+// WARPS warps of 16 query rows each per block; ASYNC: the next K/V tile is copied with
+// cp.async while this one is used (two buffers), instead of load, barrier, compute.
+template <typename Tag, int D, int WARPS, bool ASYNC>
 __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* out, int seq,
                                 int heads, int group, float scale_log2) {
     constexpr int KP = D + 8;  // padded row (halves): conflict-free fragment reads
-    __shared__ __align__(16) u16 ks[FA_BK * KP];
-    __shared__ __align__(16) u16 vs[FA_BK * KP];
+    constexpr int BQ = 16 * WARPS;
+    constexpr int STAGES = ASYNC ? 2 : 1;
+    __shared__ __align__(16) u16 ks[STAGES][FA_BK * KP];
+    __shared__ __align__(16) u16 vs[STAGES][FA_BK * KP];
     const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int kv_heads = heads / group;
@@ -328,7 +360,8 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
     const u64 kv0 = ((u64)b * kv_heads + h / group) * seq * D;
     const u16* kh = k + kv0;
     const u16* vh = v + kv0;
-    const int r_lo = qb * FA_BQ + warp * 16 + g, r_hi = r_lo + 8;
+    const int row0 = qb * BQ + warp * 16;  // this warp's first query row
+    const int r_lo = row0 + g, r_hi = r_lo + 8;
 
     // This warp's 16 query rows as A fragments, one per 16 dims.
     u32 qf[D / 16][4];
@@ -345,96 +378,106 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
     for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
 
-    const int keys = min(seq, (qb + 1) * FA_BQ);
-    for (int k0 = 0; k0 < keys; k0 += FA_BK) {
-        __syncthreads();  // the previous tile is consumed
-        // K and V tiles, row-major [key][d], 16 bytes per load; zeros past the end.
-        for (int i = threadIdx.x; i < FA_BK * D / 8; i += blockDim.x) {
-            const int key = i / (D / 8), c = (i % (D / 8)) * 8;
-            uint4 kk = make_uint4(0, 0, 0, 0), vv = kk;
-            if (k0 + key < seq) {
-                kk = *(const uint4*)(kh + (u64)(k0 + key) * D + c);
-                vv = *(const uint4*)(vh + (u64)(k0 + key) * D + c);
+    const int keys = min(seq, (qb + 1) * BQ);
+    if (ASYNC) {
+        fa_load_tile<D, true>(ks[0], vs[0], kh, vh, 0, seq);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+    for (int k0 = 0, it = 0; k0 < keys; k0 += FA_BK, ++it) {
+        const int st = ASYNC ? (it & 1) : 0;
+        if (ASYNC) {
+            if (k0 + FA_BK < keys) {  // the next tile into the other buffer, then wait for this one
+                fa_load_tile<D, true>(ks[st ^ 1], vs[st ^ 1], kh, vh, k0 + FA_BK, seq);
+                asm volatile("cp.async.commit_group;" ::: "memory");
+                asm volatile("cp.async.wait_group 1;" ::: "memory");
+            } else {
+                asm volatile("cp.async.wait_group 0;" ::: "memory");
             }
-            *(uint4*)(ks + key * KP + c) = kk;
-            *(uint4*)(vs + key * KP + c) = vv;
+        } else {
+            __syncthreads();  // the previous tile is consumed
+            fa_load_tile<D, false>(ks[0], vs[0], kh, vh, k0, seq);
         }
         __syncthreads();
-
-        // S = Q K^T for 16 rows x 64 keys: B(d, key) = K[key][d].
-        float sc[FA_BK / 8][4];
+        // A tile wholly above this warp's rows is all masked: skip it (no barrier inside).
+        if (k0 <= row0 + 15) {
+            const u16* kt = ks[st];
+            const u16* vt = vs[st];
+            // S = Q K^T for 16 rows x 64 keys: B(d, key) = K[key][d].
+            float sc[FA_BK / 8][4];
 #pragma unroll
-        for (int j = 0; j < FA_BK / 8; ++j) {
-            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
-            const u16* kr = ks + (j * 8 + g) * KP + 2 * t;
+            for (int j = 0; j < FA_BK / 8; ++j) {
+                sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+                const u16* kr = kt + (j * 8 + g) * KP + 2 * t;
 #pragma unroll
-            for (int s = 0; s < D / 16; ++s)
-                Mma<Tag>::run(sc[j], qf[s], *(const u32*)(kr + s * 16), *(const u32*)(kr + s * 16 + 8));
-        }
-        // Scale (in log2 units), causal mask, running max.
-        float mx_lo = NEG_INF, mx_hi = NEG_INF;
-#pragma unroll
-        for (int j = 0; j < FA_BK / 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = k0 + j * 8 + 2 * t + (e & 1);
-                const int row = e < 2 ? r_lo : r_hi;
-                const float x = key <= row ? sc[j][e] * scale_log2 : NEG_INF;
-                sc[j][e] = x;
-                if (e < 2) mx_lo = fmaxf(mx_lo, x); else mx_hi = fmaxf(mx_hi, x);
+                for (int s = 0; s < D / 16; ++s)
+                    Mma<Tag>::run(sc[j], qf[s], *(const u32*)(kr + s * 16), *(const u32*)(kr + s * 16 + 8));
             }
-        }
+            // Scale (in log2 units), causal mask, running max.
+            float mx_lo = NEG_INF, mx_hi = NEG_INF;
 #pragma unroll
-        for (int w = 1; w <= 2; w <<= 1) {
-            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, w));
-            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, w));
-        }
-        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-        // A row with every key so far masked keeps base 0 (no -inf - -inf).
-        const float base_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;
-        const float base_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
-        const float c_lo = exp2f(m_lo - base_lo), c_hi = exp2f(m_hi - base_hi);
-        m_lo = mn_lo;
-        m_hi = mn_hi;
-        float s_lo = 0.0f, s_hi = 0.0f;
+            for (int j = 0; j < FA_BK / 8; ++j) {
 #pragma unroll
-        for (int j = 0; j < FA_BK / 8; ++j) {
-            sc[j][0] = exp2f(sc[j][0] - base_lo);
-            sc[j][1] = exp2f(sc[j][1] - base_lo);
-            sc[j][2] = exp2f(sc[j][2] - base_hi);
-            sc[j][3] = exp2f(sc[j][3] - base_hi);
-            s_lo += sc[j][0] + sc[j][1];
-            s_hi += sc[j][2] + sc[j][3];
-        }
-        // Per-thread partial sums: the quad's four are added once, at the end.
-        l_lo = l_lo * c_lo + s_lo;
-        l_hi = l_hi * c_hi + s_hi;
+                for (int e = 0; e < 4; ++e) {
+                    const int key = k0 + j * 8 + 2 * t + (e & 1);
+                    const int row = e < 2 ? r_lo : r_hi;
+                    const float x = key <= row ? sc[j][e] * scale_log2 : NEG_INF;
+                    sc[j][e] = x;
+                    if (e < 2) mx_lo = fmaxf(mx_lo, x); else mx_hi = fmaxf(mx_hi, x);
+                }
+            }
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            o[n][0] *= c_lo;
-            o[n][1] *= c_lo;
-            o[n][2] *= c_hi;
-            o[n][3] *= c_hi;
-        }
-        // O += P V: P's accumulators are already the A fragments of the next MMA; V's B
-        // fragments (B(key, d) = V[key][d]) come transposed out of shared memory.
+            for (int w = 1; w <= 2; w <<= 1) {
+                mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, w));
+                mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, w));
+            }
+            const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+            // A row with every key so far masked keeps base 0 (no -inf - -inf).
+            const float base_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;
+            const float base_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
+            const float c_lo = exp2f(m_lo - base_lo), c_hi = exp2f(m_hi - base_hi);
+            m_lo = mn_lo;
+            m_hi = mn_hi;
+            float s_lo = 0.0f, s_hi = 0.0f;
 #pragma unroll
-        for (int kk = 0; kk < FA_BK / 16; ++kk) {
-            u32 a[4];
-            a[0] = pack2<Tag>(sc[2 * kk][0], sc[2 * kk][1]);
-            a[1] = pack2<Tag>(sc[2 * kk][2], sc[2 * kk][3]);
-            a[2] = pack2<Tag>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-            a[3] = pack2<Tag>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-            const u32 row_addr = smem_addr(vs + (kk * 16 + (lane & 15)) * KP);
+            for (int j = 0; j < FA_BK / 8; ++j) {
+                sc[j][0] = exp2f(sc[j][0] - base_lo);
+                sc[j][1] = exp2f(sc[j][1] - base_lo);
+                sc[j][2] = exp2f(sc[j][2] - base_hi);
+                sc[j][3] = exp2f(sc[j][3] - base_hi);
+                s_lo += sc[j][0] + sc[j][1];
+                s_hi += sc[j][2] + sc[j][3];
+            }
+            // Per-thread partial sums: the quad's four are added once, at the end.
+            l_lo = l_lo * c_lo + s_lo;
+            l_hi = l_hi * c_hi + s_hi;
 #pragma unroll
             for (int n = 0; n < D / 8; ++n) {
-                u32 b0, b1;
-                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
-                             : "=r"(b0), "=r"(b1)
-                             : "r"(row_addr + n * 16));
-                Mma<Tag>::run(o[n], a, b0, b1);
+                o[n][0] *= c_lo;
+                o[n][1] *= c_lo;
+                o[n][2] *= c_hi;
+                o[n][3] *= c_hi;
+            }
+            // O += P V: P's accumulators are already the A fragments of the next MMA; V's B
+            // fragments (B(key, d) = V[key][d]) come transposed out of shared memory.
+#pragma unroll
+            for (int kk = 0; kk < FA_BK / 16; ++kk) {
+                u32 a[4];
+                a[0] = pack2<Tag>(sc[2 * kk][0], sc[2 * kk][1]);
+                a[1] = pack2<Tag>(sc[2 * kk][2], sc[2 * kk][3]);
+                a[2] = pack2<Tag>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+                a[3] = pack2<Tag>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+                const u32 row_addr = smem_addr(vt + (kk * 16 + (lane & 15)) * KP);
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n) {
+                    u32 b0, b1;
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                                 : "=r"(b0), "=r"(b1)
+                                 : "r"(row_addr + n * 16));
+                    Mma<Tag>::run(o[n], a, b0, b1);
+                }
             }
         }
+        if (ASYNC) __syncthreads();  // this buffer is refilled next iteration
     }
 #pragma unroll
     for (int w = 1; w <= 2; w <<= 1) {
@@ -453,12 +496,26 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
     }
 }
 
+// The forward pass's kernels (`flash_attention_<dtype>_d<D>`) use FLASH_WARPS and
+// FLASH_ASYNC, defined from ops::FlashVariant::DEFAULT when the module is compiled;
+// `ckmerge gpu-bench --attention` times the four variants at head size 64
+// (`..._d64_w<warps>[_async]`), all computing the same function bit for bit.
 #define FLASH(TAG, NAME, D)                                                                     \
-extern "C" __global__ void __launch_bounds__(128)                                               \
+extern "C" __global__ void __launch_bounds__(32 * FLASH_WARPS)                                  \
 flash_attention_##NAME##_d##D(const u16* q, const u16* k, const u16* v, u16* out, int seq,      \
                               int heads, int group, float scale_log2) {                         \
-    flash_attention<TAG, D>(q, k, v, out, seq, heads, group, scale_log2);                       \
+    flash_attention<TAG, D, FLASH_WARPS, FLASH_ASYNC>(q, k, v, out, seq, heads, group, scale_log2); \
 }
+#define FLASH_VARIANT(W, A, SUFFIX)                                                             \
+extern "C" __global__ void __launch_bounds__(32 * W)                                            \
+flash_attention_bf16_d64_##SUFFIX(const u16* q, const u16* k, const u16* v, u16* out, int seq,  \
+                                  int heads, int group, float scale_log2) {                     \
+    flash_attention<bf16_tag, 64, W, A>(q, k, v, out, seq, heads, group, scale_log2);           \
+}
+FLASH_VARIANT(4, false, w4)
+FLASH_VARIANT(8, false, w8)
+FLASH_VARIANT(4, true, w4_async)
+FLASH_VARIANT(8, true, w8_async)
 #define FLASH_DIMS(TAG, NAME) \
     FLASH(TAG, NAME, 16) FLASH(TAG, NAME, 32) FLASH(TAG, NAME, 64) FLASH(TAG, NAME, 80) \
     FLASH(TAG, NAME, 96) FLASH(TAG, NAME, 128)

@@ -505,16 +505,82 @@ pub fn flash_causal_attention(
         }
         Ok(())
     })?;
+    span(gpu, "attention: flash kernel", || {
+        flash_attention(
+            gpu,
+            FlashVariant::DEFAULT,
+            format!("flash_attention_{}_d{hd}", dtype_name(cd)),
+            (qh, kh, vh, out),
+            windows,
+            seq,
+            (heads, kv_heads, hd),
+        )
+    })
+}
+
+/// A schedule of the flash kernel: `warps` x 16 query rows per block, and whether the
+/// next key/value tile is copied (`cp.async`) while the current one is used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlashVariant {
+    pub warps: u32,
+    pub asynchronous: bool,
+}
+
+impl FlashVariant {
+    /// What the forward pass runs (compiled into `ops.cu` as FLASH_WARPS / FLASH_ASYNC).
+    pub const DEFAULT: FlashVariant = FlashVariant {
+        warps: 4,
+        asynchronous: false,
+    };
+
+    /// The variants `ckmerge gpu-bench --attention` times (bf16, head size 64).
+    pub const BENCH: [FlashVariant; 4] = [
+        FlashVariant {
+            warps: 4,
+            asynchronous: false,
+        },
+        FlashVariant {
+            warps: 8,
+            asynchronous: false,
+        },
+        FlashVariant {
+            warps: 4,
+            asynchronous: true,
+        },
+        FlashVariant {
+            warps: 8,
+            asynchronous: true,
+        },
+    ];
+
+    /// The bench instantiation's kernel name.
+    pub fn kernel(self) -> String {
+        let a = if self.asynchronous { "_async" } else { "" };
+        format!("flash_attention_bf16_d64_w{}{a}", self.warps)
+    }
+}
+
+/// Launches flash kernel `name` (built with `variant`'s schedule) on gathered heads:
+/// q `[windows, heads, seq, hd]`, k and v `[windows, kv_heads, seq, hd]`, out rows
+/// `[windows * seq, heads * hd]`.
+pub fn flash_attention(
+    gpu: &Gpu,
+    variant: FlashVariant,
+    name: String,
+    (qh, kh, vh, out): (Ptr, Ptr, Ptr, Ptr),
+    windows: usize,
+    seq: usize,
+    (heads, kv_heads, hd): (usize, usize, usize),
+) -> Result<(), GpuError> {
+    let rows = 16 * variant.warps as usize;
     let cfg = LaunchConfig {
-        grid_dim: (seq.div_ceil(64) as u32, heads as u32, windows as u32),
-        block_dim: (128, 1, 1),
+        grid_dim: (seq.div_ceil(rows) as u32, heads as u32, windows as u32),
+        block_dim: (32 * variant.warps, 1, 1),
         shared_mem_bytes: 0,
     };
     let scale_log2 = std::f32::consts::LOG2_E / (hd as f32).sqrt();
     let group = (heads / kv_heads) as i32;
-    span(gpu, "attention: flash kernel", || {
-        launch!(gpu, format!("flash_attention_{}_d{hd}", dtype_name(cd)), cfg;
-            q = qh, k = kh, v = vh, out = out, seq = rows_i32(seq, "seq")?,
-            heads = heads as i32, group = group, scale_log2 = scale_log2)
-    })
+    launch!(gpu, name, cfg;
+        q = qh, k = kh, v = vh, out = out, seq = rows_i32(seq, "seq")?,
+        heads = heads as i32, group = group, scale_log2 = scale_log2)
 }
