@@ -173,8 +173,11 @@ timeout 120 "$BIN" gpu-bench --bytes 4GB --sources 2,4 --dtype bf16 | tee "$OUT/
 fi
 if want 3a; then
 step "3a. flash-attention variants"
-# TinyLlama's attention shape: 8 windows of 2048, 32 query heads over 4 key/value heads.
-timeout 60 "$BIN" gpu-bench --attention 8,2048,32,4 --iters 20 | tee "$OUT/attention-variants.jsonl" || status=1
+# TinyLlama's attention (8 windows of 2048, 32 query heads of 64 over 4 key/value heads),
+# then head size 128 (16 heads over 4, the same width).
+for shape in 8,2048,32,4,64 8,2048,16,4,128; do
+  timeout 60 "$BIN" gpu-bench --attention $shape --iters 20 | tee -a "$OUT/attention-variants.jsonl" || status=1
+done
 fi
 
 if want 4; then

@@ -61,9 +61,13 @@ struct GpuBenchArgs {
     iters: usize,
     #[arg(long, default_value_t = 0)]
     gpu: usize,
-    /// Time the flash-attention variants instead (bf16, head size 64) on WINDOWS x SEQ
-    /// tokens of HEADS/KV_HEADS heads.
-    #[arg(long, value_name = "WINDOWS,SEQ,HEADS,KV_HEADS", value_delimiter = ',')]
+    /// Time the flash-attention variants instead (bf16) on WINDOWS x SEQ tokens of
+    /// HEADS/KV_HEADS heads of size HD (64 or 128).
+    #[arg(
+        long,
+        value_name = "WINDOWS,SEQ,HEADS,KV_HEADS,HD",
+        value_delimiter = ','
+    )]
     attention: Option<Vec<usize>>,
 }
 
@@ -396,10 +400,8 @@ fn run_gpu_bench(args: GpuBenchArgs) -> Result<()> {
         d => bail!("--dtype {d}: use bf16, f16 or f32"),
     };
     if let Some(a) = &args.attention {
-        if a.len() != 4 || a.contains(&0) || a[2] % a[3] != 0 {
-            bail!(
-                "--attention {a:?}: give WINDOWS,SEQ,HEADS,KV_HEADS, HEADS a multiple of KV_HEADS"
-            );
+        if a.len() != 5 || a.contains(&0) || a[2] % a[3] != 0 || ![64, 128].contains(&a[4]) {
+            bail!("--attention {a:?}: give WINDOWS,SEQ,HEADS,KV_HEADS,HD, HEADS a multiple of KV_HEADS, HD 64 or 128");
         }
     }
     let gpu = Gpu::open(args.gpu)?;
@@ -408,7 +410,7 @@ fn run_gpu_bench(args: GpuBenchArgs) -> Result<()> {
             &gpu,
             a[0],
             a[1],
-            (a[2], a[3]),
+            (a[2], a[3], a[4]),
             args.iters,
         )?;
         for r in rows {

@@ -182,6 +182,7 @@ mod tests {
 pub struct AttentionTiming {
     pub gpu: String,
     pub kernel: String,
+    pub hd: usize,
     pub warps: u32,
     pub asynchronous: bool,
     pub windows: usize,
@@ -195,31 +196,30 @@ pub struct AttentionTiming {
     pub identical: bool,
 }
 
-/// Times every bench variant of the flash kernel (bf16, head size 64) on the same random
-/// gathered heads, after checking each writes exactly what the first one does.
+/// Times every bench variant of the flash kernel at head size `hd` (bf16) on the same
+/// random gathered heads, after checking each writes exactly what the first one does.
 pub fn attention_variants(
     gpu: &Gpu,
     windows: usize,
     seq: usize,
-    (heads, kv_heads): (usize, usize),
+    (heads, kv_heads, hd): (usize, usize, usize),
     iters: usize,
 ) -> Result<Vec<AttentionTiming>, GpuError> {
     use super::ops::{flash_attention, ptr, FlashVariant};
-    const HD: usize = 64;
     let s = &gpu.stream;
     let dt = DType::BF16;
     let mut bufs = Vec::new();
     for (i, n) in [heads, kv_heads, kv_heads].into_iter().enumerate() {
-        let mut b = s.alloc_zeros::<u8>(windows * n * seq * HD * dt.size())?;
+        let mut b = s.alloc_zeros::<u8>(windows * n * seq * hd * dt.size())?;
         fill_random(gpu, &mut b, dt, 100 + i as u64)?;
         bufs.push(b);
     }
-    let out_len = windows * seq * heads * HD * dt.size();
+    let out_len = windows * seq * heads * hd * dt.size();
     let mut first: Option<Vec<u8>> = None;
     let mut rows = Vec::new();
     let pairs = (seq * (seq + 1) / 2) as f64;
-    let flops = 4.0 * HD as f64 * heads as f64 * windows as f64 * pairs;
-    for v in FlashVariant::BENCH {
+    let flops = 4.0 * hd as f64 * heads as f64 * windows as f64 * pairs;
+    for v in FlashVariant::BENCH.into_iter().filter(|v| v.hd == hd) {
         let mut out = s.alloc_zeros::<u8>(out_len)?;
         fill_random(gpu, &mut out, dt, 7)?; // poison: every element must be rewritten
         let run = || {
@@ -235,7 +235,7 @@ pub fn attention_variants(
                 ),
                 windows,
                 seq,
-                (heads, kv_heads, HD),
+                (heads, kv_heads, hd),
             )
         };
         run()?;
@@ -257,6 +257,7 @@ pub fn attention_variants(
         rows.push(AttentionTiming {
             gpu: gpu.name.clone(),
             kernel: v.kernel(),
+            hd,
             warps: v.warps,
             asynchronous: v.asynchronous,
             windows,

@@ -93,12 +93,11 @@ impl Module {
         match self {
             Module::Merge => format!("{COMMON}\n{}", include_str!("merge.cu")),
             Module::Ops => {
-                // The forward pass's flash variant, one definition for host and device.
-                let v = ops::FlashVariant::DEFAULT;
+                // The forward pass's flash schedule, one definition for host and device.
                 format!(
-                    "{COMMON}\n#define FLASH_WARPS {}\n#define FLASH_ASYNC {}\n{}",
-                    v.warps,
-                    v.asynchronous,
+                    "{COMMON}\n#define FLASH_WARPS {}\n#define FLASH_ASYNC_MAX_D {}\n{}",
+                    ops::FLASH_WARPS,
+                    ops::FLASH_ASYNC_MAX_HEAD_DIM,
                     include_str!("ops.cu")
                 )
             }

@@ -496,26 +496,30 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
     }
 }
 
-// The forward pass's kernels (`flash_attention_<dtype>_d<D>`) use FLASH_WARPS and
-// FLASH_ASYNC, defined from ops::FlashVariant::DEFAULT when the module is compiled;
-// `ckmerge gpu-bench --attention` times the four variants at head size 64
-// (`..._d64_w<warps>[_async]`), all computing the same function bit for bit.
+// The forward pass's kernels (`flash_attention_<dtype>_d<D>`) use FLASH_WARPS warps and
+// cp.async for head sizes up to FLASH_ASYNC_MAX_D (two K/V tile pairs must fit in 48 KB of
+// static shared memory), both defined from ops::FlashVariant when the module is compiled.
+// `ckmerge gpu-bench --attention` times the variants below (`..._d<D>_w<warps>[_async]`),
+// which compute the same function bit for bit.
 #define FLASH(TAG, NAME, D)                                                                     \
 extern "C" __global__ void __launch_bounds__(32 * FLASH_WARPS)                                  \
 flash_attention_##NAME##_d##D(const u16* q, const u16* k, const u16* v, u16* out, int seq,      \
                               int heads, int group, float scale_log2) {                         \
-    flash_attention<TAG, D, FLASH_WARPS, FLASH_ASYNC>(q, k, v, out, seq, heads, group, scale_log2); \
+    flash_attention<TAG, D, FLASH_WARPS, (D <= FLASH_ASYNC_MAX_D)>(q, k, v, out, seq, heads,    \
+                                                                  group, scale_log2);           \
 }
-#define FLASH_VARIANT(W, A, SUFFIX)                                                             \
+#define FLASH_VARIANT(D, W, A, SUFFIX)                                                          \
 extern "C" __global__ void __launch_bounds__(32 * W)                                            \
-flash_attention_bf16_d64_##SUFFIX(const u16* q, const u16* k, const u16* v, u16* out, int seq,  \
-                                  int heads, int group, float scale_log2) {                     \
-    flash_attention<bf16_tag, 64, W, A>(q, k, v, out, seq, heads, group, scale_log2);           \
+flash_attention_bf16_d##D##_##SUFFIX(const u16* q, const u16* k, const u16* v, u16* out,        \
+                                     int seq, int heads, int group, float scale_log2) {         \
+    flash_attention<bf16_tag, D, W, A>(q, k, v, out, seq, heads, group, scale_log2);            \
 }
-FLASH_VARIANT(4, false, w4)
-FLASH_VARIANT(8, false, w8)
-FLASH_VARIANT(4, true, w4_async)
-FLASH_VARIANT(8, true, w8_async)
+FLASH_VARIANT(64, 4, false, w4)
+FLASH_VARIANT(64, 8, false, w8)
+FLASH_VARIANT(64, 4, true, w4_async)
+FLASH_VARIANT(64, 8, true, w8_async)
+FLASH_VARIANT(128, 4, false, w4)
+FLASH_VARIANT(128, 8, false, w8)
 #define FLASH_DIMS(TAG, NAME) \
     FLASH(TAG, NAME, 16) FLASH(TAG, NAME, 32) FLASH(TAG, NAME, 64) FLASH(TAG, NAME, 80) \
     FLASH(TAG, NAME, 96) FLASH(TAG, NAME, 128)

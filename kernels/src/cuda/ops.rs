@@ -508,7 +508,7 @@ pub fn flash_causal_attention(
     span(gpu, "attention: flash kernel", || {
         flash_attention(
             gpu,
-            FlashVariant::DEFAULT,
+            FlashVariant::for_head_dim(hd),
             format!("flash_attention_{}_d{hd}", dtype_name(cd)),
             (qh, kh, vh, out),
             windows,
@@ -518,45 +518,55 @@ pub fn flash_causal_attention(
     })
 }
 
+/// Warps (of 16 query rows each) per block of the forward pass's flash kernel, and the
+/// largest head size whose next key/value tile is copied with `cp.async` while the current
+/// one is used (two tile pairs of 64 keys must fit in 48 KB of static shared memory).
+/// Chosen on an H100 with `ckmerge gpu-bench --attention` (BENCHMARKS.md): at head size 64,
+/// 8 warps with `cp.async` ran 0.84 ms where 4 warps without ran 1.03 ms.
+pub const FLASH_WARPS: u32 = 8;
+pub const FLASH_ASYNC_MAX_HEAD_DIM: usize = 80;
+
 /// A schedule of the flash kernel: `warps` x 16 query rows per block, and whether the
 /// next key/value tile is copied (`cp.async`) while the current one is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlashVariant {
+    pub hd: usize,
     pub warps: u32,
     pub asynchronous: bool,
 }
 
 impl FlashVariant {
-    /// What the forward pass runs (compiled into `ops.cu` as FLASH_WARPS / FLASH_ASYNC).
-    pub const DEFAULT: FlashVariant = FlashVariant {
-        warps: 4,
-        asynchronous: false,
-    };
+    /// What the forward pass runs at head size `hd`.
+    pub const fn for_head_dim(hd: usize) -> FlashVariant {
+        FlashVariant {
+            hd,
+            warps: FLASH_WARPS,
+            asynchronous: hd <= FLASH_ASYNC_MAX_HEAD_DIM,
+        }
+    }
 
-    /// The variants `ckmerge gpu-bench --attention` times (bf16, head size 64).
-    pub const BENCH: [FlashVariant; 4] = [
-        FlashVariant {
-            warps: 4,
-            asynchronous: false,
-        },
-        FlashVariant {
-            warps: 8,
-            asynchronous: false,
-        },
-        FlashVariant {
-            warps: 4,
-            asynchronous: true,
-        },
-        FlashVariant {
-            warps: 8,
-            asynchronous: true,
-        },
+    /// The variants `ckmerge gpu-bench --attention` times (bf16).
+    pub const BENCH: [FlashVariant; 6] = [
+        FlashVariant::bench(64, 4, false),
+        FlashVariant::bench(64, 8, false),
+        FlashVariant::bench(64, 4, true),
+        FlashVariant::bench(64, 8, true),
+        FlashVariant::bench(128, 4, false),
+        FlashVariant::bench(128, 8, false),
     ];
+
+    const fn bench(hd: usize, warps: u32, asynchronous: bool) -> FlashVariant {
+        FlashVariant {
+            hd,
+            warps,
+            asynchronous,
+        }
+    }
 
     /// The bench instantiation's kernel name.
     pub fn kernel(self) -> String {
         let a = if self.asynchronous { "_async" } else { "" };
-        format!("flash_attention_bf16_d64_w{}{a}", self.warps)
+        format!("flash_attention_bf16_d{}_w{}{a}", self.hd, self.warps)
     }
 }
 
