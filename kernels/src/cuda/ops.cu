@@ -303,10 +303,27 @@ template <> struct Mma<f16_tag> {
     }
 };
 
-// Two values in one register, the lower column in the low half (the MMA operand layout).
-template <typename Tag>
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-    return (u32)Storage<Tag>::store(lo) | ((u32)Storage<Tag>::store(hi) << 16);
+// Two values in one register, the lower column in the low half (the MMA operand layout),
+// by the sm_80 paired conversion: round to nearest even, as Storage<Tag>::store rounds
+// (they differ only in the bits of a NaN).
+template <typename Tag> __device__ __forceinline__ u32 pack2(float lo, float hi);
+template <> __device__ __forceinline__ u32 pack2<bf16_tag>(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+template <> __device__ __forceinline__ u32 pack2<f16_tag>(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// 2^x on the special-function unit; results below 2^-126 flush to 0 (a probability that
+// small adds nothing to a sum of at least 1).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
@@ -412,17 +429,18 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
                 for (int s = 0; s < D / 16; ++s)
                     Mma<Tag>::run(sc[j], qf[s], *(const u32*)(kr + s * 16), *(const u32*)(kr + s * 16 + 8));
             }
-            // Scale (in log2 units), causal mask, running max.
+            // Causal mask (only a tile reaching past the warp's first row needs it; keys
+            // past the end are in such a tile) and the running max of the raw scores; the
+            // scaling to log2 units is folded into the exponent's FMA below.
+            const bool diagonal = k0 + FA_BK - 1 > row0;
             float mx_lo = NEG_INF, mx_hi = NEG_INF;
 #pragma unroll
             for (int j = 0; j < FA_BK / 8; ++j) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const int key = k0 + j * 8 + 2 * t + (e & 1);
-                    const int row = e < 2 ? r_lo : r_hi;
-                    const float x = key <= row ? sc[j][e] * scale_log2 : NEG_INF;
-                    sc[j][e] = x;
-                    if (e < 2) mx_lo = fmaxf(mx_lo, x); else mx_hi = fmaxf(mx_hi, x);
+                    if (diagonal && k0 + j * 8 + 2 * t + (e & 1) > (e < 2 ? r_lo : r_hi))
+                        sc[j][e] = NEG_INF;
+                    if (e < 2) mx_lo = fmaxf(mx_lo, sc[j][e]); else mx_hi = fmaxf(mx_hi, sc[j][e]);
                 }
             }
 #pragma unroll
@@ -430,20 +448,21 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
                 mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, w));
                 mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, w));
             }
-            const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+            const float mn_lo = fmaxf(m_lo, mx_lo * scale_log2);
+            const float mn_hi = fmaxf(m_hi, mx_hi * scale_log2);
             // A row with every key so far masked keeps base 0 (no -inf - -inf).
             const float base_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;
             const float base_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
-            const float c_lo = exp2f(m_lo - base_lo), c_hi = exp2f(m_hi - base_hi);
+            const float c_lo = ex2(m_lo - base_lo), c_hi = ex2(m_hi - base_hi);
             m_lo = mn_lo;
             m_hi = mn_hi;
             float s_lo = 0.0f, s_hi = 0.0f;
 #pragma unroll
             for (int j = 0; j < FA_BK / 8; ++j) {
-                sc[j][0] = exp2f(sc[j][0] - base_lo);
-                sc[j][1] = exp2f(sc[j][1] - base_lo);
-                sc[j][2] = exp2f(sc[j][2] - base_hi);
-                sc[j][3] = exp2f(sc[j][3] - base_hi);
+                sc[j][0] = ex2(fmaf(sc[j][0], scale_log2, -base_lo));
+                sc[j][1] = ex2(fmaf(sc[j][1], scale_log2, -base_lo));
+                sc[j][2] = ex2(fmaf(sc[j][2], scale_log2, -base_hi));
+                sc[j][3] = ex2(fmaf(sc[j][3], scale_log2, -base_hi));
                 s_lo += sc[j][0] + sc[j][1];
                 s_hi += sc[j][2] + sc[j][3];
             }
