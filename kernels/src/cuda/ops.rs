@@ -522,7 +522,9 @@ pub fn flash_causal_attention(
 /// largest head size whose next key/value tile is copied with `cp.async` while the current
 /// one is used (two tile pairs of 64 keys must fit in 48 KB of static shared memory).
 /// Chosen on an H100 with `ckmerge gpu-bench --attention` (BENCHMARKS.md): at head size 64,
-/// 8 warps with `cp.async` ran 0.84 ms where 4 warps without ran 1.03 ms.
+/// 8 warps with `cp.async` ran 0.84 ms where 4 warps without ran 1.03 ms. Since the cheaper
+/// softmax arithmetic, 4 warps with `cp.async` measured fastest there (0.67 vs 0.81 ms);
+/// the switch waits for an end-to-end run of scripts/gpu-check.sh.
 pub const FLASH_WARPS: u32 = 8;
 pub const FLASH_ASYNC_MAX_HEAD_DIM: usize = 80;
 
