@@ -356,6 +356,29 @@ impl Gemm {
     }
 }
 
+/// Gathers q, k and v (rotary on q and k) into `dst`, each operand with its own heads, or
+/// with `repeat_to` heads (key/value heads repeated, as the batched GEMMs need).
+#[allow(clippy::too_many_arguments)]
+fn gather_qkv(
+    gpu: &Gpu,
+    cd: DType,
+    src: [(Ptr, Operand); 3],
+    dst: [Ptr; 3],
+    (windows, seq): (usize, usize),
+    repeat_to: Option<usize>,
+    (hd, rot_dim): (usize, usize),
+    (cos, sin): (Ptr, Ptr),
+) -> Result<(), GpuError> {
+    span(gpu, "attention: gather heads + rotary", || {
+        for (i, ((p, op), d)) in src.into_iter().zip(dst).enumerate() {
+            let rot = if i < 2 { rot_dim } else { 0 };
+            let heads = repeat_to.unwrap_or(op.heads);
+            gather_heads(gpu, cd, p, op, d, windows, seq, heads, hd, rot, cos, sin)?;
+        }
+        Ok(())
+    })
+}
+
 /// Scratch space for [`causal_attention`], each sized for its `windows`: `qh`, `kh`, `vh`
 /// `[windows, heads, seq, hd]` in the compute dtype, `scores` `[windows, heads, seq, seq]`
 /// in f32, `probs` the same in the compute dtype, `out_h` `[windows, heads, seq, hd]` in f32.
@@ -391,13 +414,17 @@ pub fn causal_attention(
     (cos, sin): (Ptr, Ptr),
 ) -> Result<(), GpuError> {
     let s = scratch;
-    span(gpu, "attention: gather heads + rotary", || {
-        for (i, ((p, op), dst)) in src.into_iter().zip([s.qh, s.kh, s.vh]).enumerate() {
-            let rot = if i < 2 { rot_dim } else { 0 };
-            gather_heads(gpu, cd, p, op, dst, windows, seq, heads, hd, rot, cos, sin)?;
-        }
-        Ok(())
-    })?;
+    let dst = [s.qh, s.kh, s.vh];
+    gather_qkv(
+        gpu,
+        cd,
+        src,
+        dst,
+        (windows, seq),
+        Some(heads),
+        (hd, rot_dim),
+        (cos, sin),
+    )?;
     let items = windows * heads;
     let scores = Gemm {
         m: seq,
@@ -496,15 +523,17 @@ pub fn flash_causal_attention(
             "flash attention: {heads} query heads over {kv_heads} key/value heads in {windows} windows"
         )));
     }
-    span(gpu, "attention: gather heads + rotary", || {
-        for (i, ((p, op), dst)) in src.into_iter().zip([qh, kh, vh]).enumerate() {
-            let rot = if i < 2 { rot_dim } else { 0 };
-            gather_heads(
-                gpu, cd, p, op, dst, windows, seq, op.heads, hd, rot, cos, sin,
-            )?;
-        }
-        Ok(())
-    })?;
+    let dst = [qh, kh, vh];
+    gather_qkv(
+        gpu,
+        cd,
+        src,
+        dst,
+        (windows, seq),
+        None,
+        (hd, rot_dim),
+        (cos, sin),
+    )?;
     span(gpu, "attention: flash kernel", || {
         flash_attention(
             gpu,
