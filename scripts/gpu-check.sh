@@ -8,14 +8,17 @@
 #
 # 1. kernel parity: every CUDA kernel against its CPU reference (gpu_parity);
 # 2. model parity: `ckmerge eval --gpus 0` vs the CPU on the fixture trajectory, bf16 and
-#    f32, single checkpoints and merges (perplexity within 1e-3 / 1e-5 relative); the
-#    layers split over two shards; the same search on the CPU, on the GPU in-process and
-#    through a pipeline of two GPU worker processes;
+#    f32, single checkpoints and merges (perplexity within 1e-3 / 1e-5 relative);
+# 2b. the layers split over two shards; the same search on the CPU, on the GPU in-process
+#    and through a pipeline of two GPU worker processes;
 # 3. merge bandwidth against a device-to-device copy in the same run (bf16, 2 and 4
 #    sources);
+# 3a. the flash-attention schedules (`ckmerge gpu-bench --attention`), head sizes 64, 128;
 # 4. forward tokens/s against transformers (bf16, sdpa) on a ~1.1B Llama with random
 #    weights, 1M tokens, and a whole trial (merge of 2 sources + evaluation) against the
-#    forward pass alone.
+#    forward pass alone; the same pass with the materialised-scores attention; a profiled
+#    pass (CKMERGE_GPU_PROFILE) and transformers' kernel profile, for the log.
+# GPU=none runs what can run without a GPU (to test this script on a CPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/gpu-check/ckmerge}
