@@ -40,9 +40,9 @@ pub enum GpuError {
     NoDriver,
     #[error("no GPU: {0}")]
     NoDevice(String),
-    #[error("NVRTC (libnvrtc) for the CUDA version ckmerge was built for is not on the loader path; install the CUDA toolkit or `pip install nvidia-cuda-nvrtc` and add its lib directory to LD_LIBRARY_PATH, or rebuild ckmerge with CUDARC_CUDA_VERSION set to your CUDA version (see README)")]
+    #[error("NVRTC (libnvrtc) for the CUDA version ckmerge was built for is not on the loader path; install the CUDA toolkit or `pip install nvidia-cuda-nvrtc` and add its lib directory to LD_LIBRARY_PATH, or rebuild ckmerge with CUDARC_CUDA_VERSION set to your CUDA version (see README); or run on the CPU with --gpus none")]
     NoNvrtc,
-    #[error("cuBLAS (libcublas, libcublasLt) for the CUDA version ckmerge was built for is not on the loader path; install it (`pip install nvidia-cublas`) or rebuild with CUDARC_CUDA_VERSION (see README)")]
+    #[error("cuBLAS (libcublas, libcublasLt) for the CUDA version ckmerge was built for is not on the loader path; install it (`pip install nvidia-cublas`) or rebuild with CUDARC_CUDA_VERSION (see README); or run on the CPU with --gpus none")]
     NoCublas,
     #[error("compiling CUDA module `{module}` for {arch}:\n{log}")]
     Compile {
