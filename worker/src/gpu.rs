@@ -565,6 +565,27 @@ impl Shard {
         })
     }
 
+    /// The MLP's tail: the activation of `x_in` (times `up`, 0 for none: SwiGLU vs GELU)
+    /// into the compute dtype, then the output projection `down` added to the residual
+    /// stream `x`.
+    fn mlp_out(
+        &self,
+        c: &ModelConfig,
+        cd: DType,
+        (x_in, up): (Ptr, Ptr),
+        down: &str,
+        x: &CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        let gpu = &self.gpu;
+        let rows = x.len() / c.hidden;
+        let n = rows * c.intermediate;
+        let act = self.c_buf(cd, n)?;
+        span(gpu, "activation", || {
+            g::act_mul(gpu, cd, x_in, up, c.act, ptr(gpu, &act), n)
+        })?;
+        self.linear_into(cd, ptr(gpu, &act), rows, down, x, true)
+    }
+
     fn norm(
         &self,
         c: &ModelConfig,
@@ -795,26 +816,8 @@ impl Shard {
                     &format!("{p}.mlp.up_proj"),
                     &up,
                 )?;
-                let act = self.c_buf(cd, rows * c.intermediate)?;
-                span(gpu, "activation", || {
-                    g::act_mul(
-                        gpu,
-                        cd,
-                        ptr(gpu, &gate),
-                        ptr(gpu, &up),
-                        c.act,
-                        ptr(gpu, &act),
-                        rows * c.intermediate,
-                    )
-                })?;
-                self.linear_into(
-                    cd,
-                    ptr(gpu, &act),
-                    rows,
-                    &format!("{p}.mlp.down_proj"),
-                    x,
-                    true,
-                )?;
+                let (pg, pu) = (ptr(gpu, &gate), ptr(gpu, &up));
+                self.mlp_out(c, cd, (pg, pu), &format!("{p}.mlp.down_proj"), x)?;
             }
             Arch::GptNeoX => {
                 let p = format!("gpt_neox.layers.{l}");
@@ -879,26 +882,8 @@ impl Shard {
                     &format!("{p}.mlp.dense_h_to_4h"),
                     &mid,
                 )?;
-                let act = self.c_buf(cd, rows * c.intermediate)?;
-                span(gpu, "activation", || {
-                    g::act_mul(
-                        gpu,
-                        cd,
-                        ptr(gpu, &mid),
-                        0,
-                        c.act,
-                        ptr(gpu, &act),
-                        rows * c.intermediate,
-                    )
-                })?;
-                self.linear_into(
-                    cd,
-                    ptr(gpu, &act),
-                    rows,
-                    &format!("{p}.mlp.dense_4h_to_h"),
-                    x,
-                    true,
-                )?;
+                let pm = ptr(gpu, &mid);
+                self.mlp_out(c, cd, (pm, 0), &format!("{p}.mlp.dense_4h_to_h"), x)?;
             }
         }
         Ok(())
