@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use ckmerge_common::WindowSpec;
 use ckmerge_worker::eval::{EvalOptions, Evaluator};
 use serde_json::Value;
 
@@ -119,7 +120,10 @@ fn strided_windows_match_transformers() {
     for arch in ["llama", "neox"] {
         let dir = root().join(arch).join("step-1500");
         let opts = EvalOptions {
-            stride: Some(64),
+            window: WindowSpec {
+                stride: Some(64),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let mut ev = Evaluator::load(&[dir], &data_sets()[..1], &opts).unwrap();
@@ -142,8 +146,11 @@ fn batch_size_and_threads_do_not_change_the_result() {
     ];
     let score = |batch: usize, threads: usize| {
         let opts = EvalOptions {
-            batch: Some(batch),
-            max_tokens: Some(6000),
+            window: WindowSpec {
+                batch: Some(batch),
+                max_tokens: Some(6000),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let pool = rayon::ThreadPoolBuilder::new()
@@ -379,7 +386,10 @@ fn config_variants_match_transformers() {
     for (name, want) in models {
         let dir = root().join("variants").join(name);
         let opts = EvalOptions {
-            max_tokens: Some(max_tokens),
+            window: WindowSpec {
+                max_tokens: Some(max_tokens),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let mut ev = Evaluator::load(&[dir], &data_sets()[..1], &opts).unwrap();
@@ -396,38 +406,35 @@ fn config_variants_match_transformers() {
 
 #[test]
 fn per_group_weights_reach_the_evaluator() {
-    use ckmerge_worker::groups::{assign, GroupSpec};
+    use ckmerge_common::{Grouping, MergeWeights};
+    let patterns = ["embeddings", "lm_head", "norms", "attention", "mlp"].map(String::from);
     let dirs = [
         root().join("llama/step-1250"),
         root().join("llama/step-1500"),
     ];
     let opts = EvalOptions {
-        max_tokens: Some(4000),
+        window: WindowSpec {
+            max_tokens: Some(4000),
+            ..Default::default()
+        },
+        groups: Some(Grouping::parse(&patterns).unwrap()),
         ..Default::default()
     };
     let mut ev = Evaluator::load(&dirs, &data_sets()[..1], &opts).unwrap();
-    let specs: Vec<GroupSpec> = ["embeddings", "lm_head", "norms", "attention", "mlp"]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
-    let groups = assign(ev.tensor_names(), &specs).unwrap();
     // The same weights in every group is the plain merge.
     ev.set_weights(&[0.3, 0.7]).unwrap();
     let plain = ev.score(0).unwrap().mean_nll;
-    ev.set_group_weights(&groups, &vec![vec![0.3, 0.7]; 5])
+    ev.merge(&MergeWeights::per_group(vec![vec![0.3, 0.7]; 5]))
         .unwrap();
     assert_eq!(ev.score(0).unwrap().mean_nll, plain);
     // Different weights per group give a different model, and set_weights still resets it.
-    ev.set_group_weights(
-        &groups,
-        &[
-            vec![1.0, 0.0],
-            vec![1.0, 0.0],
-            vec![0.3, 0.7],
-            vec![0.0, 1.0],
-            vec![0.5, 0.5],
-        ],
-    )
+    ev.merge(&MergeWeights::per_group(vec![
+        vec![1.0, 0.0],
+        vec![1.0, 0.0],
+        vec![0.3, 0.7],
+        vec![0.0, 1.0],
+        vec![0.5, 0.5],
+    ]))
     .unwrap();
     let grouped = ev.score(0).unwrap().mean_nll;
     assert!((grouped - plain).abs() > 1e-4, "{grouped} vs {plain}");
@@ -448,7 +455,10 @@ fn repeated_scores_are_bit_identical() {
         .unwrap();
     pool.install(|| {
         let opts = EvalOptions {
-            batch: Some(3),
+            window: WindowSpec {
+                batch: Some(3),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let mut ev = Evaluator::load(&dirs, &data_sets(), &opts).unwrap();

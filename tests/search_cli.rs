@@ -718,12 +718,13 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
                     ("heldout".into(), vec![f.join("data/heldout.txt")]),
                     ("python-docs".into(), vec![f.join("data/python-docs.txt")]),
                 ],
-                seq_len: Some(128),
-                stride: None,
-                batch: Some(4),
-                max_tokens: None,
-                token_bits: None,
-                groups: groups.clone(),
+                window: ckmerge_common::WindowSpec {
+                    seq_len: Some(128),
+                    batch: Some(4),
+                    ..Default::default()
+                },
+                groups: (!groups.is_empty())
+                    .then(|| ckmerge_common::Grouping::parse(&groups).unwrap()),
                 pipeline: vec![],
                 stage: None,
             };
@@ -758,7 +759,11 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
                 w[0].reverse(); // a second trial with other weights: both stages merge again
                 let req = EvalRequest {
                     trial,
-                    weights: if trial == 1 { weights.clone() } else { w },
+                    weights: ckmerge_common::MergeWeights::per_group(if trial == 1 {
+                        weights.clone()
+                    } else {
+                        w
+                    }),
                     all_datasets: true,
                 };
                 let a = one.evaluate(ctx(), req.clone()).await.unwrap().unwrap();

@@ -1,4 +1,6 @@
 //! What every ckmerge process shares: the error types, the tensor dtypes ckmerge merges,
+//! the types that cross crate and process boundaries ([`WindowSpec`], [`MergeWeights`],
+//! [`Grouping`]),
 //! the coordinator–worker protocol ([`protocol`]), and Hugging Face checkpoint I/O (model directories holding `config.json` and
 //! safetensors weights, single-file or sharded with `model.safetensors.index.json`).
 //!
@@ -11,11 +13,17 @@ pub mod checkpoint;
 pub mod compat;
 pub mod dtype;
 pub mod error;
+pub mod groups;
 pub mod protocol;
 pub mod size;
+pub mod weights;
+pub mod window;
 pub mod write;
 
 pub use checkpoint::{Checkpoint, TensorEntry};
 pub use compat::check_compatible;
 pub use dtype::DType;
 pub use error::CheckpointError;
+pub use groups::{GroupMap, Grouping};
+pub use weights::MergeWeights;
+pub use window::{TokenBits, WindowSpec};

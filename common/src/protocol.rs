@@ -30,8 +30,12 @@ use tarpc::tokio_util::codec::length_delimited::LengthDelimitedCodec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::groups::Grouping;
+use crate::weights::MergeWeights;
+use crate::window::WindowSpec;
+
 /// Bumped whenever a message or the handshake changes incompatibly.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 const MAGIC: &[u8; 8] = b"CKMERGE\0";
 const OK: u8 = 0;
@@ -51,14 +55,10 @@ pub struct LoadSpec {
     pub checkpoints: Vec<PathBuf>,
     /// Named data sets; the first is the objective.
     pub datasets: Vec<(String, Vec<PathBuf>)>,
-    pub seq_len: Option<usize>,
-    pub stride: Option<usize>,
-    pub batch: Option<usize>,
-    pub max_tokens: Option<usize>,
-    /// Width of raw `.bin` tokens: 16 or 32.
-    pub token_bits: Option<u8>,
-    /// Tensor group patterns for per-group weights; empty: one weight vector.
-    pub groups: Vec<String>,
+    /// How the data is cut into windows (the same bytes on the wire as its five fields).
+    pub window: WindowSpec,
+    /// Tensor groups for per-group weights; None: one weight vector.
+    pub groups: Option<Grouping>,
     /// Pipeline: addresses of the workers holding the following stages, in order. A
     /// worker given a non-empty list holds the first layers and loads the rest onto them.
     pub pipeline: Vec<String>,
@@ -94,7 +94,7 @@ pub struct LoadReport {
 pub struct EvalRequest {
     pub trial: u64,
     /// One weight vector per group (one in all for a plain merge).
-    pub weights: Vec<Vec<f32>>,
+    pub weights: MergeWeights,
     /// Score every data set, not only the objective.
     pub all_datasets: bool,
 }
@@ -136,7 +136,7 @@ pub struct WorkerStatus {
 /// and the previous stage's hidden states, `[tokens, hidden]` in f32.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StageRequest {
-    pub weights: Vec<Vec<f32>>,
+    pub weights: MergeWeights,
     pub tokens: Vec<u32>,
     pub seq: usize,
     pub scored: usize,

@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use ckmerge_common::size::{human_bytes, parse_size};
 use ckmerge_common::DType;
-use ckmerge_worker::data::TokenBits;
 use ckmerge_worker::eval::{dataset_name, EvalOptions, Evaluator};
 use ckmerge_worker::merge::MergePart;
 use ckmerge_worker::{merge_to_dir, MergeRequest, Progress};
@@ -177,26 +176,8 @@ struct EvalArgs {
     #[arg(long, value_name = "FILE")]
     extra_data: Vec<PathBuf>,
 
-    /// Window length (default: the model's max_position_embeddings, capped at 2048).
-    #[arg(long)]
-    seq_len: Option<usize>,
-
-    /// Sliding windows with this stride, as in the Hugging Face perplexity guide
-    /// (default: non-overlapping windows).
-    #[arg(long)]
-    stride: Option<usize>,
-
-    /// Windows per forward pass.
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
-
-    /// Use only the first N tokens of each data set.
-    #[arg(long)]
-    max_tokens: Option<usize>,
-
-    /// Width of raw .bin tokens (default: 16 if the vocabulary fits, else 32).
-    #[arg(long, value_parser = ["16", "32"])]
-    token_bits: Option<String>,
+    #[command(flatten)]
+    window: ckmerge_common::WindowSpec,
 
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -540,17 +521,8 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     let weights = resolve_weights(&args.w, args.checkpoints.len())?;
     set_threads(args.threads)?;
     let opts = EvalOptions {
-        seq_len: args.seq_len,
-        stride: args.stride,
-        batch: Some(args.batch),
-        max_tokens: args.max_tokens,
-        token_bits: args.token_bits.as_deref().map(|b| {
-            if b == "16" {
-                TokenBits::U16
-            } else {
-                TokenBits::U32
-            }
-        }),
+        window: args.window,
+        groups: None,
         stage: None,
         gpus: resolve_gpus(&args.gpus)?,
     };
@@ -578,7 +550,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
             "checkpoints": args.checkpoints,
             "weights": weights,
             "seq_len": ev.seq_len,
-            "stride": args.stride,
+            "stride": args.window.stride,
             "load_seconds": ev.load_seconds,
             "device": ev.device(),
             "merge_seconds": merge_seconds,
@@ -616,7 +588,7 @@ fn run_merge(args: MergeArgs) -> Result<()> {
     let argv: Vec<String> = std::env::args().collect();
     let req = MergeRequest {
         sources: args.checkpoints.clone(),
-        weights: weights.clone(),
+        weights: ckmerge_common::MergeWeights::single(weights.clone()),
         out: args.out.clone(),
         dtype: args.dtype,
         max_shard_bytes: args.max_shard_size,

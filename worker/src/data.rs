@@ -119,12 +119,7 @@ impl TextTokenizer {
     }
 }
 
-/// How raw `.bin` token files are stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TokenBits {
-    U16,
-    U32,
-}
+pub use ckmerge_common::TokenBits;
 
 /// Reads `paths` into one token stream. `tokenizer` is needed only for text files; every
 /// token must be below `vocab`.

@@ -10,10 +10,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ckmerge_common::{check_compatible, Checkpoint, CheckpointError, DType};
+use ckmerge_common::{
+    check_compatible, Checkpoint, CheckpointError, DType, GroupMap, Grouping, MergeWeights,
+    WindowSpec,
+};
 use ckmerge_kernels::{weighted_sum_to_f32, Input};
 
-use crate::data::{self, DataError, TextTokenizer, TokenBits, Window};
+use crate::data::{self, DataError, TextTokenizer, Window};
 use crate::model::{ConfigError, Model, ModelConfig, ParamStore, Part, WeightError};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,14 +41,10 @@ const PARALLEL_BATCH_BYTES: usize = 1 << 30;
 /// How to cut the data into windows and batch them.
 #[derive(Clone, Debug, Default)]
 pub struct EvalOptions {
-    /// Window length; default: the model's `max_position_embeddings`, capped at 2048.
-    pub seq_len: Option<usize>,
-    /// Sliding-window stride (Hugging Face perplexity guide); default: non-overlapping.
-    pub stride: Option<usize>,
-    /// Windows per forward pass; default 8.
-    pub batch: Option<usize>,
-    pub max_tokens: Option<usize>,
-    pub token_bits: Option<TokenBits>,
+    /// How the data is cut into windows and batched.
+    pub window: WindowSpec,
+    /// Tensor groups for per-group weights; None: one weight vector for every tensor.
+    pub groups: Option<Grouping>,
     /// Hold only pipeline stage `.0` of `.1` (see [`Part::stage`]): its layers' tensors,
     /// and data only on the first stage. None: the whole model.
     pub stage: Option<(usize, usize)>,
@@ -118,13 +117,14 @@ pub struct Evaluator {
     part: Part,
     /// Tensor names, in the order group assignments index them.
     names: Vec<String>,
+    /// The group of each tensor (all in one without groups).
+    groups: GroupMap,
     n_sources: usize,
     pub seq_len: usize,
     batch: usize,
     pub datasets: Vec<Dataset>,
-    weights: Option<Vec<f32>>,
-    group_weights: Option<Vec<Vec<f32>>>,
-    merged_once: bool,
+    /// The weights the resident merged copy was made with.
+    weights: Option<MergeWeights>,
     /// Seconds spent loading sources and tokenizing.
     pub load_seconds: f64,
 }
@@ -152,7 +152,8 @@ impl Evaluator {
         check_compatible(&ckpts)?;
         let first = &ckpts[0];
         let config = ModelConfig::from_json(&first.config, &first.dir.join("config.json"))?;
-        let seq_len = opts.seq_len.unwrap_or(config.max_positions.min(2048));
+        let win = &opts.window;
+        let seq_len = win.seq_len.unwrap_or(config.max_positions.min(2048));
         if seq_len > config.max_positions {
             return Err(EvalError::Request(format!(
                 "--seq-len {seq_len} exceeds the model's max_position_embeddings ({})",
@@ -183,11 +184,11 @@ impl Evaluator {
         let tokenizer = move || TextTokenizer::load(&tok_dir);
         let mut sets = Vec::new();
         for (name, files) in datasets.iter().filter(|_| part.first) {
-            let mut tokens = data::load_tokens(files, &tokenizer, vocab, opts.token_bits)?;
-            if let Some(m) = opts.max_tokens {
+            let mut tokens = data::load_tokens(files, &tokenizer, vocab, win.token_bits)?;
+            if let Some(m) = win.max_tokens {
                 tokens.truncate(m);
             }
-            let windows = data::windows(tokens.len(), seq_len, opts.stride)?;
+            let windows = data::windows(tokens.len(), seq_len, win.stride)?;
             sets.push(Dataset {
                 name: name.clone(),
                 tokens,
@@ -200,7 +201,7 @@ impl Evaluator {
             .iter()
             .filter(|t| part.needs(&config, &t.name))
             .collect();
-        let batch = opts.batch.unwrap_or(8).max(1);
+        let batch = win.batch_or_default();
         let mut names: Vec<String> = held.iter().map(|t| t.name.clone()).collect();
         let backend = if let Some(gpus) = &opts.gpus {
             let m =
@@ -234,18 +235,18 @@ impl Evaluator {
                 model,
             }))
         };
+        let groups = GroupMap::new(opts.groups.as_ref(), &names).map_err(EvalError::Request)?;
         Ok(Evaluator {
             backend,
             config,
             part,
             names,
+            groups,
             n_sources: ckpts.len(),
             seq_len,
             batch,
             datasets: sets,
             weights: None,
-            group_weights: None,
-            merged_once: false,
             load_seconds: t0.elapsed().as_secs_f64(),
         })
     }
@@ -262,24 +263,22 @@ impl Evaluator {
         }
     }
 
-    /// Merges the sources with `weights` into the resident f32 weights.
+    /// Merges the sources with one weight vector for every tensor (see
+    /// [`Evaluator::merge`]).
     pub fn set_weights(&mut self, weights: &[f32]) -> Result<(), EvalError> {
-        if weights.len() != self.n_sources {
-            return Err(EvalError::Request(format!(
-                "{} weights for {} checkpoints",
-                weights.len(),
-                self.n_sources
-            )));
-        }
-        if weights.iter().any(|w| !w.is_finite()) {
-            return Err(EvalError::Request(format!(
-                "weights must be finite: {weights:?}"
-            )));
-        }
-        if self.weights.as_deref() == Some(weights) {
+        self.merge(&MergeWeights::single(weights.to_vec()))
+    }
+
+    /// Merges the sources into the resident weights: tensor `i` with the vector of its
+    /// group (or the single vector for every tensor). Nothing is done when the resident
+    /// copy was already made with these weights.
+    pub fn merge(&mut self, weights: &MergeWeights) -> Result<(), EvalError> {
+        weights
+            .check(self.n_sources, &self.groups)
+            .map_err(EvalError::Request)?;
+        if self.weights.as_ref() == Some(weights) {
             return Ok(());
         }
-        self.group_weights = None;
         match &mut self.backend {
             Backend::Cpu(cpu) => {
                 for (i, out) in cpu.store.data.iter_mut().enumerate() {
@@ -289,68 +288,26 @@ impl Evaluator {
                         .map(|s| Input::new(s.tensors[i].0, &s.tensors[i].1))
                         .collect();
                     let round_to = cpu.sources[0].tensors[i].0;
-                    weighted_sum_to_f32(&inputs, weights, round_to, out);
+                    weighted_sum_to_f32(
+                        &inputs,
+                        weights.for_tensor(&self.groups, i),
+                        round_to,
+                        out,
+                    );
                 }
             }
             Backend::Gpu(m) => {
-                m.set_groups(&vec![0; self.names.len()])?;
-                m.merge(&[weights.to_vec()])?;
+                let single = GroupMap::single(self.names.len());
+                let map = if weights.is_single() {
+                    &single
+                } else {
+                    &self.groups
+                };
+                m.set_groups(map.as_slice())?;
+                m.merge(weights.groups())?;
             }
         }
-        self.weights = Some(weights.to_vec());
-        self.merged_once = true;
-        Ok(())
-    }
-
-    /// Per-group merge: tensor `i` is merged with `weights[group_of[i]]` (see
-    /// [`crate::groups::assign`]). With one group this is [`Evaluator::set_weights`].
-    pub fn set_group_weights(
-        &mut self,
-        group_of: &[usize],
-        weights: &[Vec<f32>],
-    ) -> Result<(), EvalError> {
-        if group_of.len() != self.names.len() {
-            return Err(EvalError::Request(format!(
-                "group assignment covers {} tensors, the model has {}",
-                group_of.len(),
-                self.names.len()
-            )));
-        }
-        for w in weights {
-            if w.len() != self.n_sources || w.iter().any(|x| !x.is_finite()) {
-                return Err(EvalError::Request(format!(
-                    "group weights {w:?}: need {} finite weights",
-                    self.n_sources
-                )));
-            }
-        }
-        if let Some(g) = group_of.iter().find(|&&g| g >= weights.len()) {
-            return Err(EvalError::Request(format!("no weights for group {g}")));
-        }
-        if self.group_weights.as_deref() == Some(weights) {
-            return Ok(());
-        }
-        match &mut self.backend {
-            Backend::Cpu(cpu) => {
-                for (i, out) in cpu.store.data.iter_mut().enumerate() {
-                    let w = &weights[group_of[i]];
-                    let inputs: Vec<Input> = cpu
-                        .sources
-                        .iter()
-                        .map(|s| Input::new(s.tensors[i].0, &s.tensors[i].1))
-                        .collect();
-                    weighted_sum_to_f32(&inputs, w, cpu.sources[0].tensors[i].0, out);
-                }
-            }
-            Backend::Gpu(m) => {
-                m.set_groups(group_of)?;
-                m.merge(weights)?;
-            }
-        }
-        // Not one weight vector: `set_weights` must merge again whatever it is given.
-        self.weights = None;
-        self.group_weights = Some(weights.to_vec());
-        self.merged_once = true;
+        self.weights = Some(weights.clone());
         Ok(())
     }
 
@@ -391,7 +348,7 @@ impl Evaluator {
 
     /// Scores the current weights on data set `d` (whole model).
     pub fn score(&self, d: usize) -> Result<EvalResult, EvalError> {
-        assert!(self.merged_once, "set_weights before score");
+        assert!(self.weights.is_some(), "set_weights before score");
         let t0 = Instant::now();
         let batches = self.batches(d);
         let parts: Vec<f64> = match &self.backend {
@@ -454,7 +411,7 @@ impl Evaluator {
         batch: &Batch,
         hidden: Option<Vec<f32>>,
     ) -> Result<StageOutput, EvalError> {
-        if !self.merged_once {
+        if self.weights.is_none() {
             return Err(EvalError::Request(
                 "stage_forward before set_weights".into(),
             ));
@@ -536,7 +493,7 @@ impl Evaluator {
         bytes * rayon::current_num_threads() <= PARALLEL_BATCH_BYTES
     }
 
-    /// Merges with `weights` and scores data set 0 (the objective).
+    /// Merges with one weight vector and scores data set 0 (the objective).
     pub fn evaluate(&mut self, weights: &[f32]) -> Result<EvalResult, EvalError> {
         self.set_weights(weights)?;
         self.score(0)

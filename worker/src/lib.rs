@@ -4,7 +4,6 @@
 
 pub mod data;
 pub mod eval;
-pub mod groups;
 pub mod merge;
 pub mod model;
 pub mod serve;

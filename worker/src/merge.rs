@@ -23,11 +23,12 @@ use ckmerge_common::checkpoint::SAFE_WEIGHTS_INDEX_NAME;
 use ckmerge_common::write::{
     index_json, plan_shards, sync_dir, OutputError, ShardPlan, StagedDir, TensorSpec,
 };
-use ckmerge_common::{check_compatible, Checkpoint, CheckpointError, DType};
+use ckmerge_common::{
+    check_compatible, Checkpoint, CheckpointError, DType, GroupMap, Grouping, MergeWeights,
+};
 use ckmerge_kernels::{weighted_sum_serial, Input};
 use rayon::prelude::*;
 
-use crate::groups::{assign, GroupSpec};
 use serde_json::{json, Value};
 
 /// Output bytes merged and written as one unit by one thread: the working memory is one
@@ -76,8 +77,9 @@ fn plan_pieces(specs: &[TensorSpec], tensors: &[usize], data_start: u64) -> Vec<
 pub struct MergeRequest {
     /// Checkpoint directories, in the order their weights are given.
     pub sources: Vec<PathBuf>,
-    /// One weight per source, applied as f32 (see `ckmerge_kernels::merge`).
-    pub weights: Vec<f32>,
+    /// One weight per source (or one vector per group of `groups`), applied as f32 (see
+    /// `ckmerge_kernels::merge`).
+    pub weights: MergeWeights,
     pub out: PathBuf,
     /// Output dtype for every tensor; `None` keeps each tensor's source dtype.
     pub dtype: Option<DType>,
@@ -86,9 +88,8 @@ pub struct MergeRequest {
     pub force: bool,
     /// Extra provenance recorded in `ckmerge.json` (for example the command line).
     pub provenance: Value,
-    /// Per-group weights instead of `weights`: group patterns (see [`crate::groups`])
-    /// and one weight vector per group. `weights` is then only recorded, not applied.
-    pub groups: Option<(Vec<String>, Vec<Vec<f32>>)>,
+    /// The tensor groups that per-group `weights` refer to.
+    pub groups: Option<Grouping>,
     /// Split the merge across processes by output shard (see [`MergePart`]).
     pub part: Option<MergePart>,
 }
@@ -158,18 +159,12 @@ pub fn merge_to_dir(
     if req.sources.is_empty() {
         return Err(MergeError::Request("no checkpoints to merge".into()));
     }
-    if req.weights.len() != req.sources.len() {
-        return Err(MergeError::Request(format!(
-            "{} weights for {} checkpoints; give exactly one weight per checkpoint",
-            req.weights.len(),
-            req.sources.len()
-        )));
-    }
-    if let Some((i, w)) = req.weights.iter().enumerate().find(|(_, w)| !w.is_finite()) {
-        return Err(MergeError::Request(format!(
-            "weight {} is {w}; weights must be finite numbers",
-            i + 1
-        )));
+    if req.weights.is_single() {
+        // Checked again below against the tensors; a bad vector fails before any file
+        // is opened.
+        req.weights
+            .check(req.sources.len(), &GroupMap::single(0))
+            .map_err(MergeError::Request)?;
     }
 
     // Validate everything before creating anything.
@@ -184,32 +179,17 @@ pub fn merge_to_dir(
     let first = &ckpts[0];
     let names: Vec<String> = first.tensors.iter().map(|t| t.name.clone()).collect();
     // The weights each tensor is merged with.
-    let tensor_weights: Vec<&[f32]> = match &req.groups {
-        None => vec![&req.weights[..]; names.len()],
-        Some((patterns, ws)) => {
-            let specs = patterns
-                .iter()
-                .map(|g| g.parse::<GroupSpec>())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(MergeError::Request)?;
-            if ws.len() != specs.len()
-                || ws
-                    .iter()
-                    .any(|w| w.len() != req.sources.len() || w.iter().any(|x| !x.is_finite()))
-            {
-                return Err(MergeError::Request(format!(
-                    "{} groups need {} finite weight vectors of {} weights each",
-                    specs.len(),
-                    specs.len(),
-                    req.sources.len()
-                )));
-            }
-            assign(&names, &specs)
-                .map_err(MergeError::Request)?
-                .into_iter()
-                .map(|g| &ws[g][..])
-                .collect()
-        }
+    let groups = GroupMap::new(req.groups.as_ref(), &names).map_err(MergeError::Request)?;
+    req.weights
+        .check(req.sources.len(), &groups)
+        .map_err(MergeError::Request)?;
+    let tensor_weights: Vec<&[f32]> = (0..names.len())
+        .map(|i| req.weights.for_tensor(&groups, i))
+        .collect();
+    // What the header and the provenance record: the one vector, or one per group.
+    let recorded = match req.weights.groups() {
+        [one] => json!(one),
+        all => json!(all),
     };
     let specs: Vec<TensorSpec> = first
         .tensors
@@ -240,10 +220,7 @@ pub fn merge_to_dir(
         "ckmerge_sources".to_string(),
         json!(abs_sources).to_string(),
     );
-    metadata.insert(
-        "ckmerge_weights".to_string(),
-        json!(req.weights).to_string(),
-    );
+    metadata.insert("ckmerge_weights".to_string(), recorded.to_string());
     let plans = plan_shards(&specs, req.max_shard_bytes, &metadata);
     let total: u64 = specs.iter().map(TensorSpec::nbytes).sum();
 
@@ -404,9 +381,15 @@ pub fn merge_to_dir(
         "version": env!("CARGO_PKG_VERSION"),
         "method": "linear",
         "formula": "sum_i w_i * theta_i, fp32 fused multiply-add chain in source order, rounded once (nearest-even)",
-        "sources": abs_sources.iter().zip(&req.weights).map(|(p, w)| json!({"path": p, "weight": w})).collect::<Vec<_>>(),
-        "weights_sum": req.weights.iter().map(|&w| w as f64).sum::<f64>(),
-        "groups": req.groups.as_ref().map(|(p, w)| p.iter().zip(w).map(|(p, w)| json!({"pattern": p, "weights": w})).collect::<Vec<_>>()),
+        "sources": abs_sources.iter().enumerate().map(|(i, p)| match req.weights.groups() {
+            [one] => json!({"path": p, "weight": one[i]}),
+            _ => json!({"path": p}),
+        }).collect::<Vec<_>>(),
+        "weights_sum": match req.weights.groups() {
+            [one] => json!(one.iter().map(|&w| w as f64).sum::<f64>()),
+            _ => Value::Null,
+        },
+        "groups": req.groups.as_ref().map(|g| g.patterns().iter().zip(req.weights.groups()).map(|(p, w)| json!({"pattern": p, "weights": w})).collect::<Vec<_>>()),
         "dtype": req.dtype.map(|d| d.to_string()).unwrap_or_else(|| "as in sources".into()),
         "tensors": specs.len(),
         "total_bytes": total,

@@ -17,20 +17,19 @@ use ckmerge_common::protocol::{
 };
 use std::panic::AssertUnwindSafe;
 
+use ckmerge_common::MergeWeights;
+
 use futures::{FutureExt, StreamExt};
 use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::TcpListener;
 
-use crate::data::TokenBits;
 use crate::eval::{Batch, EvalOptions, Evaluator, StageOutput};
-use crate::groups::{assign, GroupSpec};
 
 struct Loaded {
     spec: LoadSpec,
     report: LoadReport,
     ev: Option<Arc<std::sync::Mutex<Evaluator>>>,
-    group_of: Option<Vec<usize>>,
     /// The next pipeline stage's worker, on every stage but the last.
     next: Option<WorkerApiClient>,
     /// Stages of the pipeline this worker heads or belongs to (1: the whole model).
@@ -122,31 +121,13 @@ impl WorkerService {
     ) -> Result<Loaded, String> {
         let t0 = Instant::now();
         let opts = EvalOptions {
-            seq_len: spec.seq_len,
-            stride: spec.stride,
-            batch: spec.batch,
-            max_tokens: spec.max_tokens,
-            token_bits: match spec.token_bits {
-                None => None,
-                Some(16) => Some(TokenBits::U16),
-                Some(32) => Some(TokenBits::U32),
-                Some(b) => return Err(format!("token_bits {b}: use 16 or 32")),
-            },
+            window: spec.window,
+            groups: spec.groups.clone(),
             stage: stage_of(spec).filter(|&(_, n)| n > 1),
             gpus: gpus.clone(),
         };
         let ev =
             Evaluator::load(&spec.checkpoints, &spec.datasets, &opts).map_err(|e| e.to_string())?;
-        let group_of = if spec.groups.is_empty() {
-            None
-        } else {
-            let specs = spec
-                .groups
-                .iter()
-                .map(|g| g.parse::<GroupSpec>())
-                .collect::<Result<Vec<_>, _>>()?;
-            Some(assign(ev.tensor_names(), &specs)?)
-        };
         if gpus.is_some() {
             info.device = ev.device();
         }
@@ -167,15 +148,14 @@ impl WorkerService {
             spec: spec.clone(),
             report,
             ev: Some(Arc::new(std::sync::Mutex::new(ev))),
-            group_of,
             next: None,
             stages: stage_of(spec).map_or(1, |(_, n)| n),
         })
     }
 
-    fn bench_value(weights: &[Vec<f32>]) -> f64 {
+    fn bench_value(weights: &MergeWeights) -> f64 {
         // A smooth bowl with its minimum inside the simplex / the lambda range.
-        let w = &weights[0];
+        let w = &weights.groups()[0];
         let n = w.len() as f64;
         3.0 + w
             .iter()
@@ -207,7 +187,7 @@ fn downstream(ctx: &Context) -> Context {
 async fn pass_on(
     next: &WorkerApiClient,
     ctx: &Context,
-    weights: Vec<Vec<f32>>,
+    weights: MergeWeights,
     batch: Batch,
     hidden: Vec<f32>,
 ) -> Result<f64, String> {
@@ -224,20 +204,8 @@ async fn pass_on(
 }
 
 /// Merges the trial's weights: one vector, or one per tensor group.
-fn apply_weights(
-    ev: &mut Evaluator,
-    group_of: Option<&[usize]>,
-    weights: &[Vec<f32>],
-) -> Result<(), String> {
-    match group_of {
-        None if weights.len() == 1 => ev.set_weights(&weights[0]),
-        None => Err(crate::eval::EvalError::Request(format!(
-            "{} weight vectors but no tensor groups were loaded",
-            weights.len()
-        ))),
-        Some(g) => ev.set_group_weights(g, weights),
-    }
-    .map_err(|e| e.to_string())
+fn apply_weights(ev: &mut Evaluator, weights: &MergeWeights) -> Result<(), String> {
+    ev.merge(weights).map_err(|e| e.to_string())
 }
 
 /// A panic's message, for an error reply.
@@ -325,13 +293,12 @@ impl WorkerService {
                         .iter()
                         .map(|(n, _)| (n.clone(), 0, 0))
                         .collect(),
-                    seq_len: spec.seq_len.unwrap_or(0),
+                    seq_len: spec.window.seq_len.unwrap_or(0),
                     parameters: 0,
                     cached: false,
                 },
                 spec,
                 ev: None,
-                group_of: None,
                 next: None,
                 stages: 1,
             }
@@ -416,23 +383,13 @@ impl WorkerService {
             })
         } else if let Some(next) = loaded.next.clone() {
             let ev = loaded.ev.clone().expect("loaded outside benchmark mode");
-            Self::evaluate_pipeline(
-                ev,
-                loaded.group_of.clone(),
-                next,
-                loaded.stages,
-                ctx,
-                req,
-                queued_seconds,
-            )
-            .await
+            Self::evaluate_pipeline(ev, next, loaded.stages, ctx, req, queued_seconds).await
         } else {
             let ev = loaded.ev.clone().expect("loaded outside benchmark mode");
-            let group_of = loaded.group_of.clone();
             tokio::task::spawn_blocking(move || {
                 let mut ev = ev.lock().map_err(|_| "evaluator poisoned by a panic")?;
                 let t = Instant::now();
-                apply_weights(&mut ev, group_of.as_deref(), &req.weights)?;
+                apply_weights(&mut ev, &req.weights)?;
                 let merge_seconds = t.elapsed().as_secs_f64();
                 let n = if req.all_datasets {
                     ev.datasets.len()
@@ -502,7 +459,6 @@ impl WorkerService {
     /// the score equals a single worker's bit for bit.
     async fn evaluate_pipeline(
         ev: Arc<std::sync::Mutex<Evaluator>>,
-        group_of: Option<Vec<usize>>,
         next: WorkerApiClient,
         stages: usize,
         ctx: Context,
@@ -510,10 +466,10 @@ impl WorkerService {
         queued_seconds: f64,
     ) -> Result<EvalReply, String> {
         let t = Instant::now();
-        let (e, g, w) = (ev.clone(), group_of.clone(), req.weights.clone());
+        let (e, w) = (ev.clone(), req.weights.clone());
         let n_sets = tokio::task::spawn_blocking(move || {
             let mut ev = e.lock().map_err(|_| "evaluator poisoned by a panic")?;
-            apply_weights(&mut ev, g.as_deref(), &w)?;
+            apply_weights(&mut ev, &w)?;
             Ok::<_, String>(if req.all_datasets {
                 ev.datasets.len()
             } else {
@@ -577,14 +533,13 @@ impl WorkerService {
     /// A later stage: merge this trial's weights into its layers (once per trial), run
     /// them, and pass the result on or score it.
     async fn stage_forward_inner(self, ctx: Context, req: StageRequest) -> Result<f64, String> {
-        let (ev, group_of, next) = {
+        let (ev, next) = {
             let guard = self.inner.loaded.lock().await;
             let l = guard
                 .as_ref()
                 .ok_or("this pipeline stage has nothing loaded; load the pipeline's head again")?;
             (
                 l.ev.clone().ok_or("benchmark-mode workers hold no model")?,
-                l.group_of.clone(),
                 l.next.clone(),
             )
         };
@@ -600,7 +555,7 @@ impl WorkerService {
             if ev.part().first {
                 return Err("stage_forward sent to the first stage of a pipeline".to_string());
             }
-            apply_weights(&mut ev, group_of.as_deref(), &weights)?;
+            apply_weights(&mut ev, &weights)?;
             let out = ev
                 .stage_forward(&batch, Some(hidden))
                 .map_err(|e| e.to_string())?;

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ckmerge_common::DType;
+use ckmerge_common::{DType, WindowSpec};
 use ckmerge_worker::eval::{EvalOptions, Evaluator, StageOutput};
 use ckmerge_worker::{merge_to_dir, MergeRequest};
 
@@ -29,7 +29,10 @@ fn data() -> Vec<(String, Vec<PathBuf>)> {
 
 fn opts(gpus: Option<Vec<usize>>, stage: Option<(usize, usize)>) -> EvalOptions {
     EvalOptions {
-        seq_len: Some(128),
+        window: WindowSpec {
+            seq_len: Some(128),
+            ..Default::default()
+        },
         gpus,
         stage,
         ..Default::default()
@@ -97,7 +100,7 @@ fn to_f32(src: &Path, out: &Path) {
     merge_to_dir(
         &MergeRequest {
             sources: vec![src.to_path_buf()],
-            weights: vec![1.0],
+            weights: ckmerge_common::MergeWeights::single(vec![1.0]),
             out: out.to_path_buf(),
             dtype: Some(DType::F32),
             max_shard_bytes: 1 << 30,

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use ckmerge_common::WindowSpec;
 use ckmerge_worker::eval::{EvalOptions, Evaluator, StageOutput};
 
 fn fixtures() -> PathBuf {
@@ -17,9 +18,12 @@ fn data() -> Vec<(String, Vec<PathBuf>)> {
 
 fn opts(stage: Option<(usize, usize)>) -> EvalOptions {
     EvalOptions {
-        seq_len: Some(128),
-        max_tokens: Some(4096),
-        batch: Some(4),
+        window: WindowSpec {
+            seq_len: Some(128),
+            max_tokens: Some(4096),
+            batch: Some(4),
+            ..Default::default()
+        },
         stage,
         ..Default::default()
     }

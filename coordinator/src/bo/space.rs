@@ -82,6 +82,12 @@ impl SearchSpace {
         }
     }
 
+    /// The weights a worker or the on-disk merge applies for the point's weights `w`:
+    /// one vector, or one per group.
+    pub fn merge_weights(&self, w: &[f64]) -> ckmerge_common::MergeWeights {
+        ckmerge_common::MergeWeights::from_f64(&self.split_groups(w))
+    }
+
     fn block(n: usize) -> SearchSpace {
         SearchSpace::Simplex {
             lower: vec![0.0; n],

@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ckmerge_common::protocol::LoadSpec;
 use ckmerge_common::size::parse_size;
-use ckmerge_common::{check_compatible, Checkpoint, DType};
-use ckmerge_worker::groups::{assign, GroupSpec};
+use ckmerge_common::{check_compatible, Checkpoint, DType, Grouping, WindowSpec};
 use ckmerge_worker::model::ModelConfig;
 use serde::{Deserialize, Serialize};
 
@@ -47,7 +46,7 @@ pub enum SpaceConfig {
         lower: Option<Vec<f64>>,
     },
     /// One simplex weight vector per tensor group (see `ckmerge_worker::groups`).
-    Groups { groups: Vec<String> },
+    Groups { groups: Grouping },
 }
 
 impl Default for SpaceConfig {
@@ -64,11 +63,9 @@ pub struct DataConfig {
     /// Other domains, scored for the report only (never searched on).
     #[serde(default)]
     pub extra: BTreeMap<String, Vec<PathBuf>>,
-    pub seq_len: Option<usize>,
-    pub stride: Option<usize>,
-    pub batch: Option<usize>,
-    pub max_tokens: Option<usize>,
-    pub token_bits: Option<u8>,
+    /// `seq_len`, `stride`, `batch`, `max_tokens`, `token_bits`, as keys of `[data]`.
+    #[serde(flatten)]
+    pub window: WindowSpec,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -275,9 +272,6 @@ impl SearchConfig {
                 })
             }
             SpaceConfig::Groups { groups } => {
-                if groups.is_empty() {
-                    bail!("space.groups is empty: list group patterns such as [\"embeddings\", \"attention\", \"mlp\", \"rest\"]");
-                }
                 if n < 2 {
                     bail!("a group search needs at least two checkpoints");
                 }
@@ -341,14 +335,10 @@ impl SearchConfig {
         LoadSpec {
             checkpoints: self.checkpoints.clone(),
             datasets: self.datasets(),
-            seq_len: self.data.seq_len,
-            stride: self.data.stride,
-            batch: self.data.batch,
-            max_tokens: self.data.max_tokens,
-            token_bits: self.data.token_bits,
+            window: self.data.window,
             groups: match &self.space {
-                SpaceConfig::Groups { groups } => groups.clone(),
-                _ => Vec::new(),
+                SpaceConfig::Groups { groups } => Some(groups.clone()),
+                _ => None,
             },
             pipeline: Vec::new(),
             stage: None,
@@ -375,7 +365,7 @@ impl SearchConfig {
         check_compatible(&ckpts)?;
         let first = &ckpts[0];
         let mc = ModelConfig::from_json(&first.config, &first.dir.join("config.json"))?;
-        if let Some(s) = self.data.seq_len {
+        if let Some(s) = self.data.window.seq_len {
             if s > mc.max_positions {
                 bail!(
                     "data.seq_len = {s} exceeds the model's max_position_embeddings ({})",
@@ -397,11 +387,6 @@ impl SearchConfig {
                     p.len(),
                     mc.layers
                 );
-            }
-        }
-        if let Some(b) = self.data.token_bits {
-            if b != 16 && b != 32 {
-                bail!("data.token_bits = {b}: use 16 or 32");
             }
         }
         if self.data.objective.is_empty() {
@@ -429,13 +414,10 @@ impl SearchConfig {
             bail!("data.extra reuses the objective's name; give the extra data set another name");
         }
         if let SpaceConfig::Groups { groups } = &self.space {
-            let specs = groups
-                .iter()
-                .map(|g| g.parse::<GroupSpec>())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| anyhow::anyhow!("space.groups: {e}"))?;
             let names: Vec<String> = first.tensors.iter().map(|t| t.name.clone()).collect();
-            assign(&names, &specs).map_err(|e| anyhow::anyhow!("space.groups: {e}"))?;
+            groups
+                .resolve(&names)
+                .map_err(|e| anyhow::anyhow!("space.groups: {e}"))?;
         }
         Ok(ModelSummary {
             model_type: first
@@ -519,7 +501,7 @@ mod tests {
         b.search.max_evals = 50;
         b.workers.addresses = vec!["h:1".into()];
         assert!(a.resume_conflicts(&b).is_empty());
-        b.data.seq_len = Some(64);
+        b.data.window.seq_len = Some(64);
         b.search.seed = 3;
         let c = a.resume_conflicts(&b);
         assert_eq!(c.len(), 2, "{c:?}");

@@ -311,20 +311,13 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
     let best = report::best_done(&sched.done).cloned();
     let merged = match (&best, cfg.output.merge) {
         (Some(Record::Done { weights, .. }), true) => {
-            let space = &sched.opt.space;
             let groups = match &cfg.space {
-                SpaceConfig::Groups { groups } => {
-                    Some((groups.clone(), scheduler::group_weights(space, weights)))
-                }
+                SpaceConfig::Groups { groups } => Some(groups.clone()),
                 _ => None,
-            };
-            let flat: Vec<f32> = match &groups {
-                Some(_) => vec![1.0 / cfg.checkpoints.len() as f32; cfg.checkpoints.len()],
-                None => weights.iter().map(|&w| w as f32).collect(),
             };
             let req = MergeRequest {
                 sources: cfg.checkpoints.clone(),
-                weights: flat,
+                weights: sched.opt.space.merge_weights(weights),
                 out: run_dir.join("merged"),
                 dtype: cfg.dtype()?,
                 max_shard_bytes: cfg.max_shard_bytes()?,

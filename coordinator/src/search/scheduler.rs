@@ -33,7 +33,7 @@ use tokio::task::AbortHandle;
 use super::config::SearchConfig;
 use super::journal::{now, Journal, Record};
 use super::progress::ProgressView;
-use crate::bo::{Optimizer, SearchSpace};
+use crate::bo::Optimizer;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -813,7 +813,7 @@ impl Scheduler {
         })?;
         let req = EvalRequest {
             trial: id,
-            weights: group_weights(&self.opt.space, &t.weights),
+            weights: self.opt.space.merge_weights(&t.weights),
             all_datasets: false,
         };
         tracing::debug!("trial {id} -> {}: {:?}", s.name, t.weights);
@@ -941,7 +941,7 @@ impl Scheduler {
                     .expect("idle workers are connected");
                 let req = EvalRequest {
                     trial: u64::MAX - k as u64,
-                    weights: group_weights(&self.opt.space, &points[k]),
+                    weights: self.opt.space.merge_weights(&points[k]),
                     all_datasets: true,
                 };
                 *in_use = true;
@@ -1031,13 +1031,4 @@ impl Scheduler {
         }
         futures::future::join_all(calls).await;
     }
-}
-
-/// The weight vectors a worker applies for `weights` (one per group).
-pub fn group_weights(space: &SearchSpace, weights: &[f64]) -> Vec<Vec<f32>> {
-    space
-        .split_groups(weights)
-        .into_iter()
-        .map(|g| g.into_iter().map(|x| x as f32).collect())
-        .collect()
 }

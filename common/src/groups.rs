@@ -13,6 +13,13 @@
 //!
 //! A tensor matched by no group is an error naming it, so no tensor is merged with weights
 //! nobody chose.
+//!
+//! Patterns are parsed once, into a [`Grouping`], wherever they enter (the search config,
+//! the wire: `Grouping` deserialises from its pattern strings and refuses bad ones), and
+//! resolved once per model into a [`GroupMap`] (tensor index -> group) by whoever holds
+//! the tensor names: the evaluator, the on-disk merge, the config validation.
+
+use serde::{Deserialize, Serialize};
 
 /// A parsed group spec.
 #[derive(Clone, Debug, PartialEq)]
@@ -94,6 +101,110 @@ pub fn assign(names: &[String], specs: &[GroupSpec]) -> Result<Vec<usize>, Strin
         .collect()
 }
 
+/// Parsed group patterns, in order (first match wins). Serialised as the pattern strings
+/// the user wrote.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
+pub struct Grouping {
+    patterns: Vec<String>,
+    specs: Vec<GroupSpec>,
+}
+
+impl Grouping {
+    /// Parses `patterns`; an empty list is refused (no grouping is `None`, not zero groups).
+    pub fn parse(patterns: &[String]) -> Result<Grouping, String> {
+        if patterns.is_empty() {
+            return Err("no group patterns; list groups such as [\"embeddings\", \"attention\", \"mlp\", \"rest\"]".into());
+        }
+        let specs = patterns
+            .iter()
+            .map(|g| g.parse::<GroupSpec>())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Grouping {
+            patterns: patterns.to_vec(),
+            specs,
+        })
+    }
+
+    /// The patterns as written.
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+
+    /// Number of groups (each gets one weight vector).
+    pub fn len(&self) -> usize {
+        self.specs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.specs.is_empty()
+    }
+
+    /// Resolves the groups on a model's tensor names (every tensor must fall in one).
+    pub fn resolve(&self, names: &[String]) -> Result<GroupMap, String> {
+        Ok(GroupMap {
+            group_of: assign(names, &self.specs)?,
+            groups: self.len(),
+        })
+    }
+}
+
+impl TryFrom<Vec<String>> for Grouping {
+    type Error = String;
+    fn try_from(patterns: Vec<String>) -> Result<Grouping, String> {
+        Grouping::parse(&patterns)
+    }
+}
+
+impl From<Grouping> for Vec<String> {
+    fn from(g: Grouping) -> Vec<String> {
+        g.patterns
+    }
+}
+
+/// Which group each tensor of one model (by index, in the holder's order) belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupMap {
+    group_of: Vec<usize>,
+    groups: usize,
+}
+
+impl GroupMap {
+    /// Every one of `tensors` tensors in one group: a plain merge.
+    pub fn single(tensors: usize) -> GroupMap {
+        GroupMap {
+            group_of: vec![0; tensors],
+            groups: 1,
+        }
+    }
+
+    /// `names` grouped by `grouping`, or all in one group without one.
+    pub fn new(grouping: Option<&Grouping>, names: &[String]) -> Result<GroupMap, String> {
+        match grouping {
+            Some(g) => g.resolve(names),
+            None => Ok(GroupMap::single(names.len())),
+        }
+    }
+
+    /// The group of tensor `i`.
+    pub fn group(&self, i: usize) -> usize {
+        self.group_of[i]
+    }
+
+    /// Group of every tensor, by index.
+    pub fn as_slice(&self) -> &[usize] {
+        &self.group_of
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    pub fn tensors(&self) -> usize {
+        self.group_of.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +250,26 @@ mod tests {
             .parse::<GroupSpec>()
             .unwrap_err()
             .contains("unknown group"));
+    }
+
+    #[test]
+    fn a_grouping_round_trips_as_its_patterns_and_refuses_bad_ones() {
+        let g = Grouping::parse(&["attention".into(), "rest".into()]).unwrap();
+        let v = serde_json::to_value(&g).unwrap();
+        assert_eq!(v, serde_json::json!(["attention", "rest"]));
+        assert_eq!(serde_json::from_value::<Grouping>(v).unwrap(), g);
+        let e = serde_json::from_value::<Grouping>(serde_json::json!(["heads"])).unwrap_err();
+        assert!(e.to_string().contains("unknown group"), "{e}");
+        assert!(Grouping::parse(&[]).is_err());
+        let names: Vec<String> = [
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.norm.weight",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let m = g.resolve(&names).unwrap();
+        assert_eq!((m.as_slice(), m.groups()), (&[0, 1][..], 2));
+        assert_eq!(GroupMap::new(None, &names).unwrap(), GroupMap::single(2));
     }
 }
