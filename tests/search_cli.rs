@@ -620,9 +620,15 @@ fn a_worker_that_hangs_past_its_deadline_is_treated_as_lost() {
     let _g = serial();
     let tmp = tempfile::tempdir().unwrap();
     // Heartbeats would notice a stopped process too; give them a long timeout so that
-    // the evaluation deadline is what catches it.
-    let (mut r, victim) =
-        Running::start(tmp.path(), 4, "deadline_s = 6\nheartbeat_timeout_s = 600\n");
+    // the evaluation deadline is what catches it. The deadline must be well above what a
+    // healthy evaluation takes: a trial here (8 copies of the data, a debug build, one
+    // thread) takes about 6 s on a 2-core machine, and a 6 s deadline made the healthy
+    // worker miss it too, so the run never finished.
+    let (mut r, victim) = Running::start(
+        tmp.path(),
+        4,
+        "deadline_s = 20\nheartbeat_timeout_s = 600\n",
+    );
     r.w1.signal(libc::SIGSTOP);
     let (log, j) = r.finish();
     let done = done_ids(&j);
