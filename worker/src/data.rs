@@ -304,6 +304,15 @@ fn read_npy(path: &Path) -> Result<Vec<u32>, DataError> {
         .collect()
 }
 
+/// One batch of equal-shape windows laid end to end, ready for a forward pass: `seq`
+/// tokens per window, the last `scored` positions of each scored.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    pub seq: usize,
+    pub scored: usize,
+}
+
 /// One scoring window: tokens `start .. start + len` of the stream, the last `scored`
 /// positions of which are scored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,6 +17,7 @@ use ckmerge_common::{
 use ckmerge_kernels::{weighted_sum_to_f32, Input};
 
 use crate::data::{self, DataError, TextTokenizer, Window};
+use crate::gpu::GpuModel;
 use crate::model::{ConfigError, Model, ModelConfig, ParamStore, Part, WeightError};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,20 +53,8 @@ pub struct EvalOptions {
     pub gpus: Option<Vec<usize>>,
 }
 
-/// One batch of equal-shape windows, ready for a forward pass.
-#[derive(Clone, Debug)]
-pub struct Batch {
-    pub tokens: Vec<u32>,
-    pub seq: usize,
-    pub scored: usize,
-}
-
-/// What a pipeline stage passes on: hidden states to the next stage, or, from the last,
-/// the batch's summed NLL.
-pub enum StageOutput {
-    Hidden(Vec<f32>),
-    Nll(f64),
-}
+pub use crate::data::Batch;
+pub use crate::model::StageOutput;
 
 /// A tokenized data set and its windows.
 pub struct Dataset {
@@ -107,7 +96,7 @@ struct Cpu {
 /// Where the sources live and the forward pass runs.
 enum Backend {
     Cpu(Box<Cpu>),
-    Gpu(Box<crate::gpu::GpuModel>),
+    Gpu(Box<GpuModel>),
 }
 
 /// Resident sources, merged weights, model and data.
@@ -204,8 +193,7 @@ impl Evaluator {
         let batch = win.batch_or_default();
         let mut names: Vec<String> = held.iter().map(|t| t.name.clone()).collect();
         let backend = if let Some(gpus) = &opts.gpus {
-            let m =
-                crate::gpu::GpuModel::load(&ckpts, &config, &part, gpus, seq_len, batch * seq_len)?;
+            let m = GpuModel::load(&ckpts, &config, &part, gpus, seq_len, batch * seq_len)?;
             names = m.tensor_names();
             Backend::Gpu(Box::new(m))
         } else {

@@ -1,0 +1,153 @@
+//! Which GPUs a worker uses and how a model is placed on them: `--gpus` resolution and
+//! the split of the decoder layers into contiguous ranges, one per GPU, by bytes.
+
+use std::ops::Range;
+
+/// Resolves a `--gpus` argument: None for the CPU, else the CUDA ordinals to use. `auto`
+/// picks every visible GPU and says so, or says why it runs on the CPU; `all` and explicit
+/// lists fail when there is no usable GPU. An ordinal may repeat: the layers are then split
+/// across the same GPU twice, which runs the multi-GPU path (shards, hidden states copied
+/// between them) on a machine with one.
+pub fn resolve_gpus(arg: &str) -> Result<Option<Vec<usize>>, String> {
+    use ckmerge_kernels::cuda::device::device_count;
+    match arg.trim() {
+        "none" | "cpu" => Ok(None),
+        "auto" => match device_count() {
+            Ok(n) => {
+                tracing::info!("using {n} GPU(s) (--gpus auto)");
+                Ok(Some((0..n).collect()))
+            }
+            Err(e) => {
+                tracing::info!("running on the CPU (--gpus auto): {e}");
+                Ok(None)
+            }
+        },
+        "all" => {
+            let n = device_count().map_err(|e| format!("--gpus all: {e}"))?;
+            Ok(Some((0..n).collect()))
+        }
+        list => {
+            let ids = list
+                .split(',')
+                .map(|x| x.trim().parse::<usize>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| {
+                    format!("--gpus {list}: use auto, all, none or CUDA ordinals like 0,1")
+                })?;
+            let n = device_count().map_err(|e| format!("--gpus {list}: {e}"))?;
+            if let Some(bad) = ids.iter().find(|&&i| i >= n) {
+                return Err(format!("--gpus {list}: GPU {bad} asked for, {n} visible"));
+            }
+            Ok(Some(ids))
+        }
+    }
+}
+
+/// Bytes each layer range needs on a GPU: every source plus the merged copy.
+#[derive(Clone, Debug)]
+pub struct MemoryNeed {
+    /// Per decoder layer, in order.
+    pub layers: Vec<u64>,
+    /// Embedding (first GPU) and final norm + head (last GPU).
+    pub first_extra: u64,
+    pub last_extra: u64,
+    /// Activations of one batch, on every GPU.
+    pub activations: u64,
+}
+
+/// Splits layers `0..n` into contiguous ranges, one per GPU, as even in bytes as the
+/// layer granularity allows; fails, saying how many GPUs of this size it would take,
+/// when they do not fit. `free[i]`: usable bytes on GPU `i`.
+pub fn plan_layers(need: &MemoryNeed, free: &[u64]) -> Result<Vec<Range<usize>>, String> {
+    let n = need.layers.len();
+    let k = free.len().min(n.max(1));
+    if k == 0 {
+        return Err("no GPU to place the model on".into());
+    }
+    let total: u64 = need.layers.iter().sum::<u64>() + need.first_extra + need.last_extra;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let fits = |ranges: &[Range<usize>]| {
+        ranges.iter().enumerate().all(|(i, r)| {
+            let mut b: u64 = need.layers[r.clone()].iter().sum::<u64>() + need.activations;
+            if i == 0 {
+                b += need.first_extra;
+            }
+            if i + 1 == ranges.len() {
+                b += need.last_extra;
+            }
+            b <= free[i]
+        })
+    };
+    // Cut where the running total passes each GPU's even share.
+    let mut ranges = Vec::with_capacity(k);
+    let (mut start, mut acc) = (0usize, need.first_extra);
+    for i in 0..n {
+        acc += need.layers[i];
+        let share = total * (ranges.len() as u64 + 1) / k as u64;
+        let left = n - i - 1;
+        let gpus_left = k - ranges.len() - 1;
+        if ranges.len() + 1 < k && (acc >= share || left == gpus_left) && left >= gpus_left {
+            ranges.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    ranges.push(start..n);
+    if fits(&ranges) {
+        return Ok(ranges);
+    }
+    let smallest = free.iter().copied().min().unwrap_or(0);
+    let usable = smallest.saturating_sub(need.activations).max(1);
+    let gpus = total.div_ceil(usable);
+    Err(format!(
+        "the model does not fit: its sources and merged copy need {:.1} GiB plus {:.1} GiB of activations per GPU, and the {} GPU(s) have {:.1} GiB free (smallest); it needs about {gpus} GPUs of this size — split it over nodes with workers.pipelines, or use fewer sources or a smaller batch",
+        gib(total),
+        gib(need.activations),
+        free.len(),
+        gib(smallest)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn need(layers: &[u64], first: u64, last: u64, act: u64) -> MemoryNeed {
+        MemoryNeed {
+            layers: layers.to_vec(),
+            first_extra: first,
+            last_extra: last,
+            activations: act,
+        }
+    }
+
+    #[test]
+    fn layers_are_split_evenly_by_bytes() {
+        let n = need(&[10; 8], 10, 10, 1);
+        assert_eq!(plan_layers(&n, &[100, 100]).unwrap(), vec![0..4, 4..8]);
+        // Four GPUs: contiguous, non-empty, none more than one layer over an even share.
+        let r = plan_layers(&n, &[100; 4]).unwrap();
+        assert_eq!(r.len(), 4);
+        assert_eq!((r[0].start, r[3].end), (0, 8));
+        assert!(r
+            .windows(2)
+            .all(|w| w[0].end == w[1].start && !w[0].is_empty()));
+        let load = |i: usize| {
+            10 * r[i].len() as u64 + if i == 0 { 10 } else { 0 } + if i == 3 { 10 } else { 0 }
+        };
+        assert!((0..4).all(|i| load(i) <= 100 / 4 + 10), "{r:?}");
+        // One GPU takes everything that fits.
+        assert_eq!(plan_layers(&n, &[101]).unwrap(), vec![0..8]);
+        // More GPUs than layers: one layer each, the rest unused.
+        let small = need(&[10; 2], 0, 0, 0);
+        assert_eq!(plan_layers(&small, &[100; 4]).unwrap(), vec![0..1, 1..2]);
+    }
+
+    #[test]
+    fn a_model_that_does_not_fit_says_how_many_gpus_it_needs() {
+        let gib = 1u64 << 30;
+        let n = need(&[10 * gib; 8], 5 * gib, 5 * gib, gib);
+        let e = plan_layers(&n, &[40 * gib, 40 * gib]).unwrap_err();
+        assert!(e.contains("it needs about 3 GPUs"), "{e}");
+        assert!(e.contains("workers.pipelines"), "{e}");
+    }
+}

@@ -1,0 +1,355 @@
+//! The GPU backend of the forward pass: the [`Backend`] operations on one shard, with the
+//! residual stream and every reduction in f32 and GEMM inputs in the checkpoint's dtype
+//! (bf16: as transformers runs it, with f32 accumulation); plus the embedding lookup and
+//! the output head's NLL, which every architecture shares. The CPU reference is
+//! `crate::model::cpu`.
+
+use ckmerge_common::DType;
+use ckmerge_kernels::cuda::merge::dtype_name;
+use ckmerge_kernels::cuda::ops::{self as g, ptr, Gemm, Operand, Ptr};
+use ckmerge_kernels::cuda::profile::span;
+use ckmerge_kernels::cuda::GpuError;
+use cudarc::driver::CudaSlice;
+
+use super::shard::Shard;
+use super::{materialise_scores, HEAD_ROWS, SCORES_BYTES};
+use crate::data::Batch;
+use crate::model::backend::{Backend, Head, Heads, Linear, Norm, Qkv};
+use crate::model::ModelConfig;
+
+/// The operations of one shard, for a model computing in `cd`.
+pub(super) struct ShardOps<'a> {
+    pub shard: &'a Shard,
+    pub c: &'a ModelConfig,
+    pub cd: DType,
+}
+
+fn operand(h: Heads) -> Operand {
+    Operand {
+        row_stride: h.row_stride,
+        offset: h.offset,
+        head_stride: h.head_stride,
+        heads: h.heads,
+    }
+}
+
+impl ShardOps<'_> {
+    /// `out (+)= x W^T (+ b)`, `x` in the compute dtype; with `accumulate` the residual
+    /// add is the GEMM's epilogue (beta = 1, one f32 rounding as in a separate add),
+    /// saving a pass over the hidden states and a buffer per projection.
+    fn linear_into(
+        &self,
+        x: Ptr,
+        rows: usize,
+        w: &Linear<usize>,
+        out: &CudaSlice<f32>,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        let s = self.shard;
+        let (cd, wt) = (self.cd, s.tensor(w.weight));
+        if wt.dtype != cd {
+            return Err(GpuError::Request(format!(
+                "`{}` is {} but the model computes in {cd}: mixed-dtype linear layers are not supported on the GPU",
+                wt.name, wt.dtype
+            )));
+        }
+        let (n, k) = (w.out, w.inp);
+        let what = if wt.name.contains(".mlp.") {
+            "linear: MLP"
+        } else {
+            "linear: attention projections"
+        };
+        let gemm = Gemm {
+            beta: if accumulate { 1.0 } else { 0.0 },
+            ..Gemm::linear(rows, n, k, cd)
+        };
+        span(&s.gpu, what, || {
+            gemm.run(&s.blas, x, s.p(w.weight), ptr(&s.gpu, out), 1, 0, 0, 0)?;
+            if let Some(b) = w.bias {
+                let bt = s.tensor(b);
+                g::add_bias(&s.gpu, bt.dtype, ptr(&s.gpu, out), s.p(b), rows, n)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Hidden states `[tokens, hidden]` after the embedding lookup.
+    pub fn embed(&self, embed: usize, tokens: &[u32]) -> Result<CudaSlice<f32>, GpuError> {
+        let s = self.shard;
+        let (rows, h) = (tokens.len(), self.c.hidden);
+        let stream = &s.gpu.stream;
+        let dt = stream.clone_htod(tokens)?;
+        let x = stream.alloc_zeros::<f32>(rows * h)?;
+        let e = s.tensor(embed);
+        g::embed(
+            &s.gpu,
+            e.dtype,
+            ptr(&s.gpu, &dt),
+            ptr(&s.gpu, &e.merged),
+            ptr(&s.gpu, &x),
+            rows,
+            h,
+        )?;
+        Ok(x)
+    }
+
+    /// Final norm, output head and cross-entropy of the scored rows, summed in row order
+    /// on the host (per-row values in f64, as the CPU does).
+    pub fn head_nll(
+        &self,
+        head: &Head<usize>,
+        x: &CudaSlice<f32>,
+        batch: &Batch,
+    ) -> Result<f64, GpuError> {
+        let s = self.shard;
+        s.gpu.ctx.bind_to_thread()?;
+        let (c, cd, gpu) = (self.c, self.cd, &s.gpu);
+        let h = c.hidden;
+        let rows = batch.tokens.len();
+        let mut normed = s.c_buf(cd, rows * h)?;
+        self.norm(x, &head.norm, &mut normed, rows)?;
+        let (mut idx, mut targets) = (Vec::new(), Vec::new());
+        for b in 0..rows / batch.seq {
+            for t in batch.seq - 1 - batch.scored..batch.seq - 1 {
+                let r = b * batch.seq + t;
+                idx.push(r as u32);
+                targets.push(batch.tokens[r + 1]);
+            }
+        }
+        let stream = &gpu.stream;
+        let (didx, dtg) = (stream.clone_htod(&idx)?, stream.clone_htod(&targets)?);
+        let picked = s.c_buf(cd, idx.len() * h)?;
+        g::gather_rows(
+            gpu,
+            cd,
+            ptr(gpu, &normed),
+            ptr(gpu, &didx),
+            ptr(gpu, &picked),
+            idx.len(),
+            h,
+        )?;
+        let chunk = HEAD_ROWS.min(idx.len().max(1));
+        let logits = s.f32_buf(chunk * c.vocab)?;
+        let nll = stream.alloc_zeros::<f64>(idx.len().max(1))?;
+        let mut r0 = 0;
+        while r0 < idx.len() {
+            let m = chunk.min(idx.len() - r0);
+            let a = ptr(gpu, &picked) + (r0 * h * cd.size()) as u64;
+            span(gpu, "head: logits GEMM", || {
+                Gemm::linear(m, c.vocab, h, cd).run(
+                    &s.blas,
+                    a,
+                    s.p(head.lm_head),
+                    ptr(gpu, &logits),
+                    1,
+                    0,
+                    0,
+                    0,
+                )
+            })?;
+            span(gpu, "head: log-softmax NLL", || {
+                g::nll_rows(
+                    gpu,
+                    ptr(gpu, &logits),
+                    ptr(gpu, &dtg) + (r0 * 4) as u64,
+                    ptr(gpu, &nll) + (r0 * 8) as u64,
+                    m,
+                    c.vocab,
+                )
+            })?;
+            r0 += m;
+        }
+        let per_row = stream.clone_dtoh(&nll)?;
+        Ok(per_row[..idx.len()].iter().sum())
+    }
+}
+
+impl Backend for ShardOps<'_> {
+    type Tensor = usize;
+    type Rows = CudaSlice<f32>;
+    type Input = CudaSlice<u8>;
+    type Error = GpuError;
+
+    fn config(&self) -> &ModelConfig {
+        self.c
+    }
+
+    fn rows(&self, n: usize) -> Result<CudaSlice<f32>, GpuError> {
+        self.shard.f32_buf(n)
+    }
+
+    fn input(&self, n: usize) -> Result<CudaSlice<u8>, GpuError> {
+        self.shard.c_buf(self.cd, n)
+    }
+
+    fn norm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &Norm<usize>,
+        out: &mut CudaSlice<u8>,
+        rows: usize,
+    ) -> Result<(), GpuError> {
+        let (s, c, cd) = (self.shard, self.c, self.cd);
+        let wt = s.tensor(w.weight);
+        let pair = (dtype_name(wt.dtype), dtype_name(cd));
+        if !ckmerge_kernels::cuda::NORM_PAIRS.contains(&pair) {
+            return Err(GpuError::Request(format!(
+                "`{}` is {} in a model computing in {cd}: this norm is not implemented on the GPU (use --gpus none)",
+                wt.name, wt.dtype
+            )));
+        }
+        let gpu = &s.gpu;
+        span(gpu, "norm", || match w.bias {
+            Some(b) => g::layer_norm(
+                gpu,
+                wt.dtype,
+                cd,
+                ptr(gpu, x),
+                s.p(w.weight),
+                s.p(b),
+                c.norm_eps,
+                ptr(gpu, out),
+                rows,
+                c.hidden,
+            ),
+            None => g::rms_norm(
+                gpu,
+                wt.dtype,
+                cd,
+                ptr(gpu, x),
+                s.p(w.weight),
+                c.norm_eps,
+                ptr(gpu, out),
+                rows,
+                c.hidden,
+            ),
+        })
+    }
+
+    fn linear(
+        &self,
+        x: &CudaSlice<u8>,
+        w: &Linear<usize>,
+        out: &mut CudaSlice<f32>,
+        rows: usize,
+    ) -> Result<(), GpuError> {
+        self.linear_into(ptr(&self.shard.gpu, x), rows, w, out, false)
+    }
+
+    fn linear_add(
+        &self,
+        x: &CudaSlice<u8>,
+        w: &Linear<usize>,
+        residual: &mut CudaSlice<f32>,
+        rows: usize,
+    ) -> Result<(), GpuError> {
+        self.linear_into(ptr(&self.shard.gpu, x), rows, w, residual, true)
+    }
+
+    /// Causal attention from the projection rows into `out` (rows in the compute dtype),
+    /// rotary positions applied as the heads are gathered; a window at a time when
+    /// materialised scores would be large.
+    fn attention(
+        &self,
+        qkv: Qkv<'_, CudaSlice<f32>>,
+        heads: [Heads; 3],
+        out: &mut CudaSlice<u8>,
+        rows: usize,
+        seq: usize,
+    ) -> Result<(), GpuError> {
+        let (s, c, cd) = (self.shard, self.c, self.cd);
+        let gpu = &s.gpu;
+        let src: (&CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<f32>) = match qkv {
+            Qkv::Separate { q, k, v } => (q, k, v),
+            Qkv::Fused(x) => (x, x, x),
+        };
+        let ops = (operand(heads[0]), operand(heads[1]), operand(heads[2]));
+        let (nh, hd) = (c.heads, c.head_dim);
+        let batch = rows / seq;
+        let tables = (ptr(gpu, &s.cos), ptr(gpu, &s.sin));
+        if g::flash_supported(cd, hd) && !materialise_scores() {
+            let kv = ops.1.heads;
+            let qh = s.c_buf(cd, rows * nh * hd)?;
+            let (kh, vh) = (s.c_buf(cd, rows * kv * hd)?, s.c_buf(cd, rows * kv * hd)?);
+            return g::flash_causal_attention(
+                gpu,
+                cd,
+                [
+                    (ptr(gpu, src.0), ops.0),
+                    (ptr(gpu, src.1), ops.1),
+                    (ptr(gpu, src.2), ops.2),
+                ],
+                (ptr(gpu, &qh), ptr(gpu, &kh), ptr(gpu, &vh)),
+                ptr(gpu, out),
+                batch,
+                seq,
+                nh,
+                hd,
+                c.rot_dim,
+                tables,
+            );
+        }
+        let per_window = nh * seq * seq * 4;
+        let chunk = (SCORES_BYTES / per_window.max(1)).clamp(1, batch);
+        let n = chunk * nh * seq * hd;
+        let (qh, kh, vh) = (s.c_buf(cd, n)?, s.c_buf(cd, n)?, s.c_buf(cd, n)?);
+        let scores = s.f32_buf(chunk * nh * seq * seq)?;
+        let probs = s.c_buf(cd, chunk * nh * seq * seq)?;
+        let out_h = s.f32_buf(n)?;
+        let scratch = g::AttentionScratch {
+            qh: ptr(gpu, &qh),
+            kh: ptr(gpu, &kh),
+            vh: ptr(gpu, &vh),
+            scores: ptr(gpu, &scores),
+            probs: ptr(gpu, &probs),
+            out_h: ptr(gpu, &out_h),
+        };
+        let mut b0 = 0;
+        while b0 < batch {
+            let nb = chunk.min(batch - b0);
+            let row0 = b0 * seq;
+            // This chunk's first row in each operand (f32 rows) and in `out`.
+            let at = |x: &CudaSlice<f32>, op: Operand| {
+                (ptr(gpu, x) + (row0 * op.row_stride * 4) as u64, op)
+            };
+            let dst = ptr(gpu, out) + (row0 * nh * hd * cd.size()) as u64;
+            g::causal_attention(
+                gpu,
+                &s.blas,
+                cd,
+                [at(src.0, ops.0), at(src.1, ops.1), at(src.2, ops.2)],
+                &scratch,
+                dst,
+                nb,
+                seq,
+                nh,
+                hd,
+                c.rot_dim,
+                tables,
+            )?;
+            b0 += nb;
+        }
+        Ok(())
+    }
+
+    /// The activation of `gate` (times `up`: SwiGLU; alone: GELU) into the compute
+    /// dtype, then the output projection added to the residual stream.
+    fn mlp_out(
+        &self,
+        gate: &mut CudaSlice<f32>,
+        up: Option<&CudaSlice<f32>>,
+        down: &Linear<usize>,
+        residual: &mut CudaSlice<f32>,
+        rows: usize,
+    ) -> Result<(), GpuError> {
+        let (s, c, cd) = (self.shard, self.c, self.cd);
+        let gpu = &s.gpu;
+        let n = rows * c.intermediate;
+        let act = s.c_buf(cd, n)?;
+        let (x_in, up) = (ptr(gpu, gate), up.map_or(0, |u| ptr(gpu, u)));
+        span(gpu, "activation", || {
+            g::act_mul(gpu, cd, x_in, up, c.act, ptr(gpu, &act), n)
+        })?;
+        self.linear_into(ptr(gpu, &act), rows, down, residual, true)
+    }
+}

@@ -1,0 +1,186 @@
+//! The interface between an architecture and a device: the operations a decoder layer is
+//! made of (norms, linear layers, causal attention with rotary positions, the MLP's tail),
+//! and the typed tables of a layer's tensors, found once by name when the model is
+//! loaded. Each architecture module (`llama`, `neox`) writes its layer once over
+//! [`Backend`]; the CPU reference (`model::cpu`) and the GPU (`crate::gpu`) implement it.
+//!
+//! What stays true across backends: operations run in the order the architecture calls
+//! them, the residual stream is f32, and `linear_add` is one f32 rounding of the product
+//! added to the stream (a separate add on the CPU, the GEMM's epilogue on the GPU).
+
+use super::config::ModelConfig;
+
+/// A linear layer's tensors: `weight [out, inp]` and an optional `bias [out]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Linear<T> {
+    pub weight: T,
+    pub bias: Option<T>,
+    pub out: usize,
+    pub inp: usize,
+}
+
+/// A norm's tensors: RMSNorm without a bias, LayerNorm with one.
+#[derive(Clone, Copy, Debug)]
+pub struct Norm<T> {
+    pub weight: T,
+    pub bias: Option<T>,
+}
+
+/// The final norm and the output head (the embedding itself when tied).
+#[derive(Clone, Copy, Debug)]
+pub struct Head<T> {
+    pub norm: Norm<T>,
+    pub lm_head: T,
+}
+
+/// Where one of q, k, v lies in its projection rows: head `j` starts at
+/// `offset + j * head_stride` of each row of `row_stride` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub row_stride: usize,
+    pub offset: usize,
+    pub head_stride: usize,
+    pub heads: usize,
+}
+
+/// The attention's inputs: separate q, k and v projections (Llama), or one fused
+/// projection holding all three (GPT-NeoX). q and k are rotated in place where a backend
+/// rotates them before the product.
+pub enum Qkv<'a, R> {
+    Separate {
+        q: &'a mut R,
+        k: &'a mut R,
+        v: &'a R,
+    },
+    Fused(&'a mut R),
+}
+
+/// The operations a decoder layer is made of, on one device.
+pub trait Backend {
+    /// A handle to one tensor of the merged weights.
+    type Tensor: Copy;
+    /// f32 rows: the residual stream and the projections' outputs.
+    type Rows;
+    /// Rows a product reads (normalised or attended rows): f32 on the CPU, the model's
+    /// compute dtype on the GPU.
+    type Input;
+    type Error;
+
+    fn config(&self) -> &ModelConfig;
+    /// `n` f32 values (contents unspecified: every caller writes before it reads).
+    fn rows(&self, n: usize) -> Result<Self::Rows, Self::Error>;
+    /// `n` values of product input.
+    fn input(&self, n: usize) -> Result<Self::Input, Self::Error>;
+    /// `out = norm(x)` over `rows` rows of the hidden size.
+    fn norm(
+        &self,
+        x: &Self::Rows,
+        w: &Norm<Self::Tensor>,
+        out: &mut Self::Input,
+        rows: usize,
+    ) -> Result<(), Self::Error>;
+    /// `out[rows, w.out] = x W^T (+ b)`.
+    fn linear(
+        &self,
+        x: &Self::Input,
+        w: &Linear<Self::Tensor>,
+        out: &mut Self::Rows,
+        rows: usize,
+    ) -> Result<(), Self::Error>;
+    /// `residual += x W^T (+ b)`.
+    fn linear_add(
+        &self,
+        x: &Self::Input,
+        w: &Linear<Self::Tensor>,
+        residual: &mut Self::Rows,
+        rows: usize,
+    ) -> Result<(), Self::Error>;
+    /// Causal self-attention of `rows` rows (windows of `seq`) with rotary positions on q
+    /// and k, laid out as `heads` says (q, k, v); the output rows are
+    /// `[rows, q heads * head_dim]`.
+    fn attention(
+        &self,
+        qkv: Qkv<'_, Self::Rows>,
+        heads: [Heads; 3],
+        out: &mut Self::Input,
+        rows: usize,
+        seq: usize,
+    ) -> Result<(), Self::Error>;
+    /// The MLP's tail: `act(gate) (* up)`, then `residual += that x down^T (+ b)`.
+    /// `gate` may be overwritten.
+    fn mlp_out(
+        &self,
+        gate: &mut Self::Rows,
+        up: Option<&Self::Rows>,
+        down: &Linear<Self::Tensor>,
+        residual: &mut Self::Rows,
+        rows: usize,
+    ) -> Result<(), Self::Error>;
+}
+
+/// Why a checkpoint's tensors do not fit its config.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error("tensor `{0}` is missing; the checkpoint does not match its config.json")]
+    Missing(String),
+    #[error("tensor `{name}` has shape {got:?}; config.json implies {want:?}")]
+    Shape {
+        name: String,
+        got: Vec<usize>,
+        want: Vec<usize>,
+    },
+}
+
+/// Where a backend finds the tensors of the part of the model it holds.
+pub trait TensorLookup {
+    type Tensor: Copy;
+    /// The tensor named `name` and its shape, if held.
+    fn find(&self, name: &str) -> Option<(Self::Tensor, &[usize])>;
+
+    /// Tensor `name`, which must have `shape`.
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Self::Tensor, WeightError> {
+        let (t, got) = self
+            .find(name)
+            .ok_or_else(|| WeightError::Missing(name.into()))?;
+        if got != shape {
+            return Err(WeightError::Shape {
+                name: name.into(),
+                got: got.to_vec(),
+                want: shape.to_vec(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// `{prefix}.weight [out, inp]` and, with `bias`, `{prefix}.bias [out]`.
+    fn linear(
+        &self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Linear<Self::Tensor>, WeightError> {
+        Ok(Linear {
+            weight: self.get(&format!("{prefix}.weight"), &[out, inp])?,
+            bias: if bias {
+                Some(self.get(&format!("{prefix}.bias"), &[out])?)
+            } else {
+                None
+            },
+            out,
+            inp,
+        })
+    }
+
+    /// `{prefix}.weight [h]` and, for a LayerNorm (`bias`), `{prefix}.bias [h]`.
+    fn norm(&self, prefix: &str, h: usize, bias: bool) -> Result<Norm<Self::Tensor>, WeightError> {
+        Ok(Norm {
+            weight: self.get(&format!("{prefix}.weight"), &[h])?,
+            bias: if bias {
+                Some(self.get(&format!("{prefix}.bias"), &[h])?)
+            } else {
+                None
+            },
+        })
+    }
+}

@@ -1,0 +1,101 @@
+//! The Llama family (`LlamaForCausalLM`, and the config-compatible Mistral and Qwen2):
+//! pre-norm decoder layers with RMSNorm, rotary attention with grouped-query heads, and a
+//! gated MLP, as in transformers' `modeling_llama.py` (`LlamaDecoderLayer.forward`).
+//! Tensor names are spelled here and nowhere else.
+
+use super::backend::{Backend, Heads, Linear, Norm, Qkv, TensorLookup, WeightError};
+use super::config::ModelConfig;
+use super::Names;
+
+pub const NAMES: Names = Names {
+    layers: "model.layers",
+    embed: "model.embed_tokens.weight",
+    final_norm: "model.norm",
+    lm_head: "lm_head.weight",
+    norm_bias: false,
+};
+
+/// One decoder layer's tensors.
+pub struct Layer<T> {
+    in_norm: Norm<T>,
+    post_norm: Norm<T>,
+    q: Linear<T>,
+    k: Linear<T>,
+    v: Linear<T>,
+    o: Linear<T>,
+    gate: Linear<T>,
+    up: Linear<T>,
+    down: Linear<T>,
+}
+
+impl<T: Copy> Layer<T> {
+    /// Layer `i`'s tensors, with the shapes `c` implies.
+    pub fn load<L: TensorLookup<Tensor = T>>(
+        l: &L,
+        c: &ModelConfig,
+        i: usize,
+    ) -> Result<Layer<T>, WeightError> {
+        let p = NAMES.layer(i);
+        let (h, qd, kvd) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        Ok(Layer {
+            in_norm: l.norm(&format!("{p}.input_layernorm"), h, false)?,
+            post_norm: l.norm(&format!("{p}.post_attention_layernorm"), h, false)?,
+            q: l.linear(&format!("{p}.self_attn.q_proj"), qd, h, c.qkv_bias)?,
+            k: l.linear(&format!("{p}.self_attn.k_proj"), kvd, h, c.qkv_bias)?,
+            v: l.linear(&format!("{p}.self_attn.v_proj"), kvd, h, c.qkv_bias)?,
+            o: l.linear(&format!("{p}.self_attn.o_proj"), h, qd, c.o_bias)?,
+            gate: l.linear(&format!("{p}.mlp.gate_proj"), c.intermediate, h, c.mlp_bias)?,
+            up: l.linear(&format!("{p}.mlp.up_proj"), c.intermediate, h, c.mlp_bias)?,
+            down: l.linear(&format!("{p}.mlp.down_proj"), h, c.intermediate, c.mlp_bias)?,
+        })
+    }
+}
+
+/// Runs `layers` over the residual stream `x` (`rows` rows, windows of `seq`) in place.
+pub fn forward<B: Backend>(
+    b: &B,
+    layers: &[Layer<B::Tensor>],
+    x: &mut B::Rows,
+    rows: usize,
+    seq: usize,
+) -> Result<(), B::Error> {
+    let c = b.config();
+    let (h, hd) = (c.hidden, c.head_dim);
+    let (qd, kvd) = (c.heads * hd, c.kv_heads * hd);
+    let mut normed = b.input(rows * h)?;
+    let (mut q, mut k, mut v) = (b.rows(rows * qd)?, b.rows(rows * kvd)?, b.rows(rows * kvd)?);
+    let mut att = b.input(rows * qd)?;
+    let (mut gate, mut up) = (
+        b.rows(rows * c.intermediate)?,
+        b.rows(rows * c.intermediate)?,
+    );
+    let q_heads = Heads {
+        row_stride: qd,
+        offset: 0,
+        head_stride: hd,
+        heads: c.heads,
+    };
+    let kv_heads = Heads {
+        row_stride: kvd,
+        heads: c.kv_heads,
+        ..q_heads
+    };
+    for l in layers {
+        b.norm(x, &l.in_norm, &mut normed, rows)?;
+        b.linear(&normed, &l.q, &mut q, rows)?;
+        b.linear(&normed, &l.k, &mut k, rows)?;
+        b.linear(&normed, &l.v, &mut v, rows)?;
+        let qkv = Qkv::Separate {
+            q: &mut q,
+            k: &mut k,
+            v: &v,
+        };
+        b.attention(qkv, [q_heads, kv_heads, kv_heads], &mut att, rows, seq)?;
+        b.linear_add(&att, &l.o, x, rows)?;
+        b.norm(x, &l.post_norm, &mut normed, rows)?;
+        b.linear(&normed, &l.gate, &mut gate, rows)?;
+        b.linear(&normed, &l.up, &mut up, rows)?;
+        b.mlp_out(&mut gate, Some(&up), &l.down, x, rows)?;
+    }
+    Ok(())
+}
