@@ -21,6 +21,7 @@ pub mod plots;
 pub mod progress;
 pub mod report;
 pub mod scheduler;
+pub mod trials;
 
 use std::path::{Path, PathBuf};
 

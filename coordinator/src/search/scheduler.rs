@@ -5,7 +5,7 @@
 //! back; each carries its slot's connection generation, so an event from a connection
 //! that was already given up is ignored and no result is counted twice.
 //!
-//! Policy:
+//! Policy (the trial queue and retries are `trials.rs`, unit-tested there):
 //! - each idle worker at once gets the next trial: a requeued one it has not tried yet,
 //!   else a new proposal conditioned on every trial still pending;
 //! - an evaluation past its deadline, a broken connection or missed heartbeats make the
@@ -15,7 +15,7 @@
 //!   there are any;
 //! - every result is journaled and synced before the optimiser sees it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ use tokio::task::AbortHandle;
 use super::config::SearchConfig;
 use super::journal::{now, Journal, Record};
 use super::progress::ProgressView;
+use super::trials::{AfterFailure, Trials};
 use crate::bo::Optimizer;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,20 +125,6 @@ enum Ev {
     },
 }
 
-struct Trial {
-    u: Vec<f64>,
-    weights: Vec<f64>,
-    /// (worker, error) of failed attempts.
-    errors: Vec<(String, String)>,
-    issued_at: Option<Instant>,
-}
-
-impl Trial {
-    fn tried_by(&self, worker: &str) -> bool {
-        self.errors.iter().any(|(w, _)| w == worker)
-    }
-}
-
 /// What a worker did during the run, for the report.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct WorkerSummary {
@@ -162,9 +149,8 @@ pub struct Scheduler {
     pub opt: Optimizer,
     journal: Journal,
     run_dir: PathBuf,
-    trials: BTreeMap<u64, Trial>,
-    queue: VecDeque<u64>,
-    next_id: u64,
+    /// Trials issued and not finished, and the retry policy.
+    trials: Trials,
     /// Completed trials (journal `done` records), including those of earlier sessions.
     pub done: Vec<Record>,
     pub failed: Vec<Record>,
@@ -219,9 +205,7 @@ impl Scheduler {
             opt: resumed.opt,
             journal,
             run_dir,
-            trials: BTreeMap::new(),
-            queue: VecDeque::new(),
-            next_id: resumed.next_id,
+            trials: Trials::new(resumed.next_id, cfg.workers.max_attempts),
             done: resumed.done,
             failed: resumed.failed,
             started: Instant::now(),
@@ -232,16 +216,7 @@ impl Scheduler {
             cfg,
         };
         for r in resumed.requeue {
-            s.trials.insert(
-                r.id,
-                Trial {
-                    u: r.u,
-                    weights: r.weights,
-                    errors: r.errors,
-                    issued_at: None,
-                },
-            );
-            s.queue.push_back(r.id);
+            s.trials.requeue(r.id, r.u, r.weights, r.errors);
         }
         if s.cfg.workers.addresses.is_empty()
             && s.cfg.workers.pipelines.is_empty()
@@ -637,10 +612,7 @@ impl Scheduler {
             Err(e) => self.attempt_failed(trial, name, e),
             Ok(r) => {
                 s.evaluations += 1;
-                let t = self
-                    .trials
-                    .remove(&trial)
-                    .expect("a running trial is known");
+                let t = self.trials.succeeded(trial);
                 let obj = &r.scores[0];
                 let rec = Record::Done {
                     trial,
@@ -669,44 +641,42 @@ impl Scheduler {
     }
 
     fn attempt_failed(&mut self, trial: u64, worker: String, error: String) -> Result<()> {
-        let t = self
+        match self
             .trials
-            .get_mut(&trial)
-            .expect("a running trial is known");
-        t.errors.push((worker.clone(), error.clone()));
-        t.issued_at = None;
-        if t.errors.len() >= self.cfg.workers.max_attempts.max(1) {
-            let t = self.trials.remove(&trial).expect("present");
-            tracing::warn!(
-                "trial {trial} failed {} times; recorded as failed: {error}",
-                t.errors.len()
-            );
-            let rec = Record::Failed {
-                trial,
-                u: t.u.clone(),
-                weights: t.weights.clone(),
-                errors: t.errors.clone(),
-                time: now(),
-            };
-            self.journal.append(&rec)?;
-            let why = t
-                .errors
-                .iter()
-                .map(|(w, e)| format!("{w}: {e}"))
-                .collect::<Vec<_>>()
-                .join("; ");
-            self.opt.tell(t.u, Err(why));
-            self.save_snapshot();
-            self.failed.push(rec);
-        } else {
-            tracing::warn!("trial {trial} on {worker} failed ({error}); requeued");
-            self.journal.append(&Record::Retry {
-                trial,
-                worker,
-                error,
-                time: now(),
-            })?;
-            self.queue.push_back(trial);
+            .attempt_failed(trial, worker.clone(), error.clone())
+        {
+            AfterFailure::Failed(t) => {
+                tracing::warn!(
+                    "trial {trial} failed {} times; recorded as failed: {error}",
+                    t.errors.len()
+                );
+                let rec = Record::Failed {
+                    trial,
+                    u: t.u.clone(),
+                    weights: t.weights.clone(),
+                    errors: t.errors.clone(),
+                    time: now(),
+                };
+                self.journal.append(&rec)?;
+                let why = t
+                    .errors
+                    .iter()
+                    .map(|(w, e)| format!("{w}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                self.opt.tell(t.u, Err(why));
+                self.save_snapshot();
+                self.failed.push(rec);
+            }
+            AfterFailure::Requeued => {
+                tracing::warn!("trial {trial} on {worker} failed ({error}); requeued");
+                self.journal.append(&Record::Retry {
+                    trial,
+                    worker,
+                    error,
+                    time: now(),
+                })?;
+            }
         }
         Ok(())
     }
@@ -752,44 +722,23 @@ impl Scheduler {
     }
 
     fn pick(&mut self, i: usize) -> Result<Option<u64>> {
-        let name = self.slots[i].name.clone();
-        if let Some(pos) = self
-            .queue
+        let live: Vec<&str> = self
+            .slots
             .iter()
-            .position(|t| !self.trials[t].tried_by(&name))
-        {
-            return Ok(self.queue.remove(pos));
-        }
-        // A requeued trial every live worker has tried: run it again here anyway.
-        if let Some(&t) = self.queue.front() {
-            let others = self
-                .slots
-                .iter()
-                .any(|s| s.live() && !self.trials[&t].tried_by(&s.name));
-            if !others {
-                return Ok(self.queue.pop_front());
-            }
+            .filter(|s| s.live())
+            .map(|s| s.name.as_str())
+            .collect();
+        if let Some(t) = self.trials.pick_queued(&self.slots[i].name, &live) {
+            return Ok(Some(t));
         }
         if !self.can_issue_new() {
             return Ok(None);
         }
-        let pending: Vec<Vec<f64>> = self.trials.values().map(|t| t.u.clone()).collect();
-        match self.opt.propose(1, &pending) {
+        match self.opt.propose(1, &self.trials.pending_points()) {
             Ok(mut v) => {
                 let u = v.remove(0);
-                let id = self.next_id;
-                self.next_id += 1;
                 let weights = self.opt.space.weights(&u);
-                self.trials.insert(
-                    id,
-                    Trial {
-                        u,
-                        weights,
-                        errors: Vec::new(),
-                        issued_at: None,
-                    },
-                );
-                Ok(Some(id))
+                Ok(Some(self.trials.add(u, weights)))
             }
             Err(e) => {
                 tracing::warn!("no further proposal: {e}");
@@ -800,8 +749,7 @@ impl Scheduler {
     }
 
     fn issue(&mut self, i: usize, id: u64) -> Result<()> {
-        let t = self.trials.get_mut(&id).expect("picked trials are known");
-        t.issued_at = Some(Instant::now());
+        let t = self.trials.start(id);
         let s = &mut self.slots[i];
         self.journal.append(&Record::Issued {
             trial: id,
