@@ -193,21 +193,6 @@ impl Secret {
         Ok(Secret(bytes))
     }
 
-    /// A fresh random secret, hex-encoded, for a launcher to hand to its workers.
-    pub fn generate() -> Secret {
-        let b: [u8; 32] = rand::random();
-        Secret(
-            b.iter()
-                .map(|x| format!("{x:02x}"))
-                .collect::<String>()
-                .into_bytes(),
-        )
-    }
-
-    pub fn as_text(&self) -> String {
-        String::from_utf8_lossy(&self.0).into_owned()
-    }
-
     /// From `file` if given, else from the environment variable; surrounding whitespace
     /// is ignored (a trailing newline from `echo` must not change the secret).
     pub fn load(file: Option<&Path>) -> Result<Secret, String> {

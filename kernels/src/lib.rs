@@ -7,4 +7,4 @@ pub mod merge;
 pub mod ops;
 pub mod vmath;
 
-pub use merge::{lerp, weighted_sum, weighted_sum_serial, weighted_sum_to_f32, Input};
+pub use merge::{weighted_sum, weighted_sum_serial, weighted_sum_to_f32, Input};

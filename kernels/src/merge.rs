@@ -147,14 +147,8 @@ pub fn weighted_sum_to_f32(
 }
 
 /// The paper's two-checkpoint merge, `lambda * cur + (1 - lambda) * prev`
-/// (`theta = lambda * theta_t + (1 - lambda) * theta_{t-1}`). Identical, bit for bit,
-/// to [`weighted_sum`] over `[prev, cur]` with weights `[1 - lambda, lambda]`.
-pub fn lerp(prev: Input<'_>, cur: Input<'_>, lambda: f64, out_dtype: DType, out: &mut [u8]) {
-    let w = lerp_weights(lambda);
-    weighted_sum(&[prev, cur], &w, out_dtype, out)
-}
-
-/// The f32 weights `[1 - lambda, lambda]`, with `1 - lambda` computed in f64 and
+/// (`theta = lambda * theta_t + (1 - lambda) * theta_{t-1}`), is [`weighted_sum`] over
+/// `[prev, cur]` with these f32 weights `[1 - lambda, lambda]`, with `1 - lambda` computed in f64 and
 /// rounded once, as ckmerge does wherever it turns a lambda into weights.
 pub fn lerp_weights(lambda: f64) -> [f32; 2] {
     [(1.0 - lambda) as f32, lambda as f32]
@@ -609,6 +603,10 @@ mod tests {
 
     #[test]
     fn lerp_is_weighted_sum_bit_for_bit() {
+        // The paper's merge of two checkpoints, through the weights every caller uses.
+        let lerp = |x, y, lambda, dt, out: &mut [u8]| {
+            weighted_sum(&[x, y], &lerp_weights(lambda), dt, out)
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         let (a, _) = random_tensor(&mut rng, DType::BF16, 5000, 1.0);
         let (b, _) = random_tensor(&mut rng, DType::BF16, 5000, 1.0);

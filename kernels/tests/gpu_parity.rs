@@ -193,32 +193,38 @@ fn norms_match_the_cpu() {
             let mut want = vec![0f32; rows * h];
             if layer {
                 ops::layer_norm(&x, &w, &b, 1e-5, &mut want);
-                g::layer_norm(
-                    &gpu,
-                    wd,
-                    od,
-                    ptr(&gpu, &dx),
-                    ptr(&gpu, &dw),
-                    ptr(&gpu, &db),
-                    1e-5,
-                    ptr(&gpu, &out),
-                    rows,
-                    h,
-                )
+                // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+                unsafe {
+                    g::layer_norm(
+                        &gpu,
+                        wd,
+                        od,
+                        ptr(&gpu, &dx),
+                        ptr(&gpu, &dw),
+                        ptr(&gpu, &db),
+                        1e-5,
+                        ptr(&gpu, &out),
+                        rows,
+                        h,
+                    )
+                }
                 .unwrap();
             } else {
                 ops::rms_norm(&x, &w, 1e-5, &mut want);
-                g::rms_norm(
-                    &gpu,
-                    wd,
-                    od,
-                    ptr(&gpu, &dx),
-                    ptr(&gpu, &dw),
-                    1e-5,
-                    ptr(&gpu, &out),
-                    rows,
-                    h,
-                )
+                // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+                unsafe {
+                    g::rms_norm(
+                        &gpu,
+                        wd,
+                        od,
+                        ptr(&gpu, &dx),
+                        ptr(&gpu, &dw),
+                        1e-5,
+                        ptr(&gpu, &out),
+                        rows,
+                        h,
+                    )
+                }
                 .unwrap();
             }
             let got = decode(od, &down_bytes(&gpu, &out));
@@ -245,15 +251,18 @@ fn elementwise_kernels_match_the_cpu() {
     let dt = up_bytes(&gpu, &encode(DType::BF16, &table));
     let dtok = gpu.stream.clone_htod(&tokens).unwrap();
     let x = zeros_f32(&gpu, rows * 64);
-    g::embed(
-        &gpu,
-        DType::BF16,
-        ptr(&gpu, &dtok),
-        ptr(&gpu, &dt),
-        ptr(&gpu, &x),
-        rows,
-        64,
-    )
+    // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+    unsafe {
+        g::embed(
+            &gpu,
+            DType::BF16,
+            ptr(&gpu, &dtok),
+            ptr(&gpu, &dt),
+            ptr(&gpu, &x),
+            rows,
+            64,
+        )
+    }
     .unwrap();
     let want: Vec<f32> = tokens
         .iter()
@@ -269,8 +278,10 @@ fn elementwise_kernels_match_the_cpu() {
         up_f32(&gpu, &z),
         up_bytes(&gpu, &encode(DType::F16, &bias)),
     );
-    g::add(&gpu, ptr(&gpu, &dy), ptr(&gpu, &dz), rows * n).unwrap();
-    g::add_bias(&gpu, DType::F16, ptr(&gpu, &dy), ptr(&gpu, &dbias), rows, n).unwrap();
+    // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+    unsafe { g::add(&gpu, ptr(&gpu, &dy), ptr(&gpu, &dz), rows * n) }.unwrap();
+    // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+    unsafe { g::add_bias(&gpu, DType::F16, ptr(&gpu, &dy), ptr(&gpu, &dbias), rows, n) }.unwrap();
     let mut want = y.clone();
     ops::add_in_place(&mut want, &z);
     want.chunks_mut(n)
@@ -285,15 +296,18 @@ fn elementwise_kernels_match_the_cpu() {
         gpu.stream.clone_htod(&idx).unwrap(),
     );
     let picked = zeros_bytes(&gpu, idx.len() * n * 2);
-    g::gather_rows(
-        &gpu,
-        DType::BF16,
-        ptr(&gpu, &dsrc),
-        ptr(&gpu, &didx),
-        ptr(&gpu, &picked),
-        idx.len(),
-        n,
-    )
+    // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+    unsafe {
+        g::gather_rows(
+            &gpu,
+            DType::BF16,
+            ptr(&gpu, &dsrc),
+            ptr(&gpu, &didx),
+            ptr(&gpu, &picked),
+            idx.len(),
+            n,
+        )
+    }
     .unwrap();
     let want: Vec<u8> = idx
         .iter()
@@ -306,13 +320,16 @@ fn elementwise_kernels_match_the_cpu() {
     );
     let conv = zeros_bytes(&gpu, rows * n * 2);
     let dy0 = up_f32(&gpu, &y);
-    g::to_compute(
-        &gpu,
-        DType::BF16,
-        ptr(&gpu, &dy0),
-        ptr(&gpu, &conv),
-        rows * n,
-    )
+    // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+    unsafe {
+        g::to_compute(
+            &gpu,
+            DType::BF16,
+            ptr(&gpu, &dy0),
+            ptr(&gpu, &conv),
+            rows * n,
+        )
+    }
     .unwrap();
     assert_eq!(
         down_bytes(&gpu, &conv)[..rows_bf16.len()],
@@ -329,15 +346,18 @@ fn elementwise_kernels_match_the_cpu() {
     ] {
         for od in [DType::F32, DType::BF16] {
             let out = zeros_bytes(&gpu, rows * n * od.size());
-            g::act_mul(
-                &gpu,
-                od,
-                ptr(&gpu, &dz),
-                ptr(&gpu, &dy),
-                act,
-                ptr(&gpu, &out),
-                rows * n,
-            )
+            // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+            unsafe {
+                g::act_mul(
+                    &gpu,
+                    od,
+                    ptr(&gpu, &dz),
+                    ptr(&gpu, &dy),
+                    act,
+                    ptr(&gpu, &out),
+                    rows * n,
+                )
+            }
             .unwrap();
             let mut want = z.clone();
             ops::activate(&mut want, act);
@@ -360,14 +380,17 @@ fn elementwise_kernels_match_the_cpu() {
         gpu.stream.clone_htod(&targets).unwrap(),
     );
     let dn = gpu.stream.alloc_zeros::<f64>(rows).unwrap();
-    g::nll_rows(
-        &gpu,
-        ptr(&gpu, &dl),
-        ptr(&gpu, &dtg),
-        ptr(&gpu, &dn),
-        rows,
-        vocab,
-    )
+    // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+    unsafe {
+        g::nll_rows(
+            &gpu,
+            ptr(&gpu, &dl),
+            ptr(&gpu, &dtg),
+            ptr(&gpu, &dn),
+            rows,
+            vocab,
+        )
+    }
     .unwrap();
     let got: f64 = gpu.stream.clone_dtoh(&dn).unwrap().iter().sum();
     let want = ops::nll_sum(&logits, vocab, &targets);
@@ -391,8 +414,9 @@ fn gemm_matches_the_cpu_linear() {
             up_bytes(&gpu, &encode(dt, &w)),
         );
         let dc = zeros_f32(&gpu, m * n);
-        Gemm::linear(m, n, k, dt)
-            .run(
+        // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+        unsafe {
+            Gemm::linear(m, n, k, dt).run(
                 &blas,
                 ptr(&gpu, &da),
                 ptr(&gpu, &dw),
@@ -402,7 +426,8 @@ fn gemm_matches_the_cpu_linear() {
                 0,
                 0,
             )
-            .unwrap();
+        }
+        .unwrap();
         let mut want = vec![0f32; m * n];
         ops::linear(&a, m, k, &w, n, None, &mut want);
         let got = down_f32(&gpu, &dc);
@@ -480,24 +505,27 @@ fn attention_matches_the_cpu() {
         probs: ptr(&gpu, &probs),
         out_h: ptr(&gpu, &out_h),
     };
-    g::causal_attention(
-        &gpu,
-        &blas,
-        od,
-        [
-            (ptr(&gpu, &dq), opq),
-            (ptr(&gpu, &dk), opk),
-            (ptr(&gpu, &dv), opk),
-        ],
-        &scratch,
-        ptr(&gpu, &out),
-        batch,
-        seq,
-        heads,
-        hd,
-        rot,
-        (ptr(&gpu, &dcos), ptr(&gpu, &dsin)),
-    )
+    // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+    unsafe {
+        g::causal_attention(
+            &gpu,
+            &blas,
+            od,
+            [
+                (ptr(&gpu, &dq), opq),
+                (ptr(&gpu, &dk), opk),
+                (ptr(&gpu, &dv), opk),
+            ],
+            &scratch,
+            ptr(&gpu, &out),
+            batch,
+            seq,
+            heads,
+            hd,
+            rot,
+            (ptr(&gpu, &dcos), ptr(&gpu, &dsin)),
+        )
+    }
     .unwrap();
     let got = down_f32(&gpu, &out);
     close("attention f32", &got, &want, 0.0, 2e-5);
@@ -571,23 +599,26 @@ fn flash_attention_matches_the_cpu() {
                 head_stride: hd,
                 heads,
             };
-            g::flash_causal_attention(
-                &gpu,
-                cd,
-                [
-                    (ptr(&gpu, &dq), op(heads, qd)),
-                    (ptr(&gpu, &dk), op(kv, kvd)),
-                    (ptr(&gpu, &dv), op(kv, kvd)),
-                ],
-                (ptr(&gpu, &qh), ptr(&gpu, &kh), ptr(&gpu, &vh)),
-                ptr(&gpu, &out),
-                batch,
-                seq,
-                heads,
-                hd,
-                rot,
-                (ptr(&gpu, &dcos), ptr(&gpu, &dsin)),
-            )
+            // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+            unsafe {
+                g::flash_causal_attention(
+                    &gpu,
+                    cd,
+                    [
+                        (ptr(&gpu, &dq), op(heads, qd)),
+                        (ptr(&gpu, &dk), op(kv, kvd)),
+                        (ptr(&gpu, &dv), op(kv, kvd)),
+                    ],
+                    (ptr(&gpu, &qh), ptr(&gpu, &kh), ptr(&gpu, &vh)),
+                    ptr(&gpu, &out),
+                    batch,
+                    seq,
+                    heads,
+                    hd,
+                    rot,
+                    (ptr(&gpu, &dcos), ptr(&gpu, &dsin)),
+                )
+            }
             .unwrap();
             let got = decode(cd, &down_bytes(&gpu, &out));
             close(

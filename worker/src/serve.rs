@@ -71,10 +71,6 @@ impl WorkerService {
     /// `bench_cost`: benchmark mode. Loading reads nothing and every evaluation sleeps
     /// this long and returns a fixed smooth function of the weights, so the scheduling
     /// overhead can be measured against evaluations of known cost. Never used by a search.
-    pub fn new(bench_cost: Option<Duration>) -> WorkerService {
-        WorkerService::with_options(bench_cost, None, None)
-    }
-
     /// `secret`: the run's secret, which a worker heading a pipeline connects to the
     /// next stage with. `gpus`: CUDA ordinals to hold the model on (None: CPU).
     pub fn with_options(

@@ -223,20 +223,24 @@ pub fn attention_variants(
         let mut out = s.alloc_zeros::<u8>(out_len)?;
         fill_random(gpu, &mut out, dt, 7)?; // poison: every element must be rewritten
         let run = || {
-            flash_attention(
-                gpu,
-                v,
-                v.kernel(),
-                (
-                    ptr(gpu, &bufs[0]),
-                    ptr(gpu, &bufs[1]),
-                    ptr(gpu, &bufs[2]),
-                    ptr(gpu, &out),
-                ),
-                windows,
-                seq,
-                (heads, kv_heads, hd),
-            )
+            // SAFETY: `bufs` and `out` are live allocations on this GPU of the sizes the
+            // shapes imply (allocated above for these shapes).
+            unsafe {
+                flash_attention(
+                    gpu,
+                    v,
+                    v.kernel(),
+                    (
+                        ptr(gpu, &bufs[0]),
+                        ptr(gpu, &bufs[1]),
+                        ptr(gpu, &bufs[2]),
+                        ptr(gpu, &out),
+                    ),
+                    windows,
+                    seq,
+                    (heads, kv_heads, hd),
+                )
+            }
         };
         run()?;
         gpu.synchronize()?;

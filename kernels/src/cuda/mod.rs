@@ -116,7 +116,6 @@ impl Module {
                         "embed",
                         "add_bias",
                         "to_compute",
-                        "silu_mul",
                         "act_mul",
                         "gather_heads",
                         "scatter_heads",

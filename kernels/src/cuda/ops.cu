@@ -92,15 +92,6 @@ __device__ void to_compute(const float* x, typename Storage<O>::T* out, u64 n) {
         out[i] = Storage<O>::store(x[i]);
 }
 
-// SwiGLU (ops::silu_mul): out = silu(gate) * up.
-template <typename O>
-__device__ void silu_mul(const float* gate, const float* up, typename Storage<O>::T* out, u64 n) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        const float g = gate[i];
-        out[i] = Storage<O>::store(g / (1.0f + expf(-g)) * up[i]);
-    }
-}
-
 // Activation (ops::activate) then optional multiply: kind 0 silu, 1 exact gelu, 2 tanh
 // gelu, 3 relu; `up` may be null.
 template <typename O>
@@ -236,9 +227,6 @@ extern "C" __global__ void add_bias_##NAME(float* y, const Storage<TAG>::T* b, u
 }                                                                                               \
 extern "C" __global__ void to_compute_##NAME(const float* x, Storage<TAG>::T* out, u64 n) {       \
     to_compute<TAG>(x, out, n);                                                                   \
-}                                                                                               \
-extern "C" __global__ void silu_mul_##NAME(const float* g, const float* u, Storage<TAG>::T* out, u64 n) { \
-    silu_mul<TAG>(g, u, out, n);                                                                  \
 }                                                                                               \
 extern "C" __global__ void act_mul_##NAME(const float* x, const float* up, int kind,            \
                                           Storage<TAG>::T* out, u64 n) {                          \

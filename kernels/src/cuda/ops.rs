@@ -3,6 +3,10 @@
 //! the order they are called and buffers need no event tracking; the caller owns the
 //! buffers (as `CudaSlice`s) and keeps them alive until the stream is synchronised.
 //!
+//! Every wrapper that takes a [`Ptr`] is an `unsafe fn`: nothing here can check that an
+//! address is live, on the right device, or as large as the shapes say, so each call site
+//! states why its buffers are (a `// SAFETY:` line).
+//!
 //! Each wrapper names its CPU reference in `crate::ops`; `kernels/tests/gpu_parity.rs`
 //! holds every one to it.
 
@@ -67,7 +71,11 @@ fn rows_i32(n: usize, what: &str) -> Result<i32, GpuError> {
 }
 
 /// `x[r] = table[tokens[r]]` widened to f32 (embedding lookup).
-pub fn embed(
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
+pub unsafe fn embed(
     gpu: &Gpu,
     dt: DType,
     tokens: Ptr,
@@ -81,8 +89,12 @@ pub fn embed(
 }
 
 /// RMSNorm rows of `h` (ops::rms_norm); weights `wd`, output `od`.
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
 #[allow(clippy::too_many_arguments)]
-pub fn rms_norm(
+pub unsafe fn rms_norm(
     gpu: &Gpu,
     wd: DType,
     od: DType,
@@ -98,8 +110,12 @@ pub fn rms_norm(
 }
 
 /// LayerNorm rows of `h` (ops::layer_norm).
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
 #[allow(clippy::too_many_arguments)]
-pub fn layer_norm(
+pub unsafe fn layer_norm(
     gpu: &Gpu,
     wd: DType,
     od: DType,
@@ -116,7 +132,11 @@ pub fn layer_norm(
 }
 
 /// `y[r, j] += bias[j]` for `rows` rows of `n`.
-pub fn add_bias(
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
+pub unsafe fn add_bias(
     gpu: &Gpu,
     wd: DType,
     y: Ptr,
@@ -129,12 +149,20 @@ pub fn add_bias(
 }
 
 /// `x += y` over `n` f32s (ops::add_in_place).
-pub fn add(gpu: &Gpu, x: Ptr, y: Ptr, n: usize) -> Result<(), GpuError> {
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
+pub unsafe fn add(gpu: &Gpu, x: Ptr, y: Ptr, n: usize) -> Result<(), GpuError> {
     launch!(gpu, "add_f32".to_string(), flat_cfg(n as u64); x = x, y = y, n = n as u64)
 }
 
 /// f32 to the compute dtype.
-pub fn to_compute(gpu: &Gpu, od: DType, x: Ptr, out: Ptr, n: usize) -> Result<(), GpuError> {
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
+pub unsafe fn to_compute(gpu: &Gpu, od: DType, x: Ptr, out: Ptr, n: usize) -> Result<(), GpuError> {
     launch!(gpu, format!("to_compute_{}", dtype_name(od)), flat_cfg(n as u64);
         x = x, out = out, n = n as u64)
 }
@@ -151,8 +179,12 @@ pub fn act_code(a: crate::ops::Activation) -> i32 {
 
 /// `out = act(x) * up` (`up` 0: no multiply) in the compute dtype (ops::activate,
 /// ops::silu_mul).
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
 #[allow(clippy::too_many_arguments)]
-pub fn act_mul(
+pub unsafe fn act_mul(
     gpu: &Gpu,
     od: DType,
     x: Ptr,
@@ -178,8 +210,12 @@ pub struct Operand {
 /// Gathers an operand into `[batch, heads, seq, hd]` in the compute dtype, repeating
 /// key/value heads `heads / src.heads` times and applying rotary embeddings to the first
 /// `rot_dim` dims (0: none) — ops::apply_rope's rotate_half convention.
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
 #[allow(clippy::too_many_arguments)]
-pub fn gather_heads(
+pub unsafe fn gather_heads(
     gpu: &Gpu,
     od: DType,
     src: Ptr,
@@ -202,8 +238,12 @@ pub fn gather_heads(
 }
 
 /// `[batch, heads, seq, hd]` f32 back to rows `[batch * seq, heads * hd]`.
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
 #[allow(clippy::too_many_arguments)]
-pub fn scatter_heads(
+pub unsafe fn scatter_heads(
     gpu: &Gpu,
     od: DType,
     src: Ptr,
@@ -219,7 +259,11 @@ pub fn scatter_heads(
 }
 
 /// Causal softmax over `rows` score rows of `seq` (ops::causal_attention's softmax).
-pub fn causal_softmax(
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
+pub unsafe fn causal_softmax(
     gpu: &Gpu,
     od: DType,
     scores: Ptr,
@@ -232,7 +276,11 @@ pub fn causal_softmax(
 }
 
 /// `dst[i] = src[idx[i]]`, rows of `h` in the compute dtype.
-pub fn gather_rows(
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
+pub unsafe fn gather_rows(
     gpu: &Gpu,
     od: DType,
     src: Ptr,
@@ -246,7 +294,11 @@ pub fn gather_rows(
 }
 
 /// Per-row NLL (f64) of `targets` under softmax of f32 logit rows (ops::nll_sum).
-pub fn nll_rows(
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
+pub unsafe fn nll_rows(
     gpu: &Gpu,
     logits: Ptr,
     targets: Ptr,
@@ -304,8 +356,12 @@ impl Gemm {
 
     /// Runs `count` of them, operands `stride_*` elements apart (count 1: plain GEMM).
     /// Row-major C = A op(B) is column-major C^T = op(B)^T A^T, so cuBLAS gets B first.
+    ///
+    /// # Safety
+    /// `a`, `b` and `c` are live device allocations on `blas`'s stream's context holding
+    /// `count` operands of the shapes, strides and dtypes this `Gemm` describes.
     #[allow(clippy::too_many_arguments)]
-    pub fn run(
+    pub unsafe fn run(
         &self,
         blas: &CudaBlas,
         a: Ptr,
@@ -358,8 +414,11 @@ impl Gemm {
 
 /// Gathers q, k and v (rotary on q and k) into `dst`, each operand with its own heads, or
 /// with `repeat_to` heads (key/value heads repeated, as the batched GEMMs need).
+///
+/// # Safety
+/// As for [`gather_heads`], for every operand and destination.
 #[allow(clippy::too_many_arguments)]
-fn gather_qkv(
+unsafe fn gather_qkv(
     gpu: &Gpu,
     cd: DType,
     src: [(Ptr, Operand); 3],
@@ -373,7 +432,8 @@ fn gather_qkv(
         for (i, ((p, op), d)) in src.into_iter().zip(dst).enumerate() {
             let rot = if i < 2 { rot_dim } else { 0 };
             let heads = repeat_to.unwrap_or(op.heads);
-            gather_heads(gpu, cd, p, op, d, windows, seq, heads, hd, rot, cos, sin)?;
+            // SAFETY: the caller's contract covers every operand and destination.
+            unsafe { gather_heads(gpu, cd, p, op, d, windows, seq, heads, hd, rot, cos, sin) }?;
         }
         Ok(())
     })
@@ -398,8 +458,12 @@ pub struct AttentionScratch {
 /// with rotary on q and k, scores by a strided-batched GEMM scaled by 1/sqrt(hd), causal
 /// softmax, the values GEMM, and the result scattered into `out`, rows
 /// `[windows * seq, heads * hd]` in the compute dtype `cd`.
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
 #[allow(clippy::too_many_arguments)]
-pub fn causal_attention(
+pub unsafe fn causal_attention(
     gpu: &Gpu,
     blas: &CudaBlas,
     cd: DType,
@@ -498,8 +562,12 @@ pub fn flash_supported(cd: DType, hd: usize) -> bool {
 /// k, into `qh` `[windows, heads, seq, hd]` and `kh`, `vh` `[windows, kv_heads, seq, hd]`
 /// (compute dtype, key/value heads not repeated), then one kernel that never materialises
 /// the scores and writes `out`, rows `[windows * seq, heads * hd]` in the compute dtype.
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
 #[allow(clippy::too_many_arguments)]
-pub fn flash_causal_attention(
+pub unsafe fn flash_causal_attention(
     gpu: &Gpu,
     cd: DType,
     src: [(Ptr, Operand); 3],
@@ -604,7 +672,11 @@ impl FlashVariant {
 /// Launches flash kernel `name` (built with `variant`'s schedule) on gathered heads:
 /// q `[windows, heads, seq, hd]`, k and v `[windows, kv_heads, seq, hd]`, out rows
 /// `[windows * seq, heads * hd]`.
-pub fn flash_attention(
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
+pub unsafe fn flash_attention(
     gpu: &Gpu,
     variant: FlashVariant,
     name: String,

@@ -64,10 +64,14 @@ impl ShardOps<'_> {
             ..Gemm::linear(rows, n, k, cd)
         };
         span(&s.gpu, what, || {
-            gemm.run(&s.blas, x, s.p(w.weight), ptr(&s.gpu, out), 1, 0, 0, 0)?;
+            // SAFETY: `x` holds `rows x k` values in the compute dtype (the caller's
+            // buffer, sized by the layer's shapes), the weight is a `[n, k]` tensor of this
+            // shard checked at load, `out` holds `rows x n` f32; all on this GPU.
+            unsafe { gemm.run(&s.blas, x, s.p(w.weight), ptr(&s.gpu, out), 1, 0, 0, 0) }?;
             if let Some(b) = w.bias {
                 let bt = s.tensor(b);
-                g::add_bias(&s.gpu, bt.dtype, ptr(&s.gpu, out), s.p(b), rows, n)?;
+                // SAFETY: the bias is an `[n]` tensor of this shard; `out` as above.
+                unsafe { g::add_bias(&s.gpu, bt.dtype, ptr(&s.gpu, out), s.p(b), rows, n) }?;
             }
             Ok(())
         })
@@ -81,15 +85,20 @@ impl ShardOps<'_> {
         let dt = stream.clone_htod(tokens)?;
         let x = stream.alloc_zeros::<f32>(rows * h)?;
         let e = s.tensor(embed);
-        g::embed(
-            &s.gpu,
-            e.dtype,
-            ptr(&s.gpu, &dt),
-            ptr(&s.gpu, &e.merged),
-            ptr(&s.gpu, &x),
-            rows,
-            h,
-        )?;
+        // SAFETY: `dt` holds the `rows` tokens (checked below the vocabulary by the
+        // evaluator), the table is the `[vocab, h]` embedding checked at load, `x` was just
+        // allocated for `rows x h` f32.
+        unsafe {
+            g::embed(
+                &s.gpu,
+                e.dtype,
+                ptr(&s.gpu, &dt),
+                ptr(&s.gpu, &e.merged),
+                ptr(&s.gpu, &x),
+                rows,
+                h,
+            )
+        }?;
         Ok(x)
     }
 
@@ -119,15 +128,19 @@ impl ShardOps<'_> {
         let stream = &gpu.stream;
         let (didx, dtg) = (stream.clone_htod(&idx)?, stream.clone_htod(&targets)?);
         let picked = s.c_buf(cd, idx.len() * h)?;
-        g::gather_rows(
-            gpu,
-            cd,
-            ptr(gpu, &normed),
-            ptr(gpu, &didx),
-            ptr(gpu, &picked),
-            idx.len(),
-            h,
-        )?;
+        // SAFETY: `normed` holds `rows x h` values in `cd`, every index is below `rows`,
+        // `picked` was just allocated for `idx.len() x h` values in `cd`.
+        unsafe {
+            g::gather_rows(
+                gpu,
+                cd,
+                ptr(gpu, &normed),
+                ptr(gpu, &didx),
+                ptr(gpu, &picked),
+                idx.len(),
+                h,
+            )
+        }?;
         let chunk = HEAD_ROWS.min(idx.len().max(1));
         let logits = s.f32_buf(chunk * c.vocab)?;
         let nll = stream.alloc_zeros::<f64>(idx.len().max(1))?;
@@ -135,7 +148,10 @@ impl ShardOps<'_> {
         while r0 < idx.len() {
             let m = chunk.min(idx.len() - r0);
             let a = ptr(gpu, &picked) + (r0 * h * cd.size()) as u64;
-            span(gpu, "head: logits GEMM", || {
+            // SAFETY: rows `r0..r0 + m` of `picked` (`h` values in `cd` each), the
+            // `[vocab, h]` head checked at load, `logits` sized for `chunk >= m` rows of
+            // `vocab` f32; `dtg` and `nll` hold one target and one f64 per picked row.
+            span(gpu, "head: logits GEMM", || unsafe {
                 Gemm::linear(m, c.vocab, h, cd).run(
                     &s.blas,
                     a,
@@ -147,7 +163,7 @@ impl ShardOps<'_> {
                     0,
                 )
             })?;
-            span(gpu, "head: log-softmax NLL", || {
+            span(gpu, "head: log-softmax NLL", || unsafe {
                 g::nll_rows(
                     gpu,
                     ptr(gpu, &logits),
@@ -199,30 +215,35 @@ impl Backend for ShardOps<'_> {
             )));
         }
         let gpu = &s.gpu;
-        span(gpu, "norm", || match w.bias {
-            Some(b) => g::layer_norm(
-                gpu,
-                wt.dtype,
-                cd,
-                ptr(gpu, x),
-                s.p(w.weight),
-                s.p(b),
-                c.norm_eps,
-                ptr(gpu, out),
-                rows,
-                c.hidden,
-            ),
-            None => g::rms_norm(
-                gpu,
-                wt.dtype,
-                cd,
-                ptr(gpu, x),
-                s.p(w.weight),
-                c.norm_eps,
-                ptr(gpu, out),
-                rows,
-                c.hidden,
-            ),
+        // SAFETY: `x` holds `rows x hidden` f32 and `out` as many values in `cd` (the
+        // caller's buffers, sized by the layer's shapes); the norm's tensors are `[hidden]`
+        // tensors of this shard checked at load.
+        span(gpu, "norm", || unsafe {
+            match w.bias {
+                Some(b) => g::layer_norm(
+                    gpu,
+                    wt.dtype,
+                    cd,
+                    ptr(gpu, x),
+                    s.p(w.weight),
+                    s.p(b),
+                    c.norm_eps,
+                    ptr(gpu, out),
+                    rows,
+                    c.hidden,
+                ),
+                None => g::rms_norm(
+                    gpu,
+                    wt.dtype,
+                    cd,
+                    ptr(gpu, x),
+                    s.p(w.weight),
+                    c.norm_eps,
+                    ptr(gpu, out),
+                    rows,
+                    c.hidden,
+                ),
+            }
         })
     }
 
@@ -271,23 +292,29 @@ impl Backend for ShardOps<'_> {
             let kv = ops.1.heads;
             let qh = s.c_buf(cd, rows * nh * hd)?;
             let (kh, vh) = (s.c_buf(cd, rows * kv * hd)?, s.c_buf(cd, rows * kv * hd)?);
-            return g::flash_causal_attention(
-                gpu,
-                cd,
-                [
-                    (ptr(gpu, src.0), ops.0),
-                    (ptr(gpu, src.1), ops.1),
-                    (ptr(gpu, src.2), ops.2),
-                ],
-                (ptr(gpu, &qh), ptr(gpu, &kh), ptr(gpu, &vh)),
-                ptr(gpu, out),
-                batch,
-                seq,
-                nh,
-                hd,
-                c.rot_dim,
-                tables,
-            );
+            // SAFETY: the projections hold `rows` rows of the layouts in `ops` (f32, sized
+            // by the architecture from the same config), the gathered heads were just
+            // allocated for `rows` rows of their heads, `out` holds `rows x heads x hd`
+            // values in `cd`, the rotary tables cover `seq` positions (`seq <= max_seq`).
+            return unsafe {
+                g::flash_causal_attention(
+                    gpu,
+                    cd,
+                    [
+                        (ptr(gpu, src.0), ops.0),
+                        (ptr(gpu, src.1), ops.1),
+                        (ptr(gpu, src.2), ops.2),
+                    ],
+                    (ptr(gpu, &qh), ptr(gpu, &kh), ptr(gpu, &vh)),
+                    ptr(gpu, out),
+                    batch,
+                    seq,
+                    nh,
+                    hd,
+                    c.rot_dim,
+                    tables,
+                )
+            };
         }
         let per_window = nh * seq * seq * 4;
         let chunk = (SCORES_BYTES / per_window.max(1)).clamp(1, batch);
@@ -313,20 +340,24 @@ impl Backend for ShardOps<'_> {
                 (ptr(gpu, x) + (row0 * op.row_stride * 4) as u64, op)
             };
             let dst = ptr(gpu, out) + (row0 * nh * hd * cd.size()) as u64;
-            g::causal_attention(
-                gpu,
-                &s.blas,
-                cd,
-                [at(src.0, ops.0), at(src.1, ops.1), at(src.2, ops.2)],
-                &scratch,
-                dst,
-                nb,
-                seq,
-                nh,
-                hd,
-                c.rot_dim,
-                tables,
-            )?;
+            // SAFETY: as for the flash path, for windows `b0..b0 + nb`; the scratch was
+            // allocated above for `chunk >= nb` windows.
+            unsafe {
+                g::causal_attention(
+                    gpu,
+                    &s.blas,
+                    cd,
+                    [at(src.0, ops.0), at(src.1, ops.1), at(src.2, ops.2)],
+                    &scratch,
+                    dst,
+                    nb,
+                    seq,
+                    nh,
+                    hd,
+                    c.rot_dim,
+                    tables,
+                )
+            }?;
             b0 += nb;
         }
         Ok(())
@@ -347,7 +378,9 @@ impl Backend for ShardOps<'_> {
         let n = rows * c.intermediate;
         let act = s.c_buf(cd, n)?;
         let (x_in, up) = (ptr(gpu, gate), up.map_or(0, |u| ptr(gpu, u)));
-        span(gpu, "activation", || {
+        // SAFETY: `gate` (and `up`, or null) hold `rows x intermediate` f32, `act` was just
+        // allocated for as many values in `cd`.
+        span(gpu, "activation", || unsafe {
             g::act_mul(gpu, cd, x_in, up, c.act, ptr(gpu, &act), n)
         })?;
         self.linear_into(ptr(gpu, &act), rows, down, residual, true)
