@@ -76,14 +76,24 @@ pub struct WorkerInfo {
     pub device: String,
 }
 
+/// One data set as a worker holds it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoadedDataset {
+    pub name: String,
+    /// Tokens read (after `max_tokens`).
+    pub tokens: usize,
+    /// Scoring windows cut from them.
+    pub windows: usize,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LoadReport {
     pub info: WorkerInfo,
     pub seconds: f64,
     /// Resident memory after loading.
     pub rss_bytes: u64,
-    /// (data set, tokens, windows)
-    pub datasets: Vec<(String, usize, usize)>,
+    /// What was read of each data set, the objective first.
+    pub datasets: Vec<LoadedDataset>,
     pub seq_len: usize,
     pub parameters: u64,
     /// True when this spec was already loaded and nothing was read again.
@@ -129,8 +139,6 @@ pub struct WorkerStatus {
     pub rss_bytes: u64,
 }
 
-/// The worker service. Errors are strings: they cross process boundaries and end up in
-/// the journal and the log, so they must already say what went wrong and where.
 /// One batch passed down a pipeline: the trial's weights (each stage merges its own
 /// layers with them, once per trial), the batch's tokens (the last stage scores them),
 /// and the previous stage's hidden states, `[tokens, hidden]` in f32.
@@ -143,14 +151,46 @@ pub struct StageRequest {
     pub hidden: Vec<f32>,
 }
 
+/// Why a worker could not serve a request, as the reply carries it. The message already
+/// says what went wrong and where (it ends up in the journal and the log as it is); the
+/// kind says which step failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct WorkerError {
+    pub kind: WorkerErrorKind,
+    pub message: String,
+}
+
+/// The step a [`WorkerError`] comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerErrorKind {
+    /// Loading sources or data (bad input, or a pipeline stage that could not load).
+    Load,
+    /// Merging or scoring a candidate.
+    Evaluate,
+    /// A later pipeline stage's part of a batch.
+    Stage,
+    /// The worker panicked while serving the request (a bug: the reply says where).
+    Panic,
+}
+
+impl WorkerError {
+    pub fn new(kind: WorkerErrorKind, message: impl Into<String>) -> WorkerError {
+        WorkerError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
 #[tarpc::service]
 pub trait WorkerApi {
     /// The rest of the pipeline on one batch; returns its summed NLL.
-    async fn stage_forward(req: StageRequest) -> Result<f64, String>;
+    async fn stage_forward(req: StageRequest) -> Result<f64, WorkerError>;
     /// Loads sources and data (or reuses them when `spec` is already loaded).
-    async fn load(spec: LoadSpec) -> Result<LoadReport, String>;
+    async fn load(spec: LoadSpec) -> Result<LoadReport, WorkerError>;
     /// Merges with the request's weights and scores. Concurrent calls queue.
-    async fn evaluate(req: EvalRequest) -> Result<EvalReply, String>;
+    async fn evaluate(req: EvalRequest) -> Result<EvalReply, WorkerError>;
     /// Cheap liveness probe, answered while an evaluation runs.
     async fn status() -> WorkerStatus;
     /// Asks the worker process to exit after answering.
@@ -430,6 +470,15 @@ mod tests {
         );
         let se = srv.await.unwrap().unwrap_err();
         assert!(matches!(se, HandshakeError::Version { .. }), "{se}");
+    }
+
+    #[test]
+    fn a_worker_error_displays_as_its_message_alone() {
+        // The coordinator journals what a worker said; the kind must not change the text.
+        let e = WorkerError::new(WorkerErrorKind::Evaluate, "weights must be finite");
+        assert_eq!(e.to_string(), "weights must be finite");
+        let wire = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<WorkerError>(&wire).unwrap(), e);
     }
 
     #[test]

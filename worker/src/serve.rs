@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ckmerge_common::protocol::{
-    self, DatasetScore, EvalReply, EvalRequest, LoadReport, LoadSpec, Secret, StageRequest,
-    WorkerApi, WorkerApiClient, WorkerInfo, WorkerStatus, PROTOCOL_VERSION,
+    self, DatasetScore, EvalReply, EvalRequest, LoadReport, LoadSpec, LoadedDataset, Secret,
+    StageRequest, WorkerApi, WorkerApiClient, WorkerError, WorkerErrorKind, WorkerInfo,
+    WorkerStatus, PROTOCOL_VERSION,
 };
 use std::panic::AssertUnwindSafe;
 
@@ -134,7 +135,11 @@ impl WorkerService {
             datasets: ev
                 .datasets
                 .iter()
-                .map(|d| (d.name.clone(), d.tokens(), d.windows.len()))
+                .map(|d| LoadedDataset {
+                    name: d.name.clone(),
+                    tokens: d.tokens(),
+                    windows: d.windows.len(),
+                })
                 .collect(),
             seq_len: ev.seq_len,
             parameters: ev.parameters(),
@@ -197,6 +202,7 @@ async fn pass_on(
     next.stage_forward(downstream(ctx), req)
         .await
         .map_err(|e| format!("next pipeline stage: {e}"))?
+        .map_err(|e| e.message)
 }
 
 /// Merges the trial's weights: one vector, or one per tensor group.
@@ -204,38 +210,50 @@ fn apply_weights(ev: &mut Evaluator, weights: &MergeWeights) -> Result<(), Strin
     ev.merge(weights).map_err(|e| e.to_string())
 }
 
-/// A panic's message, for an error reply.
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    let what = p
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into());
-    format!("the worker panicked: {what}")
+/// A handler's outcome as a reply: its error message with the step it failed in, or a
+/// panic's message.
+fn reply<T>(
+    outcome: Result<Result<T, String>, Box<dyn std::any::Any + Send>>,
+    kind: WorkerErrorKind,
+) -> Result<T, WorkerError> {
+    match outcome {
+        Ok(r) => r.map_err(|m| WorkerError::new(kind, m)),
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(WorkerError::new(
+                WorkerErrorKind::Panic,
+                format!("the worker panicked: {what}"),
+            ))
+        }
+    }
 }
 
 impl WorkerApi for WorkerService {
     // A panic in a handler would drop its reply and leave the coordinator waiting for
     // the deadline; catching it turns it into an error reply at once.
-    async fn load(self, ctx: Context, spec: LoadSpec) -> Result<LoadReport, String> {
-        AssertUnwindSafe(self.load_inner(ctx, spec))
+    async fn load(self, ctx: Context, spec: LoadSpec) -> Result<LoadReport, WorkerError> {
+        let outcome = AssertUnwindSafe(self.load_inner(ctx, spec))
             .catch_unwind()
-            .await
-            .unwrap_or_else(|p| Err(panic_message(p)))
+            .await;
+        reply(outcome, WorkerErrorKind::Load)
     }
 
-    async fn evaluate(self, ctx: Context, req: EvalRequest) -> Result<EvalReply, String> {
-        AssertUnwindSafe(self.evaluate_inner(ctx, req))
+    async fn evaluate(self, ctx: Context, req: EvalRequest) -> Result<EvalReply, WorkerError> {
+        let outcome = AssertUnwindSafe(self.evaluate_inner(ctx, req))
             .catch_unwind()
-            .await
-            .unwrap_or_else(|p| Err(panic_message(p)))
+            .await;
+        reply(outcome, WorkerErrorKind::Evaluate)
     }
 
-    async fn stage_forward(self, ctx: Context, req: StageRequest) -> Result<f64, String> {
-        AssertUnwindSafe(self.stage_forward_inner(ctx, req))
+    async fn stage_forward(self, ctx: Context, req: StageRequest) -> Result<f64, WorkerError> {
+        let outcome = AssertUnwindSafe(self.stage_forward_inner(ctx, req))
             .catch_unwind()
-            .await
-            .unwrap_or_else(|p| Err(panic_message(p)))
+            .await;
+        reply(outcome, WorkerErrorKind::Stage)
     }
 
     async fn status(self, _: Context) -> WorkerStatus {
@@ -287,7 +305,11 @@ impl WorkerService {
                     datasets: spec
                         .datasets
                         .iter()
-                        .map(|(n, _)| (n.clone(), 0, 0))
+                        .map(|(name, _)| LoadedDataset {
+                            name: name.clone(),
+                            tokens: 0,
+                            windows: 0,
+                        })
                         .collect(),
                     seq_len: spec.window.seq_len.unwrap_or(0),
                     parameters: 0,
@@ -367,7 +389,7 @@ impl WorkerService {
             Ok(EvalReply {
                 trial,
                 scores: vec![DatasetScore {
-                    name: loaded.report.datasets[0].0.clone(),
+                    name: loaded.report.datasets[0].name.clone(),
                     tokens: 0,
                     mean_nll: v,
                     perplexity: v.exp(),

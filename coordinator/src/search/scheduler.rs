@@ -507,7 +507,7 @@ impl Scheduler {
                 Ok(Err(error)) => Ev::LoadFailed {
                     slot: i,
                     gen,
-                    error,
+                    error: error.message,
                     lost: false,
                 },
                 Err(e) => Ev::LoadFailed {
@@ -777,7 +777,7 @@ impl Scheduler {
             .await;
             let result = match r {
                 Ok(Ok(Ok(reply))) => Ok(reply),
-                Ok(Ok(Err(e))) => Err(AttemptError::Eval(e)),
+                Ok(Ok(Err(e))) => Err(AttemptError::Eval(e.message)),
                 Ok(Err(tarpc::client::RpcError::DeadlineExceeded)) | Err(_) => Err(
                     AttemptError::Lost(format!("evaluation passed its {deadline:?} deadline")),
                 ),
@@ -864,8 +864,8 @@ impl Scheduler {
             .iter()
             .find_map(|s| s.report.as_ref())
             .map(|r| {
-                let total: usize = r.datasets.iter().map(|d| d.1).sum();
-                let objective = r.datasets.first().map_or(0, |d| d.1);
+                let total: usize = r.datasets.iter().map(|d| d.tokens).sum();
+                let objective = r.datasets.first().map_or(0, |d| d.tokens);
                 if objective == 0 {
                     1.0
                 } else {
