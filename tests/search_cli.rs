@@ -13,6 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use ckmerge_worker::test_support::fixtures;
 use serde_json::Value;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -23,10 +24,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_ckmerge")
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trajectory")
 }
 
 /// A child process killed (and reaped) when the test ends, however it ends.

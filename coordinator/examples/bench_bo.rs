@@ -16,6 +16,7 @@ use ckmerge_coordinator::bo::acquisition::Acquisition;
 use ckmerge_coordinator::bo::optimizer::{Batch, Strategy};
 use ckmerge_coordinator::bo::{BoConfig, Optimizer, SearchSpace};
 use ckmerge_worker::eval::{EvalOptions, Evaluator};
+use ckmerge_worker::test_support::fixtures;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -38,10 +39,6 @@ fn seed0() -> u64 {
 const BUDGET: usize = 20;
 const GRID_1D: usize = 100;
 const GRID_2D: usize = 50;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trajectory")
-}
 
 fn tabulate(out: &Path) {
     let data = vec![(

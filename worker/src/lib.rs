@@ -7,6 +7,7 @@ pub mod eval;
 pub mod merge;
 pub mod model;
 pub mod serve;
+pub mod test_support;
 
 pub use merge::{merge_to_dir, MergeError, MergeRequest, MergeSummary, Progress};
 pub mod gpu;

@@ -11,11 +11,8 @@ use std::path::{Path, PathBuf};
 
 use ckmerge_common::{DType, WindowSpec};
 use ckmerge_worker::eval::{EvalOptions, Evaluator, StageOutput};
+use ckmerge_worker::test_support::fixtures;
 use ckmerge_worker::{merge_to_dir, MergeRequest};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trajectory")
-}
 
 fn data() -> Vec<(String, Vec<PathBuf>)> {
     vec![

@@ -7,10 +7,7 @@ use std::path::PathBuf;
 
 use ckmerge_common::WindowSpec;
 use ckmerge_worker::eval::{EvalOptions, Evaluator, StageOutput};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trajectory")
-}
+use ckmerge_worker::test_support::fixtures;
 
 fn data() -> Vec<(String, Vec<PathBuf>)> {
     vec![("heldout".into(), vec![fixtures().join("data/heldout.txt")])]
