@@ -2,6 +2,8 @@
 //! (tests/fixtures/tiny-llama, written by transformers) and on inputs broken in every way
 //! the issue lists. Each test works in its own temporary directory; inputs are copied
 //! there whenever a test modifies them.
+//!
+//! Size: one file for every end-to-end test of `ckmerge merge`, sharing its helpers.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -6,6 +6,9 @@
 //! the held-out file several times (more windows, same kind of work) and workers run on
 //! one thread. The tests that start processes run one at a time (they share two cores,
 //! and their deadlines must mean the same thing in every run).
+//!
+//! Size: one file for every end-to-end test of `ckmerge search` with real processes,
+//! sharing the process helpers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -10,6 +10,8 @@
 //! - GEMMs and attention (cuBLAS's accumulation order): 2e-5 relative to the row's
 //!   magnitude in f32; bf16 inputs are compared with the CPU on the same bf16-rounded
 //!   inputs, within 1e-3 relative.
+//!
+//! Size: one parity test per kernel family, sharing the upload and comparison helpers.
 
 use ckmerge_common::DType;
 use ckmerge_kernels::cuda::device::Gpu;

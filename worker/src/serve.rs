@@ -6,6 +6,9 @@
 //! One evaluator per worker. Loads and evaluations take one FIFO lock, so concurrent
 //! evaluate calls queue instead of running over each other; `status` never takes it, so
 //! heartbeats are answered while an evaluation runs.
+//!
+//! Size: the service has three request paths (a whole model, a pipeline's head streaming
+//! batches through the stages, a later stage), each with its panic and deadline handling.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -14,6 +14,10 @@
 //! - a trial is recorded failed after `max_attempts` attempts, on different workers where
 //!   there are any;
 //! - every result is journaled and synced before the optimiser sees it.
+//!
+//! Size: the connection state machine, heartbeats and the report's reference scoring are
+//! still here (the trial policy moved to `trials.rs`); splitting them is pending
+//! (docs/ARCHITECTURE.md).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;

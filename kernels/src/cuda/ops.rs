@@ -9,6 +9,9 @@
 //!
 //! Each wrapper names its CPU reference in `crate::ops`; `kernels/tests/gpu_parity.rs`
 //! holds every one to it.
+//!
+//! Size: one short wrapper per kernel of `ops.cu` plus the cuBLAS GEMM and the two
+//! attention schedules; kept together so the host side of every kernel is in one place.
 
 use std::ffi::c_void;
 

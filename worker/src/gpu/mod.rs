@@ -2,12 +2,12 @@
 //! on the worker's GPUs, split into contiguous layer ranges by memory; a trial is one
 //! fused merge launch per dtype on each GPU and one forward pass, hidden states copied
 //! from GPU to GPU between layer ranges. The forward pass is the architectures' own
-//! (`crate::model::{llama, neox}`) over the GPU operations of [`forward`], which mirror
+//! (`crate::model::{llama, neox}`) over the GPU operations of `forward`, which mirror
 //! the CPU reference (`crate::model::cpu`).
 //!
-//! - [`devices`]: `--gpus` and the placement of layer ranges on GPUs;
-//! - [`shard`]: one GPU's weight store (sources and merged copy) and merge plans;
-//! - [`forward`]: the operations of a forward pass on one GPU.
+//! - `devices`: `--gpus` and the placement of layer ranges on GPUs;
+//! - `shard`: one GPU's weight store (sources and merged copy) and merge plans;
+//! - `forward`: the operations of a forward pass on one GPU.
 
 pub mod devices;
 mod forward;
