@@ -199,10 +199,6 @@ impl GroupMap {
     pub fn groups(&self) -> usize {
         self.groups
     }
-
-    pub fn tensors(&self) -> usize {
-        self.group_of.len()
-    }
 }
 
 #[cfg(test)]

@@ -126,9 +126,8 @@ impl Trials {
         t
     }
 
-    /// Trial `id` succeeded: it leaves the set.
+    /// Trial `id` (running, so not queued) succeeded: it leaves the set.
     pub fn succeeded(&mut self, id: u64) -> Trial {
-        self.queue.retain(|&t| t != id);
         self.trials.remove(&id).expect("a running trial is known")
     }
 
