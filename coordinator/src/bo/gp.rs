@@ -149,18 +149,13 @@ impl Surrogate {
 
     /// Adds points with (standardised) values, hyperparameters and normalisation frozen,
     /// for Kriging-believer batches: O(n²) per point.
-    pub fn add_believed(
-        mut self,
-        pts: &[Vec<f64>],
-        y_std_units: &[f64],
-    ) -> Result<Surrogate, String> {
+    pub fn add_believed(&mut self, pts: &[Vec<f64>], y_std_units: &[f64]) -> Result<(), String> {
         if pts.is_empty() {
-            return Ok(self);
+            return Ok(());
         }
         self.post
             .add(pts, y_std_units)
-            .map_err(|e| format!("Gaussian-process update failed: {e}"))?;
-        Ok(self)
+            .map_err(|e| format!("Gaussian-process update failed: {e}"))
     }
 }
 

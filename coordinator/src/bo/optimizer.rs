@@ -11,8 +11,11 @@
 //! EI had the lower regret on Forrester, Hartmann-3 and Hartmann-6, the believer on
 //! Branin; constant liar was on par with the believer in an earlier comparison.
 //!
-//! Size: about 300 of its lines are tests; `propose` (the rest of the bulk) is still to be
-//! split into its phases (docs/ARCHITECTURE.md, "What is not yet in this shape").
+//! `propose` is written as its phases (see its doc); the initial design, the model steps
+//! and the candidates with their refinement are in the child modules `design`, `steps`
+//! and `candidates`.
+//!
+//! Size: about 600 lines of code; the rest (about 300) are its tests.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -21,6 +24,10 @@ use serde::{Deserialize, Serialize};
 use super::acquisition::{AcqParams, Acquisition, Hedge, ALL};
 use super::gp::{Hyper, Surrogate, THETA_BOUNDS};
 use super::space::SearchSpace;
+
+mod candidates;
+mod design;
+mod steps;
 
 /// Which acquisition drives proposals. The default is the paper's GP-Hedge. (It was EI
 /// while the hyperparameters were refitted only every 5 observations: with stale length
@@ -248,82 +255,82 @@ impl Optimizer {
         )
     }
 
-    /// The initial design: anchors (ends, vertices, centre) then Latin-hypercube points.
-    /// `taken`: every point observed, failed or pending (see [`Optimizer::lambda_probe`]).
-    fn design(&self, taken: &[Vec<f64>]) -> Vec<Vec<f64>> {
-        let mut pts = self.space.anchor_points(self.config.center);
-        if self.config.center && matches!(self.space, SearchSpace::Lambda { .. }) {
-            match self.lambda_probe(taken) {
-                Some(p) => pts[2] = p,
-                None => {
-                    pts.remove(2);
-                }
-            }
-        }
-        let n = self.config.initial_random;
-        if n > 0 {
-            let d = self.space.dim();
-            let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ 0x1A7E_5EED);
-            let mut cols: Vec<Vec<usize>> = (0..d).map(|_| (0..n).collect()).collect();
-            for c in cols.iter_mut() {
-                for i in (1..n).rev() {
-                    c.swap(i, rng.gen_range(0..=i));
-                }
-            }
-            for i in 0..n {
-                pts.push(
-                    cols.iter()
-                        .map(|col| (col[i] as f64 + rng.gen::<f64>()) / n as f64)
-                        .collect(),
-                );
-            }
-        }
-        pts
-    }
-
-    /// The third point of the 1-D design, after the paper's two ends: the middle of the
-    /// better half once both ends have values, the middle of the range while they do not
-    /// (the three proposed in one batch), `None` once an interior point has been taken
-    /// (the probe was made).
-    ///
-    /// Why not the middle: if the landscape is a convex parabola with vertex `m`, then
-    /// `f(0) - f(1) = c (2m - 1)`, so the better end tells which half holds the minimum;
-    /// probing the middle of that half fits the next model step (the parabola through the
-    /// three points) closer to the minimum, where a merge landscape is most nearly
-    /// quadratic. On the fixtures' ten landscapes the vertex through the ends and the
-    /// middle missed the 0.1 % band on one (Llama 250 -> 500, steep on the early side:
-    /// vertex 0.958, optimum 0.88); through the ends and 0.75 it lands within on all ten,
-    /// and so does any probe between 0.65 and 0.85 of the way towards the better end
-    /// (simulated on the tabulated landscapes), so 3/4 is not a knife-edge choice.
-    fn lambda_probe(&self, taken: &[Vec<f64>]) -> Option<Vec<f64>> {
-        let eps = self.config.min_distance;
-        if taken.iter().any(|t| t[0] > eps && t[0] < 1.0 - eps) {
-            return None;
-        }
-        let at = |x: f64| {
-            self.successes()
-                .find(|o| (o.u[0] - x).abs() < eps)
-                .and_then(|o| o.value)
-        };
-        Some(vec![match (at(0.0), at(1.0)) {
-            (Some(a), Some(b)) if a > b => 0.75,
-            (Some(a), Some(b)) if a < b => 0.25,
-            _ => 0.5,
-        }])
-    }
-
     /// `q` new cube points, distinct from each other and at least `min_distance` from
     /// everything observed, failed (unless `retry_failed`) and `pending`.
+    ///
+    /// The phases of a round: the initial design while it lasts ([`Optimizer::design_points`]);
+    /// without two values, points that need no model ([`Optimizer::fill_without_model`]);
+    /// then the surrogate is fitted ([`Optimizer::fit`]), the evaluations still running are
+    /// accounted for ([`Fantasy`]), a model step may take one slot
+    /// ([`Optimizer::model_step`]) and the acquisition fills the rest
+    /// ([`Optimizer::fill_by_acquisition`]), whose best EI convergence watches.
     pub fn propose(&mut self, q: usize, pending: &[Vec<f64>]) -> Result<Vec<Vec<f64>>, String> {
+        let taken = self.taken(pending);
+        let mut chosen = self.design_points(q, &taken);
+        if chosen.len() == q || self.successes().count() < 2 {
+            self.fill_without_model(q, &taken, &mut chosen);
+            self.round += 1;
+            return Ok(chosen);
+        }
+        let xs: Vec<Vec<f64>> = self.successes().map(|o| o.u.clone()).collect();
+        let ys: Vec<f64> = self
+            .successes()
+            .map(|o| o.value.expect("successes"))
+            .collect();
+        let gp = self.fit(&xs, &ys)?;
+        if let Some(noms) = self.nominees.take() {
+            // GP-Hedge's reward for last round's nominees, judged by the refitted model.
+            let (mu, _) = gp.predict(&noms);
+            self.hedge.update([mu[0], mu[1], mu[2]]);
+        }
+        let best = ys.iter().cloned().fold(f64::INFINITY, f64::min);
+        let best_std = gp.standardize(best);
+        let joint_mode = self.config.batch == Batch::JointEi
+            && self.config.strategy == Strategy::Single(Acquisition::Ei);
+        let unobserved: Vec<Vec<f64>> = pending.iter().chain(&chosen).cloned().collect();
+        let mut fantasy = Fantasy::new(gp, unobserved, joint_mode)?;
+        self.judge_last_model_step(best);
+        if self.config.model_steps && self.model_misses < 2 && chosen.len() < q {
+            let all: Vec<Vec<f64>> = taken.iter().chain(&chosen).cloned().collect();
+            if let Some(x) = self.model_step(&xs, &ys, &all) {
+                fantasy.add(&x)?;
+                self.last_model_point = Some(x.clone());
+                chosen.push(x);
+            }
+        }
+        // The best observations first: candidates are sampled around them.
+        let mut order: Vec<usize> = (0..xs.len()).collect();
+        order.sort_by(|&a, &b| ys[a].partial_cmp(&ys[b]).expect("finite"));
+        let incumbents: Vec<Vec<f64>> = order.iter().map(|&i| xs[i].clone()).collect();
+        let best_ei =
+            self.fill_by_acquisition(q, &mut fantasy, best_std, &incumbents, &taken, &mut chosen)?;
+        if let Some(tol) = self.config.converge_tol {
+            self.low_acq_rounds = if best_ei < tol {
+                self.low_acq_rounds + 1
+            } else {
+                0
+            };
+        }
+        self.round += 1;
+        Ok(chosen)
+    }
+
+    /// Every point a proposal must keep away from: `pending`, the observed ones and the
+    /// failed ones (unless `retry_failed`).
+    fn taken(&self, pending: &[Vec<f64>]) -> Vec<Vec<f64>> {
         let mut taken: Vec<Vec<f64>> = pending.to_vec();
         for o in &self.observations {
             if o.value.is_some() || !self.config.retry_failed {
                 taken.push(o.u.clone());
             }
         }
-        let far = |p: &[f64], taken: &[Vec<f64>], d: f64| taken.iter().all(|t| dist(p, t) >= d);
+        taken
+    }
+
+    /// Up to `q` points of the initial design not yet taken.
+    fn design_points(&self, q: usize, taken: &[Vec<f64>]) -> Vec<Vec<f64>> {
         let mut chosen: Vec<Vec<f64>> = Vec::new();
-        for p in self.design(&taken) {
+        for p in self.design(taken) {
             if chosen.len() == q {
                 break;
             }
@@ -332,96 +339,104 @@ impl Optimizer {
                 chosen.push(p);
             }
         }
-        let n_ok = self.successes().count();
-        if chosen.len() == q || n_ok < 2 {
-            // Still in the initial design, or too few values to fit a surrogate: random, or
-            // in 1-D the middle of the widest gap (a random lambda can land next to a
-            // point already running).
-            let mut rng = self.rng(1);
-            while chosen.len() < q {
-                let p: Vec<f64> = match self.space {
-                    SearchSpace::Lambda { .. } => {
-                        let mut xs: Vec<f64> = taken.iter().chain(&chosen).map(|t| t[0]).collect();
-                        xs.extend([0.0, 1.0]);
-                        xs.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-                        let (lo, hi) = xs
-                            .windows(2)
-                            .map(|w| (w[0], w[1]))
-                            .max_by(|a, b| (a.1 - a.0).partial_cmp(&(b.1 - b.0)).expect("finite"))
-                            .expect("two ends");
-                        vec![0.5 * (lo + hi)]
-                    }
-                    _ => (0..self.space.dim()).map(|_| rng.gen()).collect(),
-                };
-                let all: Vec<Vec<f64>> = taken.iter().chain(&chosen).cloned().collect();
-                if far(&p, &all, self.config.min_distance) {
-                    chosen.push(p);
-                }
-            }
-            self.round += 1;
-            return Ok(chosen);
-        }
+        chosen
+    }
 
+    /// Fills `chosen` up to `q` while there is no model (the design is still running, or
+    /// fewer than two values): random points, or in 1-D the middle of the widest gap (a
+    /// random lambda can land next to a point already running).
+    fn fill_without_model(&self, q: usize, taken: &[Vec<f64>], chosen: &mut Vec<Vec<f64>>) {
+        let mut rng = self.rng(1);
+        while chosen.len() < q {
+            let p: Vec<f64> = match self.space {
+                SearchSpace::Lambda { .. } => {
+                    let mut xs: Vec<f64> =
+                        taken.iter().chain(chosen.iter()).map(|t| t[0]).collect();
+                    xs.extend([0.0, 1.0]);
+                    xs.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+                    let (lo, hi) = xs
+                        .windows(2)
+                        .map(|w| (w[0], w[1]))
+                        .max_by(|a, b| (a.1 - a.0).partial_cmp(&(b.1 - b.0)).expect("finite"))
+                        .expect("two ends");
+                    vec![0.5 * (lo + hi)]
+                }
+                _ => (0..self.space.dim()).map(|_| rng.gen()).collect(),
+            };
+            let all: Vec<Vec<f64>> = taken.iter().chain(chosen.iter()).cloned().collect();
+            if far(&p, &all, self.config.min_distance) {
+                chosen.push(p);
+            }
+        }
+    }
+
+    /// The surrogate of this round. Its hyperparameters are re-optimised while the data are
+    /// few (`refit_all_until`) and every `refit_every` observations after; in between the
+    /// kept length scales are reused. Past the early phase a re-optimisation starts from the
+    /// current length scales alone: they move little between refits then, and the restarts
+    /// are most of a refit's cost (see `bench_bo latency`).
+    fn fit(&mut self, xs: &[Vec<f64>], ys: &[f64]) -> Result<Surrogate, String> {
+        let n_ok = xs.len();
+        let full = self.theta.is_none()
+            || n_ok < self.config.refit_all_until
+            || n_ok >= self.theta_at + self.config.refit_every;
+        if !full {
+            let theta = self.theta.as_deref().expect("kept only after a fit");
+            return Surrogate::fit(
+                xs,
+                ys,
+                Hyper::Fixed(theta),
+                self.config.nugget,
+                self.config.theta_bounds,
+            );
+        }
+        let from = if n_ok >= self.config.refit_all_until {
+            self.theta.as_deref()
+        } else {
+            None
+        };
+        let hyper = Hyper::Fit {
+            n_start: self.config.n_start,
+            from,
+        };
+        let g = Surrogate::fit(xs, ys, hyper, self.config.nugget, self.config.theta_bounds)?;
+        self.theta = Some(g.theta());
+        self.theta_at = n_ok;
+        Ok(g)
+    }
+
+    /// The surrogate over the successful observations with the length scales the last
+    /// proposal used (fitted afresh when no proposal has fitted any yet): the model the
+    /// report's plots draw. `None` with fewer than three values.
+    pub fn surrogate(&self) -> Option<Result<Surrogate, String>> {
         let xs: Vec<Vec<f64>> = self.successes().map(|o| o.u.clone()).collect();
+        if xs.len() < 3 {
+            return None;
+        }
         let ys: Vec<f64> = self
             .successes()
             .map(|o| o.value.expect("successes"))
             .collect();
-        let full = self.theta.is_none()
-            || n_ok < self.config.refit_all_until
-            || n_ok >= self.theta_at + self.config.refit_every;
-        let mut gp = if full {
-            // Past the early phase, a refit starts from the current length scales alone: they
-            // move little between refits then, and the restarts are most of a refit's cost
-            // (see `bench_bo latency`).
-            let from = if n_ok >= self.config.refit_all_until {
-                self.theta.as_deref()
-            } else {
-                None
-            };
-            let hyper = Hyper::Fit {
+        let hyper = match &self.theta {
+            Some(theta) => Hyper::Fixed(theta),
+            None => Hyper::Fit {
                 n_start: self.config.n_start,
-                from,
-            };
-            let g = Surrogate::fit(
-                &xs,
-                &ys,
-                hyper,
-                self.config.nugget,
-                self.config.theta_bounds,
-            )?;
-            self.theta = Some(g.theta());
-            self.theta_at = n_ok;
-            g
-        } else {
-            let theta = self.theta.as_deref().expect("kept only after a fit");
-            Surrogate::fit(
-                &xs,
-                &ys,
-                Hyper::Fixed(theta),
-                self.config.nugget,
-                self.config.theta_bounds,
-            )?
+                from: None,
+            },
         };
-        if let Some(noms) = self.nominees.take() {
-            let (mu, _) = gp.predict(&noms);
-            self.hedge.update([mu[0], mu[1], mu[2]]);
-        }
-        let best = ys.iter().cloned().fold(f64::INFINITY, f64::min);
-        let best_std = gp.standardize(best);
+        Some(Surrogate::fit(
+            &xs,
+            &ys,
+            hyper,
+            self.config.nugget,
+            self.config.theta_bounds,
+        ))
+    }
 
-        // Evaluations still running, and this batch's earlier picks, are believed at the
-        // posterior mean, or (joint EI) kept apart and integrated over.
-        let joint_mode = self.config.batch == Batch::JointEi
-            && self.config.strategy == Strategy::Single(Acquisition::Ei);
-        let mut joint: Vec<Vec<f64>> = pending.iter().chain(&chosen).cloned().collect();
-        if !joint_mode && !joint.is_empty() {
-            let (mu, _) = gp.predict(&joint);
-            gp = gp.add_believed(&joint, &mu)?;
-            joint.clear();
-        }
+    /// Whether the last model step became the incumbent: two misses in a row and model
+    /// steps stop (the landscape is not as smooth as they assume).
+    fn judge_last_model_step(&mut self, best: f64) {
         if let Some(p) = self.last_model_point.take() {
-            // Did the last model step become the incumbent?
             let at = self
                 .successes()
                 .find(|o| dist(&o.u, &p) < 1e-12)
@@ -432,51 +447,56 @@ impl Optimizer {
                 None => self.last_model_point = Some(p),
             }
         }
-        if self.config.model_steps && self.model_misses < 2 && chosen.len() < q {
-            let all: Vec<Vec<f64>> = taken.iter().chain(&chosen).cloned().collect();
-            let step = match self.space {
-                SearchSpace::Lambda { .. } => self.parabolic_step(&xs, &ys, &all),
-                SearchSpace::Simplex { .. } => self.quadratic_step(&xs, &ys, &all),
-                SearchSpace::Cube { .. } | SearchSpace::Grouped { .. } => None,
-            };
-            if let Some(x) = step {
-                if joint_mode {
-                    joint.push(x.clone());
-                } else {
-                    let (m, _) = gp.predict(std::slice::from_ref(&x));
-                    gp = gp.add_believed(std::slice::from_ref(&x), &m)?;
-                }
-                self.last_model_point = Some(x.clone());
-                chosen.push(x);
-            }
+    }
+
+    /// The minimum of a low-order model through the observations, where the space has one
+    /// ([`Optimizer::parabolic_step`], [`Optimizer::quadratic_step`]).
+    fn model_step(&self, xs: &[Vec<f64>], ys: &[f64], taken: &[Vec<f64>]) -> Option<Vec<f64>> {
+        match self.space {
+            SearchSpace::Lambda { .. } => self.parabolic_step(xs, ys, taken),
+            SearchSpace::Simplex { .. } => self.quadratic_step(xs, ys, taken),
+            SearchSpace::Cube { .. } | SearchSpace::Grouped { .. } => None,
         }
-        // The best observations first: candidates are sampled around them.
-        let mut order: Vec<usize> = (0..xs.len()).collect();
-        order.sort_by(|&a, &b| ys[a].partial_cmp(&ys[b]).expect("finite"));
-        let incumbents: Vec<Vec<f64>> = order.iter().map(|&i| xs[i].clone()).collect();
+    }
+
+    /// Fills `chosen` up to `q` by the acquisition: GP-Hedge's pick (or the configured
+    /// acquisition) for the first point of the round, EI for the rest of a batch; each pick
+    /// joins `fantasy`. Returns the largest EI seen over the candidates of the round's
+    /// steps, the smallest of those maxima, which convergence watches.
+    fn fill_by_acquisition(
+        &mut self,
+        q: usize,
+        fantasy: &mut Fantasy,
+        best_std: f64,
+        incumbents: &[Vec<f64>],
+        taken: &[Vec<f64>],
+        chosen: &mut Vec<Vec<f64>>,
+    ) -> Result<f64, String> {
         let mut acq_used: Option<Acquisition> = None;
         let mut best_ei = f64::INFINITY;
         while chosen.len() < q {
             let k = chosen.len() as u64;
-            let all: Vec<Vec<f64>> = taken.iter().chain(&chosen).cloned().collect();
-            let cands = self.candidates(&incumbents, &all, k);
+            let all: Vec<Vec<f64>> = taken.iter().chain(chosen.iter()).cloned().collect();
+            let cands = self.candidates(incumbents, &all, k);
             if cands.is_empty() {
                 return Err("no candidate point is far enough from the points already evaluated; the space is exhausted at this resolution".into());
             }
+            let gp = &fantasy.gp;
             // With points pending under joint EI, the candidates are scored by the EI they
             // add to those points (which is also what convergence watches); otherwise by
             // the posterior at each.
-            let joint_scores = if joint_mode && !joint.is_empty() {
-                let je = gp.joint_ei(
-                    &joint,
-                    best_std,
-                    JOINT_SAMPLES,
-                    self.config.seed ^ self.round.wrapping_mul(31) ^ (k + 1) << 40,
-                )?;
-                let scores = gp.score_joint(&je, &cands);
-                Some((je, scores))
-            } else {
-                None
+            let joint_scores = match &fantasy.joint {
+                Some(joint) if !joint.is_empty() => {
+                    let je = gp.joint_ei(
+                        joint,
+                        best_std,
+                        JOINT_SAMPLES,
+                        self.config.seed ^ self.round.wrapping_mul(31) ^ (k + 1) << 40,
+                    )?;
+                    let scores = gp.score_joint(&je, &cands);
+                    Some((je, scores))
+                }
+                _ => None,
             };
             let (mu, sd) = match joint_scores {
                 Some(_) => (Vec::new(), Vec::new()),
@@ -499,7 +519,7 @@ impl Optimizer {
                 (None, Strategy::Hedge) => {
                     let noms: Vec<Vec<f64>> = ALL
                         .iter()
-                        .map(|&a| self.refine(&gp, &cands, &mu, &sd, a, best_std, &all, k))
+                        .map(|&a| self.refine(gp, &cands, &mu, &sd, a, best_std, &all, k))
                         .collect();
                     let pick = self.hedge.choose(self.rng(2 + k).gen());
                     self.nominees = Some(noms);
@@ -519,261 +539,56 @@ impl Optimizer {
                     let score = |pts: &[Vec<f64>]| gp.score_joint(&je, pts);
                     self.refine_with(&cands, scores, &score, &all, k, acq as u64)
                 }
-                _ => self.refine(&gp, &cands, &mu, &sd, acq, best_std, &all, k),
+                _ => self.refine(gp, &cands, &mu, &sd, acq, best_std, &all, k),
             };
-            if joint_mode {
-                joint.push(x.clone());
-            } else {
-                let (m, _) = gp.predict(std::slice::from_ref(&x));
-                gp = gp.add_believed(std::slice::from_ref(&x), &m)?;
-            }
+            fantasy.add(&x)?;
             chosen.push(x);
         }
-        if let Some(tol) = self.config.converge_tol {
-            self.low_acq_rounds = if best_ei < tol {
-                self.low_acq_rounds + 1
-            } else {
-                0
-            };
-        }
-        self.round += 1;
-        Ok(chosen)
-    }
-
-    /// Merge landscapes along lambda are smooth with one interior basin (the fixtures'
-    /// ten landscapes all are), so once the best point is bracketed by observed neighbours
-    /// the vertex of the parabola through the three is where the minimum most likely is:
-    /// successive parabolic interpolation, as in Brent's method. Starting from the ends
-    /// and the probe in the better half, the first vertex already lands within 0.1 % of the
-    /// best perplexity on the fixtures' landscapes. Returns `None` (the acquisition decides) when
-    /// the space is not 1-D lambda, the best point is not bracketed, the parabola is not
-    /// convex, or the vertex is too close to a point already taken.
-    fn parabolic_step(&self, xs: &[Vec<f64>], ys: &[f64], taken: &[Vec<f64>]) -> Option<Vec<f64>> {
-        if !matches!(self.space, SearchSpace::Lambda { .. }) || xs.len() < 3 {
-            return None;
-        }
-        let mut pts: Vec<(f64, f64)> = xs.iter().map(|x| x[0]).zip(ys.iter().copied()).collect();
-        pts.sort_by(|a, b| a.0.partial_cmp(&b.0).expect("finite"));
-        let b = (0..pts.len()).min_by(|&i, &j| pts[i].1.partial_cmp(&pts[j].1).expect("finite"))?;
-        // Bracketed: the best point and its neighbours. At an end of the range: the end
-        // and the two points next to it (extrapolating towards the end).
-        let mid = b.clamp(1, pts.len() - 2);
-        let ((x0, f0), (x1, f1), (x2, f2)) = (pts[mid - 1], pts[mid], pts[mid + 1]);
-        let num = (x1 - x0).powi(2) * (f1 - f2) - (x1 - x2).powi(2) * (f1 - f0);
-        let den = (x1 - x0) * (f1 - f2) - (x1 - x2) * (f1 - f0);
-        if den.abs() < 1e-300 {
-            return None;
-        }
-        let v = x1 - 0.5 * num / den;
-        // Convex through a bracketed minimum means the vertex lies inside the bracket; at
-        // an end, the vertex must lie between the best point and that end.
-        let convex = den.abs() > 0.0 && (f0 - f1) * (x2 - x1) + (f2 - f1) * (x1 - x0) > 0.0;
-        let (lo, hi) = if b == mid {
-            (x0, x2)
-        } else if b < mid {
-            (0.0, x1)
-        } else {
-            (x1, 1.0)
-        };
-        if !(convex && v > lo && v < hi) {
-            return None;
-        }
-        let x = vec![v];
-        taken
-            .iter()
-            .all(|t| dist(&x, t) >= self.config.min_distance)
-            .then_some(x)
-    }
-
-    /// On the simplex: least-squares fit of the isotropic quadratic
-    /// `f(w) = a + sum_i b_i w_i + c sum_i w_i^2` (`b_N = 0`; N + 1 parameters, exact on the
-    /// initial design of vertices and centroid), whose minimum on `sum w = 1` is
-    /// `w_i = 1/N + (mean(b) - b_i) / (2c)`. On the design alone this is
-    /// `w_i = 1/N + (mean f - f_i) / (2c)` with `c = (mean of vertices - centroid) N/(N-1)`:
-    /// better checkpoints get more weight, the more so the flatter the bowl. `None` when
-    /// the fit is not convex (`c <= 0`: merging does not help), the minimum violates a lower
-    /// bound, or it is too close to a point already taken.
-    fn quadratic_step(&self, xs: &[Vec<f64>], ys: &[f64], taken: &[Vec<f64>]) -> Option<Vec<f64>> {
-        let SearchSpace::Simplex { lower } = &self.space else {
-            return None;
-        };
-        let n = lower.len();
-        let p = n + 1;
-        if xs.len() < p {
-            return None;
-        }
-        let feats: Vec<Vec<f64>> = xs
-            .iter()
-            .map(|u| {
-                let w = self.space.weights(u);
-                let mut f = vec![1.0];
-                f.extend_from_slice(&w[..n - 1]);
-                f.push(w.iter().map(|x| x * x).sum());
-                f
-            })
-            .collect();
-        // Normal equations (p is small), solved by Gaussian elimination with pivoting.
-        let mut a = vec![vec![0.0; p + 1]; p];
-        for (f, y) in feats.iter().zip(ys) {
-            for i in 0..p {
-                for j in 0..p {
-                    a[i][j] += f[i] * f[j];
-                }
-                a[i][p] += f[i] * y;
-            }
-        }
-        let coef = solve(a)?;
-        let c = coef[n];
-        if c.is_nan() || c <= 1e-12 {
-            return None;
-        }
-        let mut b: Vec<f64> = coef[1..n].to_vec();
-        b.push(0.0);
-        let mean_b = b.iter().sum::<f64>() / n as f64;
-        let w: Vec<f64> = b
-            .iter()
-            .map(|bi| 1.0 / n as f64 + (mean_b - bi) / (2.0 * c))
-            .collect();
-        if w.iter().zip(lower).any(|(wi, l)| *wi < *l) {
-            return None;
-        }
-        let x = self.space.cube(&w);
-        taken
-            .iter()
-            .all(|t| dist(&x, t) >= self.config.min_distance)
-            .then_some(x)
-    }
-
-    /// Random candidates, plus points near the best observations (`incumbents`, best
-    /// first), all far enough from `taken`.
-    fn candidates(&self, incumbents: &[Vec<f64>], taken: &[Vec<f64>], salt: u64) -> Vec<Vec<f64>> {
-        let d = self.space.dim();
-        let mut rng = self.rng(100 + salt);
-        let mut out = Vec::with_capacity(self.config.n_candidates + 64);
-        for _ in 0..self.config.n_candidates {
-            out.push((0..d).map(|_| rng.gen::<f64>()).collect::<Vec<f64>>());
-        }
-        // Around the incumbents, where the minimum most likely is.
-        for x in incumbents.iter().take(8) {
-            for s in [0.1, 0.02] {
-                for _ in 0..8 {
-                    out.push(
-                        x.iter()
-                            .map(|v| (v + s * (rng.gen::<f64>() * 2.0 - 1.0)).clamp(0.0, 1.0))
-                            .collect(),
-                    );
-                }
-            }
-        }
-        out.retain(|p| taken.iter().all(|t| dist(p, t) >= self.config.min_distance));
-        out
-    }
-
-    /// The candidate maximising `acq`, refined by shrinking random steps around the best
-    /// few (the acquisition surface is cheap to evaluate, its optimum is often narrow).
-    #[allow(clippy::too_many_arguments)]
-    fn refine(
-        &self,
-        gp: &Surrogate,
-        cands: &[Vec<f64>],
-        mu: &[f64],
-        sd: &[f64],
-        acq: Acquisition,
-        best: f64,
-        taken: &[Vec<f64>],
-        salt: u64,
-    ) -> Vec<f64> {
-        let p = self.config.acq;
-        let scores: Vec<f64> = (0..cands.len())
-            .map(|i| acq.value(mu[i], sd[i], best, p))
-            .collect();
-        let score = |pts: &[Vec<f64>]| {
-            let (m, s) = gp.predict(pts);
-            (0..pts.len())
-                .map(|i| acq.value(m[i], s[i], best, p))
-                .collect::<Vec<f64>>()
-        };
-        self.refine_with(cands, scores, &score, taken, salt, acq as u64)
-    }
-
-    /// [`Optimizer::refine`] for any acquisition: `scores` of `cands`, `score` for new
-    /// points, `tag` to vary the random steps between acquisitions.
-    fn refine_with(
-        &self,
-        cands: &[Vec<f64>],
-        scores: Vec<f64>,
-        score: &dyn Fn(&[Vec<f64>]) -> Vec<f64>,
-        taken: &[Vec<f64>],
-        salt: u64,
-        tag: u64,
-    ) -> Vec<f64> {
-        let mut scored: Vec<(f64, &Vec<f64>)> = scores.into_iter().zip(cands).collect();
-        scored.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal));
-        let mut rng = self.rng(1000 + salt * 8 + tag);
-        // Three starts refined together: one prediction call per step size.
-        let mut starts: Vec<(f64, Vec<f64>)> = scored
-            .iter()
-            .take(3)
-            .map(|(v, x)| (*v, (*x).clone()))
-            .collect();
-        for step in [0.05, 0.02, 0.005, 0.001, 0.0002] {
-            let mut trial: Vec<(usize, Vec<f64>)> = Vec::with_capacity(starts.len() * 16);
-            for (k, (_, x)) in starts.iter().enumerate() {
-                for _ in 0..16 {
-                    let t: Vec<f64> = x
-                        .iter()
-                        .map(|c| (c + step * (rng.gen::<f64>() * 2.0 - 1.0)).clamp(0.0, 1.0))
-                        .collect();
-                    if taken
-                        .iter()
-                        .all(|q| dist(&t, q) >= self.config.min_distance)
-                    {
-                        trial.push((k, t));
-                    }
-                }
-            }
-            let pts: Vec<Vec<f64>> = trial.iter().map(|(_, t)| t.clone()).collect();
-            let sc = score(&pts);
-            for (i, (k, t)) in trial.into_iter().enumerate() {
-                let tv = sc[i];
-                if tv > starts[k].0 {
-                    starts[k] = (tv, t);
-                }
-            }
-        }
-        let (_, best_x) = starts
-            .into_iter()
-            .max_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal))
-            .expect("at least one candidate");
-        best_x
+        Ok(best_ei)
     }
 }
 
-/// Solves the augmented system `a` (`p` rows of `p + 1`); `None` if singular.
-fn solve(mut a: Vec<Vec<f64>>) -> Option<Vec<f64>> {
-    let p = a.len();
-    for col in 0..p {
-        let piv = (col..p).max_by(|&i, &j| {
-            a[i][col]
-                .abs()
-                .partial_cmp(&a[j][col].abs())
-                .expect("finite")
-        })?;
-        if a[piv][col].abs() < 1e-12 {
-            return None;
+/// The surrogate of a round with its points not yet observed (evaluations still running,
+/// earlier picks of the batch): believed at the posterior mean (the Kriging believer, a
+/// rank-one update that collapses the variance there), or, for joint EI, kept apart in
+/// `joint` and integrated over.
+struct Fantasy {
+    gp: Surrogate,
+    joint: Option<Vec<Vec<f64>>>,
+}
+
+impl Fantasy {
+    fn new(gp: Surrogate, unobserved: Vec<Vec<f64>>, joint_mode: bool) -> Result<Fantasy, String> {
+        if joint_mode {
+            return Ok(Fantasy {
+                gp,
+                joint: Some(unobserved),
+            });
         }
-        a.swap(col, piv);
-        let pivot = a[col].clone();
-        for (r, row) in a.iter_mut().enumerate() {
-            if r != col {
-                let f = row[col] / pivot[col];
-                for (x, pv) in row.iter_mut().zip(&pivot).skip(col) {
-                    *x -= f * pv;
-                }
+        let mut gp = gp;
+        if !unobserved.is_empty() {
+            let (mu, _) = gp.predict(&unobserved);
+            gp.add_believed(&unobserved, &mu)?;
+        }
+        Ok(Fantasy { gp, joint: None })
+    }
+
+    fn add(&mut self, x: &[f64]) -> Result<(), String> {
+        match &mut self.joint {
+            Some(joint) => joint.push(x.to_vec()),
+            None => {
+                let x = [x.to_vec()];
+                let (m, _) = self.gp.predict(&x);
+                self.gp.add_believed(&x, &m)?;
             }
         }
+        Ok(())
     }
-    Some((0..p).map(|i| a[i][p] / a[i][i]).collect())
+}
+
+/// Whether `p` is at least `d` from every point of `taken`.
+fn far(p: &[f64], taken: &[Vec<f64>], d: f64) -> bool {
+    taken.iter().all(|t| dist(p, t) >= d)
 }
 
 fn dist(a: &[f64], b: &[f64]) -> f64 {
