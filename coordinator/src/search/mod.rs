@@ -278,6 +278,7 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
         .build()
         .context("starting the async runtime")?;
     let cfg2 = cfg.clone();
+    let cfg2_checkpoints = cfg.checkpoints.clone();
     let (sched, stop_reason, refs) = rt.block_on(async move {
         let mut sched = Scheduler::new(
             cfg2,
@@ -290,19 +291,20 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
         );
         let stop = sched.run().await?;
         tracing::info!("search stopped: {stop}");
-        let points = report::reference_points(&sched);
+        let labels: Vec<String> = cfg2_checkpoints
+            .iter()
+            .map(|p| report::checkpoint_label(p))
+            .collect();
+        let points =
+            report::reference_points(&sched.opt.space, &labels, report::best_done(&sched.done));
         let replies = sched
-            .score_points(&points.iter().map(|p| p.1.clone()).collect::<Vec<_>>())
+            .score_points(&points.iter().map(|p| p.weights.clone()).collect::<Vec<_>>())
             .await?;
         sched.shutdown_workers().await;
         let refs: Vec<report::Reference> = points
             .into_iter()
             .zip(replies)
-            .map(|((label, weights), reply)| report::Reference {
-                label,
-                weights,
-                scores: reply.scores,
-            })
+            .map(|(point, reply)| report::Reference::new(point, reply.scores))
             .collect();
         anyhow::Ok((sched, stop, refs))
     })?;
@@ -337,15 +339,15 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
         }
         _ => None,
     };
-    let report = report::Report::build(
-        &cfg,
-        &model,
-        &sched,
-        refs,
+    let summary = report::RunSummary {
+        workers: sched.worker_summaries(),
+        done: sched.done,
+        failed: sched.failed,
         stop_reason,
-        merged,
-        t0.elapsed().as_secs_f64(),
-    );
-    report.write(&run_dir, &sched.opt, cfg.output.plots)?;
+        wall_seconds: t0.elapsed().as_secs_f64(),
+        merged_model: merged,
+    };
+    let report = report::Report::build(&cfg, &model, summary, refs);
+    report.write(&run_dir, cfg.output.plots.then_some(&sched.opt))?;
     Ok(SearchOutcome { report, run_dir })
 }

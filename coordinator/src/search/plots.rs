@@ -10,10 +10,8 @@ use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use super::journal::Record;
-use super::report::Report;
-use crate::bo::gp::{Hyper, Surrogate};
-use crate::bo::{Optimizer, SearchSpace};
+use crate::bo::gp::Surrogate;
+use crate::bo::SearchSpace;
 
 static FONT: &[u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
 static REGISTER: Once = Once::new();
@@ -28,54 +26,39 @@ fn e<E: std::fmt::Display>(err: E) -> anyhow::Error {
     anyhow!("{err}")
 }
 
-/// Draws every plot that applies; returns (title, file name) pairs for the report.
-pub fn draw_all(run_dir: &Path, report: &Report, opt: &Optimizer) -> Result<Vec<(String, String)>> {
+/// The optimiser's surrogate and what it was fitted on (cube points, values).
+pub struct SurrogateView<'a> {
+    pub gp: &'a Surrogate,
+    pub space: &'a SearchSpace,
+    pub observed: Vec<(Vec<f64>, f64)>,
+}
+
+/// Draws every plot that applies: the best of `perplexities` (the completed trials' in
+/// trial order) so far against the horizontal `references` (label, perplexity), and the
+/// surrogate over lambda (1-D) or a heatmap of its mean (3-way simplex). Returns (title,
+/// file name) pairs for the report.
+pub fn draw_all(
+    run_dir: &Path,
+    perplexities: &[f64],
+    references: &[(String, f64)],
+    surrogate: Option<&SurrogateView>,
+) -> Result<Vec<(String, String)>> {
     font();
     let mut out = Vec::new();
-    let done: Vec<(u64, f64, Vec<f64>)> = report
-        .trials
-        .iter()
-        .filter_map(|r| match r {
-            Record::Done {
-                trial,
-                perplexity,
-                u,
-                ..
-            } => Some((*trial, *perplexity, u.clone())),
-            _ => None,
-        })
-        .collect();
-    if done.is_empty() {
+    if perplexities.is_empty() {
         return Ok(out);
     }
-    best_so_far(&run_dir.join("best_so_far.png"), report, &done)?;
+    best_so_far(&run_dir.join("best_so_far.png"), perplexities, references)?;
     out.push(("best perplexity so far".into(), "best_so_far.png".into()));
-    let ok: Vec<_> = opt
-        .observations
-        .iter()
-        .filter_map(|o| o.value.map(|v| (o.u.clone(), v)))
-        .collect();
-    if ok.len() >= 3 {
-        let xs: Vec<Vec<f64>> = ok.iter().map(|o| o.0.clone()).collect();
-        let ys: Vec<f64> = ok.iter().map(|o| o.1).collect();
-        let gp = Surrogate::fit(
-            &xs,
-            &ys,
-            Hyper::Fit {
-                n_start: 3,
-                from: None,
-            },
-            opt.config.nugget,
-            opt.config.theta_bounds,
-        )
-        .map_err(e)?;
-        match &opt.space {
+    if let Some(view) = surrogate {
+        let ok = &view.observed;
+        match view.space {
             SearchSpace::Lambda { lo, hi } => {
-                surrogate_1d(&run_dir.join("surrogate.png"), &gp, *lo, *hi, &ok)?;
+                surrogate_1d(&run_dir.join("surrogate.png"), view.gp, *lo, *hi, ok)?;
                 out.push(("surrogate over lambda".into(), "surrogate.png".into()));
             }
             SearchSpace::Simplex { lower } if lower.len() == 3 => {
-                heatmap(&run_dir.join("surrogate.png"), &gp, &opt.space, &ok)?;
+                heatmap(&run_dir.join("surrogate.png"), view.gp, view.space, ok)?;
                 out.push((
                     "surrogate mean over the weights".into(),
                     "surrogate.png".into(),
@@ -87,27 +70,21 @@ pub fn draw_all(run_dir: &Path, report: &Report, opt: &Optimizer) -> Result<Vec<
     Ok(out)
 }
 
-fn best_so_far(path: &Path, report: &Report, done: &[(u64, f64, Vec<f64>)]) -> Result<()> {
+fn best_so_far(path: &Path, perplexities: &[f64], refs: &[(String, f64)]) -> Result<()> {
     let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
     let mut best = f64::INFINITY;
-    let curve: Vec<(f64, f64)> = done
+    let curve: Vec<(f64, f64)> = perplexities
         .iter()
         .enumerate()
-        .map(|(i, d)| {
-            best = best.min(d.1);
+        .map(|(i, &p)| {
+            best = best.min(p);
             ((i + 1) as f64, best)
         })
         .collect();
-    let refs: Vec<(String, f64)> = report
-        .references
+    let all: Vec<f64> = perplexities
         .iter()
-        .filter(|r| r.label != "best found")
-        .filter_map(|r| r.scores.first().map(|s| (r.label.clone(), s.perplexity)))
-        .collect();
-    let all: Vec<f64> = done
-        .iter()
-        .map(|d| d.1)
+        .copied()
         .chain(refs.iter().map(|r| r.1))
         .collect();
     let (lo, hi) = all
@@ -121,7 +98,7 @@ fn best_so_far(path: &Path, report: &Report, done: &[(u64, f64, Vec<f64>)]) -> R
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.5f64..(done.len() as f64 + 0.5), (lo - pad)..(hi + pad))
+        .build_cartesian_2d(0.5f64..(perplexities.len() as f64 + 0.5), (lo - pad)..(hi + pad))
         .map_err(e)?;
     chart
         .configure_mesh()
@@ -139,7 +116,7 @@ fn best_so_far(path: &Path, report: &Report, done: &[(u64, f64, Vec<f64>)]) -> R
         let c = colors[k % colors.len()];
         chart
             .draw_series(LineSeries::new(
-                [(0.5, *v), (done.len() as f64 + 0.5, *v)],
+                [(0.5, *v), (perplexities.len() as f64 + 0.5, *v)],
                 c.stroke_width(1),
             ))
             .map_err(e)?
@@ -148,9 +125,10 @@ fn best_so_far(path: &Path, report: &Report, done: &[(u64, f64, Vec<f64>)]) -> R
     }
     chart
         .draw_series(
-            done.iter()
+            perplexities
+                .iter()
                 .enumerate()
-                .map(|(i, d)| Circle::new(((i + 1) as f64, d.1), 3, RED.filled())),
+                .map(|(i, &p)| Circle::new(((i + 1) as f64, p), 3, RED.filled())),
         )
         .map_err(e)?
         .label("trial")

@@ -1,5 +1,9 @@
 //! The search report: `report.json` (everything, machine-readable), `report.md` (a summary
 //! table a person reads at a glance, then every trial) and the plots.
+//!
+//! The report is built from plain data: a [`RunSummary`] (what the run did) and the
+//! [`Reference`]s (named points scored on every data set); it holds no connection and
+//! knows nothing of the scheduler.
 
 use std::path::{Path, PathBuf};
 
@@ -9,15 +13,63 @@ use serde::Serialize;
 
 use super::config::{ModelSummary, SearchConfig, SpaceConfig};
 use super::journal::Record;
-use super::scheduler::{Scheduler, WorkerSummary};
+use super::plots;
+use super::scheduler::WorkerSummary;
 use crate::bo::{Optimizer, SearchSpace};
+
+/// Which point a reference is: the comparisons the report draws are found by kind, never
+/// by position or label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReferenceKind {
+    /// Source checkpoint `i` alone.
+    Source(usize),
+    /// The uniform average of the sources.
+    Uniform,
+    /// The best weights the search found.
+    BestFound,
+}
+
+/// A point to score for the summary table.
+#[derive(Clone, Debug)]
+pub struct ReferencePoint {
+    pub kind: ReferenceKind,
+    pub label: String,
+    /// Weights of the search space (per group for a group search).
+    pub weights: Vec<f64>,
+}
 
 /// A reference point of the summary table, scored on every data set.
 #[derive(Clone, Debug, Serialize)]
 pub struct Reference {
+    #[serde(skip)]
+    pub kind: ReferenceKind,
     pub label: String,
     pub weights: Vec<f64>,
     pub scores: Vec<DatasetScore>,
+}
+
+impl Reference {
+    pub fn new(point: ReferencePoint, scores: Vec<DatasetScore>) -> Reference {
+        Reference {
+            kind: point.kind,
+            label: point.label,
+            weights: point.weights,
+            scores,
+        }
+    }
+}
+
+/// What a finished run did, as the report needs it.
+#[derive(Clone, Debug)]
+pub struct RunSummary {
+    /// Completed trials (journal `done` records), in the order they completed.
+    pub done: Vec<Record>,
+    /// Trials that failed on every attempt.
+    pub failed: Vec<Record>,
+    pub workers: Vec<WorkerSummary>,
+    pub stop_reason: String,
+    pub wall_seconds: f64,
+    pub merged_model: Option<PathBuf>,
 }
 
 /// How the best merge compares with the references on one data set.
@@ -50,9 +102,7 @@ pub struct Report {
     pub merged_model: Option<PathBuf>,
 }
 
-const BEST_LABEL: &str = "best found";
-const UNIFORM_LABEL: &str = "uniform average";
-
+/// The completed trial with the lowest mean NLL (the first of equals).
 pub fn best_done(done: &[Record]) -> Option<&Record> {
     done.iter()
         .filter(|r| matches!(r, Record::Done { .. }))
@@ -62,103 +112,123 @@ pub fn best_done(done: &[Record]) -> Option<&Record> {
         })
 }
 
-fn checkpoint_label(p: &Path) -> String {
+/// How a checkpoint is named in the report: its directory's name.
+pub fn checkpoint_label(p: &Path) -> String {
     p.file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| p.display().to_string())
 }
 
-/// Each source alone, the uniform average and the best weights, as weight vectors of the
-/// search space (per group for a group search).
-pub fn reference_points(s: &Scheduler) -> Vec<(String, Vec<f64>)> {
-    let space = &s.opt.space;
-    let cfg_n = space.n_weights();
+/// Each source alone, the uniform average and the best weights (`best`, a `done` record),
+/// as weight vectors of `space` (per group for a group search). `labels` names the sources.
+pub fn reference_points(
+    space: &SearchSpace,
+    labels: &[String],
+    best: Option<&Record>,
+) -> Vec<ReferencePoint> {
     let (groups, n) = match space {
         SearchSpace::Grouped { groups, n } => (*groups, *n),
-        _ => (1, cfg_n),
+        _ => (1, space.n_weights()),
     };
     let tile = |w: Vec<f64>| -> Vec<f64> { (0..groups).flat_map(|_| w.clone()).collect() };
-    let mut out: Vec<(String, Vec<f64>)> = (0..n)
-        .map(|i| {
-            let w: Vec<f64> = (0..n).map(|j| if i == j { 1.0 } else { 0.0 }).collect();
-            (s.checkpoint_label(i), tile(w))
+    let mut out: Vec<ReferencePoint> = (0..n)
+        .map(|i| ReferencePoint {
+            kind: ReferenceKind::Source(i),
+            label: labels
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| format!("checkpoint {i}")),
+            weights: tile((0..n).map(|j| if i == j { 1.0 } else { 0.0 }).collect()),
         })
         .collect();
-    out.push((UNIFORM_LABEL.into(), tile(vec![1.0 / n as f64; n])));
-    if let Some(Record::Done { weights, .. }) = best_done(&s.done) {
-        out.push((BEST_LABEL.into(), weights.clone()));
+    out.push(ReferencePoint {
+        kind: ReferenceKind::Uniform,
+        label: "uniform average".into(),
+        weights: tile(vec![1.0 / n as f64; n]),
+    });
+    if let Some(Record::Done { weights, .. }) = best {
+        out.push(ReferencePoint {
+            kind: ReferenceKind::BestFound,
+            label: "best found".into(),
+            weights: weights.clone(),
+        });
     }
     out
-}
-
-impl Scheduler {
-    pub fn checkpoint_label(&self, i: usize) -> String {
-        self.checkpoints()
-            .get(i)
-            .map(|p| checkpoint_label(p))
-            .unwrap_or_else(|| format!("checkpoint {i}"))
-    }
 }
 
 fn pct(a: f64, b: f64) -> f64 {
     (a - b) / b * 100.0
 }
 
+/// Per data set, the best found against the best source and the uniform average; empty
+/// without a best found.
+fn improvements(references: &[Reference]) -> Vec<Improvement> {
+    let of = |kind: ReferenceKind| references.iter().find(|r| r.kind == kind);
+    let (Some(best), Some(uni)) = (of(ReferenceKind::BestFound), of(ReferenceKind::Uniform))
+    else {
+        return Vec::new();
+    };
+    let sources: Vec<&Reference> = references
+        .iter()
+        .filter(|r| matches!(r.kind, ReferenceKind::Source(_)))
+        .collect();
+    best.scores
+        .iter()
+        .enumerate()
+        .map(|(d, score)| {
+            let src = sources
+                .iter()
+                .min_by(|a, b| a.scores[d].perplexity.total_cmp(&b.scores[d].perplexity))
+                .expect("at least one source");
+            Improvement {
+                dataset: score.name.clone(),
+                best_perplexity: score.perplexity,
+                best_source: src.label.clone(),
+                best_source_perplexity: src.scores[d].perplexity,
+                change_vs_best_source_pct: pct(score.perplexity, src.scores[d].perplexity),
+                uniform_perplexity: uni.scores[d].perplexity,
+                change_vs_uniform_pct: pct(score.perplexity, uni.scores[d].perplexity),
+            }
+        })
+        .collect()
+}
+
 impl Report {
     pub fn build(
         cfg: &SearchConfig,
         model: &ModelSummary,
-        s: &Scheduler,
+        run: RunSummary,
         references: Vec<Reference>,
-        stop_reason: String,
-        merged_model: Option<PathBuf>,
-        wall_seconds: f64,
     ) -> Report {
-        let n = cfg.checkpoints.len();
-        let mut improvement = Vec::new();
-        if let Some(best) = references.iter().find(|r| r.label == BEST_LABEL) {
-            for (d, score) in best.scores.iter().enumerate() {
-                let src = references[..n]
-                    .iter()
-                    .min_by(|a, b| a.scores[d].perplexity.total_cmp(&b.scores[d].perplexity))
-                    .expect("at least one source");
-                let uni = &references[n];
-                improvement.push(Improvement {
-                    dataset: score.name.clone(),
-                    best_perplexity: score.perplexity,
-                    best_source: src.label.clone(),
-                    best_source_perplexity: src.scores[d].perplexity,
-                    change_vs_best_source_pct: pct(score.perplexity, src.scores[d].perplexity),
-                    uniform_perplexity: uni.scores[d].perplexity,
-                    change_vs_uniform_pct: pct(score.perplexity, uni.scores[d].perplexity),
-                });
-            }
-        }
-        let mut trials: Vec<Record> = s.done.iter().chain(&s.failed).cloned().collect();
+        let improvement = improvements(&references);
+        let best = best_done(&run.done).cloned();
+        let (evaluations, failed) = (run.done.len(), run.failed.len());
+        let mut trials: Vec<Record> = run.done.into_iter().chain(run.failed).collect();
         trials.sort_by_key(Record::trial);
         Report {
             checkpoints: cfg.checkpoints.clone(),
             space: cfg.space.clone(),
             model: model.clone(),
-            stop_reason,
-            wall_seconds,
-            evaluations: s.done.len(),
-            failed: s.failed.len(),
-            best: best_done(&s.done).cloned(),
+            stop_reason: run.stop_reason,
+            wall_seconds: run.wall_seconds,
+            evaluations,
+            failed,
+            best,
             references,
             improvement,
             trials,
-            workers: s.worker_summaries(),
-            merged_model,
+            workers: run.workers,
+            merged_model: run.merged_model,
         }
     }
 
-    pub fn write(&self, run_dir: &Path, opt: &Optimizer, plots: bool) -> Result<()> {
+    /// Writes report.json, report.md and, with `plots` (the run's optimiser), the plots.
+    pub fn write(&self, run_dir: &Path, plots: Option<&Optimizer>) -> Result<()> {
         let json = serde_json::to_string_pretty(self).expect("the report serialises") + "\n";
         super::write_atomic(&run_dir.join("report.json"), json.as_bytes())?;
         let mut images = Vec::new();
-        if plots {
-            match super::plots::draw_all(run_dir, self, opt) {
+        if let Some(opt) = plots {
+            match self.draw(run_dir, opt) {
                 Ok(v) => images = v,
                 // A report without pictures is still a report.
                 Err(e) => tracing::warn!("plots not drawn: {e:#}"),
@@ -167,6 +237,36 @@ impl Report {
         let md = self.markdown(&images);
         super::write_atomic(&run_dir.join("report.md"), md.as_bytes())
             .with_context(|| format!("writing the report in {}", run_dir.display()))
+    }
+
+    /// The plots: best so far against the references (not the best found), and the
+    /// optimiser's own surrogate where the space can be drawn.
+    fn draw(&self, run_dir: &Path, opt: &Optimizer) -> Result<Vec<(String, String)>> {
+        let perplexities: Vec<f64> = self
+            .trials
+            .iter()
+            .filter_map(|r| match r {
+                Record::Done { perplexity, .. } => Some(*perplexity),
+                _ => None,
+            })
+            .collect();
+        let lines: Vec<(String, f64)> = self
+            .references
+            .iter()
+            .filter(|r| r.kind != ReferenceKind::BestFound)
+            .filter_map(|r| r.scores.first().map(|s| (r.label.clone(), s.perplexity)))
+            .collect();
+        let gp = opt.surrogate().transpose().map_err(|e| anyhow::anyhow!(e))?;
+        let surrogate = gp.as_ref().map(|gp| plots::SurrogateView {
+            gp,
+            space: &opt.space,
+            observed: opt
+                .observations
+                .iter()
+                .filter_map(|o| o.value.map(|v| (o.u.clone(), v)))
+                .collect(),
+        });
+        plots::draw_all(run_dir, &perplexities, &lines, surrogate.as_ref())
     }
 
     pub fn markdown(&self, images: &[(String, String)]) -> String {
@@ -221,7 +321,7 @@ impl Report {
             s += &"---:|".repeat(names.len());
             s += "\n";
             for r in &self.references {
-                let bold = r.label == BEST_LABEL;
+                let bold = r.kind == ReferenceKind::BestFound;
                 let b = if bold { "**" } else { "" };
                 s += &format!("| {b}{}{b} | {} |", r.label, w(&r.weights));
                 for d in &r.scores {

@@ -243,10 +243,6 @@ impl Scheduler {
         s
     }
 
-    pub fn checkpoints(&self) -> &[PathBuf] {
-        &self.cfg.checkpoints
-    }
-
     fn add_slot(&mut self, name: String, kind: Kind) {
         self.slots.push(Slot {
             name,
