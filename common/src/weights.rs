@@ -98,6 +98,91 @@ impl MergeWeights {
     }
 }
 
+/// The paper's two-checkpoint merge `lambda * CKPT_T + (1 - lambda) * CKPT_PREV` as the
+/// weights of `[CKPT_PREV, CKPT_T]`.
+pub fn lerp_weights(lambda: f64) -> [f32; 2] {
+    [(1.0 - lambda) as f32, lambda as f32]
+}
+
+/// Merge weights as `ckmerge merge` and `ckmerge eval` take them on the command line.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct WeightArgs {
+    /// One weight per checkpoint, comma-separated, in the order the checkpoints are given.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        conflicts_with = "lambda"
+    )]
+    pub weights: Vec<f64>,
+
+    /// The paper's two-checkpoint merge: `lambda * CKPT_T + (1 - lambda) * CKPT_PREV`,
+    /// with the checkpoints given as `CKPT_PREV CKPT_T` (earlier first).
+    #[arg(long, allow_hyphen_values = true)]
+    pub lambda: Option<f64>,
+
+    /// Rescale the weights to sum to 1.
+    #[arg(long)]
+    pub normalize: bool,
+}
+
+impl WeightArgs {
+    /// Whether any weights were given.
+    pub fn given(&self) -> bool {
+        !self.weights.is_empty() || self.lambda.is_some()
+    }
+
+    /// The weights applied to `n` checkpoints, warning (in the log) where they do something
+    /// the user may not intend: extrapolation, a sum other than 1. A single checkpoint
+    /// needs none.
+    pub fn resolve(&self, n: usize) -> Result<Vec<f32>, String> {
+        let mut w: Vec<f64> = match self.lambda {
+            Some(l) => {
+                if n != 2 {
+                    return Err(format!("--lambda merges exactly two checkpoints (CKPT_PREV CKPT_T); got {n}: use --weights for more"));
+                }
+                if !(0.0..=1.0).contains(&l) {
+                    tracing::warn!(
+                        "lambda {l} is outside [0, 1]: this extrapolates beyond the checkpoints"
+                    );
+                }
+                lerp_weights(l).iter().map(|&x| x as f64).collect()
+            }
+            None if self.weights.is_empty() && n == 1 => vec![1.0],
+            None if self.weights.is_empty() => {
+                return Err(format!(
+                    "{n} checkpoints need --weights (one per checkpoint) or, for two, --lambda"
+                ))
+            }
+            None => self.weights.clone(),
+        };
+        if w.len() != n {
+            return Err(format!(
+                "--weights has {} values for {n} checkpoints; give one weight per checkpoint",
+                w.len()
+            ));
+        }
+        if let Some(x) = w.iter().find(|x| !x.is_finite()) {
+            return Err(format!("--weights contains {x}; weights must be finite"));
+        }
+        let sum: f64 = w.iter().sum();
+        if self.normalize {
+            if sum.abs() < 1e-12 {
+                return Err(format!(
+                    "--normalize: the weights sum to {sum}, which cannot be rescaled to 1"
+                ));
+            }
+            w.iter_mut().for_each(|x| *x /= sum);
+        } else if (sum - 1.0).abs() > 1e-6 {
+            tracing::warn!("weights sum to {sum}, not 1: the merged parameters are scaled by {sum} (pass --normalize to rescale)");
+        }
+        if self.lambda.is_none() && w.iter().any(|&x| x < 0.0) {
+            tracing::warn!("a weight is negative: this extrapolates beyond the checkpoints");
+        }
+        Ok(w.iter().map(|&x| x as f32).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

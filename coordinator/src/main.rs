@@ -2,14 +2,17 @@
 //! arguments completely, calls the library, and maps errors to a message and an exit
 //! code (1 for a failed run, 2 for bad usage, 130 when interrupted).
 //!
-//! Size: the clap definitions of five subcommands are most of it; worker TCP set-up and the
-//! weight policy still to move into the library (docs/ARCHITECTURE.md).
+//! What is here is the command line alone: the clap definitions, dispatch, and how results
+//! are printed. The work is in the libraries: `ckmerge_coordinator::search::run`,
+//! `ckmerge_worker::{merge_to_dir, eval::Evaluator, listen::run}`, and
+//! `ckmerge_common::weights::WeightArgs` (the weight flags and their checks).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use ckmerge_common::size::{human_bytes, parse_size};
+use ckmerge_common::weights::WeightArgs;
 use ckmerge_common::DType;
 use ckmerge_worker::eval::{dataset_name, EvalOptions, Evaluator};
 use ckmerge_worker::merge::MergePart;
@@ -58,7 +61,7 @@ struct GpuBenchArgs {
     #[arg(long, default_value = "2,4", value_delimiter = ',')]
     sources: Vec<usize>,
     #[arg(long, default_value = "bf16")]
-    dtype: String,
+    dtype: DType,
     #[arg(long, default_value_t = 20)]
     iters: usize,
     #[arg(long, default_value_t = 0)]
@@ -194,28 +197,6 @@ struct EvalArgs {
     /// or `none` (the CPU reference, the default).
     #[arg(long, default_value = "none")]
     gpus: String,
-}
-
-/// Merge weights, shared by `merge` and `eval`.
-#[derive(Args)]
-struct WeightArgs {
-    /// One weight per checkpoint, comma-separated, in the order the checkpoints are given.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        allow_hyphen_values = true,
-        conflicts_with = "lambda"
-    )]
-    weights: Vec<f64>,
-
-    /// The paper's two-checkpoint merge: `lambda * CKPT_T + (1 - lambda) * CKPT_PREV`,
-    /// with the checkpoints given as `CKPT_PREV CKPT_T` (earlier first).
-    #[arg(long, allow_hyphen_values = true)]
-    lambda: Option<f64>,
-
-    /// Rescale the weights to sum to 1.
-    #[arg(long)]
-    normalize: bool,
 }
 
 #[derive(Args)]
@@ -377,12 +358,6 @@ fn run_search(args: SearchCliArgs) -> Result<()> {
 
 fn run_gpu_bench(args: GpuBenchArgs) -> Result<()> {
     use ckmerge_kernels::cuda::{bench::merge_bandwidth, device::Gpu};
-    let dtype = match args.dtype.as_str() {
-        "bf16" => ckmerge_common::DType::BF16,
-        "f16" => ckmerge_common::DType::F16,
-        "f32" => ckmerge_common::DType::F32,
-        d => bail!("--dtype {d}: use bf16, f16 or f32"),
-    };
     if let Some(a) = &args.attention {
         if a.len() != 5 || a.contains(&0) || a[2] % a[3] != 0 || ![64, 128].contains(&a[4]) {
             bail!("--attention {a:?}: give WINDOWS,SEQ,HEADS,KV_HEADS,HD, HEADS a multiple of KV_HEADS, HD 64 or 128");
@@ -403,7 +378,7 @@ fn run_gpu_bench(args: GpuBenchArgs) -> Result<()> {
         return Ok(());
     }
     for n in args.sources {
-        let r = merge_bandwidth(&gpu, args.bytes, n, dtype, args.iters)?;
+        let r = merge_bandwidth(&gpu, args.bytes, n, args.dtype, args.iters)?;
         println!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
@@ -415,99 +390,20 @@ fn resolve_gpus(arg: &str) -> Result<Option<Vec<usize>>> {
 }
 
 fn run_worker(args: WorkerArgs) -> Result<()> {
-    use ckmerge_common::protocol::Secret;
     set_threads(args.threads)?;
     let gpus = resolve_gpus(&args.gpus)?;
-    let secret = Secret::load(args.secret_file.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("listening on {}", args.listen))?;
-        let local = listener.local_addr()?;
-        let host = match &args.advertise {
-            Some(h) if h.trim().is_empty() => bail!("--advertise is empty: give a host name or IP the coordinator can reach"),
-            Some(h) => h.clone(),
-            None if local.ip().is_unspecified() => bail!(
-                "--listen {} accepts on every interface: pass --advertise HOST so the coordinator knows where to connect",
-                args.listen
-            ),
-            None => local.ip().to_string(),
-        };
-        let addr = format!("{host}:{}", local.port());
-        println!("ckmerge worker listening on {addr}");
-        if let Some(f) = &args.announce {
-            use std::io::Write;
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(f)
-                .with_context(|| format!("opening {}", f.display()))?;
-            file.write_all(format!("{addr}\n").as_bytes())
-                .and_then(|_| file.sync_data())
-                .with_context(|| format!("announcing in {}", f.display()))?;
-        }
-        let svc = ckmerge_worker::serve::WorkerService::with_options(
-            args.bench_fixed_cost_ms.map(std::time::Duration::from_millis),
-            Some(secret.clone()),
-            gpus,
-        );
-        ckmerge_worker::serve::serve_tcp(listener, secret, svc).await;
-        tracing::info!("worker {addr} shut down");
-        anyhow::Ok(())
+    let secret = ckmerge_common::protocol::Secret::load(args.secret_file.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    ckmerge_worker::listen::run(ckmerge_worker::listen::ListenOptions {
+        listen: args.listen,
+        advertise: args.advertise,
+        announce: args.announce,
+        secret,
+        gpus,
+        fixed_cost: args
+            .bench_fixed_cost_ms
+            .map(std::time::Duration::from_millis),
     })
-}
-
-/// Turns `--weights` / `--lambda` into the weights applied to `n` checkpoints, warning
-/// where they do something the user may not intend. A single checkpoint needs neither.
-fn resolve_weights(args: &WeightArgs, n: usize) -> Result<Vec<f32>> {
-    let mut w: Vec<f64> = match args.lambda {
-        Some(l) => {
-            if n != 2 {
-                bail!("--lambda merges exactly two checkpoints (CKPT_PREV CKPT_T); got {n}: use --weights for more");
-            }
-            if !(0.0..=1.0).contains(&l) {
-                tracing::warn!(
-                    "lambda {l} is outside [0, 1]: this extrapolates beyond the checkpoints"
-                );
-            }
-            ckmerge_kernels::merge::lerp_weights(l)
-                .iter()
-                .map(|&x| x as f64)
-                .collect()
-        }
-        None if args.weights.is_empty() && n == 1 => vec![1.0],
-        None if args.weights.is_empty() => {
-            bail!("{n} checkpoints need --weights (one per checkpoint) or, for two, --lambda")
-        }
-        None => args.weights.clone(),
-    };
-    if w.len() != n {
-        bail!(
-            "--weights has {} values for {n} checkpoints; give one weight per checkpoint",
-            w.len()
-        );
-    }
-    if let Some(x) = w.iter().find(|x| !x.is_finite()) {
-        bail!("--weights contains {x}; weights must be finite");
-    }
-    let sum: f64 = w.iter().sum();
-    if args.normalize {
-        if sum.abs() < 1e-12 {
-            bail!("--normalize: the weights sum to {sum}, which cannot be rescaled to 1");
-        }
-        w.iter_mut().for_each(|x| *x /= sum);
-    } else if (sum - 1.0).abs() > 1e-6 {
-        tracing::warn!("weights sum to {sum}, not 1: the merged parameters are scaled by {sum} (pass --normalize to rescale)");
-    }
-    if args.lambda.is_none() && w.iter().any(|&x| x < 0.0) {
-        tracing::warn!("a weight is negative: this extrapolates beyond the checkpoints");
-    }
-    Ok(w.iter().map(|&x| x as f32).collect())
 }
 
 fn set_threads(threads: Option<usize>) -> Result<()> {
@@ -521,7 +417,10 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
 }
 
 fn run_eval(args: EvalArgs) -> Result<()> {
-    let weights = resolve_weights(&args.w, args.checkpoints.len())?;
+    let weights = args
+        .w
+        .resolve(args.checkpoints.len())
+        .map_err(anyhow::Error::msg)?;
     set_threads(args.threads)?;
     let opts = EvalOptions {
         window: args.window,
@@ -583,10 +482,13 @@ fn run_eval(args: EvalArgs) -> Result<()> {
 }
 
 fn run_merge(args: MergeArgs) -> Result<()> {
-    if args.w.weights.is_empty() && args.w.lambda.is_none() {
+    if !args.w.given() {
         bail!("give --weights (one per checkpoint) or, for two checkpoints, --lambda");
     }
-    let weights = resolve_weights(&args.w, args.checkpoints.len())?;
+    let weights = args
+        .w
+        .resolve(args.checkpoints.len())
+        .map_err(anyhow::Error::msg)?;
     set_threads(args.threads)?;
     let argv: Vec<String> = std::env::args().collect();
     let req = MergeRequest {

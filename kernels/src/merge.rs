@@ -153,9 +153,7 @@ pub fn weighted_sum_to_f32(
 /// (`theta = lambda * theta_t + (1 - lambda) * theta_{t-1}`), is [`weighted_sum`] over
 /// `[prev, cur]` with these f32 weights `[1 - lambda, lambda]`, with `1 - lambda` computed in f64 and
 /// rounded once, as ckmerge does wherever it turns a lambda into weights.
-pub fn lerp_weights(lambda: f64) -> [f32; 2] {
-    [(1.0 - lambda) as f32, lambda as f32]
-}
+pub use ckmerge_common::weights::lerp_weights;
 
 type BlockFn = unsafe fn(&[Input<'_>], &[f32], usize, DType, &mut [u8]);
 

@@ -4,6 +4,7 @@
 
 pub mod data;
 pub mod eval;
+pub mod listen;
 pub mod merge;
 pub mod model;
 pub mod serve;

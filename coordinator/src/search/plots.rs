@@ -98,7 +98,10 @@ fn best_so_far(path: &Path, perplexities: &[f64], refs: &[(String, f64)]) -> Res
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.5f64..(perplexities.len() as f64 + 0.5), (lo - pad)..(hi + pad))
+        .build_cartesian_2d(
+            0.5f64..(perplexities.len() as f64 + 0.5),
+            (lo - pad)..(hi + pad),
+        )
         .map_err(e)?;
     chart
         .configure_mesh()

@@ -164,8 +164,7 @@ fn pct(a: f64, b: f64) -> f64 {
 /// without a best found.
 fn improvements(references: &[Reference]) -> Vec<Improvement> {
     let of = |kind: ReferenceKind| references.iter().find(|r| r.kind == kind);
-    let (Some(best), Some(uni)) = (of(ReferenceKind::BestFound), of(ReferenceKind::Uniform))
-    else {
+    let (Some(best), Some(uni)) = (of(ReferenceKind::BestFound), of(ReferenceKind::Uniform)) else {
         return Vec::new();
     };
     let sources: Vec<&Reference> = references
@@ -256,7 +255,10 @@ impl Report {
             .filter(|r| r.kind != ReferenceKind::BestFound)
             .filter_map(|r| r.scores.first().map(|s| (r.label.clone(), s.perplexity)))
             .collect();
-        let gp = opt.surrogate().transpose().map_err(|e| anyhow::anyhow!(e))?;
+        let gp = opt
+            .surrogate()
+            .transpose()
+            .map_err(|e| anyhow::anyhow!(e))?;
         let surrogate = gp.as_ref().map(|gp| plots::SurrogateView {
             gp,
             space: &opt.space,
