@@ -3,32 +3,20 @@
 //! worker/tests/golden.rs.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use ckmerge_worker::test_support::{check, fixtures as root, golden};
 use serde_json::Value;
 
+mod support;
+
 fn ckmerge_eval(args: &[&dyn AsRef<std::ffi::OsStr>]) -> (bool, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckmerge"));
-    cmd.arg("eval");
-    for a in args {
-        cmd.arg(a);
-    }
-    let o = cmd.output().unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
+    let o = support::ckmerge("eval", args);
+    (o.status.success(), support::stdout(&o), support::stderr(&o))
 }
 
 fn copy_ckpt(tmp: &Path) -> PathBuf {
     let dst = tmp.join("ckpt");
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(root().join("llama/step-1500")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
+    support::copy_dir(&root().join("llama/step-1500"), &dst);
     dst
 }
 

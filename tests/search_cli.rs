@@ -18,15 +18,14 @@ use std::time::{Duration, Instant};
 
 use ckmerge_worker::test_support::fixtures;
 use serde_json::Value;
+use support::{bin, stderr};
+
+mod support;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_ckmerge")
 }
 
 /// A child process killed (and reaped) when the test ends, however it ends.
@@ -232,10 +231,6 @@ fn eval_nll(model: &Path) -> f64 {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     v["datasets"][0]["mean_nll"].as_f64().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]

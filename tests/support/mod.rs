@@ -1,0 +1,42 @@
+//! What the end-to-end tests share: running the real binary, reading its output, copying
+//! fixtures before a test changes them. Each test file includes this module (`mod
+//! support;`); a file that does not use a helper would warn about it, hence the allow.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// The `ckmerge` binary cargo built for these tests.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ckmerge")
+}
+
+/// Runs `ckmerge SUBCOMMAND ARGS...` to the end.
+pub fn ckmerge(subcommand: &str, args: &[&dyn AsRef<OsStr>]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.arg(subcommand);
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.output().expect("the ckmerge binary runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Copies the files of `src` (not its subdirectories) into `dst`, created if needed.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+}
