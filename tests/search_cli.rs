@@ -698,7 +698,9 @@ plots = false
 #[test]
 fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
     let _g = serial();
-    use ckmerge_common::protocol::{connect, EvalRequest, LoadSpec, Secret, PROTOCOL_VERSION};
+    use ckmerge_common::protocol::{
+        connect, DatasetSpec, EvalRequest, LoadSpec, Secret, PROTOCOL_VERSION,
+    };
     let tmp = tempfile::tempdir().unwrap();
     let secret = secret_file(tmp.path(), SECRET);
     let (mut w1, a1) = worker(tmp.path(), "w1", &secret);
@@ -716,8 +718,8 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
             let spec = LoadSpec {
                 checkpoints: vec![f.join("llama/step-1250"), f.join("llama/step-1500")],
                 datasets: vec![
-                    ("heldout".into(), vec![f.join("data/heldout.txt")]),
-                    ("python-docs".into(), vec![f.join("data/python-docs.txt")]),
+                    DatasetSpec::new("heldout", vec![f.join("data/heldout.txt")]),
+                    DatasetSpec::new("python-docs", vec![f.join("data/python-docs.txt")]),
                 ],
                 window: ckmerge_common::WindowSpec {
                     seq_len: Some(128),

@@ -49,12 +49,35 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SECRET_ENV: &str = "CKMERGE_SECRET";
 const MIN_SECRET_BYTES: usize = 16;
 
+/// A named held-out data set: its files (or directories of them) scored as one stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetSpec {
+    pub name: String,
+    pub files: Vec<PathBuf>,
+}
+
+impl DatasetSpec {
+    pub fn new(name: impl Into<String>, files: Vec<PathBuf>) -> DatasetSpec {
+        DatasetSpec {
+            name: name.into(),
+            files,
+        }
+    }
+}
+
+/// A worker's place in a pipeline: stage `index` (from 0) of `count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineStage {
+    pub index: usize,
+    pub count: usize,
+}
+
 /// What a worker loads once per run: the sources, the data sets and how to score them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoadSpec {
     pub checkpoints: Vec<PathBuf>,
     /// Named data sets; the first is the objective.
-    pub datasets: Vec<(String, Vec<PathBuf>)>,
+    pub datasets: Vec<DatasetSpec>,
     /// How the data is cut into windows (the same bytes on the wire as its five fields).
     pub window: WindowSpec,
     /// Tensor groups for per-group weights; None: one weight vector.
@@ -62,8 +85,8 @@ pub struct LoadSpec {
     /// Pipeline: addresses of the workers holding the following stages, in order. A
     /// worker given a non-empty list holds the first layers and loads the rest onto them.
     pub pipeline: Vec<String>,
-    /// Set by the previous stage: this worker is stage `.0` of `.1`.
-    pub stage: Option<(usize, usize)>,
+    /// Set by the previous stage: this worker's place in the pipeline.
+    pub stage: Option<PipelineStage>,
 }
 
 /// Who a worker is, sent after loading.

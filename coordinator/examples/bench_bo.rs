@@ -41,8 +41,8 @@ const GRID_1D: usize = 100;
 const GRID_2D: usize = 50;
 
 fn tabulate(out: &Path) {
-    let data = vec![(
-        "heldout".to_string(),
+    let data = vec![ckmerge_common::protocol::DatasetSpec::new(
+        "heldout",
         vec![fixtures().join("data/heldout.txt")],
     )];
     let mut land = serde_json::Map::new();

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
+use ckmerge_common::protocol::DatasetSpec;
 use ckmerge_common::size::{human_bytes, parse_size};
 use ckmerge_common::weights::WeightArgs;
 use ckmerge_common::DType;
@@ -428,12 +429,14 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         stage: None,
         gpus: resolve_gpus(&args.gpus)?,
     };
-    let mut sets: Vec<(String, Vec<PathBuf>)> = vec![(dataset_name(&args.data), args.data.clone())];
-    sets.extend(
-        args.extra_data
-            .iter()
-            .map(|f| (dataset_name(std::slice::from_ref(f)), vec![f.clone()])),
-    );
+    let mut sets = vec![DatasetSpec {
+        name: dataset_name(&args.data),
+        files: args.data.clone(),
+    }];
+    sets.extend(args.extra_data.iter().map(|f| DatasetSpec {
+        name: dataset_name(std::slice::from_ref(f)),
+        files: vec![f.clone()],
+    }));
     let mut ev = Evaluator::load(&args.checkpoints, &sets, &opts)?;
     let t_merge = std::time::Instant::now();
     ev.set_weights(&weights)?;
@@ -456,7 +459,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
             "load_seconds": ev.load_seconds,
             "device": ev.device(),
             "merge_seconds": merge_seconds,
-            "datasets": ev.datasets.iter().zip(&sets).zip(&results).map(|((d, (_, files)), r)| serde_json::json!({
+            "datasets": ev.datasets.iter().zip(&sets).zip(&results).map(|((d, DatasetSpec { files, .. }), r)| serde_json::json!({
                 "name": d.name, "files": files, "windows": d.windows.len(),
                 "tokens_scored": r.tokens, "mean_nll": r.mean_nll, "perplexity": r.perplexity,
                 "seconds": r.seconds, "tokens_per_s": r.tokens_per_s,

@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use ckmerge_common::protocol::{DatasetSpec, PipelineStage};
 use ckmerge_common::{
     check_compatible, Checkpoint, CheckpointError, DType, GroupMap, Grouping, MergeWeights,
     WindowSpec,
@@ -46,9 +47,9 @@ pub struct EvalOptions {
     pub window: WindowSpec,
     /// Tensor groups for per-group weights; None: one weight vector for every tensor.
     pub groups: Option<Grouping>,
-    /// Hold only pipeline stage `.0` of `.1` (see [`Part::stage`]): its layers' tensors,
-    /// and data only on the first stage. None: the whole model.
-    pub stage: Option<(usize, usize)>,
+    /// Hold only this pipeline stage (see [`Part::stage`]): its layers' tensors, and data
+    /// only on the first stage. None: the whole model.
+    pub stage: Option<PipelineStage>,
     /// Hold the sources on these GPUs (CUDA ordinals) and evaluate there; None: CPU.
     pub gpus: Option<Vec<usize>>,
 }
@@ -123,15 +124,15 @@ impl Evaluator {
     /// or directories, named by `names`). Everything is validated here.
     pub fn load(
         checkpoints: &[PathBuf],
-        datasets: &[(String, Vec<PathBuf>)],
+        datasets: &[DatasetSpec],
         opts: &EvalOptions,
     ) -> Result<Evaluator, EvalError> {
         let t0 = Instant::now();
         if checkpoints.is_empty() {
             return Err(EvalError::Request("no checkpoints given".into()));
         }
-        let first_stage = opts.stage.is_none_or(|(i, _)| i == 0);
-        if first_stage && (datasets.is_empty() || datasets.iter().any(|(_, f)| f.is_empty())) {
+        let first_stage = opts.stage.is_none_or(|s| s.index == 0);
+        if first_stage && (datasets.is_empty() || datasets.iter().any(|d| d.files.is_empty())) {
             return Err(EvalError::Request("no data given; pass --data FILE".into()));
         }
         let ckpts = checkpoints
@@ -157,13 +158,13 @@ impl Evaluator {
 
         let part = match opts.stage {
             None => Part::whole(&config),
-            Some((i, n)) if n == 0 || i >= n || n > config.layers => {
+            Some(PipelineStage { index: i, count: n }) if n == 0 || i >= n || n > config.layers => {
                 return Err(EvalError::Request(format!(
                     "pipeline stage {i} of {n}: the model has {} layers; use 1 to {} stages",
                     config.layers, config.layers
                 )))
             }
-            Some((i, n)) => Part::stage(&config, i, n),
+            Some(PipelineStage { index, count }) => Part::stage(&config, index, count),
         };
 
         // Tokenize before copying weights: bad data fails fast. Only the first stage of
@@ -172,7 +173,7 @@ impl Evaluator {
         let tok_dir = first.dir.clone();
         let tokenizer = move || TextTokenizer::load(&tok_dir);
         let mut sets = Vec::new();
-        for (name, files) in datasets.iter().filter(|_| part.first) {
+        for DatasetSpec { name, files } in datasets.iter().filter(|_| part.first) {
             let mut tokens = data::load_tokens(files, &tokenizer, vocab, win.token_bits)?;
             if let Some(m) = win.max_tokens {
                 tokens.truncate(m);

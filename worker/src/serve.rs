@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ckmerge_common::protocol::{
-    self, DatasetScore, EvalReply, EvalRequest, LoadReport, LoadSpec, LoadedDataset, Secret,
-    StageRequest, WorkerApi, WorkerApiClient, WorkerError, WorkerErrorKind, WorkerInfo,
+    self, DatasetScore, EvalReply, EvalRequest, LoadReport, LoadSpec, LoadedDataset, PipelineStage,
+    Secret, StageRequest, WorkerApi, WorkerApiClient, WorkerError, WorkerErrorKind, WorkerInfo,
     WorkerStatus, PROTOCOL_VERSION,
 };
 use std::panic::AssertUnwindSafe;
@@ -123,7 +123,7 @@ impl WorkerService {
         let opts = EvalOptions {
             window: spec.window,
             groups: spec.groups.clone(),
-            stage: stage_of(spec).filter(|&(_, n)| n > 1),
+            stage: stage_of(spec).filter(|s| s.count > 1),
             gpus: gpus.clone(),
         };
         let ev =
@@ -153,7 +153,7 @@ impl WorkerService {
             report,
             ev: Some(Arc::new(std::sync::Mutex::new(ev))),
             next: None,
-            stages: stage_of(spec).map_or(1, |(_, n)| n),
+            stages: stage_of(spec).map_or(1, |s| s.count),
         })
     }
 
@@ -174,9 +174,12 @@ impl WorkerService {
 
 /// The pipeline stage a load spec asks for: given by the previous stage, or stage 0 of
 /// 1 + the number of further stages for a pipeline's head; None for a whole model.
-fn stage_of(spec: &LoadSpec) -> Option<(usize, usize)> {
+fn stage_of(spec: &LoadSpec) -> Option<PipelineStage> {
     spec.stage
-        .or((!spec.pipeline.is_empty()).then(|| (0, spec.pipeline.len() + 1)))
+        .or((!spec.pipeline.is_empty()).then(|| PipelineStage {
+            index: 0,
+            count: spec.pipeline.len() + 1,
+        }))
 }
 
 /// A context for a call to the next pipeline stage, under the caller's deadline.
@@ -308,8 +311,8 @@ impl WorkerService {
                     datasets: spec
                         .datasets
                         .iter()
-                        .map(|(name, _)| LoadedDataset {
-                            name: name.clone(),
+                        .map(|d| LoadedDataset {
+                            name: d.name.clone(),
                             tokens: 0,
                             windows: 0,
                         })
@@ -324,7 +327,7 @@ impl WorkerService {
                 stages: 1,
             }
         } else {
-            if let Some((i, n)) = stage_of(&spec) {
+            if let Some(PipelineStage { index: i, count: n }) = stage_of(&spec) {
                 if spec.pipeline.len() + i + 1 != n {
                     return Err(format!(
                         "stage {i} of {n} was given {} further stage addresses",
@@ -349,7 +352,7 @@ impl WorkerService {
                 );
                 loaded.next = Some(next);
             }
-            if let Some((i, n)) = stage_of(&spec) {
+            if let Some(PipelineStage { index: i, count: n }) = stage_of(&spec) {
                 let (first, last) = {
                     let ev = loaded.ev.as_ref().expect("loaded").lock().expect("fresh");
                     (ev.part().layers.start, ev.part().layers.end)
@@ -462,9 +465,12 @@ impl WorkerService {
         let next = protocol::connect(addr, secret, PROTOCOL_VERSION)
             .await
             .map_err(|e| format!("next pipeline stage {addr}: {e}"))?;
-        let (i, n) = stage_of(spec).expect("a pipeline has stages");
+        let here = stage_of(spec).expect("a pipeline has stages");
         let mut s = spec.clone();
-        s.stage = Some((i + 1, n));
+        s.stage = Some(PipelineStage {
+            index: here.index + 1,
+            count: here.count,
+        });
         s.pipeline.remove(0);
         let report = next
             .load(downstream(ctx), s)

@@ -7,14 +7,15 @@
 
 use std::path::PathBuf;
 
+use ckmerge_common::protocol::DatasetSpec;
 use ckmerge_common::WindowSpec;
 use ckmerge_worker::eval::{EvalOptions, Evaluator};
 use ckmerge_worker::test_support::{check, fixtures as root, golden};
 
-fn data_sets() -> Vec<(String, Vec<PathBuf>)> {
+fn data_sets() -> Vec<DatasetSpec> {
     ["heldout", "python-docs"]
         .iter()
-        .map(|n| (n.to_string(), vec![root().join(format!("data/{n}.txt"))]))
+        .map(|n| DatasetSpec::new(*n, vec![root().join(format!("data/{n}.txt"))]))
         .collect()
 }
 

@@ -9,18 +9,16 @@
 
 use std::path::{Path, PathBuf};
 
+use ckmerge_common::protocol::{DatasetSpec, PipelineStage};
 use ckmerge_common::{DType, WindowSpec};
 use ckmerge_worker::eval::{EvalOptions, Evaluator, StageOutput};
 use ckmerge_worker::test_support::fixtures;
 use ckmerge_worker::{merge_to_dir, MergeRequest};
 
-fn data() -> Vec<(String, Vec<PathBuf>)> {
+fn data() -> Vec<DatasetSpec> {
     vec![
-        ("heldout".into(), vec![fixtures().join("data/heldout.txt")]),
-        (
-            "python-docs".into(),
-            vec![fixtures().join("data/python-docs.txt")],
-        ),
+        DatasetSpec::new("heldout", vec![fixtures().join("data/heldout.txt")]),
+        DatasetSpec::new("python-docs", vec![fixtures().join("data/python-docs.txt")]),
     ]
 }
 
@@ -31,7 +29,7 @@ fn opts(gpus: Option<Vec<usize>>, stage: Option<(usize, usize)>) -> EvalOptions 
             ..Default::default()
         },
         gpus,
-        stage,
+        stage: stage.map(|(index, count)| PipelineStage { index, count }),
         ..Default::default()
     }
 }

@@ -3,14 +3,16 @@
 //! added in the same order. Checked in-process, stage by stage, on both fixture
 //! architectures; `tests/search_cli.rs` checks the same across worker processes.
 
-use std::path::PathBuf;
-
+use ckmerge_common::protocol::{DatasetSpec, PipelineStage};
 use ckmerge_common::WindowSpec;
 use ckmerge_worker::eval::{EvalOptions, Evaluator, StageOutput};
 use ckmerge_worker::test_support::fixtures;
 
-fn data() -> Vec<(String, Vec<PathBuf>)> {
-    vec![("heldout".into(), vec![fixtures().join("data/heldout.txt")])]
+fn data() -> Vec<DatasetSpec> {
+    vec![DatasetSpec::new(
+        "heldout",
+        vec![fixtures().join("data/heldout.txt")],
+    )]
 }
 
 fn opts(stage: Option<(usize, usize)>) -> EvalOptions {
@@ -21,7 +23,7 @@ fn opts(stage: Option<(usize, usize)>) -> EvalOptions {
             batch: Some(4),
             ..Default::default()
         },
-        stage,
+        stage: stage.map(|(index, count)| PipelineStage { index, count }),
         ..Default::default()
     }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use ckmerge_common::protocol::LoadSpec;
+use ckmerge_common::protocol::{DatasetSpec, LoadSpec};
 use ckmerge_common::size::parse_size;
 use ckmerge_common::{check_compatible, Checkpoint, DType, Grouping, WindowSpec};
 use ckmerge_worker::model::ModelConfig;
@@ -322,12 +322,15 @@ impl SearchConfig {
     }
 
     /// Data sets in the order workers score them: the objective first.
-    pub fn datasets(&self) -> Vec<(String, Vec<PathBuf>)> {
-        let mut v = vec![(
-            ckmerge_worker::eval::dataset_name(&self.data.objective),
-            self.data.objective.clone(),
-        )];
-        v.extend(self.data.extra.iter().map(|(k, f)| (k.clone(), f.clone())));
+    pub fn datasets(&self) -> Vec<DatasetSpec> {
+        let mut v = vec![DatasetSpec {
+            name: ckmerge_worker::eval::dataset_name(&self.data.objective),
+            files: self.data.objective.clone(),
+        }];
+        v.extend(self.data.extra.iter().map(|(k, f)| DatasetSpec {
+            name: k.clone(),
+            files: f.clone(),
+        }));
         v
     }
 
@@ -392,7 +395,7 @@ impl SearchConfig {
         if self.data.objective.is_empty() {
             bail!("data.objective is empty: list the held-out files to search on");
         }
-        for (name, files) in self.datasets() {
+        for DatasetSpec { name, files } in self.datasets() {
             if files.is_empty() {
                 bail!("data set `{name}` lists no files");
             }

@@ -15,76 +15,31 @@
 //!   there are any;
 //! - every result is journaled and synced before the optimiser sees it.
 //!
-//! Size: the connection state machine, heartbeats and the report's reference scoring are
-//! still here (the trial policy moved to `trials.rs`); splitting them is pending
-//! (docs/ARCHITECTURE.md).
+//! Here: the event loop, dispatch and the bookkeeping of results. The workers' slots and
+//! their connection state machine are `workers.rs`; scoring given points (the report's
+//! references) is `points.rs`.
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use ckmerge_common::protocol::{
-    self, context_with_timeout, EvalReply, EvalRequest, HandshakeError, LoadReport, LoadSpec,
-    Secret, WorkerApiClient, PROTOCOL_VERSION,
+    context_with_timeout, EvalReply, EvalRequest, LoadReport, LoadSpec, Secret, WorkerApiClient,
 };
-use ckmerge_worker::serve::{in_process_client, WorkerService};
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use ckmerge_worker::serve::WorkerService;
 use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
 
 use super::config::SearchConfig;
 use super::journal::{now, Journal, Record};
 use super::progress::ProgressView;
 use super::trials::{AfterFailure, Trials};
 use crate::bo::Optimizer;
+pub use slot::WorkerSummary;
+use slot::{Kind, Slot, State};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    /// Not connected; a remote worker is retried at `retry_at`.
-    Down,
-    Connecting,
-    Loading,
-    Idle,
-    Busy(u64),
-    /// Refused us (secret, version) or could not load: not retried.
-    Failed,
-}
-
-enum Kind {
-    /// A worker's address, and the addresses of the further stages it heads (if any).
-    Remote(String, Vec<String>),
-    Local(WorkerService),
-}
-
-struct Slot {
-    name: String,
-    kind: Kind,
-    gen: u64,
-    state: State,
-    client: Option<WorkerApiClient>,
-    retry_at: Instant,
-    backoff: Duration,
-    tasks: Vec<AbortHandle>,
-    report: Option<LoadReport>,
-    evaluations: usize,
-    last_error: Option<String>,
-}
-
-impl Slot {
-    fn usable(&self) -> bool {
-        matches!(self.state, State::Loading | State::Idle | State::Busy(_))
-    }
-    fn live(&self) -> bool {
-        self.usable() || self.state == State::Connecting
-    }
-    fn stop_tasks(&mut self) {
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
-    }
-}
+mod points;
+mod slot;
+mod workers;
 
 enum AttemptError {
     /// The worker answered with an error; it is healthy.
@@ -127,20 +82,6 @@ enum Ev {
         gen: u64,
         error: String,
     },
-}
-
-/// What a worker did during the run, for the report.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct WorkerSummary {
-    pub name: String,
-    pub host: Option<String>,
-    pub device: Option<String>,
-    pub load_seconds: Option<f64>,
-    pub rss_bytes: Option<u64>,
-    pub evaluations: usize,
-    /// Scored tokens per second of evaluation (this session's and earlier ones').
-    pub tokens_per_s: Option<f64>,
-    pub last_error: Option<String>,
 }
 
 pub struct Scheduler {
@@ -243,59 +184,6 @@ impl Scheduler {
         s
     }
 
-    fn add_slot(&mut self, name: String, kind: Kind) {
-        self.slots.push(Slot {
-            name,
-            kind,
-            gen: 0,
-            state: State::Down,
-            client: None,
-            retry_at: Instant::now(),
-            backoff: Duration::from_millis(500),
-            tasks: Vec::new(),
-            report: None,
-            evaluations: 0,
-            last_error: None,
-        });
-    }
-
-    /// Adds workers listed in `workers.addresses_file` that are not known yet.
-    fn read_addresses_file(&mut self) {
-        let Some(f) = self.cfg.workers.addresses_file.clone() else {
-            return;
-        };
-        let Ok(text) = std::fs::read_to_string(&f) else {
-            return; // not written yet: workers have not started
-        };
-        for a in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            let known = self.forming.iter().any(|x| x == a)
-                || self
-                    .slots
-                    .iter()
-                    .any(|s| s.name.split(" > ").any(|x| x == a));
-            if !known {
-                tracing::info!("worker {a} joined (from {})", f.display());
-                self.add_worker(a.to_string());
-            }
-        }
-    }
-
-    /// A worker address: a slot of its own, or, with `workers.stages` = k > 1, the next
-    /// stage of the pipeline being formed (a slot once it has k workers).
-    fn add_worker(&mut self, a: String) {
-        let k = self.cfg.workers.stages.max(1);
-        if k == 1 {
-            self.add_slot(a.clone(), Kind::Remote(a, Vec::new()));
-            return;
-        }
-        self.forming.push(a);
-        if self.forming.len() == k {
-            let p = std::mem::take(&mut self.forming);
-            tracing::info!("pipeline {} formed", p.join(" > "));
-            self.add_slot(p.join(" > "), Kind::Remote(p[0].clone(), p[1..].to_vec()));
-        }
-    }
-
     fn successes(&self) -> usize {
         self.done.len()
     }
@@ -359,56 +247,6 @@ impl Scheduler {
         }
         if self.slots.iter().any(Slot::usable) {
             self.last_usable = now;
-        }
-    }
-
-    /// Connects (remote) or attaches (local) slot `i`, then loads.
-    fn start(&mut self, i: usize) {
-        let tx = self.tx.clone();
-        let s = &mut self.slots[i];
-        s.gen += 1;
-        let gen = s.gen;
-        match &s.kind {
-            Kind::Local(svc) => {
-                let client = in_process_client(svc.clone());
-                let _ = tx.send(Ev::Connected {
-                    slot: i,
-                    gen,
-                    client,
-                });
-                s.state = State::Connecting;
-            }
-            Kind::Remote(addr, _) => {
-                let Some(secret) = self.secret.clone() else {
-                    s.state = State::Failed;
-                    s.last_error = Some("no secret configured".into());
-                    return;
-                };
-                let addr = addr.clone();
-                s.state = State::Connecting;
-                let h = tokio::spawn(async move {
-                    let ev = match protocol::connect(&addr, &secret, PROTOCOL_VERSION).await {
-                        Ok(client) => Ev::Connected {
-                            slot: i,
-                            gen,
-                            client,
-                        },
-                        Err(e) => Ev::ConnectFailed {
-                            slot: i,
-                            gen,
-                            permanent: matches!(
-                                e,
-                                HandshakeError::Auth
-                                    | HandshakeError::Version { .. }
-                                    | HandshakeError::NotCkmerge
-                            ),
-                            error: e.to_string(),
-                        },
-                    };
-                    let _ = tx.send(ev);
-                });
-                s.tasks.push(h.abort_handle());
-            }
         }
     }
 
@@ -478,112 +316,6 @@ impl Scheduler {
             Ev::HeartbeatLost { error, .. } => self.lose(slot, error),
         }
         Ok(())
-    }
-
-    fn on_connected(&mut self, i: usize, client: WorkerApiClient) {
-        let tx = self.tx.clone();
-        let w = &self.cfg.workers;
-        let (load_deadline, hb, hb_timeout) = (
-            Duration::from_secs_f64(w.load_deadline_s),
-            Duration::from_secs_f64(w.heartbeat_s),
-            Duration::from_secs_f64(w.heartbeat_timeout_s),
-        );
-        let s = &mut self.slots[i];
-        let gen = s.gen;
-        s.state = State::Loading;
-        s.client = Some(client.clone());
-        let mut spec = self.spec.clone();
-        if let Kind::Remote(_, rest) = &s.kind {
-            spec.pipeline = rest.clone();
-        }
-        let c = client.clone();
-        let h = tokio::spawn(async move {
-            let ev = match c.load(context_with_timeout(load_deadline), spec).await {
-                Ok(Ok(report)) => Ev::Loaded {
-                    slot: i,
-                    gen,
-                    report,
-                },
-                Ok(Err(error)) => Ev::LoadFailed {
-                    slot: i,
-                    gen,
-                    error: error.message,
-                    lost: false,
-                },
-                Err(e) => Ev::LoadFailed {
-                    slot: i,
-                    gen,
-                    error: e.to_string(),
-                    lost: true,
-                },
-            };
-            let _ = tx.send(ev);
-        });
-        s.tasks.push(h.abort_handle());
-        if matches!(s.kind, Kind::Remote(..)) {
-            let tx = self.tx.clone();
-            let h = tokio::spawn(async move {
-                let mut last_ok = Instant::now();
-                loop {
-                    tokio::time::sleep(hb).await;
-                    let probe = tokio::time::timeout(
-                        hb_timeout,
-                        client.status(context_with_timeout(hb_timeout)),
-                    )
-                    .await;
-                    match probe {
-                        Ok(Ok(_)) => last_ok = Instant::now(),
-                        Ok(Err(tarpc::client::RpcError::DeadlineExceeded)) | Err(_)
-                            if last_ok.elapsed() < hb_timeout => {}
-                        other => {
-                            let why = match other {
-                                Ok(Err(e)) => e.to_string(),
-                                _ => "no answer".into(),
-                            };
-                            let _ = tx.send(Ev::HeartbeatLost {
-                                slot: i,
-                                gen,
-                                error: format!(
-                                    "no heartbeat for {:.0} s ({why})",
-                                    last_ok.elapsed().as_secs_f64()
-                                ),
-                            });
-                            return;
-                        }
-                    }
-                }
-            });
-            s.tasks.push(h.abort_handle());
-        }
-    }
-
-    /// Gives up on slot `i`'s connection; its trial, if any, goes back to the queue.
-    fn lose(&mut self, i: usize, why: String) {
-        let s = &mut self.slots[i];
-        tracing::warn!("worker {} lost: {why}", s.name);
-        s.stop_tasks();
-        s.gen += 1;
-        s.client = None;
-        s.last_error = Some(why.clone());
-        let trial = match s.state {
-            State::Busy(t) => Some(t),
-            _ => None,
-        };
-        match s.kind {
-            Kind::Remote(..) => {
-                s.state = State::Down;
-                s.retry_at = Instant::now() + s.backoff;
-            }
-            // An in-process worker that missed its deadline is still computing; it is not
-            // given work again.
-            Kind::Local(_) => s.state = State::Failed,
-        }
-        let name = s.name.clone();
-        if let Some(t) = trial {
-            if let Err(e) = self.attempt_failed(t, name, format!("worker lost: {why}")) {
-                tracing::error!("{e:#}");
-            }
-        }
     }
 
     fn on_finished(
@@ -810,173 +542,5 @@ impl Scheduler {
                 Some(crate::bo::StopReason::Converged) => "converged".into(),
             },
         )
-    }
-
-    /// Fails the run when no worker can be used and none can come back.
-    fn check_workers(&self) -> Result<()> {
-        if self.slots.iter().any(Slot::live) {
-            return Ok(());
-        }
-        let reasons = || {
-            self.slots
-                .iter()
-                .map(|s| {
-                    format!(
-                        "  {}: {}",
-                        s.name,
-                        s.last_error.as_deref().unwrap_or("not started")
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        let can_come_back = self.slots.iter().any(|s| s.state == State::Down)
-            || self.cfg.workers.addresses_file.is_some();
-        if self.slots.is_empty() && self.cfg.workers.addresses_file.is_some() {
-            // Waiting for the launcher to write the first address.
-        } else if !can_come_back {
-            bail!(
-                "no worker can be used:\n{}\nthe journal keeps every completed trial: fix the workers and continue with --resume",
-                reasons()
-            );
-        }
-        if self.last_usable.elapsed().as_secs_f64() > self.cfg.workers.wait_s {
-            bail!(
-                "no worker usable for {:.0} s (workers.wait_s):\n{}\nthe journal keeps every completed trial: continue with --resume",
-                self.cfg.workers.wait_s,
-                reasons()
-            );
-        }
-        Ok(())
-    }
-
-    /// Scores each point on every data set, spread over the usable workers (for the
-    /// report). Not journaled: these are recomputed on a resume.
-    pub async fn score_points(&mut self, points: &[Vec<f64>]) -> Result<Vec<EvalReply>> {
-        let mut todo: VecDeque<usize> = (0..points.len()).collect();
-        let mut out: Vec<Option<EvalReply>> = vec![None; points.len()];
-        let mut running = FuturesUnordered::new();
-        let mut busy = vec![false; self.slots.len()];
-        // `deadline_s` is for one trial, which scores the objective only; these score every
-        // data set, so the deadline grows with the tokens they add.
-        let factor = self
-            .slots
-            .iter()
-            .find_map(|s| s.report.as_ref())
-            .map(|r| {
-                let total: usize = r.datasets.iter().map(|d| d.tokens).sum();
-                let objective = r.datasets.first().map_or(0, |d| d.tokens);
-                if objective == 0 {
-                    1.0
-                } else {
-                    (total as f64 / objective as f64).max(1.0)
-                }
-            })
-            .unwrap_or(1.0);
-        let deadline = Duration::from_secs_f64(self.cfg.workers.deadline_s * factor);
-        loop {
-            for (i, in_use) in busy.iter_mut().enumerate() {
-                if todo.is_empty() {
-                    break;
-                }
-                if *in_use || self.slots[i].state != State::Idle {
-                    continue;
-                }
-                let k = todo.pop_front().expect("not empty");
-                let client = self.slots[i]
-                    .client
-                    .clone()
-                    .expect("idle workers are connected");
-                let req = EvalRequest {
-                    trial: u64::MAX - k as u64,
-                    weights: self.opt.space.merge_weights(&points[k]),
-                    all_datasets: true,
-                };
-                *in_use = true;
-                running.push(async move {
-                    let r = client.evaluate(context_with_timeout(deadline), req).await;
-                    (i, k, r)
-                });
-            }
-            let Some((i, k, r)) = running.next().await else {
-                if todo.is_empty() {
-                    break;
-                }
-                // Nothing running and no idle worker: on a resume of a finished run no
-                // worker has connected yet, and a lost one may come back. Drive the
-                // connections until one is ready, or fail as a search does when none can.
-                self.on_tick();
-                self.check_workers()
-                    .context("no worker left to score the report's reference points")?;
-                tokio::select! {
-                    Some(ev) = self.rx.recv() => self.handle(ev)?,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                }
-                busy.resize(self.slots.len(), false);
-                continue;
-            };
-            busy[i] = false;
-            match r {
-                Ok(Ok(reply)) => out[k] = Some(reply),
-                Ok(Err(e)) => bail!("scoring weights {:?} for the report: {e}", points[k]),
-                Err(e) => {
-                    self.lose(i, e.to_string());
-                    todo.push_front(k);
-                }
-            }
-        }
-        Ok(out
-            .into_iter()
-            .map(|r| r.expect("every point scored"))
-            .collect())
-    }
-
-    pub fn worker_summaries(&self) -> Vec<WorkerSummary> {
-        self.slots
-            .iter()
-            .map(|s| WorkerSummary {
-                name: s.name.clone(),
-                host: s.report.as_ref().map(|r| r.info.host.clone()),
-                device: s.report.as_ref().map(|r| r.info.device.clone()),
-                load_seconds: s.report.as_ref().map(|r| r.seconds),
-                rss_bytes: s.report.as_ref().map(|r| r.rss_bytes),
-                evaluations: s.evaluations,
-                tokens_per_s: {
-                    let (mut tok, mut sec) = (0.0, 0.0);
-                    for r in &self.done {
-                        if let Record::Done {
-                            worker,
-                            tokens,
-                            eval_seconds,
-                            ..
-                        } = r
-                        {
-                            if *worker == s.name {
-                                tok += *tokens as f64;
-                                sec += eval_seconds;
-                            }
-                        }
-                    }
-                    (sec > 0.0).then(|| tok / sec)
-                },
-                last_error: s.last_error.clone(),
-            })
-            .collect()
-    }
-
-    /// Asks remote workers to exit (the launcher started them for this run).
-    pub async fn shutdown_workers(&mut self) {
-        let mut calls = Vec::new();
-        for s in &mut self.slots {
-            s.stop_tasks();
-            if let (Kind::Remote(..), Some(c)) = (&s.kind, s.client.take()) {
-                calls.push(async move {
-                    let _ = c
-                        .shutdown(context_with_timeout(Duration::from_secs(5)))
-                        .await;
-                });
-            }
-        }
-        futures::future::join_all(calls).await;
     }
 }
