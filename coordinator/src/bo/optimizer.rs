@@ -258,12 +258,12 @@ impl Optimizer {
     /// `q` new cube points, distinct from each other and at least `min_distance` from
     /// everything observed, failed (unless `retry_failed`) and `pending`.
     ///
-    /// The phases of a round: the initial design while it lasts ([`Optimizer::design_points`]);
-    /// without two values, points that need no model ([`Optimizer::fill_without_model`]);
-    /// then the surrogate is fitted ([`Optimizer::fit`]), the evaluations still running are
-    /// accounted for ([`Fantasy`]), a model step may take one slot
-    /// ([`Optimizer::model_step`]) and the acquisition fills the rest
-    /// ([`Optimizer::fill_by_acquisition`]), whose best EI convergence watches.
+    /// The phases of a round: the initial design while it lasts (`Optimizer::design_points`);
+    /// without two values, points that need no model (`Optimizer::fill_without_model`);
+    /// then the surrogate is fitted (`Optimizer::fit`), the evaluations still running are
+    /// accounted for (`Fantasy`), a model step may take one slot
+    /// (`Optimizer::model_step`) and the acquisition fills the rest
+    /// (`Optimizer::fill_by_acquisition`), whose best EI convergence watches.
     pub fn propose(&mut self, q: usize, pending: &[Vec<f64>]) -> Result<Vec<Vec<f64>>, String> {
         let taken = self.taken(pending);
         let mut chosen = self.design_points(q, &taken);
