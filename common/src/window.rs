@@ -42,6 +42,32 @@ impl WindowSpec {
     pub fn batch_or_default(&self) -> usize {
         self.batch.unwrap_or(DEFAULT_BATCH).max(1)
     }
+
+    /// Refuses settings no model could use, naming the field; checked by the search
+    /// config before any worker loads, and by the evaluator. (A `seq_len` beyond the
+    /// model's context needs the model and is checked where it is known.)
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(s) = self.seq_len.filter(|&s| s < 2) {
+            return Err(format!(
+                "seq_len = {s}: a window needs at least 2 tokens (one to predict)"
+            ));
+        }
+        if let Some(s) = self.stride {
+            let max = self
+                .seq_len
+                .map_or(String::new(), |l| format!(" and seq_len ({l})"));
+            if s == 0 || self.seq_len.is_some_and(|l| s > l) {
+                return Err(format!("stride = {s}: use a value between 1{max}"));
+            }
+        }
+        if self.batch == Some(0) {
+            return Err("batch = 0: use at least 1 window per forward pass".into());
+        }
+        if let Some(m) = self.max_tokens.filter(|&m| m < 2) {
+            return Err(format!("max_tokens = {m}: use at least 2 tokens"));
+        }
+        Ok(())
+    }
 }
 
 /// How raw `.bin` token files are stored. Written as the number 16 or 32 in configs and
@@ -100,5 +126,57 @@ mod tests {
         assert_eq!(parse_token_bits("16"), Ok(TokenBits::U16));
         assert!(parse_token_bits("8").is_err());
         assert_eq!(WindowSpec::default().batch_or_default(), DEFAULT_BATCH);
+    }
+
+    #[test]
+    fn unusable_window_settings_are_refused_by_name() {
+        let bad = |w: WindowSpec, field: &str| {
+            let e = w.check().unwrap_err();
+            assert!(e.starts_with(field), "{e}");
+        };
+        bad(
+            WindowSpec {
+                seq_len: Some(1),
+                ..Default::default()
+            },
+            "seq_len = 1",
+        );
+        bad(
+            WindowSpec {
+                stride: Some(0),
+                ..Default::default()
+            },
+            "stride = 0",
+        );
+        bad(
+            WindowSpec {
+                seq_len: Some(64),
+                stride: Some(65),
+                ..Default::default()
+            },
+            "stride = 65",
+        );
+        bad(
+            WindowSpec {
+                batch: Some(0),
+                ..Default::default()
+            },
+            "batch = 0",
+        );
+        bad(
+            WindowSpec {
+                max_tokens: Some(0),
+                ..Default::default()
+            },
+            "max_tokens = 0",
+        );
+        let ok = WindowSpec {
+            seq_len: Some(64),
+            stride: Some(64),
+            batch: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(ok.check(), Ok(()));
+        assert_eq!(WindowSpec::default().check(), Ok(()));
     }
 }

@@ -143,6 +143,7 @@ impl Evaluator {
         let first = &ckpts[0];
         let config = ModelConfig::from_json(&first.config, &first.dir.join("config.json"))?;
         let win = &opts.window;
+        win.check().map_err(EvalError::Request)?;
         let seq_len = win.seq_len.unwrap_or(config.max_positions.min(2048));
         if seq_len > config.max_positions {
             return Err(EvalError::Request(format!(

@@ -68,6 +68,9 @@ pub struct DataConfig {
     pub window: WindowSpec,
 }
 
+/// The longest duration a config may give, in seconds (about 11.6 days).
+pub const MAX_SECONDS: f64 = 1e6;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SearchParams {
@@ -284,6 +287,55 @@ impl SearchConfig {
         s.map_err(|e| anyhow::anyhow!("space: {e}"))
     }
 
+    /// Refuses every number no run could use, naming the field: durations must be
+    /// positive, finite and at most [`MAX_SECONDS`] (a duration beyond that is a typo, and
+    /// would overflow the timers), counts at least 1, the window usable.
+    pub fn check_numbers(&self) -> Result<()> {
+        let w = &self.workers;
+        for (field, v) in [
+            ("workers.deadline_s", w.deadline_s),
+            ("workers.load_deadline_s", w.load_deadline_s),
+            ("workers.heartbeat_s", w.heartbeat_s),
+            ("workers.heartbeat_timeout_s", w.heartbeat_timeout_s),
+            ("workers.wait_s", w.wait_s),
+        ]
+        .into_iter()
+        .chain(self.search.max_seconds.map(|v| ("search.max_seconds", v)))
+        {
+            if !(v.is_finite() && v > 0.0 && v <= MAX_SECONDS) {
+                bail!(
+                    "{field} = {v}: give a number of seconds above 0 and at most {MAX_SECONDS:e}"
+                );
+            }
+        }
+        if w.heartbeat_timeout_s <= w.heartbeat_s {
+            bail!(
+                "workers.heartbeat_timeout_s = {} is not above workers.heartbeat_s = {}: every worker would be declared lost between two heartbeats",
+                w.heartbeat_timeout_s,
+                w.heartbeat_s
+            );
+        }
+        if let Some(t) = self.search.converge_tol {
+            if !(t.is_finite() && t > 0.0) {
+                bail!("search.converge_tol = {t}: give a positive number (an expected improvement in standardised units), or leave it out");
+            }
+        }
+        if w.max_attempts == 0 {
+            bail!("workers.max_attempts = 0: a trial needs at least 1 attempt");
+        }
+        if w.local == Some(0)
+            && w.addresses.is_empty()
+            && w.pipelines.is_empty()
+            && w.addresses_file.is_none()
+        {
+            bail!("workers.local = 0 with no remote workers leaves nothing to evaluate on: use at least 1, or list worker addresses");
+        }
+        self.data
+            .window
+            .check()
+            .map_err(|e| anyhow::anyhow!("data.{e}"))
+    }
+
     pub fn bo_config(&self) -> Result<BoConfig> {
         let strategy = match self.search.acquisition.as_str() {
             "ei" => Strategy::Single(Acquisition::Ei),
@@ -356,6 +408,7 @@ impl SearchConfig {
         if self.checkpoints.is_empty() {
             bail!("checkpoints: the config lists none");
         }
+        self.check_numbers()?;
         self.search_space()?;
         self.bo_config()?;
         self.dtype()?;
@@ -478,6 +531,43 @@ mod tests {
         // The stored copy reads back to the same config.
         let back: SearchConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unusable_numbers_are_refused_by_name_before_anything_runs() {
+        let base = "checkpoints = [\"a\", \"b\"]\n[data]\nobjective = [\"x\"]\n";
+        let refused = |extra: &str, needle: &str| {
+            let c: SearchConfig = toml::from_str(&format!("{base}{extra}")).unwrap();
+            // validate() checks the numbers before it opens anything (a and b do not exist).
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{extra}: {e}");
+        };
+        for field in ["deadline_s", "load_deadline_s", "heartbeat_s", "wait_s"] {
+            for v in ["-1.0", "0.0", "nan", "inf", "1e300"] {
+                refused(
+                    &format!("[workers]\n{field} = {v}\n"),
+                    &format!("workers.{field} = "),
+                );
+            }
+        }
+        refused(
+            "[workers]\nheartbeat_timeout_s = -1.0\n",
+            "workers.heartbeat_timeout_s = -1",
+        );
+        refused(
+            "[workers]\nheartbeat_s = 40.0\n",
+            "not above workers.heartbeat_s",
+        );
+        refused("[search]\nmax_seconds = nan\n", "search.max_seconds = NaN");
+        refused(
+            "[search]\nconverge_tol = nan\n",
+            "search.converge_tol = NaN",
+        );
+        refused("[workers]\nmax_attempts = 0\n", "workers.max_attempts = 0");
+        refused("[workers]\nlocal = 0\n", "workers.local = 0");
+        // Keys of the [data] table (the base config ends inside it).
+        refused("batch = 0\n", "data.batch = 0");
+        refused("seq_len = 1\n", "data.seq_len = 1");
     }
 
     #[test]
