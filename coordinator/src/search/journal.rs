@@ -10,7 +10,10 @@
 //! - `failed`: the trial failed on its last attempt; remembered, never fed to the GP.
 //!
 //! A crash can cut the last line short; reading ignores (and reports) a torn last line,
-//! and refuses a malformed line anywhere else.
+//! and refuses a malformed line anywhere else. Opening the journal to append cuts a torn
+//! tail off first, so the next record starts on a line of its own (appended after the
+//! torn bytes, it would make both lines one malformed line, and the run could never be
+//! resumed again).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -87,7 +90,8 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens (creating) the journal of `run_dir` for appending.
+    /// Opens (creating) the journal of `run_dir` for appending, first cutting off a torn
+    /// last line (bytes after the last newline) that a crash mid-write left.
     pub fn open(run_dir: &Path) -> Result<Journal> {
         let path = run_dir.join(JOURNAL_FILE);
         let file = OpenOptions::new()
@@ -95,6 +99,17 @@ impl Journal {
             .append(true)
             .open(&path)
             .with_context(|| format!("opening the journal {}", path.display()))?;
+        let whole = whole_lines_len(&path)?;
+        if whole < file.metadata()?.len() {
+            tracing::warn!(
+                "{}: cutting off a torn last line ({} bytes) before appending",
+                path.display(),
+                file.metadata()?.len() - whole
+            );
+            file.set_len(whole)
+                .and_then(|_| file.sync_data())
+                .with_context(|| format!("truncating the torn tail of {}", path.display()))?;
+        }
         Ok(Journal { path, file })
     }
 
@@ -107,6 +122,15 @@ impl Journal {
             .and_then(|_| self.file.sync_data())
             .with_context(|| format!("appending to the journal {}", self.path.display()))
     }
+}
+
+/// The length of `path` up to and including its last newline.
+fn whole_lines_len(path: &Path) -> Result<u64> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i as u64 + 1))
 }
 
 /// What a journal says about a run.
@@ -244,6 +268,27 @@ mod tests {
         assert_eq!(r.attempts[&1].len(), 1);
         assert_eq!(r.next_id, 3);
         assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_before_appending_so_the_run_stays_resumable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.append(&done(0, 3.0)).unwrap();
+        drop(j);
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"event\":\"done\",\"tri").unwrap();
+        drop(f);
+        // First resume: the torn line is ignored; this session appends.
+        assert_eq!(replay(dir.path()).unwrap().warnings.len(), 1);
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.append(&done(1, 2.0)).unwrap();
+        drop(j);
+        // Second resume: both records, nothing damaged.
+        let r = replay(dir.path()).unwrap();
+        assert_eq!(r.finished, vec![done(0, 3.0), done(1, 2.0)]);
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     }
 
     #[test]
