@@ -430,6 +430,77 @@ fn sigkill_of_a_worker_mid_evaluation_loses_no_trial() {
     assert!(log.contains("lost"), "{log}");
 }
 
+/// Issue 14, item 2: a second coordinator on a run directory that is being searched
+/// (a resume, or a new run with --force) is refused while the first runs, and nothing of
+/// the first run is touched; once the first is killed (-9), its lock is no obstacle.
+#[test]
+fn a_second_coordinator_on_a_running_run_directory_is_refused() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        tmp.path(),
+        "run.toml",
+        &Cfg {
+            workers: &[],
+            max_evals: 40,
+            copies: 8,
+            extra: "",
+        },
+    );
+    let run_dir = tmp.path().join("run");
+    let mut coord = Proc(
+        search(&[
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--run-dir".as_ref(),
+            run_dir.as_os_str(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    wait_for("a first trial done", Duration::from_secs(120), || {
+        (!done_ids(&journal(&run_dir)).is_empty()).then_some(())
+    });
+    for args in [
+        vec!["--resume".as_ref(), run_dir.as_os_str()],
+        vec![
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--run-dir".as_ref(),
+            run_dir.as_os_str(),
+            "--force".as_ref(),
+        ],
+    ] {
+        let o = run(search(&args));
+        assert!(
+            !o.status.success(),
+            "{args:?} ran beside the first coordinator"
+        );
+        assert!(
+            stderr(&o).contains("another ckmerge search is running"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    assert!(
+        run_dir.join("config.toml").is_file() && coord.0.try_wait().unwrap().is_none(),
+        "the refused coordinators left the running one and its directory alone"
+    );
+    coord.signal(libc::SIGKILL);
+    coord.wait(Duration::from_secs(10));
+    let done = done_ids(&journal(&run_dir)).len();
+    let o = run(search(&[
+        "--resume".as_ref(),
+        run_dir.as_os_str(),
+        "--max-evals".as_ref(),
+        (done + 1).to_string().as_ref(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(done_ids(&journal(&run_dir)).len(), done + 1);
+}
+
 #[test]
 fn sigkill_of_the_coordinator_then_resume_loses_and_redoes_nothing() {
     let _g = serial();

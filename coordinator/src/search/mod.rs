@@ -13,10 +13,12 @@
 //! RUN_DIR/report.md        summary table and every trial
 //! RUN_DIR/*.png            best so far; the surrogate over lambda (1-D) or a heatmap (2-D)
 //! RUN_DIR/merged/          the merged model of the best weights (HF format)
+//! RUN_DIR/.lock            held (flock) by the coordinator running the search (`lock`)
 //! ```
 
 pub mod config;
 pub mod journal;
+pub mod lock;
 pub mod plots;
 pub mod progress;
 pub mod report;
@@ -32,6 +34,7 @@ use ckmerge_worker::{merge_to_dir, MergeRequest};
 use crate::bo::Optimizer;
 use config::{SearchConfig, SpaceConfig};
 use journal::{replay, Journal, Record, JOURNAL_FILE};
+use lock::{RunLock, LOCK_FILE};
 use scheduler::{Resumed, Scheduler};
 
 pub const CONFIG_FILE: &str = "config.toml";
@@ -72,8 +75,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// Decides the config of this session and prepares the run directory.
-fn prepare(args: &SearchArgs) -> Result<SearchConfig> {
+/// Decides the config of this session and prepares the run directory. A resume returns
+/// the run directory's lock, taken before anything in it is read.
+fn prepare(args: &SearchArgs) -> Result<(SearchConfig, Option<RunLock>)> {
+    let mut lock = None;
     let dir = &args.run_dir;
     let stored_path = dir.join(CONFIG_FILE);
     let mut cfg = if args.resume {
@@ -83,6 +88,7 @@ fn prepare(args: &SearchArgs) -> Result<SearchConfig> {
                 dir.display()
             );
         }
+        lock = Some(RunLock::acquire(dir)?);
         let stored = SearchConfig::load(&stored_path)?;
         match &args.config {
             None => stored,
@@ -107,9 +113,16 @@ fn prepare(args: &SearchArgs) -> Result<SearchConfig> {
         let cfg = SearchConfig::load(p)?;
         if dir.exists() {
             let is_run = stored_path.is_file() || dir.join(JOURNAL_FILE).is_file();
+            // (A lock file alone: a start killed before it wrote anything.)
             let empty = std::fs::read_dir(dir)
-                .map(|mut d| d.next().is_none())
+                .map(|mut d| d.all(|e| e.is_ok_and(|e| e.file_name() == LOCK_FILE)))
                 .unwrap_or(false);
+            // A run another coordinator is running is neither resumed nor replaced.
+            let running = if is_run {
+                Some(RunLock::acquire(dir)?)
+            } else {
+                None
+            };
             if is_run && !args.force {
                 bail!(
                     "{} already holds a run; continue it with --resume, or pass --force to discard it",
@@ -118,6 +131,7 @@ fn prepare(args: &SearchArgs) -> Result<SearchConfig> {
             } else if is_run {
                 std::fs::remove_dir_all(dir)
                     .with_context(|| format!("removing the old run {}", dir.display()))?;
+                drop(running);
             } else if !empty {
                 bail!(
                     "{} exists and is not a ckmerge run directory; choose another --run-dir",
@@ -140,7 +154,7 @@ fn prepare(args: &SearchArgs) -> Result<SearchConfig> {
         cfg.workers.addresses_file =
             Some(std::path::absolute(f).with_context(|| format!("resolving {}", f.display()))?);
     }
-    Ok(cfg)
+    Ok((cfg, lock))
 }
 
 /// Rebuilds the optimiser from the journal (and the snapshot when it matches it).
@@ -224,7 +238,7 @@ fn resume_state(cfg: &SearchConfig, run_dir: &Path) -> Result<Resumed> {
 /// Runs a search to the end: trials, reference scores, merged model, report.
 pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
     let t0 = std::time::Instant::now();
-    let cfg = prepare(&args)?;
+    let (cfg, lock) = prepare(&args)?;
     let model = cfg.validate()?;
     tracing::info!(
         "{} checkpoints of a {} model ({} tensors, {:.1} M parameters), {} data set{}",
@@ -258,6 +272,11 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
     let run_dir = args.run_dir.clone();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
+    // Held until this function returns (or the process ends).
+    let _lock = match lock {
+        Some(l) => l,
+        None => RunLock::acquire(&run_dir)?,
+    };
     write_atomic(&run_dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
     let resumed = resume_state(&cfg, &run_dir)?;
     if args.resume {
