@@ -430,6 +430,62 @@ fn sigkill_of_a_worker_mid_evaluation_loses_no_trial() {
     assert!(log.contains("lost"), "{log}");
 }
 
+/// A copy of fixture checkpoint `step` whose tensor `name` is all NaN (0xFF bytes are NaN
+/// in f32, bf16 and f16).
+fn nan_checkpoint(dir: &Path, step: &str, name: &str) -> PathBuf {
+    let dst = dir.join(step);
+    support::copy_dir(&fixtures().join("llama").join(step), &dst);
+    let file = dst.join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let off = &header[name]["data_offsets"];
+    let (a, b) = (
+        off[0].as_u64().unwrap() as usize,
+        off[1].as_u64().unwrap() as usize,
+    );
+    bytes[8 + n + a..8 + n + b].fill(0xFF);
+    std::fs::write(&file, bytes).unwrap();
+    dst
+}
+
+/// Issue 14, item 4: a search whose objective is NaN everywhere stopped never (990 trials
+/// issued in 45 s, each deterministic NaN retried). Now a NaN is failed at once, without
+/// a retry, and the run stops with a clear error after `max_failures_in_row`.
+#[test]
+fn a_search_whose_objective_is_nan_everywhere_stops_with_a_clear_error() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = nan_checkpoint(tmp.path(), "step-1250", "model.norm.weight");
+    let b = nan_checkpoint(tmp.path(), "step-1500", "model.norm.weight");
+    let cfg = tmp.path().join("nan.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "checkpoints = [{a:?}, {b:?}]\n[data]\nobjective = [{:?}]\nseq_len = 128\nmax_tokens = 1024\n[search]\nmax_evals = 40\nmax_failures_in_row = 5\n[workers]\nlocal = 1\n[output]\nplots = false\n",
+            fixtures().join("data/heldout.txt")
+        ),
+    )
+    .unwrap();
+    let run_dir = tmp.path().join("run");
+    let o = run(search(&[
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ]));
+    assert!(!o.status.success(), "a search that can only fail succeeded");
+    let err = stderr(&o);
+    assert!(
+        err.contains("5 trials in a row failed") && err.contains("not finite"),
+        "{err}"
+    );
+    let j = journal(&run_dir);
+    assert_eq!(events(&j, "failed").len(), 5, "{j:?}");
+    assert!(events(&j, "retry").is_empty(), "a NaN was retried: {j:?}");
+    assert!(done_ids(&j).is_empty());
+}
+
 /// Issue 14, item 2: a second coordinator on a run directory that is being searched
 /// (a resume, or a new run with --force) is refused while the first runs, and nothing of
 /// the first run is touched; once the first is killed (-9), its lock is no obstacle.

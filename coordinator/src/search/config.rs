@@ -84,6 +84,9 @@ pub struct SearchParams {
     pub acquisition: String,
     /// Stop when the best expected improvement stays under this for 3 rounds.
     pub converge_tol: Option<f64>,
+    /// Stop the run (an error) after this many trials in a row failed for good: a search
+    /// whose objective is NaN over most of the space would otherwise propose forever.
+    pub max_failures_in_row: usize,
 }
 
 impl Default for SearchParams {
@@ -94,6 +97,7 @@ impl Default for SearchParams {
             seed: 0,
             acquisition: "ei".into(),
             converge_tol: None,
+            max_failures_in_row: 10,
         }
     }
 }
@@ -319,6 +323,9 @@ impl SearchConfig {
             if !(t.is_finite() && t > 0.0) {
                 bail!("search.converge_tol = {t}: give a positive number (an expected improvement in standardised units), or leave it out");
             }
+        }
+        if self.search.max_failures_in_row == 0 {
+            bail!("search.max_failures_in_row = 0: use at least 1");
         }
         if w.max_attempts == 0 {
             bail!("workers.max_attempts = 0: a trial needs at least 1 attempt");

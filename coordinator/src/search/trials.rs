@@ -8,7 +8,11 @@
 //!   that has not tried it;
 //! - a queued trial every live worker has tried runs again anyway (a deterministic
 //!   failure then reaches `max_attempts` instead of waiting for a new worker forever);
-//! - after `max_attempts` failed attempts a trial is failed for good;
+//! - after `max_attempts` failed attempts a trial is failed for good, and at once after
+//!   a deterministic failure (the same weights give the same result on any worker: a
+//!   non-finite objective), which another attempt would only repeat;
+//! - failed trials in a row are counted ([`Trials::failed_in_row`]): the scheduler stops
+//!   a run whose trials keep failing instead of proposing forever;
 //! - ids are never reused: a resumed run continues after the journal's last id, and
 //!   trials that were in flight keep their ids and their failed attempts.
 
@@ -50,6 +54,16 @@ pub struct Trials {
     queue: VecDeque<u64>,
     next_id: u64,
     max_attempts: usize,
+    failed_in_row: usize,
+}
+
+/// Whether another attempt of a failed trial could turn out differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The worker, its connection or its resources failed: worth another attempt.
+    Transient,
+    /// The result itself is bad (a non-finite objective): any worker would repeat it.
+    Deterministic,
 }
 
 impl Trials {
@@ -60,6 +74,7 @@ impl Trials {
             queue: VecDeque::new(),
             next_id,
             max_attempts: max_attempts.max(1),
+            failed_in_row: 0,
         }
     }
 
@@ -128,15 +143,28 @@ impl Trials {
 
     /// Trial `id` (running, so not queued) succeeded: it leaves the set.
     pub fn succeeded(&mut self, id: u64) -> Trial {
+        self.failed_in_row = 0;
         self.trials.remove(&id).expect("a running trial is known")
     }
 
+    /// Trials failed for good since the last success (of this session).
+    pub fn failed_in_row(&self) -> usize {
+        self.failed_in_row
+    }
+
     /// An attempt of trial `id` on `worker` failed with `error`.
-    pub fn attempt_failed(&mut self, id: u64, worker: String, error: String) -> AfterFailure {
+    pub fn attempt_failed(
+        &mut self,
+        id: u64,
+        worker: String,
+        error: String,
+        kind: Failure,
+    ) -> AfterFailure {
         let t = self.trials.get_mut(&id).expect("a running trial is known");
         t.errors.push((worker, error));
         t.issued_at = None;
-        if t.errors.len() >= self.max_attempts {
+        if t.errors.len() >= self.max_attempts || kind == Failure::Deterministic {
+            self.failed_in_row += 1;
             AfterFailure::Failed(self.trials.remove(&id).expect("present"))
         } else {
             self.queue.push_back(id);
@@ -174,7 +202,7 @@ mod tests {
         let a = t.add(vec![0.1], vec![0.9, 0.1]);
         let b = t.add(vec![0.2], vec![0.8, 0.2]);
         assert!(matches!(
-            t.attempt_failed(a, "w1".into(), "lost".into()),
+            t.attempt_failed(a, "w1".into(), "lost".into(), Failure::Transient),
             AfterFailure::Requeued
         ));
         // w1 tried it; w2 is live and has not: w1 gets nothing from the queue.
@@ -191,10 +219,10 @@ mod tests {
     fn a_trial_every_live_worker_has_tried_runs_again_until_max_attempts() {
         let mut t = Trials::new(0, 2);
         let a = t.add(vec![0.5], vec![0.5, 0.5]);
-        t.attempt_failed(a, "w1".into(), "NaN".into());
+        t.attempt_failed(a, "w1".into(), "NaN".into(), Failure::Transient);
         // The only live worker tried it: it runs there again rather than never.
         assert_eq!(t.pick_queued("w1", &["w1"]), Some(a));
-        match t.attempt_failed(a, "w1".into(), "NaN".into()) {
+        match t.attempt_failed(a, "w1".into(), "NaN".into(), Failure::Transient) {
             AfterFailure::Failed(trial) => {
                 assert_eq!(trial.errors.len(), 2);
                 assert_eq!(trial.u, vec![0.5]);
@@ -218,9 +246,32 @@ mod tests {
         assert_eq!(u.add(vec![0.2], vec![0.8, 0.2]), 8);
         // One failure of the resumed trial's two allowed attempts is already spent.
         assert!(matches!(
-            t.attempt_failed(3, "w1".into(), "x".into()),
+            t.attempt_failed(3, "w1".into(), "x".into(), Failure::Transient),
             AfterFailure::Failed(_)
         ));
+    }
+
+    #[test]
+    fn a_deterministic_failure_is_not_retried_and_failures_in_a_row_are_counted() {
+        let mut t = Trials::new(0, 3);
+        let a = t.add(vec![0.1], vec![0.9, 0.1]);
+        let b = t.add(vec![0.2], vec![0.8, 0.2]);
+        let c = t.add(vec![0.3], vec![0.7, 0.3]);
+        let d = t.add(vec![0.4], vec![0.6, 0.4]);
+        let nan = || "the objective is NaN".to_string();
+        // Three attempts allowed, but another worker would only compute the NaN again.
+        match t.attempt_failed(a, "w1".into(), nan(), Failure::Deterministic) {
+            AfterFailure::Failed(trial) => assert_eq!(trial.errors.len(), 1),
+            AfterFailure::Requeued => panic!("a deterministic failure was requeued"),
+        }
+        assert_eq!(t.failed_in_row(), 1);
+        // A transient failure that is requeued is not a failed trial.
+        t.attempt_failed(b, "w1".into(), "lost".into(), Failure::Transient);
+        assert_eq!(t.failed_in_row(), 1);
+        t.attempt_failed(c, "w1".into(), nan(), Failure::Deterministic);
+        assert_eq!(t.failed_in_row(), 2);
+        t.succeeded(d);
+        assert_eq!(t.failed_in_row(), 0, "a success ends the row");
     }
 
     #[test]
@@ -228,7 +279,7 @@ mod tests {
         let mut t = Trials::new(0, 0);
         let a = t.add(vec![0.0], vec![1.0, 0.0]);
         assert!(matches!(
-            t.attempt_failed(a, "w".into(), "e".into()),
+            t.attempt_failed(a, "w".into(), "e".into(), Failure::Transient),
             AfterFailure::Failed(_)
         ));
     }

@@ -22,7 +22,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use ckmerge_common::protocol::{
     context_with_timeout, EvalReply, EvalRequest, LoadReport, LoadSpec, Secret, WorkerApiClient,
 };
@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use super::config::SearchConfig;
 use super::journal::{now, Journal, Record};
 use super::progress::ProgressView;
-use super::trials::{AfterFailure, Trials};
+use super::trials::{AfterFailure, Failure, Trials};
 use crate::bo::Optimizer;
 pub use slot::WorkerSummary;
 use slot::{Kind, Slot, State};
@@ -330,18 +330,26 @@ impl Scheduler {
                 self.lose(i, e);
                 return Ok(());
             }
-            Err(AttemptError::Eval(e)) => Err(e),
-            Ok(r) if !r.scores.first().is_some_and(|s| s.mean_nll.is_finite()) => Err(format!(
-                "the objective was {:?} (diverged merge?)",
-                r.scores.first().map(|s| s.mean_nll)
-            )),
-            Ok(r) => Ok(r),
+            Err(AttemptError::Eval(e)) => Err((e, Failure::Transient)),
+            Ok(r) => match r.scores.first() {
+                None => Err(("the worker returned no score".into(), Failure::Transient)),
+                // A non-finite objective (a perplexity that overflows included: mean NLL
+                // above ~709) is what these weights give on any worker.
+                Some(s) if !(s.mean_nll.is_finite() && s.perplexity.is_finite()) => Err((
+                    format!(
+                        "the objective is not finite (mean NLL {}, perplexity {}): the merge diverged, or a source holds NaN or inf",
+                        s.mean_nll, s.perplexity
+                    ),
+                    Failure::Deterministic,
+                )),
+                Some(_) => Ok(r),
+            },
         };
         let s = &mut self.slots[i];
         s.state = State::Idle;
         s.tasks.retain(|t| !t.is_finished());
         match result {
-            Err(e) => self.attempt_failed(trial, name, e),
+            Err((e, kind)) => self.attempt_failed(trial, name, e, kind),
             Ok(r) => {
                 s.evaluations += 1;
                 let t = self.trials.succeeded(trial);
@@ -372,10 +380,16 @@ impl Scheduler {
         }
     }
 
-    fn attempt_failed(&mut self, trial: u64, worker: String, error: String) -> Result<()> {
+    fn attempt_failed(
+        &mut self,
+        trial: u64,
+        worker: String,
+        error: String,
+        kind: Failure,
+    ) -> Result<()> {
         match self
             .trials
-            .attempt_failed(trial, worker.clone(), error.clone())
+            .attempt_failed(trial, worker.clone(), error.clone(), kind)
         {
             AfterFailure::Failed(t) => {
                 tracing::warn!(
@@ -399,6 +413,13 @@ impl Scheduler {
                 self.opt.tell(t.u, Err(why));
                 self.save_snapshot();
                 self.failed.push(rec);
+                let limit = self.cfg.search.max_failures_in_row;
+                if self.trials.failed_in_row() >= limit {
+                    bail!(
+                        "{limit} trials in a row failed (search.max_failures_in_row); the last: {error}\nthe journal keeps the {} completed trials; fix the cause and resume",
+                        self.done.len()
+                    );
+                }
             }
             AfterFailure::Requeued => {
                 tracing::warn!("trial {trial} on {worker} failed ({error}); requeued");

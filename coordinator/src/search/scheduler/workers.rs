@@ -12,7 +12,7 @@ use ckmerge_common::protocol::{
 use ckmerge_worker::serve::in_process_client;
 
 use super::slot::{Kind, Slot, State, WorkerSummary};
-use super::{Ev, Scheduler};
+use super::{Ev, Failure, Scheduler};
 use crate::search::journal::Record;
 
 impl Scheduler {
@@ -219,7 +219,9 @@ impl Scheduler {
         }
         let name = s.name.clone();
         if let Some(t) = trial {
-            if let Err(e) = self.attempt_failed(t, name, format!("worker lost: {why}")) {
+            if let Err(e) =
+                self.attempt_failed(t, name, format!("worker lost: {why}"), Failure::Transient)
+            {
                 tracing::error!("{e:#}");
             }
         }
