@@ -289,6 +289,29 @@ fn read_npy(path: &Path) -> Result<Vec<u32>, DataError> {
             "data length is not a whole number of elements (truncated file?)",
         ));
     }
+    // The header's shape promises a number of elements (any number of dimensions, read
+    // in C order); a file holding more or fewer is damaged, not data to score.
+    let shape = field("shape")
+        .and_then(|s| s.strip_prefix('('))
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| bad(path, "the .npy header has no shape"))?;
+    let promised = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .try_fold(1usize, |n, d| {
+            d.parse::<usize>().ok().and_then(|d| n.checked_mul(d))
+        })
+        .ok_or_else(|| bad(path, format!("cannot read the .npy shape ({shape})")))?;
+    if data.len() / w != promised {
+        return Err(bad(
+            path,
+            format!(
+                "the header's shape ({shape}) promises {promised} elements but the file holds {} (truncated or damaged?)",
+                data.len() / w
+            ),
+        ));
+    }
     data.chunks_exact(w)
         .map(|c| {
             let v: i128 = match (w, signed) {
@@ -428,8 +451,22 @@ mod tests {
         for v in [5i32, 0, 7] {
             bytes.extend(v.to_le_bytes());
         }
-        std::fs::write(&p, bytes).unwrap();
+        std::fs::write(&p, &bytes).unwrap();
         assert_eq!(read_npy(&p).unwrap(), vec![5, 0, 7]);
+        // Issue 14, item 8: a header that promises more (or fewer) elements than the file
+        // holds is damage, not data.
+        let short = dir.path().join("short.npy");
+        std::fs::write(&short, &bytes[..bytes.len() - 4]).unwrap();
+        let err = read_npy(&short).unwrap_err().to_string();
+        assert!(
+            err.contains("short.npy") && err.contains("promises 3 elements but the file holds 2"),
+            "{err}"
+        );
+        let long = dir.path().join("long.npy");
+        let mut more = bytes.clone();
+        more.extend(9i32.to_le_bytes());
+        std::fs::write(&long, &more).unwrap();
+        assert!(read_npy(&long).unwrap_err().to_string().contains("holds 4"));
         let none = || -> Result<TextTokenizer, DataError> { unreachable!("no text here") };
         let err = load_tokens(&[p], &none, 6, None).unwrap_err().to_string();
         assert!(err.contains("token 7 is outside"), "{err}");
