@@ -336,6 +336,83 @@ fn coordinator_and_two_worker_processes_find_a_better_merge() {
     assert!(w2.wait(Duration::from_secs(20)).success());
 }
 
+/// Issue 14, item 1: two searches that shared a worker got each other's scores (the
+/// worker held one model for every connection), and the second's shutdown ended the
+/// first's worker. A worker now serves one search at a time: the second is refused,
+/// naming the first, and the first runs on, on its own data.
+#[test]
+fn a_second_search_is_refused_a_worker_that_serves_another() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = secret_file(tmp.path(), SECRET);
+    let (mut w, addr) = worker(tmp.path(), "w", &secret);
+    let cfg_a = write_config(
+        tmp.path(),
+        "a.toml",
+        &Cfg {
+            workers: std::slice::from_ref(&addr),
+            max_evals: 40,
+            copies: 8,
+            extra: "",
+        },
+    );
+    let run_a = tmp.path().join("run-a");
+    let _a = Proc(
+        search(&[
+            "--config".as_ref(),
+            cfg_a.as_os_str(),
+            "--run-dir".as_ref(),
+            run_a.as_os_str(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    wait_for("search A's first trial", Duration::from_secs(120), || {
+        (!done_ids(&journal(&run_a)).is_empty()).then_some(())
+    });
+    let cfg_b = write_config(
+        tmp.path(),
+        "b.toml",
+        &Cfg {
+            workers: std::slice::from_ref(&addr),
+            max_evals: 4,
+            copies: 1,
+            extra: "wait_s = 5\n",
+        },
+    );
+    let run_b = tmp.path().join("run-b");
+    let o = run(search(&[
+        "--config".as_ref(),
+        cfg_b.as_os_str(),
+        "--run-dir".as_ref(),
+        run_b.as_os_str(),
+    ]));
+    assert!(!o.status.success(), "search B ran on search A's worker");
+    assert!(
+        stderr(&o).contains("serves another search"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(done_ids(&journal(&run_b)).is_empty());
+    // A goes on on the same worker, which B did not shut down.
+    let n = done_ids(&journal(&run_a)).len();
+    wait_for(
+        "another trial of search A",
+        Duration::from_secs(120),
+        || (done_ids(&journal(&run_a)).len() > n).then_some(()),
+    );
+    assert!(
+        w.0.try_wait().unwrap().is_none(),
+        "the worker was shut down"
+    );
+    for (id, nll) in done_ids(&journal(&run_a)) {
+        // Held-out perplexity near 19 (NLL ~2.95); on B's data it would differ.
+        assert!(nll < 3.2, "trial {id} of A scored {nll}");
+    }
+}
+
 /// Two worker processes and a coordinator in the background, running slow trials.
 struct Running {
     w1: Proc,
@@ -484,6 +561,44 @@ fn a_search_whose_objective_is_nan_everywhere_stops_with_a_clear_error() {
     assert_eq!(events(&j, "failed").len(), 5, "{j:?}");
     assert!(events(&j, "retry").is_empty(), "a NaN was retried: {j:?}");
     assert!(done_ids(&j).is_empty());
+}
+
+/// Issue 14, item 10: a run directory inside an input checkpoint ran the whole search,
+/// wrote its journal into the checkpoint, then failed at the final merge. Now it is
+/// refused before anything is written.
+#[test]
+fn a_run_directory_inside_a_checkpoint_is_refused_up_front() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    support::copy_dir(&fixtures().join("llama/step-1250"), &a);
+    support::copy_dir(&fixtures().join("llama/step-1500"), &b);
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "checkpoints = [{a:?}, {b:?}]\n[data]\nobjective = [{:?}]\n",
+            fixtures().join("data/heldout.txt")
+        ),
+    )
+    .unwrap();
+    let before = std::fs::read_dir(&b).unwrap().count();
+    let o = run(search(&[
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--run-dir".as_ref(),
+        b.join("run").as_os_str(),
+    ]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is inside the checkpoint"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_dir(&b).unwrap().count(),
+        before,
+        "nothing written"
+    );
 }
 
 /// Issue 14, item 2: a second coordinator on a run directory that is being searched
@@ -843,6 +958,7 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
     rt.block_on(async {
         for groups in [vec![], vec!["attention".to_string(), "rest".to_string()]] {
             let spec = LoadSpec {
+                run: "test:pipeline".into(),
                 checkpoints: vec![f.join("llama/step-1250"), f.join("llama/step-1500")],
                 datasets: vec![
                     DatasetSpec::new("heldout", vec![f.join("data/heldout.txt")]),
@@ -913,6 +1029,9 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
             }
         }
     });
+    // This test's connections are a search of their own: close them, or the workers
+    // (one search at a time) would refuse the coordinator below.
+    drop(rt);
 
     // The coordinator treats the pipeline as one evaluator.
     let cfg = write_config(

@@ -35,7 +35,7 @@ use crate::weights::MergeWeights;
 use crate::window::WindowSpec;
 
 /// Bumped whenever a message or the handshake changes incompatibly.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 const MAGIC: &[u8; 8] = b"CKMERGE\0";
 const OK: u8 = 0;
@@ -72,9 +72,19 @@ pub struct PipelineStage {
     pub count: usize,
 }
 
+/// This machine's host name, as workers and coordinators name themselves.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// What a worker loads once per run: the sources, the data sets and how to score them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoadSpec {
+    /// The search this load is for (`host:run_dir` of its coordinator): a TCP worker
+    /// serves one at a time (see `ckmerge_worker::tenancy`).
+    pub run: String,
     pub checkpoints: Vec<PathBuf>,
     /// Named data sets; the first is the objective.
     pub datasets: Vec<DatasetSpec>,

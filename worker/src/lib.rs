@@ -8,6 +8,7 @@ pub mod listen;
 pub mod merge;
 pub mod model;
 pub mod serve;
+pub mod tenancy;
 pub mod test_support;
 
 pub use merge::{merge_to_dir, MergeError, MergeRequest, MergeSummary, Progress};

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ckmerge_common::protocol::{
-    self, DatasetScore, EvalReply, EvalRequest, LoadReport, LoadSpec, LoadedDataset, PipelineStage,
-    Secret, StageRequest, WorkerApi, WorkerApiClient, WorkerError, WorkerErrorKind, WorkerInfo,
-    WorkerStatus, PROTOCOL_VERSION,
+    self, hostname, DatasetScore, EvalReply, EvalRequest, LoadReport, LoadSpec, LoadedDataset,
+    PipelineStage, Secret, StageRequest, WorkerApi, WorkerApiClient, WorkerError, WorkerErrorKind,
+    WorkerInfo, WorkerStatus, PROTOCOL_VERSION,
 };
 use std::panic::AssertUnwindSafe;
 
@@ -29,6 +29,7 @@ use tarpc::server::{BaseChannel, Channel};
 use tokio::net::TcpListener;
 
 use crate::eval::{Batch, EvalOptions, Evaluator, StageOutput};
+use crate::tenancy::{Conn, Tenancy};
 
 struct Loaded {
     spec: LoadSpec,
@@ -55,12 +56,16 @@ struct Inner {
     secret: Option<Secret>,
     /// CUDA ordinals to hold the model on; None: CPU.
     gpus: Option<Vec<usize>>,
+    /// Which search holds this worker (TCP workers).
+    tenancy: Tenancy,
 }
 
 /// A worker's state, cheap to clone (tarpc clones the service per request).
 #[derive(Clone)]
 pub struct WorkerService {
     inner: Arc<Inner>,
+    /// The TCP connection this clone serves; None in process (one search, no checks).
+    conn: Option<Arc<Conn>>,
 }
 
 /// Decrements a counter when a waiting request finishes or is cancelled.
@@ -105,7 +110,25 @@ impl WorkerService {
                 bench_cost,
                 secret,
                 gpus,
+                tenancy: Tenancy::default(),
             }),
+            conn: None,
+        }
+    }
+
+    /// The service as one TCP connection from `peer` sees it.
+    fn for_connection(&self, peer: String) -> WorkerService {
+        WorkerService {
+            inner: self.inner.clone(),
+            conn: Some(Arc::new(Conn::new(peer))),
+        }
+    }
+
+    /// Refuses a request on a connection of a search that does not hold this worker.
+    fn check_tenant(&self) -> Result<(), String> {
+        match &self.conn {
+            Some(c) => self.inner.tenancy.check(c),
+            None => Ok(()),
         }
     }
 
@@ -267,6 +290,10 @@ impl WorkerApi for WorkerService {
     }
 
     async fn shutdown(self, _: Context) {
+        if let Err(e) = self.check_tenant() {
+            tracing::warn!("shutdown refused: {e}");
+            return;
+        }
         tracing::info!("shutdown requested");
         // Let the reply go out before the process exits. A pipeline's head passes the
         // request on, so the whole group ends with it.
@@ -292,6 +319,11 @@ impl WorkerApi for WorkerService {
 impl WorkerService {
     async fn load_inner(self, ctx: Context, spec: LoadSpec) -> Result<LoadReport, String> {
         let t0 = Instant::now();
+        if let Some(c) = &self.conn {
+            self.inner
+                .tenancy
+                .claim(c, &spec.run, spec.stage.is_some())?;
+        }
         let mut guard = self.inner.loaded.lock().await;
         if let Some(l) = guard.as_ref().filter(|l| l.spec == spec) {
             let mut r = l.report.clone();
@@ -378,6 +410,7 @@ impl WorkerService {
     }
 
     async fn evaluate_inner(self, ctx: Context, req: EvalRequest) -> Result<EvalReply, String> {
+        self.check_tenant()?;
         let t0 = Instant::now();
         self.inner.queued.fetch_add(1, Ordering::SeqCst);
         let waiting = CountGuard(&self.inner.queued);
@@ -560,6 +593,7 @@ impl WorkerService {
     /// A later stage: merge this trial's weights into its layers (once per trial), run
     /// them, and pass the result on or score it.
     async fn stage_forward_inner(self, ctx: Context, req: StageRequest) -> Result<f64, String> {
+        self.check_tenant()?;
         let (ev, next) = {
             let guard = self.inner.loaded.lock().await;
             let l = guard
@@ -629,7 +663,7 @@ pub async fn serve_tcp(listener: TcpListener, secret: Secret, svc: WorkerService
             };
             let _ = stream.set_nodelay(true);
             let secret = secret.clone();
-            let svc = svc.clone();
+            let svc = svc.for_connection(peer.to_string());
             tokio::spawn(async move {
                 if let Err(e) = protocol::accept_handshake(&mut stream, &secret).await {
                     tracing::warn!("refused connection from {peer}: {e}");
@@ -638,12 +672,15 @@ pub async fn serve_tcp(listener: TcpListener, secret: Secret, svc: WorkerService
                 tracing::info!("coordinator connected from {peer}");
                 let transport = protocol::framed(stream);
                 BaseChannel::with_defaults(transport)
-                    .execute(svc.serve())
+                    .execute(svc.clone().serve())
                     .for_each(|f| async {
                         tokio::spawn(f);
                     })
                     .await;
                 tracing::info!("connection from {peer} closed");
+                if let Some(c) = &svc.conn {
+                    svc.inner.tenancy.release(c);
+                }
             });
         }
     };
@@ -664,10 +701,4 @@ pub fn in_process_client(svc: WorkerService) -> WorkerApiClient {
             }),
     );
     WorkerApiClient::new(tarpc::client::Config::default(), client_side).spawn()
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
 }

@@ -393,8 +393,10 @@ impl SearchConfig {
         v
     }
 
-    pub fn load_spec(&self) -> LoadSpec {
+    /// What workers load for the run `run` (see `LoadSpec::run`).
+    pub fn load_spec(&self, run: String) -> LoadSpec {
         LoadSpec {
+            run,
             checkpoints: self.checkpoints.clone(),
             datasets: self.datasets(),
             window: self.data.window,
@@ -416,6 +418,14 @@ impl SearchConfig {
             bail!("checkpoints: the config lists none");
         }
         self.check_numbers()?;
+        for (i, a) in self.checkpoints.iter().enumerate() {
+            if let Some(j) = self.checkpoints[..i].iter().position(|b| same_dir(a, b)) {
+                bail!(
+                    "checkpoints[{j}] and checkpoints[{i}] are the same directory ({}); list each checkpoint once",
+                    a.display()
+                );
+            }
+        }
         self.search_space()?;
         self.bo_config()?;
         self.dtype()?;
@@ -479,7 +489,7 @@ impl SearchConfig {
         if let SpaceConfig::Groups { groups } = &self.space {
             let names: Vec<String> = first.tensors.iter().map(|t| t.name.clone()).collect();
             groups
-                .resolve(&names)
+                .resolve_whole(&names)
                 .map_err(|e| anyhow::anyhow!("space.groups: {e}"))?;
         }
         Ok(ModelSummary {
@@ -517,6 +527,15 @@ fn normalize(p: &Path) -> PathBuf {
     out
 }
 
+/// Whether `a` and `b` name the same directory (through links or `..`), or the same
+/// path where they cannot be resolved.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,6 +557,25 @@ mod tests {
         // The stored copy reads back to the same config.
         let back: SearchConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn a_checkpoint_listed_twice_is_refused_even_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::create_dir(&a).unwrap();
+        std::os::unix::fs::symlink(&a, dir.path().join("link")).unwrap();
+        let c: SearchConfig = toml::from_str(&format!(
+            "checkpoints = [{:?}, {:?}]\n[data]\nobjective = [\"x\"]\n",
+            a,
+            dir.path().join("link")
+        ))
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("checkpoints[0] and checkpoints[1] are the same directory"),
+            "{e}"
+        );
     }
 
     #[test]

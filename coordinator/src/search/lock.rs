@@ -51,9 +51,9 @@ impl RunLock {
             }
             return Err(err).with_context(|| format!("locking {}", path.display()));
         }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host = ckmerge_common::protocol::hostname();
         file.set_len(0)
-            .and_then(|_| write!(file, "pid {} on {}", std::process::id(), host.trim()))
+            .and_then(|_| write!(file, "pid {} on {host}", std::process::id()))
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(RunLock { _file: file, path })
     }

@@ -139,7 +139,16 @@ impl Scheduler {
         local_gpus: Option<Vec<usize>>,
     ) -> Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
-        let spec = cfg.load_spec();
+        // The run's identity for the workers (one search per worker): stable across
+        // resumes, so a resumed coordinator gets back the workers it had.
+        let run = format!(
+            "{}:{}",
+            ckmerge_common::protocol::hostname(),
+            std::path::absolute(&run_dir)
+                .unwrap_or_else(|_| run_dir.clone())
+                .display()
+        );
+        let spec = cfg.load_spec(run);
         let mut s = Scheduler {
             spec,
             secret,
