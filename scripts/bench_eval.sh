@@ -9,7 +9,7 @@ venv=$(scripts/peers-venv.sh | tail -n 1)
 model=${CKMERGE_BENCH_MODEL:-$HOME/.cache/ckmerge/bench-llama-25m}
 cargo build --release --quiet
 if [ ! -f "$model/config.json" ]; then
-  echo "making the 25M model once (retrains the fixtures' tokenizer; fixtures are rewritten identically)" >&2
+  echo "making the 25M model once, outside the repository (the fixtures are not touched)" >&2
   "$venv/bin/python" scripts/fixtures/make_trajectory.py --bench-model "$model"
 fi
 "$venv/bin/python" scripts/bench/bench_eval.py --ckmerge "$PWD/target/release/ckmerge" \

@@ -657,6 +657,87 @@ fn sigkill_mid_merge_leaves_no_output() {
     assert_eq!(read_model(&out).len(), 16);
 }
 
+/// Issue 14, item 6: SIGINT or SIGTERM mid-merge said "no output was written" but left
+/// the hidden staging directory with shards in 3 of 5 tries (the handler removed it while
+/// the writer still wrote). Five interrupts at different moments: nothing left behind.
+#[test]
+fn an_interrupted_merge_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    // Many small shards: a new file every few milliseconds, as the handler removes them.
+    synthetic_checkpoint(&a, 192, 1 << 18, 1);
+    synthetic_checkpoint(&b, 192, 1 << 18, 2);
+    let out = tmp.path().join("merged");
+    let partial = || {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().contains("ckmerge-partial"))
+    };
+    let shards = |p: &Path| {
+        std::fs::read_dir(p).map_or(0, |d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                .count()
+        })
+    };
+    for (k, sig) in [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGINT,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ckmerge"))
+            .args([
+                "merge",
+                "--lambda",
+                "0.5",
+                "--max-shard-size",
+                "1MB",
+                "--out",
+            ])
+            .arg(&out)
+            .arg(&a)
+            .arg(&b)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Interrupt at a different point of the write each time.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !partial().is_some_and(|p| shards(&p) > 8 + 16 * k) {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "finished before the signal"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never started writing"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(130), "try {k}: {status:?}");
+        if let Some(p) = partial() {
+            panic!(
+                "try {k}: the staging directory was left behind with {} shards",
+                shards(&p)
+            );
+        }
+        assert!(
+            !out.exists(),
+            "try {k}: an interrupted merge left {}",
+            out.display()
+        );
+    }
+}
+
 #[test]
 fn missing_checkpoint_directory_is_reported_once() {
     // Regression: the I/O cause used to be printed twice ("...(os error 2): ...(os error 2)").

@@ -116,6 +116,17 @@ impl Grouping {
         if patterns.is_empty() {
             return Err("no group patterns; list groups such as [\"embeddings\", \"attention\", \"mlp\", \"rest\"]".into());
         }
+        if let Some((i, p)) = patterns
+            .iter()
+            .enumerate()
+            .find(|(i, p)| patterns[..*i].contains(p))
+        {
+            return Err(format!(
+                "group `{p}` is listed twice (groups {} and {}); the second would match nothing",
+                patterns.iter().position(|q| q == p).expect("found"),
+                i
+            ));
+        }
         let specs = patterns
             .iter()
             .map(|g| g.parse::<GroupSpec>())
@@ -138,6 +149,21 @@ impl Grouping {
 
     pub fn is_empty(&self) -> bool {
         self.specs.is_empty()
+    }
+
+    /// Resolves the groups on a whole model's tensor names: every tensor falls in a group,
+    /// and every group holds a tensor (an empty one would be a search dimension that
+    /// changes nothing). A pipeline stage holds part of the tensors and resolves them with
+    /// [`Grouping::resolve`] alone.
+    pub fn resolve_whole(&self, names: &[String]) -> Result<GroupMap, String> {
+        let map = self.resolve(names)?;
+        if let Some(g) = (0..self.len()).find(|g| !map.group_of.contains(g)) {
+            return Err(format!(
+                "group `{}` matches no tensor of the model (or earlier groups take all it matches: first match wins); remove it",
+                self.patterns[g]
+            ));
+        }
+        Ok(map)
     }
 
     /// Resolves the groups on a model's tensor names (every tensor must fall in one).
@@ -267,5 +293,34 @@ mod tests {
         let m = g.resolve(&names).unwrap();
         assert_eq!((m.as_slice(), m.groups()), (&[0, 1][..], 2));
         assert_eq!(GroupMap::new(None, &names).unwrap(), GroupMap::single(2));
+    }
+
+    #[test]
+    fn a_group_matching_nothing_or_listed_twice_is_refused() {
+        let names: Vec<String> = [
+            "model.embed_tokens.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.1.mlp.up_proj.weight",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let p = |v: &[&str]| Grouping::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let e = p(&["layers:7-9", "rest"])
+            .unwrap()
+            .resolve_whole(&names)
+            .unwrap_err();
+        assert!(e.contains("`layers:7-9` matches no tensor"), "{e}");
+        // A stage of a pipeline holds part of the model: resolve() alone accepts it.
+        p(&["layers:7-9", "rest"]).unwrap().resolve(&names).unwrap();
+        // Emptied by an earlier group (first match wins).
+        let e = p(&["rest", "mlp"])
+            .unwrap()
+            .resolve_whole(&names)
+            .unwrap_err();
+        assert!(e.contains("`mlp`"), "{e}");
+        let e = p(&["mlp", "mlp", "rest"]).unwrap_err();
+        assert!(e.contains("`mlp` is listed twice"), "{e}");
+        p(&["mlp", "rest"]).unwrap().resolve_whole(&names).unwrap();
     }
 }

@@ -138,6 +138,9 @@ impl WeightArgs {
     pub fn resolve(&self, n: usize) -> Result<Vec<f32>, String> {
         let mut w: Vec<f64> = match self.lambda {
             Some(l) => {
+                if !l.is_finite() {
+                    return Err(format!("--lambda {l}: must be a finite number"));
+                }
                 if n != 2 {
                     return Err(format!("--lambda merges exactly two checkpoints (CKPT_PREV CKPT_T); got {n}: use --weights for more"));
                 }
@@ -187,6 +190,18 @@ impl WeightArgs {
 mod tests {
     use super::*;
     use crate::groups::Grouping;
+
+    #[test]
+    fn an_infinite_lambda_is_named_as_the_lambda_it_is() {
+        for l in [f64::INFINITY, f64::NAN] {
+            let args = WeightArgs {
+                lambda: Some(l),
+                ..Default::default()
+            };
+            let e = args.resolve(2).unwrap_err();
+            assert!(e.starts_with(&format!("--lambda {l}:")), "{e}");
+        }
+    }
 
     #[test]
     fn one_vector_fits_every_grouping_and_group_vectors_must_match_it() {

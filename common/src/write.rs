@@ -182,7 +182,17 @@ pub fn remove_live_staged_dirs() {
         Err(p) => std::mem::take(&mut *p.into_inner()),
     };
     for d in dirs {
-        let _ = std::fs::remove_dir_all(d);
+        // The writer threads run on while the handler runs and may create a file between
+        // remove_dir_all's listing and its rmdir, which then fails ("directory not
+        // empty"): remove until the directory is gone. Once it is, a writer's next file
+        // cannot be created (its directory no longer exists), so nothing comes back.
+        for _ in 0..400 {
+            match std::fs::remove_dir_all(&d) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
     }
 }
 

@@ -75,6 +75,26 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// `p` with symbolic links resolved, for a path that may not exist yet: its deepest
+/// existing ancestor resolved, the rest appended.
+fn real_path(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut head = abs.as_path();
+    let mut tail = Vec::new();
+    loop {
+        if let Ok(real) = head.canonicalize() {
+            return tail.iter().rev().fold(real, |acc, t| acc.join(t));
+        }
+        match (head.parent(), head.file_name()) {
+            (Some(parent), Some(name)) => {
+                tail.push(name.to_os_string());
+                head = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
 /// Decides the config of this session and prepares the run directory. A resume returns
 /// the run directory's lock, taken before anything in it is read.
 fn prepare(args: &SearchArgs) -> Result<(SearchConfig, Option<RunLock>)> {
@@ -111,6 +131,18 @@ fn prepare(args: &SearchArgs) -> Result<(SearchConfig, Option<RunLock>)> {
             bail!("give --config FILE (or --resume RUN_DIR)");
         };
         let cfg = SearchConfig::load(p)?;
+        let inside = real_path(dir);
+        if let Some(c) = cfg
+            .checkpoints
+            .iter()
+            .find(|c| inside.starts_with(real_path(c)))
+        {
+            bail!(
+                "--run-dir {} is inside the checkpoint {}: a run writes its journal, report and merged model there; choose a directory outside every input",
+                dir.display(),
+                c.display()
+            );
+        }
         if dir.exists() {
             let is_run = stored_path.is_file() || dir.join(JOURNAL_FILE).is_file();
             // (A lock file alone: a start killed before it wrote anything.)
