@@ -738,6 +738,89 @@ fn an_interrupted_merge_leaves_nothing_behind() {
     }
 }
 
+/// Issue 14, item 13: merging a NaN source, or casting to a dtype the values overflow,
+/// said nothing. The merge now says how many values are not finite and where.
+#[test]
+fn non_finite_output_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    copy_dir(&fixtures().join("step-100"), &a);
+    copy_dir(&fixtures().join("step-200"), &b);
+    let name = "model.norm.weight";
+    rewrite_safetensors(&shard_holding(&b, name), |ts| {
+        let t = ts.iter_mut().find(|t| t.0 == name).unwrap();
+        t.3.fill(0xFF); // NaN in every float dtype
+    });
+    let out = tmp.path().join("merged");
+    let o = ckmerge(&[&a, &b, &"--lambda", &"0.5", &"--out", &out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("NaN or inf (the first in tensor `model.norm.weight`)"),
+        "{}",
+        stderr(&o)
+    );
+    let prov: Value =
+        serde_json::from_slice(&std::fs::read(out.join("ckmerge.json")).unwrap()).unwrap();
+    assert!(prov["non_finite_values"].as_u64().unwrap() > 0);
+}
+
+/// Issue 14, item 12: an input truncated during a merge killed it with "Bus error" and
+/// no message.
+#[test]
+fn an_input_truncated_mid_merge_is_explained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    synthetic_checkpoint(&a, 16, 4 << 20, 1);
+    synthetic_checkpoint(&b, 16, 4 << 20, 2);
+    let out = tmp.path().join("merged");
+    let child = Command::new(env!("CARGO_BIN_EXE_ckmerge"))
+        .args([
+            "merge",
+            "--lambda",
+            "0.5",
+            "--max-shard-size",
+            "64MB",
+            "--out",
+        ])
+        .arg(&out)
+        .arg(&a)
+        .arg(&b)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let writing = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().contains("ckmerge-partial"));
+        if writing {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never started writing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    // Another process truncates an input under the running merge.
+    let victim = b.join("model.safetensors");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{:?}", o.status);
+    assert!(
+        stderr(&o).contains("an input file changed size"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+}
+
 #[test]
 fn missing_checkpoint_directory_is_reported_once() {
     // Regression: the I/O cause used to be printed twice ("...(os error 2): ...(os error 2)").

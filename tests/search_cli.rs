@@ -601,6 +601,64 @@ fn a_run_directory_inside_a_checkpoint_is_refused_up_front() {
     );
 }
 
+/// Issue 14, item 7: editing RUN_DIR/config.toml (the seed, the objective) or replacing
+/// an input under the same path, then resuming, mixed trials of two objectives silently.
+/// The run's fingerprint is checked on resume; nothing is written when it differs.
+#[test]
+fn a_resume_after_the_config_or_an_input_changed_is_refused() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("heldout.txt");
+    std::fs::copy(fixtures().join("data/heldout.txt"), &data).unwrap();
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "checkpoints = [{:?}, {:?}]\n[data]\nobjective = [{data:?}]\nseq_len = 128\nmax_tokens = 2048\n[search]\nmax_evals = 2\n[workers]\nlocal = 1\n[output]\nplots = false\nmerge = false\n",
+            fixtures().join("llama/step-1250"),
+            fixtures().join("llama/step-1500"),
+        ),
+    )
+    .unwrap();
+    let run_dir = tmp.path().join("run");
+    search_to_end(&cfg, &run_dir);
+    let before = journal(&run_dir);
+    let resume = || {
+        run(search(&[
+            "--resume".as_ref(),
+            run_dir.as_os_str(),
+            "--max-evals".as_ref(),
+            "3".as_ref(),
+        ]))
+    };
+    let stored = run_dir.join("config.toml");
+    let text = std::fs::read_to_string(&stored).unwrap();
+    assert!(text.contains("seed = 0"), "{text}");
+    std::fs::write(&stored, text.replace("seed = 0", "seed = 5")).unwrap();
+    let o = resume();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("config `seed`"), "{}", stderr(&o));
+    std::fs::write(&stored, &text).unwrap();
+
+    let original = std::fs::read(&data).unwrap();
+    let mut changed = original.clone();
+    changed[10] ^= 1;
+    std::fs::write(&data, &changed).unwrap();
+    let o = resume();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("heldout.txt: its contents changed"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(journal(&run_dir), before, "a refused resume writes nothing");
+
+    std::fs::write(&data, &original).unwrap();
+    let o = resume();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(done_ids(&journal(&run_dir)).len(), 3);
+}
+
 /// Issue 14, item 2: a second coordinator on a run directory that is being searched
 /// (a resume, or a new run with --force) is refused while the first runs, and nothing of
 /// the first run is touched; once the first is killed (-9), its lock is no obstacle.

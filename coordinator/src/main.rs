@@ -273,6 +273,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
+    on_bus_error_explain_and_exit();
     // An interrupted run removes its partial output before exiting.
     let _ = ctrlc::set_handler(|| {
         ckmerge_common::write::remove_live_staged_dirs();
@@ -295,6 +296,31 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Inputs are memory-mapped: a file that shrinks while it is read (another process
+/// truncating or rewriting a checkpoint) raises SIGBUS at the next read of a page past
+/// its new end, which would kill the process with a bare "Bus error". The handler says
+/// what happened instead and exits with status 1. It only writes a constant message and
+/// exits (both async-signal-safe); a merge's hidden staging directory is left to the next
+/// merge into the same place, which removes a dead process's partial output.
+fn on_bus_error_explain_and_exit() {
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MSG: &[u8] = b"error: an input file changed size while ckmerge was reading it (SIGBUS on a memory-mapped file): checkpoints and data must not be modified while ckmerge runs; nothing was completed, run the command again once the inputs are settled\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(1);
+        }
+    }
+    // SAFETY: installs a handler that calls only async-signal-safe functions; the
+    // sigaction struct is zero-initialised (empty mask, no flags) before use.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigbus as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
     }
 }
 
@@ -480,6 +506,20 @@ fn run_eval(args: EvalArgs) -> Result<()> {
                 r.tokens_per_s
             );
         }
+    }
+    // Printed above for the record, but not a result: a script must not take it for one.
+    if let Some((d, r)) = ev
+        .datasets
+        .iter()
+        .zip(&results)
+        .find(|(_, r)| !(r.mean_nll.is_finite() && r.perplexity.is_finite()))
+    {
+        bail!(
+            "{}: the perplexity is {} (mean NLL {}): the merged model's outputs are not finite (a weight or a source holds NaN or inf, or the dtype overflowed)",
+            d.name,
+            r.perplexity,
+            r.mean_nll
+        );
     }
     Ok(())
 }

@@ -155,6 +155,26 @@ pub fn weighted_sum_to_f32(
 /// rounded once, as ckmerge does wherever it turns a lambda into weights.
 pub use ckmerge_common::weights::lerp_weights;
 
+/// How many values of `bytes` (little-endian `dtype`) are NaN or infinite: those whose
+/// exponent bits are all ones. One pass over bytes the merge has just written (still in
+/// cache), so the merge can say when its output is not finite.
+pub fn count_non_finite(dtype: DType, bytes: &[u8]) -> usize {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .filter(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000)
+            .count(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80)
+            .count(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00)
+            .count(),
+    }
+}
+
 type BlockFn = unsafe fn(&[Input<'_>], &[f32], usize, DType, &mut [u8]);
 
 fn block_fn() -> BlockFn {
@@ -323,6 +343,32 @@ pub fn f32_to_bf16_bits_rne(x: f32) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_values_are_counted_in_every_dtype() {
+        let f32s: Vec<u8> = [1.0f32, f32::NAN, f32::INFINITY, -f32::INFINITY, f32::MAX]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(count_non_finite(DType::F32, &f32s), 3);
+        let halves = |v: &[f32], f: fn(f32) -> u16| -> Vec<u8> {
+            v.iter().flat_map(|&x| f(x).to_le_bytes()).collect()
+        };
+        let v = [1.0f32, f32::NAN, 70000.0, -1e30, 65504.0];
+        // f16: 70000 and -1e30 overflow to inf, 65504 is its largest finite value.
+        assert_eq!(
+            count_non_finite(
+                DType::F16,
+                &halves(&v, |x| half::f16::from_f32(x).to_bits())
+            ),
+            3
+        );
+        // bf16: only the NaN (its range is f32's).
+        assert_eq!(
+            count_non_finite(DType::BF16, &halves(&v, f32_to_bf16_bits_rne)),
+            1
+        );
+    }
     use half::bf16;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;

@@ -129,22 +129,7 @@ pub fn load_tokens(
     vocab: usize,
     bin_bits: Option<TokenBits>,
 ) -> Result<Vec<u32>, DataError> {
-    let mut files = Vec::new();
-    for p in paths {
-        let meta = std::fs::metadata(p).map_err(io(p))?;
-        if meta.is_dir() {
-            let before = files.len();
-            collect_dir(p, &mut files)?;
-            if files.len() == before {
-                return Err(bad(
-                    p,
-                    "directory holds no .txt, .jsonl, .npy or .bin files",
-                ));
-            }
-        } else {
-            files.push(p.clone());
-        }
-    }
+    let files = data_files(paths)?;
     let mut tok: Option<TextTokenizer> = None;
     let mut out = Vec::new();
     for f in &files {
@@ -217,7 +202,47 @@ pub fn load_tokens(
     Ok(out)
 }
 
-fn collect_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
+/// The files `paths` stand for, in the order they are read: a file as it is, a directory
+/// its `.txt`, `.jsonl`, `.npy` and `.bin` files, recursively, in name order. A directory
+/// reached twice (a symbolic-link loop, or a link to a directory already listed) is an
+/// error: its files would be read again, silently.
+pub fn data_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
+    let mut files = Vec::new();
+    let mut seen = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).map_err(io(p))?;
+        if meta.is_dir() {
+            let before = files.len();
+            collect_dir(p, &mut files, &mut seen)?;
+            if files.len() == before {
+                return Err(bad(
+                    p,
+                    "directory holds no .txt, .jsonl, .npy or .bin files",
+                ));
+            }
+        } else {
+            files.push(p.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn collect_dir(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    seen: &mut Vec<PathBuf>,
+) -> Result<(), DataError> {
+    let real = dir.canonicalize().map_err(io(dir))?;
+    if seen.contains(&real) {
+        return Err(bad(
+            dir,
+            format!(
+                "this directory ({}) is reached twice (a symbolic-link loop, or a link to a directory already listed); its files would be read again",
+                real.display()
+            ),
+        ));
+    }
+    seen.push(real);
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(io(dir))?
         .map(|e| e.map(|e| e.path()).map_err(io(dir)))
@@ -225,7 +250,7 @@ fn collect_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
     entries.sort();
     for p in entries {
         if p.is_dir() {
-            collect_dir(&p, out)?;
+            collect_dir(&p, out, seen)?;
         } else if matches!(
             p.extension().and_then(|e| e.to_str()),
             Some("txt" | "jsonl" | "npy" | "bin")
@@ -433,6 +458,25 @@ mod tests {
         assert_eq!(got, vec![(0, 4, 3), (2, 4, 2), (4, 4, 2), (6, 3, 1)]);
         let total: usize = w.iter().map(|w| w.scored).sum();
         assert_eq!(total, 8, "every token but the first is scored exactly once");
+    }
+
+    #[test]
+    fn a_symlink_loop_in_a_data_directory_is_an_error_not_a_repeat() {
+        // Issue 14, item 11: a loop read the same file about 40 times, silently.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("data");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("a.txt"), "hello").unwrap();
+        std::os::unix::fs::symlink(&d, d.join("again")).unwrap();
+        let e = data_files(std::slice::from_ref(&d))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reached twice"), "{e}");
+        std::fs::remove_file(d.join("again")).unwrap();
+        assert_eq!(
+            data_files(std::slice::from_ref(&d)).unwrap(),
+            vec![d.join("a.txt")]
+        );
     }
 
     #[test]

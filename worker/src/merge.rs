@@ -225,6 +225,9 @@ pub fn merge_to_dir(
     let total: u64 = specs.iter().map(TensorSpec::nbytes).sum();
 
     let bytes_read = AtomicU64::new(0);
+    // NaN or inf written (a source holds them, or --dtype overflowed), and where first.
+    let non_finite = AtomicU64::new(0);
+    let first_non_finite = std::sync::Mutex::new(None::<String>);
     // Writes one shard, header and data, to `path` and syncs it.
     let write_shard = |plan: &ShardPlan, path: &Path| -> Result<(), MergeError> {
         let path = path.to_path_buf();
@@ -272,6 +275,13 @@ pub fn merge_to_dir(
                     })
                     .collect();
                 weighted_sum_serial(&inputs, tensor_weights[p.tensor], spec.dtype, out);
+                let bad = ckmerge_kernels::merge::count_non_finite(spec.dtype, out);
+                if bad > 0 {
+                    non_finite.fetch_add(bad as u64, Ordering::Relaxed);
+                    if let Ok(mut f) = first_non_finite.lock() {
+                        f.get_or_insert_with(|| spec.name.clone());
+                    }
+                }
                 for (c, t) in ckpts.iter().zip(&srcs) {
                     let sz = t.dtype.size();
                     c.release(t, p.start * sz, (p.start + p.len) * sz);
@@ -325,6 +335,7 @@ pub fn merge_to_dir(
             }
             sync_dir(&dir)?;
             progress.finish();
+            warn_non_finite(&non_finite, &first_non_finite, req.dtype);
             return Ok(MergeSummary {
                 out: dir,
                 tensors: mine.iter().map(|p| p.tensors.len()).sum(),
@@ -368,6 +379,7 @@ pub fn merge_to_dir(
         }
     };
     let bytes_read = bytes_read.into_inner();
+    let non_finite = warn_non_finite(&non_finite, &first_non_finite, req.dtype);
 
     if let Some(index) = index_json(&specs, &plans) {
         write_synced(
@@ -393,6 +405,7 @@ pub fn merge_to_dir(
         "dtype": req.dtype.map(|d| d.to_string()).unwrap_or_else(|| "as in sources".into()),
         "tensors": specs.len(),
         "total_bytes": total,
+        "non_finite_values": non_finite,
         "shards": plans.iter().map(|p| p.file_name.clone()).collect::<Vec<_>>(),
         "request": req.provenance,
     });
@@ -413,6 +426,32 @@ pub fn merge_to_dir(
         bytes_written: total,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Says (in the log) how many values of the output are NaN or inf, and where the first
+/// is: a merge does not refuse them (a source may hold them on purpose), but the user
+/// must hear of it. Returns the count.
+fn warn_non_finite(
+    count: &AtomicU64,
+    first: &std::sync::Mutex<Option<String>>,
+    dtype: Option<DType>,
+) -> u64 {
+    let n = count.load(Ordering::Relaxed);
+    if n > 0 {
+        let at = first
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .unwrap_or_default();
+        let cast = match dtype {
+            Some(d) => format!(", or they overflowed the output dtype {d}"),
+            None => String::new(),
+        };
+        tracing::warn!(
+            "{n} values of the merged model are NaN or inf (the first in tensor `{at}`): a source holds NaN or inf there{cast}"
+        );
+    }
+    n
 }
 
 /// The directory the parts of a split merge into `out` share.

@@ -7,6 +7,7 @@
 //!
 //! ```text
 //! RUN_DIR/config.toml      the config, paths made absolute (a resume reads it)
+//! RUN_DIR/fingerprint.json what the trials are measured on, checked on resume
 //! RUN_DIR/trials.jsonl     the journal: the source of truth (see `journal`)
 //! RUN_DIR/optimizer.json   optimiser snapshot (hyperparameters, GP-Hedge gains)
 //! RUN_DIR/report.json      everything the report shows, machine-readable
@@ -17,6 +18,7 @@
 //! ```
 
 pub mod config;
+pub mod fingerprint;
 pub mod journal;
 pub mod lock;
 pub mod plots;
@@ -33,6 +35,7 @@ use ckmerge_worker::{merge_to_dir, MergeRequest};
 
 use crate::bo::Optimizer;
 use config::{SearchConfig, SpaceConfig};
+use fingerprint::{Fingerprint, FINGERPRINT_FILE};
 use journal::{replay, Journal, Record, JOURNAL_FILE};
 use lock::{RunLock, LOCK_FILE};
 use scheduler::{Resumed, Scheduler};
@@ -189,6 +192,33 @@ fn prepare(args: &SearchArgs) -> Result<(SearchConfig, Option<RunLock>)> {
     Ok((cfg, lock))
 }
 
+/// On a new run, records what its trials are measured on; on a resume, refuses to go on
+/// when that changed (the config in the run directory edited, an input replaced).
+fn check_fingerprint(cfg: &SearchConfig, run_dir: &Path, resume: bool) -> Result<()> {
+    let now = Fingerprint::of(cfg)?;
+    match Fingerprint::read(run_dir)? {
+        Some(was) if resume => {
+            let diff = was.differences(&now);
+            if !diff.is_empty() {
+                bail!(
+                    "{} cannot be resumed: what its trials were measured on has changed:\n  {}\nrestore the config and inputs, or start a new run directory",
+                    run_dir.display(),
+                    diff.join("\n  ")
+                );
+            }
+            Ok(())
+        }
+        None if resume => {
+            tracing::warn!(
+                "{} has no {FINGERPRINT_FILE} (made by an older ckmerge): recording the inputs as they are now",
+                run_dir.display()
+            );
+            now.write(run_dir)
+        }
+        _ => now.write(run_dir),
+    }
+}
+
 /// Rebuilds the optimiser from the journal (and the snapshot when it matches it).
 fn resume_state(cfg: &SearchConfig, run_dir: &Path) -> Result<Resumed> {
     let space = cfg.search_space()?;
@@ -309,6 +339,7 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
         Some(l) => l,
         None => RunLock::acquire(&run_dir)?,
     };
+    check_fingerprint(&cfg, &run_dir, args.resume)?;
     write_atomic(&run_dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
     let resumed = resume_state(&cfg, &run_dir)?;
     if args.resume {
