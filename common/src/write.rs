@@ -154,6 +154,8 @@ pub enum OutputError {
     NotADirectory(PathBuf),
     #[error("{0}: exists and does not look like a model directory (no config.json or ckmerge.json, not empty); refusing to replace it even with --force")]
     NotAModelDir(PathBuf),
+    #[error("{dir}: holds {what}, which is not part of a model (training state?); --force replaces only a directory of model files: remove it yourself, or choose another output")]
+    HoldsOtherFiles { dir: PathBuf, what: String },
     #[error("{out}: the output must not be, contain, or lie inside an input checkpoint ({input}); inputs are never modified")]
     OverlapsInput { out: PathBuf, input: PathBuf },
     #[error("{dir}: not enough free space: the output needs {need} but the filesystem has {have} available")]
@@ -194,6 +196,51 @@ pub fn remove_live_staged_dirs() {
             }
         }
     }
+}
+
+/// Whether a file name is one a model directory holds: what describes the model (the
+/// files a merge copies, `checkpoint::is_model_aux_file`), its weights, a model card, and
+/// what ckmerge writes. `--force` deletes nothing else.
+fn is_model_file(name: &str) -> bool {
+    crate::checkpoint::is_model_aux_file(name)
+        || matches!(name, "ckmerge.json" | "README.md")
+        || name.ends_with(".safetensors")
+        || name.ends_with(".safetensors.index.json")
+        || (name.starts_with("pytorch_model")
+            && (name.ends_with(".bin") || name.ends_with(".bin.index.json")))
+}
+
+/// The first entries of `dir` that are not model files (subdirectories included), if any.
+fn not_model_files(dir: &Path) -> Result<Option<String>, OutputError> {
+    let mut other = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let e = e.map_err(io_err(dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_file = e.file_type().map_err(io_err(dir))?.is_file();
+        if !is_file {
+            other.push(format!("{name}/"));
+        } else if !is_model_file(&name) {
+            other.push(name);
+        }
+    }
+    other.sort();
+    Ok((!other.is_empty()).then(|| {
+        let n = other.len();
+        let shown: Vec<String> = other
+            .into_iter()
+            .take(4)
+            .map(|o| format!("`{o}`"))
+            .collect();
+        format!(
+            "{}{}",
+            shown.join(", "),
+            if n > 4 {
+                format!(" and {} more", n - 4)
+            } else {
+                String::new()
+            }
+        )
+    }))
 }
 
 /// An output directory under construction in a hidden sibling of its final path.
@@ -260,6 +307,12 @@ impl StagedDir {
                         .is_none();
                 if !looks_like_model {
                     return Err(OutputError::NotAModelDir(out.into()));
+                }
+                if let Some(what) = not_model_files(&final_path)? {
+                    return Err(OutputError::HoldsOtherFiles {
+                        dir: out.into(),
+                        what,
+                    });
                 }
                 true
             }
@@ -517,11 +570,28 @@ mod tests {
         ));
 
         std::fs::write(out.join("config.json"), b"{}").unwrap();
+        // Issue 14, item 15: a config.json made a training directory (optimizer state,
+        // trainer files) replaceable, and --force deleted it all.
+        std::fs::create_dir(out.join("optimizer")).unwrap();
+        match StagedDir::create(&out, true) {
+            Err(e @ OutputError::HoldsOtherFiles { .. }) => {
+                let e = e.to_string();
+                assert!(e.contains("`notes.txt`, `optimizer/`"), "{e}");
+            }
+            other => panic!(
+                "replaced a directory with training state: {:?}",
+                other.err()
+            ),
+        }
+        assert!(out.join("optimizer").exists() && out.join("notes.txt").exists());
+        std::fs::remove_dir(out.join("optimizer")).unwrap();
+        std::fs::remove_file(out.join("notes.txt")).unwrap();
+        std::fs::write(out.join("model.safetensors"), b"old").unwrap();
         let staged = StagedDir::create(&out, true).unwrap();
         std::fs::write(staged.path().join("ckmerge.json"), b"{}").unwrap();
         staged.commit().unwrap();
         assert!(out.join("ckmerge.json").exists());
-        assert!(!out.join("notes.txt").exists());
+        assert!(!out.join("model.safetensors").exists());
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
     }
 
