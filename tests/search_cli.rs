@@ -654,6 +654,17 @@ fn a_resume_after_the_config_or_an_input_changed_is_refused() {
     assert_eq!(journal(&run_dir), before, "a refused resume writes nothing");
 
     std::fs::write(&data, &original).unwrap();
+    // Item 15: an emptied journal resumed from zero without a word.
+    let kept = std::fs::read(run_dir.join("trials.jsonl")).unwrap();
+    std::fs::write(run_dir.join("trials.jsonl"), b"").unwrap();
+    let o = resume();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("the journal holds 0 finished trials"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(run_dir.join("trials.jsonl"), kept).unwrap();
     let o = resume();
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(done_ids(&journal(&run_dir)).len(), 3);

@@ -238,6 +238,20 @@ fn resume_state(cfg: &SearchConfig, run_dir: &Path) -> Result<Resumed> {
     let snapshot: Option<Optimizer> = std::fs::read(run_dir.join(SNAPSHOT_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
+    // The snapshot is written after the journal, so it never knows more trials than the
+    // journal holds, unless the journal was emptied, deleted or cut: refuse rather than
+    // start over silently.
+    if let Some(s) = snapshot
+        .as_ref()
+        .filter(|s| s.observations.len() > finished_u.len())
+    {
+        bail!(
+            "{}: the journal holds {} finished trials but {SNAPSHOT_FILE} knows of {}: the journal was emptied, deleted or cut short; restore it (it is the source of truth), or start a new run directory",
+            run_dir.join(JOURNAL_FILE).display(),
+            finished_u.len(),
+            s.observations.len()
+        );
+    }
     let opt = match snapshot {
         Some(mut s)
             if s.space == space
@@ -339,9 +353,10 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
         Some(l) => l,
         None => RunLock::acquire(&run_dir)?,
     };
+    // Everything that can refuse a resume runs before anything in the run is written.
+    let resumed = resume_state(&cfg, &run_dir)?;
     check_fingerprint(&cfg, &run_dir, args.resume)?;
     write_atomic(&run_dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
-    let resumed = resume_state(&cfg, &run_dir)?;
     if args.resume {
         tracing::info!(
             "resuming {}: {} completed, {} failed, {} in flight to re-issue",
