@@ -15,8 +15,16 @@
 //! ```
 //!
 //! Both ends prove they hold the secret without sending it, and fresh nonces on both sides
-//! make a recorded exchange useless. The secret is per run (the launcher generates it);
-//! the stream itself is not encrypted: run clusters on a trusted network.
+//! make a recorded exchange useless. The secret is per run (the launcher generates it).
+//!
+//! Every frame after the handshake is authenticated too: each direction has its own key,
+//! `HMAC(secret, "c2s" | cn | sn)` and `HMAC(secret, "s2c" | cn | sn)`, and each frame
+//! carries `HMAC(key, sequence number | payload)`, the sequence counting that direction's
+//! frames from 0 ([`AuthCodec`]). Without it, a peer on the path could relay a real
+//! handshake and then inject `load` (any paths), `shutdown` or forged scores; a frame
+//! that is forged, altered, replayed, reordered or dropped now fails the connection. The
+//! stream is not encrypted (frames are readable on the wire): run clusters on a trusted
+//! network, or tunnel them.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -26,7 +34,9 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tarpc::tokio_serde::formats::Bincode;
+use tarpc::tokio_util::bytes::{Bytes, BytesMut};
 use tarpc::tokio_util::codec::length_delimited::LengthDelimitedCodec;
+use tarpc::tokio_util::codec::{Decoder, Encoder, Framed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -284,6 +294,13 @@ impl Secret {
         Secret::new(text.trim().as_bytes().to_vec())
     }
 
+    /// The session of a finished handshake, for the side that is the client (`client`).
+    fn session(&self, cn: &[u8; 32], sn: &[u8; 32], client: bool) -> Session {
+        let (c2s, s2c) = (self.mac(b"c2s", cn, sn), self.mac(b"s2c", cn, sn));
+        let (send, recv) = if client { (c2s, s2c) } else { (s2c, c2s) };
+        Session { send, recv }
+    }
+
     fn mac(&self, role: &[u8], cn: &[u8; 32], sn: &[u8; 32]) -> [u8; 32] {
         let mut m = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
         m.update(role);
@@ -309,11 +326,24 @@ async fn timed<T>(
         .unwrap_or(Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT)))
 }
 
+/// The keys one side of a connection authenticates its frames with (see the module doc).
+#[derive(Clone)]
+pub struct Session {
+    send: [u8; 32],
+    recv: [u8; 32],
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Session { keys hidden }")
+    }
+}
+
 /// Server side of the handshake. On error the stream is closed by the caller dropping it.
 pub async fn accept_handshake(
     stream: &mut TcpStream,
     secret: &Secret,
-) -> Result<(), HandshakeError> {
+) -> Result<Session, HandshakeError> {
     timed(async {
         let mut hello = [0u8; 8 + 4 + 32];
         stream.read_exact(&mut hello).await?;
@@ -349,7 +379,7 @@ pub async fn accept_handshake(
             return Err(HandshakeError::Auth);
         }
         stream.write_all(&[OK]).await?;
-        Ok(())
+        Ok(secret.session(&cn, &sn, false))
     })
     .await
 }
@@ -360,7 +390,7 @@ pub async fn connect_handshake(
     stream: &mut TcpStream,
     secret: &Secret,
     version: u32,
-) -> Result<(), HandshakeError> {
+) -> Result<Session, HandshakeError> {
     timed(async {
         let cn: [u8; 32] = rand::random();
         let mut hello = MAGIC.to_vec();
@@ -391,7 +421,7 @@ pub async fn connect_handshake(
         stream.write_all(&secret.mac(b"client", &cn, &sn)).await?;
         let mut status = [0u8; 1];
         match stream.read_exact(&mut status).await {
-            Ok(_) if status[0] == OK => Ok(()),
+            Ok(_) if status[0] == OK => Ok(secret.session(&cn, &sn, true)),
             Ok(_) => Err(HandshakeError::Auth),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(HandshakeError::Auth),
             Err(e) => Err(e.into()),
@@ -400,18 +430,102 @@ pub async fn connect_handshake(
     .await
 }
 
-/// Frames on an authenticated stream, with the raised frame limit.
-pub fn framed<Item, SinkItem>(
-    stream: TcpStream,
-) -> tarpc::serde_transport::Transport<TcpStream, Item, SinkItem, Bincode<Item, SinkItem>>
+const TAG: usize = 32;
+
+/// Length-delimited frames, each ending in `HMAC(key, sequence | payload)`: the session
+/// layer of every connection after the handshake (see the module doc).
+pub struct AuthCodec {
+    frames: LengthDelimitedCodec,
+    session: Session,
+    sent: u64,
+    received: u64,
+}
+
+impl AuthCodec {
+    pub fn new(session: Session) -> AuthCodec {
+        AuthCodec {
+            frames: LengthDelimitedCodec::builder()
+                .max_frame_length(MAX_FRAME_BYTES + TAG)
+                .new_codec(),
+            session,
+            sent: 0,
+            received: 0,
+        }
+    }
+
+    fn tag(key: &[u8; 32], seq: u64, payload: &[u8]) -> Hmac<Sha256> {
+        let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+        m.update(&seq.to_le_bytes());
+        m.update(payload);
+        m
+    }
+}
+
+impl Decoder for AuthCodec {
+    type Item = BytesMut;
+    type Error = io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, io::Error> {
+        let Some(mut frame) = self.frames.decode(src)? else {
+            return Ok(None);
+        };
+        if frame.len() < TAG {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a frame too short to be authenticated",
+            ));
+        }
+        let tag = frame.split_off(frame.len() - TAG);
+        Self::tag(&self.session.recv, self.received, &frame)
+            .verify_slice(&tag) // constant time
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "frame {} failed authentication (forged, altered, replayed or out of order); closing the connection",
+                        self.received
+                    ),
+                )
+            })?;
+        self.received += 1;
+        Ok(Some(frame))
+    }
+}
+
+impl Encoder<Bytes> for AuthCodec {
+    type Error = io::Error;
+
+    fn encode(&mut self, payload: Bytes, dst: &mut BytesMut) -> Result<(), io::Error> {
+        let tag = Self::tag(&self.session.send, self.sent, &payload)
+            .finalize()
+            .into_bytes();
+        let mut frame = BytesMut::with_capacity(payload.len() + TAG);
+        frame.extend_from_slice(&payload);
+        frame.extend_from_slice(&tag);
+        self.frames.encode(frame.freeze(), dst)?;
+        self.sent += 1;
+        Ok(())
+    }
+}
+
+/// The tarpc transport of an authenticated connection.
+pub type AuthTransport<Item, SinkItem> = tarpc::tokio_serde::Framed<
+    Framed<TcpStream, AuthCodec>,
+    Item,
+    SinkItem,
+    Bincode<Item, SinkItem>,
+>;
+
+/// Authenticated frames (see [`AuthCodec`]) on a stream after its handshake.
+pub fn framed<Item, SinkItem>(stream: TcpStream, session: Session) -> AuthTransport<Item, SinkItem>
 where
     Item: for<'de> Deserialize<'de>,
     SinkItem: Serialize,
 {
-    let codec = LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME_BYTES)
-        .new_framed(stream);
-    tarpc::serde_transport::new(codec, Bincode::default())
+    tarpc::tokio_serde::Framed::new(
+        Framed::new(stream, AuthCodec::new(session)),
+        Bincode::default(),
+    )
 }
 
 /// Connects to a worker at `addr`, runs the handshake and returns a client.
@@ -422,8 +536,8 @@ pub async fn connect(
 ) -> Result<WorkerApiClient, HandshakeError> {
     let mut stream = timed(async { Ok(TcpStream::connect(addr).await?) }).await?;
     stream.set_nodelay(true)?;
-    connect_handshake(&mut stream, secret, version).await?;
-    let transport = framed(stream);
+    let session = connect_handshake(&mut stream, secret, version).await?;
+    let transport = framed(stream, session);
     Ok(WorkerApiClient::new(tarpc::client::Config::default(), transport).spawn())
 }
 
@@ -470,6 +584,97 @@ mod tests {
             .await
             .unwrap();
         srv.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn frames_forged_altered_replayed_or_reordered_are_refused() {
+        let k = secret("0123456789abcdef0123");
+        let (cn, sn) = ([1u8; 32], [2u8; 32]);
+        let mut client = AuthCodec::new(k.session(&cn, &sn, true));
+        let mut server = AuthCodec::new(k.session(&cn, &sn, false));
+        let frame = |codec: &mut AuthCodec, payload: &[u8]| {
+            let mut b = BytesMut::new();
+            codec
+                .encode(Bytes::copy_from_slice(payload), &mut b)
+                .unwrap();
+            b
+        };
+        let (f0, f1) = (frame(&mut client, b"load"), frame(&mut client, b"evaluate"));
+        // In order: accepted, the payload without its tag.
+        assert_eq!(
+            &server.decode(&mut f0.clone()).unwrap().unwrap()[..],
+            b"load"
+        );
+        // Replayed (frame 0 again where frame 1 is due): refused.
+        assert!(server.decode(&mut f0.clone()).is_err());
+        let mut fresh = AuthCodec::new(k.session(&cn, &sn, false));
+        // Reordered (frame 1 first): refused.
+        assert!(fresh.decode(&mut f1.clone()).is_err());
+        // Altered: refused.
+        let mut fresh = AuthCodec::new(k.session(&cn, &sn, false));
+        let mut bad = f0.clone();
+        let last = bad.len() - TAG - 1;
+        bad[last] ^= 1;
+        assert!(fresh.decode(&mut bad).is_err());
+        // The client's own frames sent back to it (another direction's key): refused.
+        let mut c2 = AuthCodec::new(k.session(&cn, &sn, true));
+        assert!(c2.decode(&mut f0.clone()).is_err());
+        // A session of other nonces (another connection): refused.
+        let mut other = AuthCodec::new(k.session(&cn, &[3u8; 32], false));
+        assert!(other.decode(&mut f0.clone()).is_err());
+    }
+
+    /// Issue 14, item 14: after relaying a real handshake, a peer on the path injected
+    /// requests. The relay here copies the handshake both ways, then writes a frame of
+    /// its own: the server's transport refuses it and ends the connection.
+    #[tokio::test]
+    async fn a_relayed_handshake_then_an_injected_frame_is_refused() {
+        use futures::StreamExt;
+        let k = secret("0123456789abcdef0123");
+        let server_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server_l.local_addr().unwrap();
+        let relay_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay_addr = relay_l.local_addr().unwrap();
+        let k2 = k.clone();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = server_l.accept().await.unwrap();
+            let session = accept_handshake(&mut s, &k2).await.unwrap();
+            let mut t: AuthTransport<String, String> = framed(s, session);
+            t.next().await
+        });
+        let relay = tokio::spawn(async move {
+            let (mut c, _) = relay_l.accept().await.unwrap();
+            let mut s = TcpStream::connect(server_addr).await.unwrap();
+            // The handshake, byte for byte: hello 44, server 65, proof 32, OK 1.
+            let copy = |n: usize| vec![0u8; n];
+            let mut b = copy(44);
+            c.read_exact(&mut b).await.unwrap();
+            s.write_all(&b).await.unwrap();
+            let mut b = copy(65);
+            s.read_exact(&mut b).await.unwrap();
+            c.write_all(&b).await.unwrap();
+            let mut b = copy(32);
+            c.read_exact(&mut b).await.unwrap();
+            s.write_all(&b).await.unwrap();
+            let mut b = copy(1);
+            s.read_exact(&mut b).await.unwrap();
+            c.write_all(&b).await.unwrap();
+            // Now inject: a length-delimited frame with a made-up tag.
+            let payload = b"shutdown, from someone without the keys";
+            let mut frame = ((payload.len() + TAG) as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(payload);
+            frame.extend_from_slice(&[0u8; TAG]);
+            s.write_all(&frame).await.unwrap();
+            (c, s)
+        });
+        let mut c = TcpStream::connect(relay_addr).await.unwrap();
+        connect_handshake(&mut c, &k, PROTOCOL_VERSION)
+            .await
+            .unwrap();
+        let got = server.await.unwrap();
+        let e = got.expect("the server read something").unwrap_err();
+        assert!(e.to_string().contains("failed authentication"), "{e}");
+        drop(relay.await.unwrap());
     }
 
     #[tokio::test]

@@ -651,6 +651,7 @@ impl WorkerService {
 /// pass the handshake first; refused ones are logged with the peer's address.
 pub async fn serve_tcp(listener: TcpListener, secret: Secret, svc: WorkerService) {
     let stop = svc.clone();
+    let handshakes: Handshakes = Arc::default();
     let accept = async move {
         loop {
             let (mut stream, peer) = match listener.accept().await {
@@ -662,15 +663,28 @@ pub async fn serve_tcp(listener: TcpListener, secret: Secret, svc: WorkerService
                 }
             };
             let _ = stream.set_nodelay(true);
+            // Each handshake in progress holds a descriptor for up to HANDSHAKE_TIMEOUT: a
+            // peer may have only a few at once, so slow connections cannot exhaust them.
+            let Some(slot) = HandshakeSlot::take(&handshakes, peer.ip()) else {
+                tracing::warn!(
+                    "refused connection from {peer}: {MAX_HANDSHAKES_PER_PEER} handshakes from that address are already in progress"
+                );
+                continue;
+            };
             let secret = secret.clone();
             let svc = svc.for_connection(peer.to_string());
             tokio::spawn(async move {
-                if let Err(e) = protocol::accept_handshake(&mut stream, &secret).await {
-                    tracing::warn!("refused connection from {peer}: {e}");
-                    return;
-                }
+                let handshake = protocol::accept_handshake(&mut stream, &secret).await;
+                drop(slot);
+                let session = match handshake {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("refused connection from {peer}: {e}");
+                        return;
+                    }
+                };
                 tracing::info!("coordinator connected from {peer}");
-                let transport = protocol::framed(stream);
+                let transport = protocol::framed(stream, session);
                 BaseChannel::with_defaults(transport)
                     .execute(svc.clone().serve())
                     .for_each(|f| async {
@@ -690,6 +704,44 @@ pub async fn serve_tcp(listener: TcpListener, secret: Secret, svc: WorkerService
     }
 }
 
+/// Handshakes one peer address may have in progress at once.
+pub const MAX_HANDSHAKES_PER_PEER: usize = 8;
+
+type Handshakes = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One handshake in progress from an address; released when dropped.
+struct HandshakeSlot {
+    table: Handshakes,
+    ip: std::net::IpAddr,
+}
+
+impl HandshakeSlot {
+    fn take(table: &Handshakes, ip: std::net::IpAddr) -> Option<HandshakeSlot> {
+        let mut t = table.lock().expect("handshake table");
+        let n = t.entry(ip).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(HandshakeSlot {
+            table: table.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().expect("handshake table");
+        if let Some(n) = t.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// A client for `svc` over an in-memory channel: an in-process worker.
 pub fn in_process_client(svc: WorkerService) -> WorkerApiClient {
     let (client_side, server_side) = tarpc::transport::channel::unbounded();
@@ -701,4 +753,33 @@ pub fn in_process_client(svc: WorkerService) -> WorkerApiClient {
             }),
     );
     WorkerApiClient::new(tarpc::client::Config::default(), client_side).spawn()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_has_a_bounded_number_of_handshakes_in_progress() {
+        // Issue 14, item 14: slow unauthenticated connections held a descriptor each for
+        // the handshake timeout, with no limit.
+        let table: Handshakes = Arc::default();
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let mut held: Vec<HandshakeSlot> = (0..MAX_HANDSHAKES_PER_PEER)
+            .map(|_| HandshakeSlot::take(&table, a).unwrap())
+            .collect();
+        assert!(HandshakeSlot::take(&table, a).is_none());
+        assert!(
+            HandshakeSlot::take(&table, b).is_some(),
+            "another peer is not affected"
+        );
+        held.pop();
+        assert!(
+            HandshakeSlot::take(&table, a).is_some(),
+            "a finished handshake frees its slot"
+        );
+        drop(held);
+        assert!(table.lock().unwrap().get(&a).is_none_or(|&n| n == 0));
+    }
 }
