@@ -821,6 +821,69 @@ fn an_input_truncated_mid_merge_is_explained() {
     assert!(!out.exists());
 }
 
+/// Issue 14, output integrity: `ckmerge verify` re-hashes the shards against ckmerge.json
+/// and recomputes every tensor from the sources, bit for bit; a changed byte is found by
+/// both checks.
+#[test]
+fn verify_finds_a_changed_byte_and_accepts_moved_sources() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    copy_dir(&fixtures().join("step-100"), &a);
+    copy_dir(&fixtures().join("step-200"), &b);
+    let out = tmp.path().join("merged");
+    let o = ckmerge(&[
+        &a,
+        &b,
+        &"--weights",
+        &"0.3,0.7",
+        &"--dtype",
+        &"f16",
+        &"--max-shard-size",
+        &"64KB",
+        &"--out",
+        &out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let verify = |args: &[&dyn AsRef<std::ffi::OsStr>]| support::ckmerge("verify", args);
+    let o = verify(&[&out]);
+    assert!(o.status.success(), "{}{}", support::stdout(&o), stderr(&o));
+    assert!(
+        support::stdout(&o).contains("verified"),
+        "{}",
+        support::stdout(&o)
+    );
+
+    // The same checkpoints elsewhere.
+    let (a2, b2) = (tmp.path().join("a2"), tmp.path().join("b2"));
+    std::fs::rename(&a, &a2).unwrap();
+    std::fs::rename(&b, &b2).unwrap();
+    assert!(
+        !verify(&[&out]).status.success(),
+        "the recorded sources are gone"
+    );
+    let o = verify(&[&out, &"--sources", &a2, &b2]);
+    assert!(o.status.success(), "{}{}", support::stdout(&o), stderr(&o));
+
+    // One byte of one tensor changed in the output.
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let shard = shard_holding(&out, name);
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let at = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize + 6;
+    bytes[at] ^= 0x01;
+    std::fs::write(&shard, bytes).unwrap();
+    let o = verify(&[&out, &"--sources", &a2, &b2]);
+    assert!(!o.status.success());
+    let text = support::stdout(&o);
+    assert!(
+        text.contains("SHA-256 differs") && text.contains(&format!("{name}: element 3 differs")),
+        "{text}"
+    );
+    let o = verify(&[&out, &"--hashes-only"]);
+    assert!(!o.status.success() && support::stdout(&o).contains("SHA-256 differs"));
+}
+
 #[test]
 fn missing_checkpoint_directory_is_reported_once() {
     // Regression: the I/O cause used to be printed twice ("...(os error 2): ...(os error 2)").

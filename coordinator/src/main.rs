@@ -47,6 +47,9 @@ enum Command {
     Search(SearchCliArgs),
     /// Serve merge-and-evaluate requests to a search coordinator over TCP.
     Worker(WorkerArgs),
+    /// Check a merged model: its shards against the SHA-256 recorded when they were
+    /// written, and every tensor against the merge recomputed from the sources.
+    Verify(VerifyArgs),
     /// GPU merge bandwidth against a device-to-device copy, or the flash-attention
     /// variants (scripts/gpu-check.sh).
     #[command(hide = true)]
@@ -201,6 +204,25 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct VerifyArgs {
+    /// A model directory written by `ckmerge merge` (or a search's `merged/`).
+    dir: PathBuf,
+
+    /// Recompute from these checkpoints (in the merge's order) instead of the paths
+    /// ckmerge.json records, for sources that have moved.
+    #[arg(long, num_args = 1.., value_name = "CKPT")]
+    sources: Vec<PathBuf>,
+
+    /// Check the shard hashes only (no sources needed; fast).
+    #[arg(long)]
+    hashes_only: bool,
+
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
 struct MergeArgs {
     /// Hugging Face model directories of one training run, earliest first.
     #[arg(required = true, value_name = "CKPT")]
@@ -289,6 +311,7 @@ fn main() -> ExitCode {
         Command::Search(args) => run_search(args),
         Command::Worker(args) => run_worker(args),
         Command::GpuBench(args) => run_gpu_bench(args),
+        Command::Verify(args) => run_verify(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -521,6 +544,38 @@ fn run_eval(args: EvalArgs) -> Result<()> {
             r.mean_nll
         );
     }
+    Ok(())
+}
+
+fn run_verify(args: VerifyArgs) -> Result<()> {
+    set_threads(args.threads)?;
+    let sources = (!args.sources.is_empty()).then_some(args.sources.as_slice());
+    let r = ckmerge_worker::verify::verify(&args.dir, sources, !args.hashes_only)?;
+    println!(
+        "{}: {} shard{} hash-checked, {} tensor{} recomputed{}",
+        args.dir.display(),
+        r.shards_hashed,
+        if r.shards_hashed == 1 { "" } else { "s" },
+        r.tensors_checked,
+        if r.tensors_checked == 1 { "" } else { "s" },
+        if r.sources.is_empty() {
+            String::new()
+        } else {
+            format!(" from {} sources", r.sources.len())
+        }
+    );
+    for p in r.bad_shards.iter().chain(&r.bad_tensors) {
+        println!("  DIFFERS  {p}");
+    }
+    if !r.ok() {
+        bail!(
+            "{} does not verify: {} shard and {} tensor problems (listed above)",
+            args.dir.display(),
+            r.bad_shards.len(),
+            r.bad_tensors.len()
+        );
+    }
+    println!("verified: identical to what ckmerge wrote and to the merge of its sources");
     Ok(())
 }
 

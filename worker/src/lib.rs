@@ -10,6 +10,7 @@ pub mod model;
 pub mod serve;
 pub mod tenancy;
 pub mod test_support;
+pub mod verify;
 
 pub use merge::{merge_to_dir, MergeError, MergeRequest, MergeSummary, Progress};
 pub mod gpu;

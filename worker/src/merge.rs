@@ -388,6 +388,15 @@ pub fn merge_to_dir(
         )?;
     }
     copy_aux_files(first, staged.path(), req.dtype)?;
+    // Each shard's SHA-256, for `ckmerge verify` (read back from the page cache, one
+    // shard per thread).
+    let shard_sha256 = plans
+        .par_iter()
+        .map(|p| {
+            crate::verify::sha256_file(&staged.path().join(&p.file_name))
+                .map(|h| (p.file_name.clone(), h))
+        })
+        .collect::<Result<BTreeMap<String, String>, MergeError>>()?;
     let provenance = json!({
         "tool": "ckmerge",
         "version": env!("CARGO_PKG_VERSION"),
@@ -407,6 +416,7 @@ pub fn merge_to_dir(
         "total_bytes": total,
         "non_finite_values": non_finite,
         "shards": plans.iter().map(|p| p.file_name.clone()).collect::<Vec<_>>(),
+        "shard_sha256": shard_sha256,
         "request": req.provenance,
     });
     let text = serde_json::to_string_pretty(&provenance).expect("plain JSON") + "\n";
