@@ -302,6 +302,8 @@ pub fn merge_to_dir(
         Ok(())
     };
 
+    // Shard hashes computed while later shards are merged (single process only).
+    let mut hashed: Option<BTreeMap<String, String>> = None;
     let staged = match req.part {
         Some(MergePart::Shards { index, count }) => {
             if count == 0 || index >= count {
@@ -372,9 +374,26 @@ pub fn merge_to_dir(
             let staged = StagedDir::create(&req.out, req.force)?;
             staged.check_space(total)?;
             progress.start(total);
-            for plan in &plans {
-                write_shard(plan, &staged.path().join(&plan.file_name))?;
-            }
+            // Each finished shard is hashed on a thread of its own while the next is
+            // merged (read back from the page cache): only the last shard's hash adds
+            // to the wall time.
+            let (tx, rx) = crossbeam_channel::unbounded::<(String, PathBuf)>();
+            let hasher = std::thread::spawn(move || {
+                rx.into_iter()
+                    .map(|(name, path)| crate::verify::sha256_file(&path).map(|h| (name, h)))
+                    .collect::<Result<BTreeMap<String, String>, MergeError>>()
+            });
+            let written = plans.iter().try_for_each(|plan| {
+                let path = staged.path().join(&plan.file_name);
+                write_shard(plan, &path)?;
+                tx.send((plan.file_name.clone(), path))
+                    .expect("the hasher runs until the sender is dropped");
+                Ok::<(), MergeError>(())
+            });
+            drop(tx);
+            let hashes = hasher.join().expect("the hasher does not panic");
+            written?;
+            hashed = Some(hashes?);
             staged
         }
     };
@@ -388,15 +407,18 @@ pub fn merge_to_dir(
         )?;
     }
     copy_aux_files(first, staged.path(), req.dtype)?;
-    // Each shard's SHA-256, for `ckmerge verify` (read back from the page cache, one
-    // shard per thread).
-    let shard_sha256 = plans
-        .par_iter()
-        .map(|p| {
-            crate::verify::sha256_file(&staged.path().join(&p.file_name))
-                .map(|h| (p.file_name.clone(), h))
-        })
-        .collect::<Result<BTreeMap<String, String>, MergeError>>()?;
+    // Each shard's SHA-256, for `ckmerge verify`: hashed during the merge, or here for
+    // the shards of a split merge's parts (read back, one shard per thread).
+    let shard_sha256 = match hashed {
+        Some(h) => h,
+        None => plans
+            .par_iter()
+            .map(|p| {
+                crate::verify::sha256_file(&staged.path().join(&p.file_name))
+                    .map(|h| (p.file_name.clone(), h))
+            })
+            .collect::<Result<BTreeMap<String, String>, MergeError>>()?,
+    };
     let provenance = json!({
         "tool": "ckmerge",
         "version": env!("CARGO_PKG_VERSION"),
@@ -496,7 +518,14 @@ fn copy_aux_files(first: &Checkpoint, dir: &Path, dtype: Option<DType>) -> Resul
                 serde_json::to_string_pretty(&Value::Object(config)).expect("plain JSON") + "\n";
             write_synced(&dst, text.as_bytes())?;
         } else {
-            std::fs::copy(&src, &dst).map_err(io(&src))?;
+            // A failure here is most likely the output's (a full disk): name both.
+            std::fs::copy(&src, &dst).map_err(|e| {
+                MergeError::Request(format!(
+                    "copying {} to {}: {e}",
+                    src.display(),
+                    dst.display()
+                ))
+            })?;
             File::open(&dst)
                 .and_then(|f| f.sync_all())
                 .map_err(io(&dst))?;
