@@ -298,6 +298,7 @@ fn main() -> ExitCode {
     on_bus_error_explain_and_exit();
     // An interrupted run removes its partial output before exiting.
     let _ = ctrlc::set_handler(|| {
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
         ckmerge_common::write::remove_live_staged_dirs();
         match INTERRUPT_NOTE.get() {
             Some(note) => eprintln!("interrupted: {note}"),
@@ -315,6 +316,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // An interrupt's cleanup makes the work fail (its output directory vanishes): the
+        // handler reports and exits with 130; this thread must not race it with status 1.
+        Err(_) if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) => loop {
+            std::thread::park();
+        },
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -346,6 +352,9 @@ fn on_bus_error_explain_and_exit() {
         libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
     }
 }
+
+/// Set by the interrupt handler when it starts.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// What an interrupt leaves behind, when it is not "nothing".
 static INTERRUPT_NOTE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
