@@ -1295,3 +1295,94 @@ fn chaos_kills_of_workers_and_coordinator_lose_and_repeat_nothing() {
     check(&mut seen, "at the end");
     assert_eq!(seen.len(), max_evals, "seed {seed}");
 }
+
+/// Unmounts a test's filesystem when the test ends, however it ends.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Issue 14, fault injection with a full disk: the run directory's filesystem fills up
+/// mid-search. The coordinator stops with an error naming the journal; once space is
+/// freed, a resume loses no completed trial, repeats none, and runs to the end. Needs a
+/// small filesystem of its own: a tmpfs, which only root can mount (CI runs as root);
+/// elsewhere the test says it skipped.
+#[test]
+fn a_full_disk_stops_the_search_and_a_resume_loses_nothing() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mnt)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED a_full_disk_stops_the_search_and_a_resume_loses_nothing: mounting a small tmpfs needs root");
+        return;
+    }
+    let _unmount = Unmount(mnt.clone());
+    let cfg = write_config(
+        tmp.path(),
+        "run.toml",
+        &Cfg {
+            workers: &[],
+            max_evals: 10,
+            copies: 2,
+            extra: "local = 1\n",
+        },
+    );
+    let run_dir = mnt.join("run");
+    let mut coord = Proc(
+        search(&[
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--run-dir".as_ref(),
+            run_dir.as_os_str(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("coord.log")).unwrap())
+        .spawn()
+        .unwrap(),
+    );
+    wait_for("three trials done", Duration::from_secs(120), || {
+        (done_ids(&journal_whole_lines(&run_dir)).len() >= 3).then_some(())
+    });
+    // Fill the filesystem to the last byte.
+    let filler = mnt.join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        while std::io::Write::write_all(&mut f, &block).is_ok() {}
+        let _ = std::io::Write::write_all(&mut f, &[0u8]);
+    }
+    let status = coord.wait(Duration::from_secs(120));
+    let log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
+    assert!(
+        !status.success(),
+        "the search finished on a full disk: {log}"
+    );
+    assert!(
+        log.contains("appending to the journal") && log.contains("No space left on device"),
+        "{log}"
+    );
+    let before = done_ids(&journal_whole_lines(&run_dir));
+
+    std::fs::remove_file(&filler).unwrap();
+    let o = run(search(&["--resume".as_ref(), run_dir.as_os_str()]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let after = done_ids(&journal(&run_dir)); // whole lines only now; no trial done twice
+    for (id, v) in &before {
+        assert_eq!(
+            after.get(id),
+            Some(v),
+            "completed trial {id} lost or changed"
+        );
+    }
+    assert_eq!(after.len(), 10);
+}
