@@ -19,8 +19,8 @@
 //!
 //! Every frame after the handshake is authenticated too: each direction has its own key,
 //! `HMAC(secret, "c2s" | cn | sn)` and `HMAC(secret, "s2c" | cn | sn)`, and each frame
-//! carries `HMAC(key, sequence number | payload)`, the sequence counting that direction's
-//! frames from 0 ([`AuthCodec`]). Without it, a peer on the path could relay a real
+//! carries an HMAC of its length and one of its payload, both under that key with the
+//! frame's sequence number, counting that direction's frames from 0 ([`AuthCodec`]). Without it, a peer on the path could relay a real
 //! handshake and then inject `load` (any paths), `shutdown` or forged scores; a frame
 //! that is forged, altered, replayed, reordered or dropped now fails the connection. The
 //! stream is not encrypted (frames are readable on the wire): run clusters on a trusted
@@ -35,7 +35,6 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tarpc::tokio_serde::formats::Bincode;
 use tarpc::tokio_util::bytes::{Bytes, BytesMut};
-use tarpc::tokio_util::codec::length_delimited::LengthDelimitedCodec;
 use tarpc::tokio_util::codec::{Decoder, Encoder, Framed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -431,33 +430,47 @@ pub async fn connect_handshake(
 }
 
 const TAG: usize = 32;
+/// A frame's head: its payload length (u32, big-endian) and the head's tag.
+const HEAD: usize = 4 + TAG;
 
-/// Length-delimited frames, each ending in `HMAC(key, sequence | payload)`: the session
-/// layer of every connection after the handshake (see the module doc).
+/// The session layer of every connection after the handshake (see the module doc). A
+/// frame is `len (u32 BE) | HMAC(key, "head" | seq | len) | payload | HMAC(key, seq |
+/// payload)`: the length is authenticated on its own, before any buffer is sized by it,
+/// so a peer without the keys cannot make the other side reserve a large frame.
 pub struct AuthCodec {
-    frames: LengthDelimitedCodec,
     session: Session,
     sent: u64,
     received: u64,
+    /// The payload length of a frame whose head was verified and whose body is awaited.
+    pending: Option<usize>,
 }
 
 impl AuthCodec {
     pub fn new(session: Session) -> AuthCodec {
         AuthCodec {
-            frames: LengthDelimitedCodec::builder()
-                .max_frame_length(MAX_FRAME_BYTES + TAG)
-                .new_codec(),
             session,
             sent: 0,
             received: 0,
+            pending: None,
         }
     }
 
-    fn tag(key: &[u8; 32], seq: u64, payload: &[u8]) -> Hmac<Sha256> {
+    fn mac(key: &[u8; 32], parts: &[&[u8]]) -> Hmac<Sha256> {
         let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-        m.update(&seq.to_le_bytes());
-        m.update(payload);
+        for p in parts {
+            m.update(p);
+        }
         m
+    }
+
+    fn refused(&self, what: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "frame {} failed authentication ({what}: forged, altered, replayed or out of order); closing the connection",
+                self.received
+            ),
+        )
     }
 }
 
@@ -466,27 +479,39 @@ impl Decoder for AuthCodec {
     type Error = io::Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, io::Error> {
-        let Some(mut frame) = self.frames.decode(src)? else {
-            return Ok(None);
+        let seq = self.received.to_le_bytes();
+        let len = match self.pending {
+            Some(len) => len,
+            None => {
+                if src.len() < HEAD {
+                    return Ok(None);
+                }
+                let len_bytes: [u8; 4] = src[..4].try_into().expect("4 bytes");
+                Self::mac(&self.session.recv, &[b"head", &seq, &len_bytes])
+                    .verify_slice(&src[4..HEAD]) // constant time
+                    .map_err(|_| self.refused("its length"))?;
+                let len = u32::from_be_bytes(len_bytes) as usize;
+                if len > MAX_FRAME_BYTES {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("a frame of {len} bytes is over the limit of {MAX_FRAME_BYTES}"),
+                    ));
+                }
+                let _ = src.split_to(HEAD);
+                self.pending = Some(len);
+                len
+            }
         };
-        if frame.len() < TAG {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a frame too short to be authenticated",
-            ));
+        if src.len() < len + TAG {
+            src.reserve(len + TAG - src.len());
+            return Ok(None);
         }
-        let tag = frame.split_off(frame.len() - TAG);
-        Self::tag(&self.session.recv, self.received, &frame)
-            .verify_slice(&tag) // constant time
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "frame {} failed authentication (forged, altered, replayed or out of order); closing the connection",
-                        self.received
-                    ),
-                )
-            })?;
+        let mut frame = src.split_to(len + TAG);
+        let tag = frame.split_off(len);
+        Self::mac(&self.session.recv, &[&seq, &frame])
+            .verify_slice(&tag)
+            .map_err(|_| self.refused("its payload"))?;
+        self.pending = None;
         self.received += 1;
         Ok(Some(frame))
     }
@@ -496,13 +521,24 @@ impl Encoder<Bytes> for AuthCodec {
     type Error = io::Error;
 
     fn encode(&mut self, payload: Bytes, dst: &mut BytesMut) -> Result<(), io::Error> {
-        let tag = Self::tag(&self.session.send, self.sent, &payload)
-            .finalize()
-            .into_bytes();
-        let mut frame = BytesMut::with_capacity(payload.len() + TAG);
-        frame.extend_from_slice(&payload);
-        frame.extend_from_slice(&tag);
-        self.frames.encode(frame.freeze(), dst)?;
+        if payload.len() > MAX_FRAME_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a message of {} bytes is over the frame limit of {MAX_FRAME_BYTES}",
+                    payload.len()
+                ),
+            ));
+        }
+        let seq = self.sent.to_le_bytes();
+        let len = (payload.len() as u32).to_be_bytes();
+        let head = Self::mac(&self.session.send, &[b"head", &seq, &len]).finalize();
+        let tag = Self::mac(&self.session.send, &[&seq, &payload]).finalize();
+        dst.reserve(HEAD + payload.len() + TAG);
+        dst.extend_from_slice(&len);
+        dst.extend_from_slice(&head.into_bytes());
+        dst.extend_from_slice(&payload);
+        dst.extend_from_slice(&tag.into_bytes());
         self.sent += 1;
         Ok(())
     }
@@ -622,6 +658,28 @@ mod tests {
         // A session of other nonces (another connection): refused.
         let mut other = AuthCodec::new(k.session(&cn, &[3u8; 32], false));
         assert!(other.decode(&mut f0.clone()).is_err());
+        // A head claiming a 1 GiB frame, without the keys: refused from its 36 bytes,
+        // before any buffer is sized by it.
+        let mut fresh = AuthCodec::new(k.session(&cn, &sn, false));
+        let mut huge = BytesMut::with_capacity(HEAD);
+        huge.extend_from_slice(&(1u32 << 30).to_be_bytes());
+        huge.extend_from_slice(&[0u8; TAG]);
+        let e = fresh.decode(&mut huge).unwrap_err().to_string();
+        assert!(e.contains("its length"), "{e}");
+        assert!(huge.capacity() < 1 << 20);
+        // A frame arriving in pieces is assembled, and the next one follows.
+        let mut fresh = AuthCodec::new(k.session(&cn, &sn, false));
+        let mut both = f0.clone();
+        both.extend_from_slice(&f1);
+        let mut src = BytesMut::new();
+        let mut got = Vec::new();
+        for chunk in both.chunks(7) {
+            src.extend_from_slice(chunk);
+            while let Some(f) = fresh.decode(&mut src).unwrap() {
+                got.push(f.to_vec());
+            }
+        }
+        assert_eq!(got, vec![b"load".to_vec(), b"evaluate".to_vec()]);
     }
 
     /// Issue 14, item 14: after relaying a real handshake, a peer on the path injected
