@@ -202,17 +202,7 @@ fn jsonl_directory_and_pretokenized_data_give_the_txt_result() {
 fn a_non_finite_perplexity_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = copy_ckpt(tmp.path());
-    let file = ck.join("model.safetensors");
-    let mut bytes = std::fs::read(&file).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let off = &header["model.norm.weight"]["data_offsets"];
-    let (a, b) = (
-        off[0].as_u64().unwrap() as usize,
-        off[1].as_u64().unwrap() as usize,
-    );
-    bytes[8 + n + a..8 + n + b].fill(0xFF); // NaN in every float dtype
-    std::fs::write(&file, bytes).unwrap();
+    support::fill_with_nan(&ck.join("model.safetensors"), "model.norm.weight");
     let (ok, _, err) = ckmerge_eval(&[&ck, &"--data", &root().join("data/heldout.txt")]);
     assert!(!ok && err.contains("not finite"), "{err}");
 }

@@ -161,6 +161,22 @@ fn search(args: &[&std::ffi::OsStr]) -> Command {
     c
 }
 
+/// `ckmerge search --config CFG --run-dir RUN_DIR` in the background, output discarded.
+fn start_search(cfg: &Path, run_dir: &Path) -> Proc {
+    Proc(
+        search(&[
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--run-dir".as_ref(),
+            run_dir.as_os_str(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    )
+}
+
 fn run(mut c: Command) -> Output {
     c.output().unwrap()
 }
@@ -357,18 +373,7 @@ fn a_second_search_is_refused_a_worker_that_serves_another() {
         },
     );
     let run_a = tmp.path().join("run-a");
-    let _a = Proc(
-        search(&[
-            "--config".as_ref(),
-            cfg_a.as_os_str(),
-            "--run-dir".as_ref(),
-            run_a.as_os_str(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
+    let _a = start_search(&cfg_a, &run_a);
     wait_for("search A's first trial", Duration::from_secs(120), || {
         (!done_ids(&journal(&run_a)).is_empty()).then_some(())
     });
@@ -507,22 +512,11 @@ fn sigkill_of_a_worker_mid_evaluation_loses_no_trial() {
     assert!(log.contains("lost"), "{log}");
 }
 
-/// A copy of fixture checkpoint `step` whose tensor `name` is all NaN (0xFF bytes are NaN
-/// in f32, bf16 and f16).
+/// A copy of fixture checkpoint `step` whose tensor `name` is all NaN.
 fn nan_checkpoint(dir: &Path, step: &str, name: &str) -> PathBuf {
     let dst = dir.join(step);
     support::copy_dir(&fixtures().join("llama").join(step), &dst);
-    let file = dst.join("model.safetensors");
-    let mut bytes = std::fs::read(&file).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let off = &header[name]["data_offsets"];
-    let (a, b) = (
-        off[0].as_u64().unwrap() as usize,
-        off[1].as_u64().unwrap() as usize,
-    );
-    bytes[8 + n + a..8 + n + b].fill(0xFF);
-    std::fs::write(&file, bytes).unwrap();
+    support::fill_with_nan(&dst.join("model.safetensors"), name);
     dst
 }
 
@@ -688,18 +682,7 @@ fn a_second_coordinator_on_a_running_run_directory_is_refused() {
         },
     );
     let run_dir = tmp.path().join("run");
-    let mut coord = Proc(
-        search(&[
-            "--config".as_ref(),
-            cfg.as_os_str(),
-            "--run-dir".as_ref(),
-            run_dir.as_os_str(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
+    let mut coord = start_search(&cfg, &run_dir);
     wait_for("a first trial done", Duration::from_secs(120), || {
         (!done_ids(&journal(&run_dir)).is_empty()).then_some(())
     });
@@ -756,18 +739,7 @@ fn sigkill_of_the_coordinator_then_resume_loses_and_redoes_nothing() {
         },
     );
     let run_dir = tmp.path().join("run");
-    let mut coord = Proc(
-        search(&[
-            "--config".as_ref(),
-            cfg.as_os_str(),
-            "--run-dir".as_ref(),
-            run_dir.as_os_str(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
+    let mut coord = start_search(&cfg, &run_dir);
     // Kill it with two trials done and the third in flight.
     wait_for(
         "two trials done and one in flight",
