@@ -78,24 +78,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// `p` with symbolic links resolved, for a path that may not exist yet: its deepest
-/// existing ancestor resolved, the rest appended.
+/// `p` with symbolic links resolved, for a path that may not exist yet (as a merge
+/// resolves its output); `p` itself where that fails.
 fn real_path(p: &Path) -> PathBuf {
-    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let mut head = abs.as_path();
-    let mut tail = Vec::new();
-    loop {
-        if let Ok(real) = head.canonicalize() {
-            return tail.iter().rev().fold(real, |acc, t| acc.join(t));
-        }
-        match (head.parent(), head.file_name()) {
-            (Some(parent), Some(name)) => {
-                tail.push(name.to_os_string());
-                head = parent;
-            }
-            _ => return abs,
-        }
-    }
+    ckmerge_common::write::StagedDir::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// Decides the config of this session and prepares the run directory. A resume returns
