@@ -821,6 +821,36 @@ fn an_input_truncated_mid_merge_is_explained() {
     assert!(!out.exists());
 }
 
+/// Issue 14, item 15: a merge onto a full disk named an input file. Two sizes: one the
+/// shards do not fit (refused before writing, by the free-space check), one where they
+/// fit and the copied tokenizer does not (ENOSPC while writing). Either way the error
+/// names the output's filesystem and says it is full, and nothing is left on it.
+#[test]
+fn a_full_disk_names_the_output_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (fixtures().join("step-100"), fixtures().join("step-200"));
+    // model.safetensors is 57 pages; config and generation config 1 each; tokenizer 3.
+    for (i, size) in ["64k", "240k"].into_iter().enumerate() {
+        let mnt = tmp.path().join(format!("small-{i}"));
+        let test = "a_full_disk_names_the_output_and_leaves_nothing";
+        let Some(_disk) = support::SmallDisk::mount(&mnt, size, test) else {
+            return;
+        };
+        let out = mnt.join("merged");
+        let o = ckmerge(&[&a, &b, &"--lambda", &"0.5", &"--out", &out]);
+        let needle = ["not enough free space", "No space left on device"][i];
+        assert_failed_cleanly(&o, &out, &[needle]);
+        let err = stderr(&o);
+        let line = err.lines().find(|l| l.contains(needle)).unwrap();
+        assert!(
+            line.contains(&*mnt.to_string_lossy()),
+            "the error does not name the output's filesystem ({size}): {err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&mnt).unwrap().collect();
+        assert!(left.is_empty(), "left on the full disk ({size}): {left:?}");
+    }
+}
+
 /// Issue 14, output integrity: `ckmerge verify` re-hashes the shards against ckmerge.json
 /// and recomputes every tensor from the sources, bit for bit; a changed byte is found by
 /// both checks.

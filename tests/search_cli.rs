@@ -1268,15 +1268,6 @@ fn chaos_kills_of_workers_and_coordinator_lose_and_repeat_nothing() {
     assert_eq!(seen.len(), max_evals, "seed {seed}");
 }
 
-/// Unmounts a test's filesystem when the test ends, however it ends.
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// Issue 14, fault injection with a full disk: the run directory's filesystem fills up
 /// mid-search. The coordinator stops with an error naming the journal; once space is
 /// freed, a resume loses no completed trial, repeats none, and runs to the end. Needs a
@@ -1287,18 +1278,10 @@ fn a_full_disk_stops_the_search_and_a_resume_loses_nothing() {
     let _g = serial();
     let tmp = tempfile::tempdir().unwrap();
     let mnt = tmp.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&mnt)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("SKIPPED a_full_disk_stops_the_search_and_a_resume_loses_nothing: mounting a small tmpfs needs root");
+    let test = "a_full_disk_stops_the_search_and_a_resume_loses_nothing";
+    let Some(_disk) = support::SmallDisk::mount(&mnt, "4m", test) else {
         return;
-    }
-    let _unmount = Unmount(mnt.clone());
+    };
     let cfg = write_config(
         tmp.path(),
         "run.toml",

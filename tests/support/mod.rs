@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The `ckmerge` binary cargo built for these tests.
@@ -54,4 +54,33 @@ pub fn fill_with_nan(file: &Path, name: &str) {
     );
     bytes[8 + n + a..8 + n + b].fill(0xFF);
     std::fs::write(file, bytes).unwrap();
+}
+
+/// A small tmpfs mounted for one test and unmounted when the test ends, however it ends.
+pub struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (mount's syntax: "4m", "240k") on the new directory
+    /// `dir`. Only root can mount (CI runs as root); elsewhere this prints that `test`
+    /// skipped and returns `None`.
+    pub fn mount(dir: &Path, size: &str, test: &str) -> Option<SmallDisk> {
+        std::fs::create_dir(dir).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("SKIPPED {test}: mounting a small tmpfs needs root");
+            return None;
+        }
+        Some(SmallDisk(dir.to_owned()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
