@@ -119,6 +119,54 @@ pub struct Evaluator {
     pub load_seconds: f64,
 }
 
+/// The window length an evaluator of `config` uses under `win` (`seq_len`, else the
+/// model's context up to 2048), refused where the model cannot score it.
+pub fn window_length(config: &ModelConfig, win: &WindowSpec) -> Result<usize, EvalError> {
+    win.check().map_err(EvalError::Request)?;
+    let seq_len = win.seq_len.unwrap_or(config.max_positions.min(2048));
+    if seq_len > config.max_positions {
+        return Err(EvalError::Request(format!(
+            "--seq-len {seq_len} exceeds the model's max_position_embeddings ({})",
+            config.max_positions
+        )));
+    }
+    if let Some(w) = config.sliding_window.filter(|&w| seq_len > w) {
+        return Err(EvalError::Request(format!(
+            "--seq-len {seq_len} exceeds the model's sliding window ({w}); sliding-window attention is not implemented, so use --seq-len {w} or less"
+        )));
+    }
+    Ok(seq_len)
+}
+
+/// Reads, tokenizes (with the tokenizer in `tokenizer_dir`) and cuts into windows each
+/// data set: everything that can be wrong with the data is found here. The search's
+/// config validation calls this too, so that bad data is refused before any worker is
+/// asked to load it.
+pub fn load_datasets(
+    tokenizer_dir: &Path,
+    config: &ModelConfig,
+    datasets: &[DatasetSpec],
+    win: &WindowSpec,
+    seq_len: usize,
+) -> Result<Vec<Dataset>, EvalError> {
+    let tok_dir = tokenizer_dir.to_owned();
+    let tokenizer = move || TextTokenizer::load(&tok_dir);
+    let mut sets = Vec::new();
+    for DatasetSpec { name, files } in datasets {
+        let mut tokens = data::load_tokens(files, &tokenizer, config.vocab, win.token_bits)?;
+        if let Some(m) = win.max_tokens {
+            tokens.truncate(m);
+        }
+        let windows = data::windows(tokens.len(), seq_len, win.stride)?;
+        sets.push(Dataset {
+            name: name.clone(),
+            tokens,
+            windows,
+        });
+    }
+    Ok(sets)
+}
+
 impl Evaluator {
     /// Loads `checkpoints` into memory and tokenizes each data set (each a list of files
     /// or directories, named by `names`). Everything is validated here.
@@ -143,19 +191,7 @@ impl Evaluator {
         let first = &ckpts[0];
         let config = ModelConfig::from_json(&first.config, &first.dir.join("config.json"))?;
         let win = &opts.window;
-        win.check().map_err(EvalError::Request)?;
-        let seq_len = win.seq_len.unwrap_or(config.max_positions.min(2048));
-        if seq_len > config.max_positions {
-            return Err(EvalError::Request(format!(
-                "--seq-len {seq_len} exceeds the model's max_position_embeddings ({})",
-                config.max_positions
-            )));
-        }
-        if let Some(w) = config.sliding_window.filter(|&w| seq_len > w) {
-            return Err(EvalError::Request(format!(
-                "--seq-len {seq_len} exceeds the model's sliding window ({w}); sliding-window attention is not implemented, so use --seq-len {w} or less"
-            )));
-        }
+        let seq_len = window_length(&config, win)?;
 
         let part = match opts.stage {
             None => Part::whole(&config),
@@ -170,22 +206,11 @@ impl Evaluator {
 
         // Tokenize before copying weights: bad data fails fast. Only the first stage of
         // a pipeline reads data; the others are sent each batch's tokens.
-        let vocab = config.vocab;
-        let tok_dir = first.dir.clone();
-        let tokenizer = move || TextTokenizer::load(&tok_dir);
-        let mut sets = Vec::new();
-        for DatasetSpec { name, files } in datasets.iter().filter(|_| part.first) {
-            let mut tokens = data::load_tokens(files, &tokenizer, vocab, win.token_bits)?;
-            if let Some(m) = win.max_tokens {
-                tokens.truncate(m);
-            }
-            let windows = data::windows(tokens.len(), seq_len, win.stride)?;
-            sets.push(Dataset {
-                name: name.clone(),
-                tokens,
-                windows,
-            });
-        }
+        let sets = if part.first {
+            load_datasets(&first.dir, &config, datasets, win, seq_len)?
+        } else {
+            Vec::new()
+        };
 
         let held: Vec<_> = first
             .tensors

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use ckmerge_common::protocol::{DatasetSpec, LoadSpec};
 use ckmerge_common::size::parse_size;
 use ckmerge_common::{check_compatible, Checkpoint, DType, Grouping, WindowSpec};
+use ckmerge_worker::eval::{load_datasets, window_length};
 use ckmerge_worker::model::ModelConfig;
 use serde::{Deserialize, Serialize};
 
@@ -465,18 +466,32 @@ impl SearchConfig {
         if self.data.objective.is_empty() {
             bail!("data.objective is empty: list the held-out files to search on");
         }
-        for DatasetSpec { name, files } in self.datasets() {
+        let seq_len = window_length(&mc, &self.data.window).context("data")?;
+        for spec in self.datasets() {
+            let DatasetSpec { name, files } = &spec;
             if files.is_empty() {
                 bail!("data set `{name}` lists no files");
             }
             for f in files {
                 let ok = if f.is_dir() {
-                    std::fs::read_dir(&f).map(|_| ())
+                    std::fs::read_dir(f).map(|_| ())
                 } else {
-                    std::fs::File::open(&f).map(|_| ())
+                    std::fs::File::open(f).map(|_| ())
                 };
                 ok.with_context(|| format!("data set `{name}`: cannot read {}", f.display()))?;
             }
+            // Read, tokenize and window it as every worker will, so that bad content
+            // (a malformed line, a foreign token, too few tokens) stops the run here,
+            // once, and not at each worker's load. It costs one tokenization of the data
+            // on the coordinator.
+            load_datasets(
+                &first.dir,
+                &mc,
+                std::slice::from_ref(&spec),
+                &self.data.window,
+                seq_len,
+            )
+            .with_context(|| format!("data set `{name}`"))?;
         }
         if self
             .data
@@ -613,6 +628,54 @@ mod tests {
         // Keys of the [data] table (the base config ends inside it).
         refused("batch = 0\n", "data.batch = 0");
         refused("seq_len = 1\n", "data.seq_len = 1");
+    }
+
+    /// Issue 14, item 15: bad data content (a malformed line, too few tokens for one
+    /// window, a foreign token, a cut-off binary file) surfaced only when each worker
+    /// loaded; validation now reads the data as the workers will and names the file.
+    #[test]
+    fn bad_data_content_is_refused_by_validation() {
+        let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trajectory");
+        let dir = tempfile::tempdir().unwrap();
+        let refused = |file: &str, bytes: &[u8], needle: &str| {
+            let f = dir.path().join(file);
+            std::fs::write(&f, bytes).unwrap();
+            let c: SearchConfig = toml::from_str(&format!(
+                "checkpoints = [{:?}, {:?}]\n[data]\nobjective = [{:?}]\nseq_len = 64\n",
+                fx.join("llama/step-1250"),
+                fx.join("llama/step-1500"),
+                f
+            ))
+            .unwrap();
+            let e = format!("{:#}", c.validate().unwrap_err());
+            let stem = file.split('.').next().unwrap(); // the data set's name
+            assert!(e.contains(needle) && e.contains(stem), "{file}: {e}");
+        };
+        let prose = std::fs::read_to_string(fx.join("data/heldout.txt")).unwrap();
+        refused(
+            "lines.jsonl",
+            b"{\"text\": \"fine\"}\n{\"txt\": \"typo\"}\n",
+            "line 2: no string field \"text\"",
+        );
+        refused("short.txt", b"Too short.", "fewer than one window of 64");
+        refused("odd.bin", &[1, 0, 2], "not a whole number of 16-bit tokens");
+        refused(
+            "foreign.bin",
+            &u16::MAX.to_le_bytes().repeat(100),
+            "outside the model's vocabulary",
+        );
+        // And good data passes, extra sets included.
+        let ok = dir.path().join("ok.txt");
+        std::fs::write(&ok, &prose).unwrap();
+        let c: SearchConfig = toml::from_str(&format!(
+            "checkpoints = [{:?}, {:?}]\n[data]\nobjective = [{:?}]\nseq_len = 64\nextra = {{ docs = [{:?}] }}\n",
+            fx.join("llama/step-1250"),
+            fx.join("llama/step-1500"),
+            ok,
+            fx.join("data/python-docs.txt"),
+        ))
+        .unwrap();
+        c.validate().unwrap();
     }
 
     #[test]
