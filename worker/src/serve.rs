@@ -743,13 +743,27 @@ impl Drop for HandshakeSlot {
 }
 
 /// A client for `svc` over an in-memory channel: an in-process worker.
+///
+/// Written out rather than with tarpc's `execute`, which logs the end of its request
+/// stream as a warning: on an in-memory channel that end can only be the coordinator
+/// dropping its client (the channel has no other way to fail), which is how every local
+/// search ends, so it is logged at debug level.
 pub fn in_process_client(svc: WorkerService) -> WorkerApiClient {
     let (client_side, server_side) = tarpc::transport::channel::unbounded();
+    let serve = svc.serve();
     tokio::spawn(
         BaseChannel::with_defaults(server_side)
-            .execute(svc.serve())
-            .for_each(|f| async {
-                tokio::spawn(f);
+            .requests()
+            .take_while(|r| {
+                if let Err(e) = r {
+                    tracing::debug!("in-process worker: its client is gone ({e})");
+                }
+                std::future::ready(r.is_ok())
+            })
+            .filter_map(|r| std::future::ready(r.ok()))
+            .for_each(move |request| {
+                tokio::spawn(request.execute(serve.clone()));
+                std::future::ready(())
             }),
     );
     WorkerApiClient::new(tarpc::client::Config::default(), client_side).spawn()
@@ -758,6 +772,49 @@ pub fn in_process_client(svc: WorkerService) -> WorkerApiClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 14, item 15: a successful local search ended with "WARN Requests stream
+    /// errored out: ... the channel is closed" in about half the runs: the coordinator
+    /// dropping its in-process client, the normal end, was logged as a fault.
+    #[test]
+    fn an_in_process_worker_ends_quietly_when_its_client_goes() {
+        #[derive(Clone, Default)]
+        struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Log {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let log = Log::default();
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        // One thread: every task runs here, under the subscriber just set.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for _ in 0..20 {
+                let client = in_process_client(WorkerService::with_options(None, None, None));
+                client
+                    .status(protocol::context_with_timeout(Duration::from_secs(5)))
+                    .await
+                    .unwrap();
+                drop(client);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains("WARN"), "{text}");
+    }
 
     #[test]
     fn a_peer_has_a_bounded_number_of_handshakes_in_progress() {
