@@ -939,8 +939,12 @@ fn a_merge_split_into_parts_writes_the_same_bytes() {
     let (a, b, c) = (
         fixtures().join("step-100"),
         fixtures().join("step-200"),
-        fixtures().join("step-300"),
+        tmp.path().join("sources/step-300"),
     );
+    // One source holds NaN, so the records of non-finite values are compared too: a
+    // split merge's finish step counted none (it merges nothing itself).
+    copy_dir(&fixtures().join("step-300"), &c);
+    support::fill_with_nan(&c.join("model.safetensors"), "model.norm.weight");
     let whole = tmp.path().join("whole");
     let split = tmp.path().join("split");
     let common: [&dyn AsRef<std::ffi::OsStr>; 6] = [
@@ -980,6 +984,18 @@ fn a_merge_split_into_parts_writes_the_same_bytes() {
         v
     };
     assert_eq!(names(&whole), names(&split));
+    let record = |d: &Path| -> Value {
+        serde_json::from_slice(&std::fs::read(d.join("ckmerge.json")).unwrap()).unwrap()
+    };
+    let (w, s) = (record(&whole), record(&split));
+    assert!(w["non_finite_values"].as_u64().unwrap() > 0);
+    assert_eq!(w["non_finite_values"], s["non_finite_values"]);
+    assert_eq!(w["shard_sha256"], s["shard_sha256"]);
+    assert!(
+        stderr(&o).contains("NaN or inf (the first in tensor `model.norm.weight`)"),
+        "the finish step says nothing of the NaN: {}",
+        stderr(&o)
+    );
     for f in names(&whole) {
         if f == "ckmerge.json" {
             continue; // records the command line, which differs
@@ -998,7 +1014,7 @@ fn a_merge_split_into_parts_writes_the_same_bytes() {
             > 3
     );
     // The shared parts directory is gone.
-    assert_eq!(names(tmp.path()), vec!["split", "whole"]);
+    assert_eq!(names(tmp.path()), vec!["sources", "split", "whole"]);
     // Out-of-range parts are refused by the argument parser.
     let o = run(&split, &[&"--part", &"3/3"]);
     assert!(!o.status.success());

@@ -324,19 +324,35 @@ pub fn merge_to_dir(
                 .map(|(_, p)| p)
                 .collect();
             progress.start(mine.iter().map(|p| p.data_bytes).sum());
+            let mut part_first = None;
             for plan in &mine {
                 let done = dir.join(&plan.file_name);
-                if std::fs::metadata(&done)
-                    .is_ok_and(|m| m.len() == plan.header.len() as u64 + plan.data_bytes)
+                let record = non_finite_record(&dir, plan);
+                if record.exists()
+                    && std::fs::metadata(&done)
+                        .is_ok_and(|m| m.len() == plan.header.len() as u64 + plan.data_bytes)
                 {
                     continue; // written by an earlier run of this part
                 }
                 let tmp = dir.join(format!("{}.partial-{}", plan.file_name, std::process::id()));
+                let before = non_finite.load(Ordering::Relaxed);
                 write_shard(plan, &tmp)?;
+                // The shard's count of non-finite values, for the finish step's record
+                // (shards are written one at a time, so the difference is this shard's).
+                let first = first_non_finite.lock().ok().and_then(|mut f| f.take());
+                let record_json = json!({
+                    "non_finite_values": non_finite.load(Ordering::Relaxed) - before,
+                    "first": first,
+                });
+                part_first = part_first.or(first);
+                write_synced(&record, record_json.to_string().as_bytes())?;
                 std::fs::rename(&tmp, &done).map_err(io(&done))?;
             }
             sync_dir(&dir)?;
             progress.finish();
+            if let Ok(mut f) = first_non_finite.lock() {
+                *f = part_first;
+            }
             warn_non_finite(&non_finite, &first_non_finite, req.dtype);
             return Ok(MergeSummary {
                 out: dir,
@@ -352,8 +368,20 @@ pub fn merge_to_dir(
             for (j, plan) in plans.iter().enumerate() {
                 let f = dir.join(&plan.file_name);
                 let want = plan.header.len() as u64 + plan.data_bytes;
-                match std::fs::metadata(&f) {
-                    Ok(m) if m.len() == want => {}
+                let record = std::fs::read(non_finite_record(&dir, plan))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+                match (std::fs::metadata(&f), record) {
+                    (Ok(m), Some(r)) if m.len() == want => {
+                        // The parts merged; their counts are the merge's.
+                        let n = r["non_finite_values"].as_u64().unwrap_or(0);
+                        non_finite.fetch_add(n, Ordering::Relaxed);
+                        if let (Some(name), Ok(mut first)) =
+                            (r["first"].as_str(), first_non_finite.lock())
+                        {
+                            first.get_or_insert_with(|| name.to_owned());
+                        }
+                    }
                     _ => {
                         return Err(MergeError::Request(format!(
                         "{}: shard missing or incomplete; run part {}/{count} of this merge first",
@@ -484,6 +512,12 @@ fn warn_non_finite(
         );
     }
     n
+}
+
+/// Where a part of a split merge records how many values of `plan`'s shard are not
+/// finite: the finish step, which merges nothing itself, sums these for ckmerge.json.
+fn non_finite_record(parts_dir: &Path, plan: &ShardPlan) -> PathBuf {
+    parts_dir.join(format!("{}.non-finite.json", plan.file_name))
 }
 
 /// The directory the parts of a split merge into `out` share.
