@@ -7,7 +7,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
 use safetensors::tensor::TensorView;
@@ -587,6 +588,45 @@ fn synthetic_checkpoint(dir: &Path, n_tensors: usize, numel: usize, seed: u32) {
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 }
 
+/// Starts `ckmerge merge --lambda 0.5 a b` into `out` in shards of `shard_size`.
+fn spawn_merge(a: &Path, b: &Path, out: &Path, shard_size: &str, err: Stdio) -> Child {
+    Command::new(support::bin())
+        .args(["merge", "--lambda", "0.5", "--max-shard-size", shard_size])
+        .arg("--out")
+        .arg(out)
+        .arg(a)
+        .arg(b)
+        .stderr(err)
+        .spawn()
+        .unwrap()
+}
+
+/// The staging directory of a merge running in `dir`, if there is one.
+fn staging_dir(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains("ckmerge-partial"))
+}
+
+/// Waits (up to a minute) until the merge `child` running in `dir` has a staging
+/// directory for which `ready` holds, and returns it; fails if the merge ends first.
+fn wait_for_staging(dir: &Path, child: &mut Child, ready: impl Fn(&Path) -> bool) -> PathBuf {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(p) = staging_dir(dir).filter(|p| ready(p)) {
+            return p;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the merge ended before the test could act on it"
+        );
+        assert!(Instant::now() < deadline, "the merge never got that far");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn sigkill_mid_merge_leaves_no_output() {
     let tmp = tempfile::tempdir().unwrap();
@@ -595,42 +635,11 @@ fn sigkill_mid_merge_leaves_no_output() {
     synthetic_checkpoint(&a, 16, 4 << 20, 1);
     synthetic_checkpoint(&b, 16, 4 << 20, 2);
     let out = tmp.path().join("merged");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ckmerge"))
-        .args([
-            "merge",
-            "--lambda",
-            "0.5",
-            "--max-shard-size",
-            "64MB",
-            "--out",
-        ])
-        .arg(&out)
-        .arg(&a)
-        .arg(&b)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_merge(&a, &b, &out, "64MB", Stdio::null());
     // Wait until the first output shard is being written, then kill without warning.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let partial = loop {
-        let found = std::fs::read_dir(tmp.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .find(|p| p.to_string_lossy().contains("ckmerge-partial"));
-        if let Some(p) = found.filter(|p| p.join("model-00001-of-00006.safetensors").exists()) {
-            break p;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "ckmerge exited before it could be killed"
-        );
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ckmerge never started writing"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    };
+    let partial = wait_for_staging(tmp.path(), &mut child, |p| {
+        p.join("model-00001-of-00006.safetensors").exists()
+    });
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     let status = child.wait().unwrap();
@@ -668,13 +677,6 @@ fn an_interrupted_merge_leaves_nothing_behind() {
     synthetic_checkpoint(&a, 192, 1 << 18, 1);
     synthetic_checkpoint(&b, 192, 1 << 18, 2);
     let out = tmp.path().join("merged");
-    let partial = || {
-        std::fs::read_dir(tmp.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .find(|p| p.to_string_lossy().contains("ckmerge-partial"))
-    };
     let shards = |p: &Path| {
         std::fs::read_dir(p).map_or(0, |d| {
             d.filter_map(|e| e.ok())
@@ -692,39 +694,14 @@ fn an_interrupted_merge_leaves_nothing_behind() {
     .into_iter()
     .enumerate()
     {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ckmerge"))
-            .args([
-                "merge",
-                "--lambda",
-                "0.5",
-                "--max-shard-size",
-                "1MB",
-                "--out",
-            ])
-            .arg(&out)
-            .arg(&a)
-            .arg(&b)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_merge(&a, &b, &out, "1MB", Stdio::null());
         // Interrupt at a different point of the write each time.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while partial().is_none_or(|p| shards(&p) <= 8 + 16 * k) {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "finished before the signal"
-            );
-            assert!(
-                std::time::Instant::now() < deadline,
-                "never started writing"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        wait_for_staging(tmp.path(), &mut child, |p| shards(p) > 8 + 16 * k);
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(child.id() as i32, sig) };
         let status = child.wait().unwrap();
         assert_eq!(status.code(), Some(130), "try {k}: {status:?}");
-        if let Some(p) = partial() {
+        if let Some(p) = staging_dir(tmp.path()) {
             panic!(
                 "try {k}: the staging directory was left behind with {} shards",
                 shards(&p)
@@ -773,36 +750,8 @@ fn an_input_truncated_mid_merge_is_explained() {
     synthetic_checkpoint(&a, 16, 4 << 20, 1);
     synthetic_checkpoint(&b, 16, 4 << 20, 2);
     let out = tmp.path().join("merged");
-    let child = Command::new(env!("CARGO_BIN_EXE_ckmerge"))
-        .args([
-            "merge",
-            "--lambda",
-            "0.5",
-            "--max-shard-size",
-            "64MB",
-            "--out",
-        ])
-        .arg(&out)
-        .arg(&a)
-        .arg(&b)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let writing = std::fs::read_dir(tmp.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .any(|e| e.file_name().to_string_lossy().contains("ckmerge-partial"));
-        if writing {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never started writing"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
+    let mut child = spawn_merge(&a, &b, &out, "64MB", Stdio::piped());
+    wait_for_staging(tmp.path(), &mut child, |_| true);
     // Another process truncates an input under the running merge.
     let victim = b.join("model.safetensors");
     std::fs::OpenOptions::new()
