@@ -1,13 +1,22 @@
-//! Reading a Hugging Face model directory: `config.json` plus safetensors weights, either
-//! one `model.safetensors` or shards listed by `model.safetensors.index.json`.
+//! Reading a Hugging Face model directory: `config.json` plus weights, either safetensors
+//! (one `model.safetensors` or shards listed by `model.safetensors.index.json`) or
+//! PyTorch's `torch.save` files (`pytorch_model.bin`, or shards listed by
+//! `pytorch_model.bin.index.json`), read by [`crate::torch_file`] without running Python.
 //!
-//! Shards are memory-mapped; nothing is copied at open time. Opening validates every
-//! shard header (offsets, sizes, dtypes) and cross-checks the index against the shards,
-//! so a truncated shard or a stale index is reported before any work starts, naming the
-//! file and tensor.
+//! Shards are memory-mapped; nothing is copied at open time (torch stores each tensor
+//! storage uncompressed, so a `.bin` tensor is a byte range of the file too). Opening
+//! validates every shard header (offsets, sizes, dtypes) and cross-checks the index
+//! against the shards, so a truncated shard or a stale index is reported before any work
+//! starts, naming the file and tensor.
 //!
 //! The lookup order follows `transformers.PreTrainedModel.from_pretrained`: a single
-//! `model.safetensors` wins over an index, so ckmerge reads what transformers would load.
+//! `model.safetensors` wins over an index, and safetensors over `.bin`, so ckmerge reads
+//! what transformers would load.
+//!
+//! A `.bin` state dict holds tied weights twice (`lm_head.weight` and the embedding, one
+//! storage), where `save_pretrained` writes safetensors without the copy: a tensor that is
+//! exactly another's bytes is dropped as safetensors saving drops it, so `.bin` and
+//! safetensors checkpoints of one model list the same tensors and merge together.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -18,11 +27,13 @@ use serde_json::{Map, Value};
 
 use crate::dtype::DType;
 use crate::error::CheckpointError;
+use crate::torch_file::{self, TorchFileError};
 
 pub const CONFIG_NAME: &str = "config.json";
 pub const SAFE_WEIGHTS_NAME: &str = "model.safetensors";
 pub const SAFE_WEIGHTS_INDEX_NAME: &str = "model.safetensors.index.json";
-const PICKLE_NAMES: [&str; 2] = ["pytorch_model.bin", "pytorch_model.bin.index.json"];
+pub const TORCH_WEIGHTS_NAME: &str = "pytorch_model.bin";
+pub const TORCH_WEIGHTS_INDEX_NAME: &str = "pytorch_model.bin.index.json";
 
 /// One tensor of a checkpoint, located in a mapped shard.
 #[derive(Clone, Debug)]
@@ -47,7 +58,7 @@ impl TensorEntry {
     }
 }
 
-/// A mapped safetensors file.
+/// A mapped weights file: safetensors, or a `torch.save` archive.
 pub struct Shard {
     pub path: PathBuf,
     map: Mmap,
@@ -78,19 +89,22 @@ impl Checkpoint {
 
         let single = dir.join(SAFE_WEIGHTS_NAME);
         let index = dir.join(SAFE_WEIGHTS_INDEX_NAME);
-        let (shards, tensors) = if single.is_file() {
+        let torch_single = dir.join(TORCH_WEIGHTS_NAME);
+        let torch_index = dir.join(TORCH_WEIGHTS_INDEX_NAME);
+        let (shards, mut tensors) = if single.is_file() {
             let (shard, tensors) = map_shard(&single, 0)?;
             (vec![shard], tensors)
         } else if index.is_file() {
-            open_sharded(dir, &index)?
-        } else if let Some(p) = PICKLE_NAMES.iter().find(|n| dir.join(n).exists()) {
-            return Err(CheckpointError::PickleOnly {
-                dir: dir.into(),
-                file: p.to_string(),
-            });
+            open_sharded(dir, &index, map_shard)?
+        } else if torch_single.is_file() {
+            let (shard, tensors) = map_torch_file(&torch_single, 0)?;
+            (vec![shard], tensors)
+        } else if torch_index.is_file() {
+            open_sharded(dir, &torch_index, map_torch_file)?
         } else {
             return Err(CheckpointError::NoWeights { dir: dir.into() });
         };
+        drop_aliases(&mut tensors);
 
         let mut by_name = HashMap::with_capacity(tensors.len());
         for (i, t) in tensors.iter().enumerate() {
@@ -277,14 +291,90 @@ fn map_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorEntry>),
     Ok((shard, tensors))
 }
 
+/// Maps one `torch.save` archive and locates its tensors (see [`crate::torch_file`]).
+fn map_torch_file(
+    path: &Path,
+    shard_idx: usize,
+) -> Result<(Shard, Vec<TensorEntry>), CheckpointError> {
+    let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+    // SAFETY: as in `map_shard`.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
+    let stored = torch_file::read_state_dict(&map).map_err(|e| match e {
+        TorchFileError::Forbidden(global) => CheckpointError::ForbiddenGlobal {
+            file: path.into(),
+            global,
+        },
+        e => CheckpointError::BadTorchFile {
+            file: path.into(),
+            reason: e.to_string(),
+        },
+    })?;
+    let mut tensors = Vec::with_capacity(stored.len());
+    for t in stored {
+        let dtype = match t.storage.as_str() {
+            "Float" => DType::F32,
+            "BFloat16" => DType::BF16,
+            "Half" => DType::F16,
+            other => {
+                return Err(CheckpointError::UnsupportedDtype {
+                    file: path.into(),
+                    tensor: t.name,
+                    dtype: format!("torch {other}"),
+                })
+            }
+        };
+        tensors.push(TensorEntry {
+            name: t.name,
+            dtype,
+            shape: t.shape,
+            shard: shard_idx,
+            start: t.start,
+            end: t.end,
+        });
+    }
+    // Storage order, as for safetensors; a shared storage keeps its tensors in dict order.
+    tensors.sort_by_key(|t| t.start);
+    let _ = map.advise(Advice::Sequential);
+    let shard = Shard {
+        path: path.into(),
+        map,
+        metadata: BTreeMap::new(),
+    };
+    Ok((shard, tensors))
+}
+
+/// Drops each tensor that is exactly an earlier one's bytes (same file, range, dtype and
+/// shape): tied weights in a `.bin` state dict, which safetensors files written by
+/// `save_pretrained` hold once. The first in storage order stays (the embedding, which
+/// the model lists before its head). Safetensors files cannot hold such aliases (their
+/// header validation refuses overlapping ranges), so this only ever applies to `.bin`.
+fn drop_aliases(tensors: &mut Vec<TensorEntry>) {
+    let mut seen = std::collections::HashSet::new();
+    tensors.retain(|t| {
+        let first = seen.insert((t.shard, t.start, t.end, t.dtype, t.shape.clone()));
+        if !first {
+            tracing::debug!(
+                "`{}` is another tensor's storage (a tied weight): dropped",
+                t.name
+            );
+        }
+        first
+    });
+}
+
 #[derive(serde::Deserialize)]
 struct IndexFile {
     weight_map: BTreeMap<String, String>,
 }
 
+/// How one weights file is mapped and read: [`map_shard`] or [`map_torch_file`].
+type MapFn = fn(&Path, usize) -> Result<(Shard, Vec<TensorEntry>), CheckpointError>;
+
+/// Opens the shards an index lists, each with `map` (safetensors or torch).
 fn open_sharded(
     dir: &Path,
     index_path: &Path,
+    map: MapFn,
 ) -> Result<(Vec<Shard>, Vec<TensorEntry>), CheckpointError> {
     let text =
         std::fs::read_to_string(index_path).map_err(|e| CheckpointError::io(index_path, e))?;
@@ -328,7 +418,7 @@ fn open_sharded(
                 shard: f.to_string(),
             });
         }
-        let (shard, shard_tensors) = map_shard(&path, i)?;
+        let (shard, shard_tensors) = map(&path, i)?;
         tensors.extend(shard_tensors);
         shards.push(shard);
     }

@@ -21,11 +21,14 @@ pub enum CheckpointError {
     #[error("{file}: invalid config.json: {reason}")]
     BadConfig { file: PathBuf, reason: String },
 
-    #[error("{dir}: holds only PyTorch pickle weights ({file}); ckmerge reads safetensors. Convert once with:\n  python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{dir}').save_pretrained('{dir}-safetensors', safe_serialization=True)\"\nand pass the new directory")]
-    PickleOnly { dir: PathBuf, file: String },
-
-    #[error("{dir}: no weights found; expected model.safetensors, or model.safetensors.index.json with its model-0000k-of-0000n.safetensors shards")]
+    #[error("{dir}: no weights found; expected model.safetensors or pytorch_model.bin, or model.safetensors.index.json or pytorch_model.bin.index.json with the shards it lists")]
     NoWeights { dir: PathBuf },
+
+    #[error("{file}: not a readable torch.save file: {reason}")]
+    BadTorchFile { file: PathBuf, reason: String },
+
+    #[error("{file}: the pickle imports `{global}`, which a state dict never needs; refused without running it (the file may be malicious, or it holds more than tensors: load it in Python with torch.load(..., weights_only=True) and save the state dict alone)")]
+    ForbiddenGlobal { file: PathBuf, global: String },
 
     #[error("{file}: not a valid safetensors file ({reason}); it is truncated or corrupt: re-copy or re-save this shard")]
     BadSafetensors { file: PathBuf, reason: String },

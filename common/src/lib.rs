@@ -1,8 +1,9 @@
 //! What every ckmerge process shares: the error types, the tensor dtypes ckmerge merges,
 //! the types that cross crate and process boundaries ([`WindowSpec`], [`MergeWeights`],
 //! [`Grouping`]),
-//! the coordinator–worker protocol ([`protocol`]), and Hugging Face checkpoint I/O (model directories holding `config.json` and
-//! safetensors weights, single-file or sharded with `model.safetensors.index.json`).
+//! the coordinator–worker protocol ([`protocol`]), and Hugging Face checkpoint I/O (model
+//! directories holding `config.json` and safetensors or `pytorch_model.bin` weights,
+//! single-file or sharded with an index).
 //!
 //! Invariants owned here:
 //! - a [`Checkpoint`] is validated completely when opened (every shard's header, every
@@ -14,8 +15,10 @@ pub mod compat;
 pub mod dtype;
 pub mod error;
 pub mod groups;
+pub mod hub;
 pub mod protocol;
 pub mod size;
+pub mod torch_file;
 pub mod weights;
 pub mod window;
 pub mod write;

@@ -170,7 +170,8 @@ struct WorkerArgs {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// Hugging Face model directories; several need --weights or --lambda.
+    /// Hugging Face model directories, or `org/name@revision` in the local Hugging Face
+    /// cache; several need --weights or --lambda.
     #[arg(required = true, value_name = "CKPT")]
     checkpoints: Vec<PathBuf>,
 
@@ -224,7 +225,8 @@ struct VerifyArgs {
 
 #[derive(Args)]
 struct MergeArgs {
-    /// Hugging Face model directories of one training run, earliest first.
+    /// Hugging Face model directories of one training run, earliest first, or
+    /// `org/name@revision` in the local Hugging Face cache (never downloaded).
     #[arg(required = true, value_name = "CKPT")]
     checkpoints: Vec<PathBuf>,
 
@@ -475,7 +477,16 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-fn run_eval(args: EvalArgs) -> Result<()> {
+/// Checkpoint arguments as directories: a path as given, or `org/name[@revision]` found
+/// in the local Hugging Face cache (see `ckmerge_common::hub`).
+fn checkpoint_dirs(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    args.iter()
+        .map(|a| ckmerge_common::hub::resolve(a).map_err(anyhow::Error::from))
+        .collect()
+}
+
+fn run_eval(mut args: EvalArgs) -> Result<()> {
+    args.checkpoints = checkpoint_dirs(&args.checkpoints)?;
     let weights = args
         .w
         .resolve(args.checkpoints.len())
@@ -556,7 +567,8 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_verify(args: VerifyArgs) -> Result<()> {
+fn run_verify(mut args: VerifyArgs) -> Result<()> {
+    args.sources = checkpoint_dirs(&args.sources)?;
     set_threads(args.threads)?;
     let sources = (!args.sources.is_empty()).then_some(args.sources.as_slice());
     let r = ckmerge_worker::verify::verify(&args.dir, sources, !args.hashes_only)?;
@@ -588,7 +600,8 @@ fn run_verify(args: VerifyArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_merge(args: MergeArgs) -> Result<()> {
+fn run_merge(mut args: MergeArgs) -> Result<()> {
+    args.checkpoints = checkpoint_dirs(&args.checkpoints)?;
     if !args.w.given() {
         bail!("give --weights (one per checkpoint) or, for two checkpoints, --lambda");
     }

@@ -452,9 +452,16 @@ pub fn merge_to_dir(
         "version": env!("CARGO_PKG_VERSION"),
         "method": "linear",
         "formula": "sum_i w_i * theta_i, fp32 fused multiply-add chain in source order, rounded once (nearest-even)",
-        "sources": abs_sources.iter().enumerate().map(|(i, p)| match req.weights.groups() {
-            [one] => json!({"path": p, "weight": one[i]}),
-            _ => json!({"path": p}),
+        "sources": abs_sources.iter().enumerate().map(|(i, p)| {
+            let mut src = json!({"path": p});
+            if let [one] = req.weights.groups() {
+                src["weight"] = json!(one[i]);
+            }
+            // A checkpoint from the Hugging Face cache: which repository and commit.
+            if let Some(h) = ckmerge_common::hub::describe(Path::new(p)) {
+                src["hub"] = json!(h);
+            }
+            src
         }).collect::<Vec<_>>(),
         "weights_sum": match req.weights.groups() {
             [one] => json!(one.iter().map(|&w| w as f64).sum::<f64>()),

@@ -205,18 +205,27 @@ impl SearchConfig {
         };
         let base =
             std::path::absolute(&base).with_context(|| format!("resolving {}", base.display()))?;
-        cfg.resolve(&base);
+        cfg.resolve(&base)?;
         Ok(cfg)
     }
 
-    /// Makes every relative path absolute against `base`.
-    fn resolve(&mut self, base: &Path) {
+    /// Makes every relative path absolute against `base`; a checkpoint given as
+    /// `org/name[@revision]` that is no path under `base` becomes its snapshot in the
+    /// local Hugging Face cache (pinned to the commit, so a resume reads the same weights
+    /// even after the branch moves).
+    fn resolve(&mut self, base: &Path) -> Result<()> {
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = normalize(&base.join(&*p));
             }
         };
-        self.checkpoints.iter_mut().for_each(abs);
+        for (i, c) in self.checkpoints.iter_mut().enumerate() {
+            if c.is_relative() && !base.join(&*c).exists() {
+                *c =
+                    ckmerge_common::hub::resolve(c).with_context(|| format!("checkpoints[{i}]"))?;
+            }
+            abs(c);
+        }
         self.data.objective.iter_mut().for_each(abs);
         for files in self.data.extra.values_mut() {
             files.iter_mut().for_each(abs);
@@ -227,6 +236,7 @@ impl SearchConfig {
         if let Some(f) = self.workers.secret_file.as_mut() {
             abs(f);
         }
+        Ok(())
     }
 
     /// The config as stored in the run directory.
