@@ -131,6 +131,41 @@ fn tied_weights_stored_twice_are_read_once() {
     assert!(model(&got) == model(&want));
 }
 
+/// Pythia's older revisions hold buffers transformers no longer saves and ignores on
+/// load (a bool causal mask, `masked_bias`, rotary `inv_freq`); ckmerge refused the bool
+/// mask as a non-float tensor. They are left out, as transformers leaves them out.
+#[test]
+fn old_gpt_neox_buffers_are_left_out_as_transformers_leaves_them() {
+    let ck = bin().join("neox-buffers/step-1500");
+    let o = ckmerge(
+        "eval",
+        &[&ck, &"--data", &root().join("data/heldout.txt"), &"--json"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let want = golden()["models"]["neox"]["checkpoints"]["step-1500"]["heldout"]["mean_nll"]
+        .as_f64()
+        .unwrap();
+    check(
+        "neox step-1500 with buffers",
+        v["datasets"][0]["mean_nll"].as_f64().unwrap(),
+        want,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let (got, want) = (tmp.path().join("got"), tmp.path().join("want"));
+    merge(&got, &root().join("neox/step-1250"), &ck);
+    merge(
+        &want,
+        &root().join("neox/step-1250"),
+        &root().join("neox/step-1500"),
+    );
+    let (tensors, _) = model(&got);
+    assert!(!tensors.keys().any(|n| n.ends_with("attention.bias")
+        || n.ends_with("masked_bias")
+        || n.ends_with("inv_freq")));
+    assert!(model(&got) == model(&want));
+}
+
 /// Writes a checkpoint directory whose pytorch_model.bin is a zip holding `pkl` as its
 /// pickle, with the config of a fixture.
 fn checkpoint_with_pickle(dir: &Path, pkl: &[u8]) {

@@ -86,21 +86,23 @@ impl Checkpoint {
             return Err(CheckpointError::NotADirectory { dir: dir.into() });
         }
         let config = read_config(dir)?;
+        let neox = config.get("model_type").and_then(Value::as_str) == Some("gpt_neox");
+        let skip = |name: &str| is_dropped_buffer(name, neox);
 
         let single = dir.join(SAFE_WEIGHTS_NAME);
         let index = dir.join(SAFE_WEIGHTS_INDEX_NAME);
         let torch_single = dir.join(TORCH_WEIGHTS_NAME);
         let torch_index = dir.join(TORCH_WEIGHTS_INDEX_NAME);
         let (shards, mut tensors) = if single.is_file() {
-            let (shard, tensors) = map_shard(&single, 0)?;
+            let (shard, tensors) = map_shard(&single, 0, &skip)?;
             (vec![shard], tensors)
         } else if index.is_file() {
-            open_sharded(dir, &index, map_shard)?
+            open_sharded(dir, &index, map_shard, &skip)?
         } else if torch_single.is_file() {
-            let (shard, tensors) = map_torch_file(&torch_single, 0)?;
+            let (shard, tensors) = map_torch_file(&torch_single, 0, &skip)?;
             (vec![shard], tensors)
         } else if torch_index.is_file() {
-            open_sharded(dir, &torch_index, map_torch_file)?
+            open_sharded(dir, &torch_index, map_torch_file, &skip)?
         } else {
             return Err(CheckpointError::NoWeights { dir: dir.into() });
         };
@@ -243,7 +245,11 @@ fn read_config(dir: &Path) -> Result<Map<String, Value>, CheckpointError> {
 
 /// Maps and validates one safetensors file; returns it with its tensors in storage
 /// order, dtypes checked, located as shard number `shard_idx`.
-fn map_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorEntry>), CheckpointError> {
+fn map_shard(
+    path: &Path,
+    shard_idx: usize,
+    skip: Skip,
+) -> Result<(Shard, Vec<TensorEntry>), CheckpointError> {
     let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
     // SAFETY: the mapping is read-only. ckmerge never writes its inputs; a checkpoint
     // rewritten by another process during a merge is documented as unsupported (as it is
@@ -260,7 +266,7 @@ fn map_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorEntry>),
     })?;
     let data_start = 8 + header_len;
     let mut tensors = Vec::new();
-    for (name, info) in header.tensors() {
+    for (name, info) in header.tensors().into_iter().filter(|(n, _)| !skip(n)) {
         let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| {
             CheckpointError::UnsupportedDtype {
                 file: path.into(),
@@ -295,6 +301,7 @@ fn map_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorEntry>),
 fn map_torch_file(
     path: &Path,
     shard_idx: usize,
+    skip: Skip,
 ) -> Result<(Shard, Vec<TensorEntry>), CheckpointError> {
     let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
     // SAFETY: as in `map_shard`.
@@ -310,7 +317,7 @@ fn map_torch_file(
         },
     })?;
     let mut tensors = Vec::with_capacity(stored.len());
-    for t in stored {
+    for t in stored.into_iter().filter(|t| !skip(&t.name)) {
         let dtype = match t.storage.as_str() {
             "Float" => DType::F32,
             "BFloat16" => DType::BF16,
@@ -368,13 +375,29 @@ struct IndexFile {
 }
 
 /// How one weights file is mapped and read: [`map_shard`] or [`map_torch_file`].
-type MapFn = fn(&Path, usize) -> Result<(Shard, Vec<TensorEntry>), CheckpointError>;
+type MapFn = fn(&Path, usize, Skip) -> Result<(Shard, Vec<TensorEntry>), CheckpointError>;
+
+/// Which tensor names a checkpoint's reader leaves out ([`is_dropped_buffer`]).
+type Skip<'a> = &'a dyn Fn(&str) -> bool;
+
+/// Buffers old checkpoints hold that are not weights, and that transformers ignores when
+/// loading (they are recomputed from the config): rotary `inv_freq` tables in any model
+/// (`rotary_emb.inv_freq`, ignored by every model since they became non-persistent), and
+/// GPT-NeoX's causal mask `attention.bias` (bool) and `attention.masked_bias` (Pythia's
+/// older revisions; its `_keys_to_ignore_on_load_unexpected`). They are neither merged
+/// nor written, as transformers' own save leaves them out.
+pub fn is_dropped_buffer(name: &str, gpt_neox: bool) -> bool {
+    name.ends_with(".rotary_emb.inv_freq")
+        || gpt_neox
+            && (name.ends_with(".attention.bias") || name.ends_with(".attention.masked_bias"))
+}
 
 /// Opens the shards an index lists, each with `map` (safetensors or torch).
 fn open_sharded(
     dir: &Path,
     index_path: &Path,
     map: MapFn,
+    skip: Skip,
 ) -> Result<(Vec<Shard>, Vec<TensorEntry>), CheckpointError> {
     let text =
         std::fs::read_to_string(index_path).map_err(|e| CheckpointError::io(index_path, e))?;
@@ -418,7 +441,7 @@ fn open_sharded(
                 shard: f.to_string(),
             });
         }
-        let (shard, shard_tensors) = map(&path, i)?;
+        let (shard, shard_tensors) = map(&path, i, skip)?;
         tensors.extend(shard_tensors);
         shards.push(shard);
     }
@@ -444,7 +467,7 @@ fn open_sharded(
             }
         }
     }
-    for (name, f) in &index.weight_map {
+    for (name, f) in index.weight_map.iter().filter(|(n, _)| !skip(n)) {
         if !located.contains_key(name.as_str()) {
             return Err(CheckpointError::IndexTensorMissing {
                 index: index_path.into(),
