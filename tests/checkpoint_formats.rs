@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ckmerge_worker::test_support::{check, fixtures as root, golden};
+use ckmerge_worker::test_support::{check, fixtures as root, golden, golden_merge_nll};
 use safetensors::SafeTensors;
 use serde_json::Value;
 use support::{ckmerge, copy_dir, stderr, stdout};
@@ -60,14 +60,7 @@ fn merge(out: &Path, a: &dyn AsRef<std::ffi::OsStr>, b: &dyn AsRef<std::ffi::OsS
 #[test]
 fn bin_checkpoints_score_as_transformers_scores_them() {
     let heldout = root().join("data/heldout.txt");
-    let want = golden()["models"]["llama"]["merges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["cur"] == "step-1500" && m["lambda"] == 0.5)
-        .unwrap()["heldout"]["mean_nll"]
-        .as_f64()
-        .unwrap();
+    let want = golden_merge_nll("llama", "step-1500", 0.5);
     // Both .bin (one single-file, one sharded), and .bin mixed with safetensors.
     for (a, b) in [
         (bin().join("llama/step-1250"), bin().join("llama/step-1500")),

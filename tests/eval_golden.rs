@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ckmerge_worker::test_support::{check, fixtures as root, golden};
+use ckmerge_worker::test_support::{check, fixtures as root, golden_merge_nll};
 use serde_json::Value;
 
 mod support;
@@ -41,14 +41,7 @@ fn cli_json_output_and_weights() {
     ]);
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
-    let want = golden()["models"]["llama"]["merges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["cur"] == "step-1500" && m["lambda"] == 0.5)
-        .unwrap()["heldout"]["mean_nll"]
-        .as_f64()
-        .unwrap();
+    let want = golden_merge_nll("llama", "step-1500", 0.5);
     check(
         "cli lambda 0.5",
         v["datasets"][0]["mean_nll"].as_f64().unwrap(),

@@ -243,6 +243,17 @@ fn read_config(dir: &Path) -> Result<Map<String, Value>, CheckpointError> {
     }
 }
 
+/// Maps a weights file read-only, to be read front to back.
+fn map_file(path: &Path) -> Result<Mmap, CheckpointError> {
+    let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+    // SAFETY: the mapping is read-only. ckmerge never writes its inputs; a checkpoint
+    // rewritten by another process during a merge is documented as unsupported (as it is
+    // for transformers and safetensors, which map files the same way).
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
+    let _ = map.advise(Advice::Sequential);
+    Ok(map)
+}
+
 /// Maps and validates one safetensors file; returns it with its tensors in storage
 /// order, dtypes checked, located as shard number `shard_idx`.
 fn map_shard(
@@ -250,12 +261,7 @@ fn map_shard(
     shard_idx: usize,
     skip: Skip,
 ) -> Result<(Shard, Vec<TensorEntry>), CheckpointError> {
-    let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
-    // SAFETY: the mapping is read-only. ckmerge never writes its inputs; a checkpoint
-    // rewritten by another process during a merge is documented as unsupported (as it is
-    // for transformers and safetensors, which map files the same way).
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
-    let _ = map.advise(Advice::Sequential);
+    let map = map_file(path)?;
     // `read_metadata` checks the header, that offsets are contiguous and match each
     // tensor's shape and dtype, and that the file is exactly as long as the header says.
     let (header_len, header) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
@@ -303,9 +309,7 @@ fn map_torch_file(
     shard_idx: usize,
     skip: Skip,
 ) -> Result<(Shard, Vec<TensorEntry>), CheckpointError> {
-    let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
-    // SAFETY: as in `map_shard`.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
+    let map = map_file(path)?;
     let stored = torch_file::read_state_dict(&map).map_err(|e| match e {
         TorchFileError::Forbidden(global) => CheckpointError::ForbiddenGlobal {
             file: path.into(),
@@ -341,7 +345,6 @@ fn map_torch_file(
     }
     // Storage order, as for safetensors; a shared storage keeps its tensors in dict order.
     tensors.sort_by_key(|t| t.start);
-    let _ = map.advise(Advice::Sequential);
     let shard = Shard {
         path: path.into(),
         map,

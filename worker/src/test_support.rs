@@ -30,3 +30,17 @@ pub fn check(what: &str, got: f64, want: f64) {
         "{what}: transformers {want:.8}, ckmerge {got:.8} (relative error {rel:.2e} > {RTOL:e})"
     );
 }
+
+/// transformers' held-out mean NLL of the merge `lambda * cur + (1 - lambda) * previous`
+/// of `model`'s trajectory (`"llama"` or `"neox"`), from `golden.json`.
+pub fn golden_merge_nll(model: &str, cur: &str, lambda: f64) -> f64 {
+    golden()["models"][model]["merges"]
+        .as_array()
+        .expect("merges")
+        .iter()
+        .find(|m| m["cur"] == cur && m["lambda"] == lambda)
+        .unwrap_or_else(|| panic!("golden.json has no {model} merge at {cur}, lambda {lambda}"))
+        ["heldout"]["mean_nll"]
+        .as_f64()
+        .expect("a number")
+}
