@@ -186,6 +186,63 @@ fn config_variants_match_transformers() {
     }
 }
 
+/// The architectures added for published trajectories (issue 15), each as two untrained
+/// two-layer checkpoints written by transformers (scripts/fixtures/make_architectures.py):
+/// each checkpoint and their 0.5/0.5 merge against transformers' mean NLL.
+fn architecture_matches_transformers(name: &str) {
+    let dir = root().join("architectures");
+    let g: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("architectures.json")).unwrap()).unwrap();
+    let want = &g["models"][name];
+    let opts = EvalOptions {
+        window: WindowSpec {
+            seq_len: Some(g["seq_len"].as_u64().unwrap() as usize),
+            max_tokens: Some(g["max_tokens"].as_u64().unwrap() as usize),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let sources = [dir.join(name).join("a"), dir.join(name).join("b")];
+    let mut ev = Evaluator::load(&sources, &data_sets()[..1], &opts).unwrap();
+    for (weights, key) in [
+        ([1.0, 0.0], "a"),
+        ([0.0, 1.0], "b"),
+        ([0.5, 0.5], "merge_0.5"),
+    ] {
+        let r = ev.evaluate(&weights).unwrap();
+        assert_eq!(
+            r.tokens as u64,
+            want[key]["tokens"].as_u64().unwrap(),
+            "{name} {key}: tokens scored"
+        );
+        check(
+            &format!("{name} {key}"),
+            r.mean_nll,
+            want[key]["mean_nll"].as_f64().unwrap(),
+        );
+    }
+}
+
+#[test]
+fn qwen3_matches_transformers() {
+    architecture_matches_transformers("qwen3");
+    // Its q/k norms have no GPU kernel yet: asking for a GPU says so, naming the
+    // architecture, before any device is touched (so this runs without one).
+    let opts = EvalOptions {
+        gpus: Some(vec![0]),
+        ..Default::default()
+    };
+    let a = root().join("architectures/qwen3/a");
+    let e = Evaluator::load(&[a], &data_sets()[..1], &opts)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("Qwen3ForCausalLM") && e.contains("--gpus none"),
+        "{e}"
+    );
+}
+
 #[test]
 fn per_group_weights_reach_the_evaluator() {
     use ckmerge_common::{Grouping, MergeWeights};

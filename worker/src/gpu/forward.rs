@@ -363,6 +363,20 @@ impl Backend for ShardOps<'_> {
         Ok(())
     }
 
+    /// Not implemented on the GPU yet; `GpuModel::load` refuses the models that need it
+    /// before anything is copied, so this is never reached.
+    fn group_norm(
+        &self,
+        _x: &mut CudaSlice<f32>,
+        _w: &Norm<usize>,
+        _width: usize,
+        _rows: usize,
+    ) -> Result<(), GpuError> {
+        Err(GpuError::Request(
+            "q/k norms are not implemented on the GPU; use --gpus none".into(),
+        ))
+    }
+
     /// The activation of `gate` (times `up`: SwiGLU; alone: GELU) into the compute
     /// dtype, then the output projection added to the residual stream.
     fn mlp_out(

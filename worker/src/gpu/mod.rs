@@ -74,6 +74,12 @@ impl GpuModel {
         if gpus.is_empty() {
             return Err(GpuError::Request("no GPUs given".into()));
         }
+        if config.qk_norm.is_some() {
+            // Qwen3's per-head q/k norms have a CPU reference but no kernel yet.
+            return Err(GpuError::Request(
+                "this model's q/k norms (Qwen3ForCausalLM) are not implemented on the GPU yet; evaluate it on the CPU with --gpus none".into(),
+            ));
+        }
         let devices = gpus
             .iter()
             .map(|&i| Gpu::open(i))

@@ -106,6 +106,15 @@ pub trait Backend {
         rows: usize,
         seq: usize,
     ) -> Result<(), Self::Error>;
+    /// RMSNorm in place over each group of `width` consecutive values of `x` (`rows`
+    /// rows), with `w`'s `[width]` weight: the q/k norms of Qwen3 (per head).
+    fn group_norm(
+        &self,
+        x: &mut Self::Rows,
+        w: &Norm<Self::Tensor>,
+        width: usize,
+        rows: usize,
+    ) -> Result<(), Self::Error>;
     /// The MLP's tail: `act(gate) (* up)`, then `residual += that x down^T (+ b)`.
     /// `gate` may be overwritten.
     fn mlp_out(

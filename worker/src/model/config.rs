@@ -9,19 +9,28 @@ use ckmerge_kernels::ops::Activation;
 use serde_json::{Map, Value};
 
 /// Architectures ckmerge can evaluate, by the name in `config.json`'s `architectures`.
-pub const SUPPORTED: [&str; 4] = [
+pub const SUPPORTED: [&str; 5] = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
     "GPTNeoXForCausalLM",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
-    /// Llama and its config-compatible relatives (Mistral, Qwen2, DeepSeek-LLM).
+    /// Llama and its config-compatible relatives (Mistral, Qwen2, DeepSeek-LLM, and
+    /// Qwen3 with its per-head q/k norms: [`ModelConfig::qk_norm`]).
     Llama,
     /// GPT-NeoX / Pythia: fused QKV, LayerNorm with bias, partial rotary, parallel residual.
     GptNeoX,
+}
+
+/// RMSNorms on the query and key projections, before the rotary embedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    /// Over each head, one `[head_dim]` weight shared by the heads (Qwen3).
+    PerHead,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -64,6 +73,7 @@ pub struct ModelConfig {
     pub parallel_residual: bool,
     /// Mistral's sliding window, if any: windows longer than this are refused.
     pub sliding_window: Option<usize>,
+    pub qk_norm: Option<QkNorm>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +146,8 @@ impl ModelConfig {
                 ))
             })?;
         let arch = match arch_name {
-            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" => Arch::Llama,
+            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
+            | "Qwen3ForCausalLM" => Arch::Llama,
             "GPTNeoXForCausalLM" => Arch::GptNeoX,
             other => {
                 return Err(f.err(format!(
@@ -259,6 +270,7 @@ impl ModelConfig {
             rope_scaling,
             parallel_residual: f.bool_or("use_parallel_residual", arch == Arch::GptNeoX)?,
             sliding_window,
+            qk_norm: (arch_name == "Qwen3ForCausalLM").then_some(QkNorm::PerHead),
         })
     }
 

@@ -212,6 +212,22 @@ impl Backend for Cpu<'_> {
         Ok(())
     }
 
+    fn group_norm(
+        &self,
+        x: &mut Vec<f32>,
+        w: &Norm<usize>,
+        width: usize,
+        _rows: usize,
+    ) -> Result<(), Infallible> {
+        let weight = self.d(w.weight);
+        debug_assert_eq!(weight.len(), width);
+        let mut tmp = self.scratch.borrow_mut();
+        tmp.clear();
+        tmp.extend_from_slice(x);
+        ops::rms_norm(&tmp, weight, self.config.norm_eps, x);
+        Ok(())
+    }
+
     fn mlp_out(
         &self,
         gate: &mut Vec<f32>,

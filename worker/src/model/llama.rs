@@ -1,10 +1,12 @@
-//! The Llama family (`LlamaForCausalLM`, and the config-compatible Mistral and Qwen2):
-//! pre-norm decoder layers with RMSNorm, rotary attention with grouped-query heads, and a
-//! gated MLP, as in transformers' `modeling_llama.py` (`LlamaDecoderLayer.forward`).
+//! The Llama family (`LlamaForCausalLM`, and the config-compatible Mistral, Qwen2 and
+//! Qwen3): pre-norm decoder layers with RMSNorm, rotary attention with grouped-query
+//! heads, and a gated MLP, as in transformers' `modeling_llama.py`
+//! (`LlamaDecoderLayer.forward`). Qwen3 adds an RMSNorm over each query and key head
+//! before the rotary embedding (`modeling_qwen3.py`, `Qwen3Attention.forward`).
 //! Tensor names are spelled here and nowhere else.
 
 use super::backend::{Backend, Heads, Linear, Norm, Qkv, TensorLookup, WeightError};
-use super::config::ModelConfig;
+use super::config::{ModelConfig, QkNorm};
 use super::Names;
 
 pub const NAMES: Names = Names {
@@ -26,6 +28,8 @@ pub struct Layer<T> {
     gate: Linear<T>,
     up: Linear<T>,
     down: Linear<T>,
+    /// Qwen3's `self_attn.q_norm` and `k_norm` (`[head_dim]` each).
+    qk_norm: Option<(Norm<T>, Norm<T>)>,
 }
 
 impl<T: Copy> Layer<T> {
@@ -47,6 +51,13 @@ impl<T: Copy> Layer<T> {
             gate: l.linear(&format!("{p}.mlp.gate_proj"), c.intermediate, h, c.mlp_bias)?,
             up: l.linear(&format!("{p}.mlp.up_proj"), c.intermediate, h, c.mlp_bias)?,
             down: l.linear(&format!("{p}.mlp.down_proj"), h, c.intermediate, c.mlp_bias)?,
+            qk_norm: match c.qk_norm {
+                None => None,
+                Some(QkNorm::PerHead) => Some((
+                    l.norm(&format!("{p}.self_attn.q_norm"), c.head_dim, false)?,
+                    l.norm(&format!("{p}.self_attn.k_norm"), c.head_dim, false)?,
+                )),
+            },
         })
     }
 }
@@ -85,6 +96,10 @@ pub fn forward<B: Backend>(
         b.linear(&normed, &l.q, &mut q, rows)?;
         b.linear(&normed, &l.k, &mut k, rows)?;
         b.linear(&normed, &l.v, &mut v, rows)?;
+        if let Some((qn, kn)) = &l.qk_norm {
+            b.group_norm(&mut q, qn, hd, rows)?;
+            b.group_norm(&mut k, kn, hd, rows)?;
+        }
         let qkv = Qkv::Separate {
             q: &mut q,
             k: &mut k,
