@@ -221,26 +221,30 @@ fn architecture_matches_transformers(name: &str) {
             want[key]["mean_nll"].as_f64().unwrap(),
         );
     }
+    // Their norms have no GPU kernels yet: asking for a GPU says so, naming the
+    // architecture, before any device is touched (so this runs without one).
+    let opts = EvalOptions {
+        gpus: Some(vec![0]),
+        ..opts
+    };
+    let e = Evaluator::load(&sources[..1], &data_sets()[..1], &opts)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("ForCausalLM") && e.contains("--gpus none"),
+        "{e}"
+    );
+}
+
+#[test]
+fn olmo2_matches_transformers() {
+    architecture_matches_transformers("olmo2");
 }
 
 #[test]
 fn qwen3_matches_transformers() {
     architecture_matches_transformers("qwen3");
-    // Its q/k norms have no GPU kernel yet: asking for a GPU says so, naming the
-    // architecture, before any device is touched (so this runs without one).
-    let opts = EvalOptions {
-        gpus: Some(vec![0]),
-        ..Default::default()
-    };
-    let a = root().join("architectures/qwen3/a");
-    let e = Evaluator::load(&[a], &data_sets()[..1], &opts)
-        .err()
-        .expect("refused")
-        .to_string();
-    assert!(
-        e.contains("Qwen3ForCausalLM") && e.contains("--gpus none"),
-        "{e}"
-    );
 }
 
 #[test]

@@ -180,6 +180,13 @@ impl ShardOps<'_> {
     }
 }
 
+/// The error for an operation with a CPU reference but no GPU kernel yet.
+fn not_on_gpu(what: &str) -> GpuError {
+    GpuError::Request(format!(
+        "{what}: not implemented on the GPU yet; evaluate on the CPU with --gpus none"
+    ))
+}
+
 impl Backend for ShardOps<'_> {
     type Tensor = usize;
     type Rows = CudaSlice<f32>;
@@ -363,6 +370,32 @@ impl Backend for ShardOps<'_> {
         Ok(())
     }
 
+    /// Not implemented on the GPU yet (OLMo 2); `GpuModel::load` refuses the models that
+    /// need it before anything is copied, so this is never reached.
+    fn to_input(
+        &self,
+        _x: &CudaSlice<f32>,
+        _out: &mut CudaSlice<u8>,
+        _rows: usize,
+    ) -> Result<(), GpuError> {
+        Err(not_on_gpu("OLMo 2's un-normalised projections"))
+    }
+
+    /// Not implemented on the GPU yet (OLMo 2); see `to_input`.
+    fn norm_add(
+        &self,
+        _x: &CudaSlice<f32>,
+        _w: &Norm<usize>,
+        _residual: &mut CudaSlice<f32>,
+        _rows: usize,
+    ) -> Result<(), GpuError> {
+        Err(not_on_gpu("OLMo 2's output norms"))
+    }
+
+    fn zero(&self, x: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+        Ok(self.shard.gpu.stream.memset_zeros(x)?)
+    }
+
     /// Not implemented on the GPU yet; `GpuModel::load` refuses the models that need it
     /// before anything is copied, so this is never reached.
     fn group_norm(
@@ -372,9 +405,7 @@ impl Backend for ShardOps<'_> {
         _width: usize,
         _rows: usize,
     ) -> Result<(), GpuError> {
-        Err(GpuError::Request(
-            "q/k norms are not implemented on the GPU; use --gpus none".into(),
-        ))
+        Err(not_on_gpu("q/k norms"))
     }
 
     /// The activation of `gate` (times `up`: SwiGLU; alone: GELU) into the compute

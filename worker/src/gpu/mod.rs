@@ -74,11 +74,12 @@ impl GpuModel {
         if gpus.is_empty() {
             return Err(GpuError::Request("no GPUs given".into()));
         }
-        if config.qk_norm.is_some() {
-            // Qwen3's per-head q/k norms have a CPU reference but no kernel yet.
-            return Err(GpuError::Request(
-                "this model's q/k norms (Qwen3ForCausalLM) are not implemented on the GPU yet; evaluate it on the CPU with --gpus none".into(),
-            ));
+        if config.qk_norm.is_some() || config.arch == crate::model::Arch::Olmo2 {
+            // Qwen3's and OLMo 2's norms have a CPU reference but no kernels yet.
+            return Err(GpuError::Request(format!(
+                "{}: its q/k norms are not implemented on the GPU yet; evaluate it on the CPU with --gpus none",
+                config.name
+            )));
         }
         let devices = gpus
             .iter()

@@ -106,8 +106,28 @@ pub trait Backend {
         rows: usize,
         seq: usize,
     ) -> Result<(), Self::Error>;
+    /// `out = x` in the product input's dtype: for layers whose projections read the
+    /// residual stream itself (OLMo 2 has no pre-norm).
+    fn to_input(
+        &self,
+        x: &Self::Rows,
+        out: &mut Self::Input,
+        rows: usize,
+    ) -> Result<(), Self::Error>;
+    /// `residual += norm(x)` over `rows` rows of the hidden size: OLMo 2's norms on the
+    /// attention and MLP outputs.
+    fn norm_add(
+        &self,
+        x: &Self::Rows,
+        w: &Norm<Self::Tensor>,
+        residual: &mut Self::Rows,
+        rows: usize,
+    ) -> Result<(), Self::Error>;
+    /// Sets every value of `x` to zero.
+    fn zero(&self, x: &mut Self::Rows) -> Result<(), Self::Error>;
     /// RMSNorm in place over each group of `width` consecutive values of `x` (`rows`
-    /// rows), with `w`'s `[width]` weight: the q/k norms of Qwen3 (per head).
+    /// rows), with `w`'s `[width]` weight: the q/k norms of Qwen3 (per head) and OLMo 2
+    /// (over the whole projection).
     fn group_norm(
         &self,
         x: &mut Self::Rows,

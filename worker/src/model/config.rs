@@ -9,11 +9,12 @@ use ckmerge_kernels::ops::Activation;
 use serde_json::{Map, Value};
 
 /// Architectures ckmerge can evaluate, by the name in `config.json`'s `architectures`.
-pub const SUPPORTED: [&str; 5] = [
+pub const SUPPORTED: [&str; 6] = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Olmo2ForCausalLM",
     "GPTNeoXForCausalLM",
 ];
 
@@ -24,6 +25,9 @@ pub enum Arch {
     Llama,
     /// GPT-NeoX / Pythia: fused QKV, LayerNorm with bias, partial rotary, parallel residual.
     GptNeoX,
+    /// OLMo 2: no pre-norms; RMSNorms on the attention and MLP outputs before each
+    /// residual add, and on the whole query and key projections.
+    Olmo2,
 }
 
 /// RMSNorms on the query and key projections, before the rotary embedding.
@@ -31,6 +35,8 @@ pub enum Arch {
 pub enum QkNorm {
     /// Over each head, one `[head_dim]` weight shared by the heads (Qwen3).
     PerHead,
+    /// Over the whole projection, `[heads * head_dim]` (OLMo 2).
+    Whole,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -74,6 +80,8 @@ pub struct ModelConfig {
     /// Mistral's sliding window, if any: windows longer than this are refused.
     pub sliding_window: Option<usize>,
     pub qk_norm: Option<QkNorm>,
+    /// The `architectures` entry, for messages.
+    pub name: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +157,7 @@ impl ModelConfig {
             "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
             | "Qwen3ForCausalLM" => Arch::Llama,
             "GPTNeoXForCausalLM" => Arch::GptNeoX,
+            "Olmo2ForCausalLM" => Arch::Olmo2,
             other => {
                 return Err(f.err(format!(
                     "architecture `{other}` is not supported for evaluation; supported: {} (merging works for any architecture)",
@@ -170,10 +179,14 @@ impl ModelConfig {
                 "hidden_size ({hidden}) is not num_attention_heads ({heads}) x head size"
             )));
         }
-        let act_name = f
-            .get("hidden_act")
-            .and_then(|v| v.as_str())
-            .unwrap_or(if arch == Arch::Llama { "silu" } else { "gelu" });
+        let act_name =
+            f.get("hidden_act")
+                .and_then(|v| v.as_str())
+                .unwrap_or(if arch == Arch::GptNeoX {
+                    "gelu"
+                } else {
+                    "silu"
+                });
         let act = Activation::from_hf(act_name).ok_or_else(|| {
             f.err(format!(
                 "`hidden_act` `{act_name}` is not supported (silu, gelu, gelu_new, relu)"
@@ -244,10 +257,10 @@ impl ModelConfig {
             } else {
                 None
             };
-        let norm_key = if arch == Arch::Llama {
-            "rms_norm_eps"
-        } else {
+        let norm_key = if arch == Arch::GptNeoX {
             "layer_norm_eps"
+        } else {
+            "rms_norm_eps"
         };
         Ok(ModelConfig {
             arch,
@@ -270,7 +283,12 @@ impl ModelConfig {
             rope_scaling,
             parallel_residual: f.bool_or("use_parallel_residual", arch == Arch::GptNeoX)?,
             sliding_window,
-            qk_norm: (arch_name == "Qwen3ForCausalLM").then_some(QkNorm::PerHead),
+            qk_norm: match arch_name {
+                "Qwen3ForCausalLM" => Some(QkNorm::PerHead),
+                "Olmo2ForCausalLM" => Some(QkNorm::Whole),
+                _ => None,
+            },
+            name: arch_name.to_owned(),
         })
     }
 

@@ -212,6 +212,30 @@ impl Backend for Cpu<'_> {
         Ok(())
     }
 
+    fn to_input(&self, x: &Vec<f32>, out: &mut Vec<f32>, _rows: usize) -> Result<(), Infallible> {
+        out.copy_from_slice(x);
+        Ok(())
+    }
+
+    fn norm_add(
+        &self,
+        x: &Vec<f32>,
+        w: &Norm<usize>,
+        residual: &mut Vec<f32>,
+        _rows: usize,
+    ) -> Result<(), Infallible> {
+        let mut tmp = self.scratch.borrow_mut();
+        tmp.resize(x.len(), 0.0);
+        ops::rms_norm(x, self.d(w.weight), self.config.norm_eps, &mut tmp);
+        ops::add_in_place(residual, &tmp);
+        Ok(())
+    }
+
+    fn zero(&self, x: &mut Vec<f32>) -> Result<(), Infallible> {
+        x.fill(0.0);
+        Ok(())
+    }
+
     fn group_norm(
         &self,
         x: &mut Vec<f32>,

@@ -28,8 +28,9 @@ pub struct Layer<T> {
     gate: Linear<T>,
     up: Linear<T>,
     down: Linear<T>,
-    /// Qwen3's `self_attn.q_norm` and `k_norm` (`[head_dim]` each).
-    qk_norm: Option<(Norm<T>, Norm<T>)>,
+    /// Qwen3's `self_attn.q_norm` and `k_norm` and the width each normalises over
+    /// (`head_dim` for Qwen3).
+    qk_norm: Option<(Norm<T>, Norm<T>, usize, usize)>,
 }
 
 impl<T: Copy> Layer<T> {
@@ -53,10 +54,18 @@ impl<T: Copy> Layer<T> {
             down: l.linear(&format!("{p}.mlp.down_proj"), h, c.intermediate, c.mlp_bias)?,
             qk_norm: match c.qk_norm {
                 None => None,
-                Some(QkNorm::PerHead) => Some((
-                    l.norm(&format!("{p}.self_attn.q_norm"), c.head_dim, false)?,
-                    l.norm(&format!("{p}.self_attn.k_norm"), c.head_dim, false)?,
-                )),
+                Some(kind) => {
+                    let (qw, kw) = match kind {
+                        QkNorm::PerHead => (c.head_dim, c.head_dim),
+                        QkNorm::Whole => (qd, kvd),
+                    };
+                    Some((
+                        l.norm(&format!("{p}.self_attn.q_norm"), qw, false)?,
+                        l.norm(&format!("{p}.self_attn.k_norm"), kw, false)?,
+                        qw,
+                        kw,
+                    ))
+                }
             },
         })
     }
@@ -96,9 +105,9 @@ pub fn forward<B: Backend>(
         b.linear(&normed, &l.q, &mut q, rows)?;
         b.linear(&normed, &l.k, &mut k, rows)?;
         b.linear(&normed, &l.v, &mut v, rows)?;
-        if let Some((qn, kn)) = &l.qk_norm {
-            b.group_norm(&mut q, qn, hd, rows)?;
-            b.group_norm(&mut k, kn, hd, rows)?;
+        if let Some((qn, kn, qw, kw)) = &l.qk_norm {
+            b.group_norm(&mut q, qn, *qw, rows)?;
+            b.group_norm(&mut k, kn, *kw, rows)?;
         }
         let qkv = Qkv::Separate {
             q: &mut q,

@@ -15,6 +15,7 @@ pub mod config;
 pub mod cpu;
 pub mod llama;
 pub mod neox;
+pub mod olmo2;
 
 use std::convert::Infallible;
 
@@ -86,6 +87,7 @@ impl Arch {
         match self {
             Arch::Llama => &llama::NAMES,
             Arch::GptNeoX => &neox::NAMES,
+            Arch::Olmo2 => &olmo2::NAMES,
         }
     }
 }
@@ -94,6 +96,7 @@ impl Arch {
 pub enum Layers<T> {
     Llama(Vec<llama::Layer<T>>),
     NeoX(Vec<neox::Layer<T>>),
+    Olmo2(Vec<olmo2::Layer<T>>),
 }
 
 impl<T: Copy> Layers<T> {
@@ -114,6 +117,11 @@ impl<T: Copy> Layers<T> {
                     .map(|i| neox::Layer::load(l, c, i))
                     .collect::<Result<_, _>>()?,
             ),
+            Arch::Olmo2 => Layers::Olmo2(
+                layers
+                    .map(|i| olmo2::Layer::load(l, c, i))
+                    .collect::<Result<_, _>>()?,
+            ),
         })
     }
 
@@ -128,6 +136,7 @@ impl<T: Copy> Layers<T> {
         match self {
             Layers::Llama(l) => llama::forward(b, l, x, rows, seq),
             Layers::NeoX(l) => neox::forward(b, l, x, rows, seq),
+            Layers::Olmo2(l) => olmo2::forward(b, l, x, rows, seq),
         }
     }
 }
