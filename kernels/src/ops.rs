@@ -96,6 +96,22 @@ pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
         });
 }
 
+/// LayerNorm without learned parameters over rows of `h` (OLMo's): `out = (x - mean) /
+/// sqrt(var + eps)`, biased variance.
+pub fn layer_norm_plain(x: &[f32], h: usize, eps: f32, out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    out.par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .for_each(|(o, x)| {
+            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / h as f64;
+            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / h as f64;
+            let r = 1.0 / (var + eps as f64).sqrt();
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = ((x as f64 - mean) * r) as f32;
+            }
+        });
+}
+
 /// Rotary position tables for positions `0..len`: `cos[p, i]`, `sin[p, i]` for
 /// `i < rot_dim / 2`. The angle `p * inv_freq[i]` is rounded to f32 as transformers
 /// computes it; its cosine and sine are then taken in f64.

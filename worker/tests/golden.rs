@@ -238,6 +238,11 @@ fn architecture_matches_transformers(name: &str) {
 }
 
 #[test]
+fn olmo_matches_transformers() {
+    architecture_matches_transformers("olmo");
+}
+
+#[test]
 fn olmo2_matches_transformers() {
     architecture_matches_transformers("olmo2");
 }

@@ -213,7 +213,10 @@ impl Backend for ShardOps<'_> {
         rows: usize,
     ) -> Result<(), GpuError> {
         let (s, c, cd) = (self.shard, self.c, self.cd);
-        let wt = s.tensor(w.weight);
+        let Some(weight) = w.weight else {
+            return Err(not_on_gpu("LayerNorm without parameters (OLMo)"));
+        };
+        let wt = s.tensor(weight);
         let pair = (dtype_name(wt.dtype), dtype_name(cd));
         if !ckmerge_kernels::cuda::NORM_PAIRS.contains(&pair) {
             return Err(GpuError::Request(format!(
@@ -232,7 +235,7 @@ impl Backend for ShardOps<'_> {
                     wt.dtype,
                     cd,
                     ptr(gpu, x),
-                    s.p(w.weight),
+                    s.p(weight),
                     s.p(b),
                     c.norm_eps,
                     ptr(gpu, out),
@@ -244,7 +247,7 @@ impl Backend for ShardOps<'_> {
                     wt.dtype,
                     cd,
                     ptr(gpu, x),
-                    s.p(w.weight),
+                    s.p(weight),
                     c.norm_eps,
                     ptr(gpu, out),
                     rows,
@@ -390,6 +393,11 @@ impl Backend for ShardOps<'_> {
         _rows: usize,
     ) -> Result<(), GpuError> {
         Err(not_on_gpu("OLMo 2's output norms"))
+    }
+
+    /// Not implemented on the GPU yet (OLMo's `clip_qkv`); see `to_input`.
+    fn clamp(&self, _x: &mut CudaSlice<f32>, _limit: f32) -> Result<(), GpuError> {
+        Err(not_on_gpu("clip_qkv"))
     }
 
     fn zero(&self, x: &mut CudaSlice<f32>) -> Result<(), GpuError> {

@@ -74,10 +74,15 @@ impl GpuModel {
         if gpus.is_empty() {
             return Err(GpuError::Request("no GPUs given".into()));
         }
-        if config.qk_norm.is_some() || config.arch == crate::model::Arch::Olmo2 {
-            // Qwen3's and OLMo 2's norms have a CPU reference but no kernels yet.
+        if config.qk_norm.is_some()
+            || config.arch == crate::model::Arch::Olmo2
+            || config.plain_norms
+            || config.clip_qkv.is_some()
+        {
+            // Qwen3's, OLMo's and OLMo 2's norms and OLMo's clipping have a CPU
+            // reference but no kernels yet.
             return Err(GpuError::Request(format!(
-                "{}: its q/k norms are not implemented on the GPU yet; evaluate it on the CPU with --gpus none",
+                "{}: its norms are not implemented on the GPU yet; evaluate it on the CPU with --gpus none",
                 config.name
             )));
         }

@@ -19,11 +19,22 @@ pub struct Linear<T> {
     pub inp: usize,
 }
 
-/// A norm's tensors: RMSNorm without a bias, LayerNorm with one.
+/// A norm's tensors: RMSNorm (a weight), LayerNorm (a weight and a bias), or OLMo's
+/// LayerNorm without parameters (neither).
 #[derive(Clone, Copy, Debug)]
 pub struct Norm<T> {
-    pub weight: T,
+    pub weight: Option<T>,
     pub bias: Option<T>,
+}
+
+impl<T> Norm<T> {
+    /// OLMo's LayerNorm without learned parameters.
+    pub fn plain() -> Norm<T> {
+        Norm {
+            weight: None,
+            bias: None,
+        }
+    }
 }
 
 /// The final norm and the output head (the embedding itself when tied).
@@ -123,6 +134,8 @@ pub trait Backend {
         residual: &mut Self::Rows,
         rows: usize,
     ) -> Result<(), Self::Error>;
+    /// Clamps every value of `x` to `[-limit, limit]` (OLMo's `clip_qkv`).
+    fn clamp(&self, x: &mut Self::Rows, limit: f32) -> Result<(), Self::Error>;
     /// Sets every value of `x` to zero.
     fn zero(&self, x: &mut Self::Rows) -> Result<(), Self::Error>;
     /// RMSNorm in place over each group of `width` consecutive values of `x` (`rows`
@@ -204,7 +217,7 @@ pub trait TensorLookup {
     /// `{prefix}.weight [h]` and, for a LayerNorm (`bias`), `{prefix}.bias [h]`.
     fn norm(&self, prefix: &str, h: usize, bias: bool) -> Result<Norm<Self::Tensor>, WeightError> {
         Ok(Norm {
-            weight: self.get(&format!("{prefix}.weight"), &[h])?,
+            weight: Some(self.get(&format!("{prefix}.weight"), &[h])?),
             bias: if bias {
                 Some(self.get(&format!("{prefix}.bias"), &[h])?)
             } else {

@@ -9,8 +9,9 @@ use ckmerge_kernels::ops::Activation;
 use serde_json::{Map, Value};
 
 /// Architectures ckmerge can evaluate, by the name in `config.json`'s `architectures`.
-pub const SUPPORTED: [&str; 6] = [
+pub const SUPPORTED: [&str; 7] = [
     "LlamaForCausalLM",
+    "OlmoForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
@@ -20,8 +21,10 @@ pub const SUPPORTED: [&str; 6] = [
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
-    /// Llama and its config-compatible relatives (Mistral, Qwen2, DeepSeek-LLM, and
-    /// Qwen3 with its per-head q/k norms: [`ModelConfig::qk_norm`]).
+    /// Llama and its config-compatible relatives (Mistral, Qwen2, DeepSeek-LLM), Qwen3
+    /// with its per-head q/k norms ([`ModelConfig::qk_norm`]), and OLMo with
+    /// parameter-free LayerNorms and clipped q/k/v ([`ModelConfig::plain_norms`],
+    /// [`ModelConfig::clip_qkv`]).
     Llama,
     /// GPT-NeoX / Pythia: fused QKV, LayerNorm with bias, partial rotary, parallel residual.
     GptNeoX,
@@ -82,6 +85,10 @@ pub struct ModelConfig {
     pub qk_norm: Option<QkNorm>,
     /// The `architectures` entry, for messages.
     pub name: String,
+    /// Every norm is a LayerNorm without parameters, eps 1e-5 (OLMo).
+    pub plain_norms: bool,
+    /// Query, key and value projections clamped to `[-c, c]` (OLMo's `clip_qkv`).
+    pub clip_qkv: Option<f32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +162,7 @@ impl ModelConfig {
             })?;
         let arch = match arch_name {
             "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
-            | "Qwen3ForCausalLM" => Arch::Llama,
+            | "Qwen3ForCausalLM" | "OlmoForCausalLM" => Arch::Llama,
             "GPTNeoXForCausalLM" => Arch::GptNeoX,
             "Olmo2ForCausalLM" => Arch::Olmo2,
             other => {
@@ -257,6 +264,15 @@ impl ModelConfig {
             } else {
                 None
             };
+        let olmo = arch_name == "OlmoForCausalLM";
+        let clip_qkv = match f.get("clip_qkv") {
+            None => None,
+            Some(v) => Some(v.as_f64().filter(|c| *c > 0.0).ok_or_else(|| {
+                f.err(format!(
+                    "`clip_qkv` is {v}; expected a positive number or null"
+                ))
+            })? as f32),
+        };
         let norm_key = if arch == Arch::GptNeoX {
             "layer_norm_eps"
         } else {
@@ -272,7 +288,12 @@ impl ModelConfig {
             kv_heads,
             head_dim,
             max_positions: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
-            norm_eps: f.f64_or(norm_key, 1e-5)? as f32,
+            // OLMo's LayerNorm has its eps written into the code, not the config.
+            norm_eps: if olmo {
+                1e-5
+            } else {
+                f.f64_or(norm_key, 1e-5)? as f32
+            },
             act,
             tie_embeddings: f.bool_or("tie_word_embeddings", false)?,
             qkv_bias,
@@ -289,6 +310,8 @@ impl ModelConfig {
                 _ => None,
             },
             name: arch_name.to_owned(),
+            plain_norms: olmo,
+            clip_qkv,
         })
     }
 

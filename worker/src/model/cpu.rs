@@ -129,9 +129,10 @@ impl Backend for Cpu<'_> {
         _rows: usize,
     ) -> Result<(), Infallible> {
         let eps = self.config.norm_eps;
-        match w.bias {
-            None => ops::rms_norm(x, self.d(w.weight), eps, out),
-            Some(b) => ops::layer_norm(x, self.d(w.weight), self.d(b), eps, out),
+        match (w.weight, w.bias) {
+            (Some(g), None) => ops::rms_norm(x, self.d(g), eps, out),
+            (Some(g), Some(b)) => ops::layer_norm(x, self.d(g), self.d(b), eps, out),
+            (None, _) => ops::layer_norm_plain(x, self.config.hidden, eps, out),
         }
         Ok(())
     }
@@ -226,8 +227,14 @@ impl Backend for Cpu<'_> {
     ) -> Result<(), Infallible> {
         let mut tmp = self.scratch.borrow_mut();
         tmp.resize(x.len(), 0.0);
-        ops::rms_norm(x, self.d(w.weight), self.config.norm_eps, &mut tmp);
+        let g = w.weight.expect("OLMo 2's output norms have weights");
+        ops::rms_norm(x, self.d(g), self.config.norm_eps, &mut tmp);
         ops::add_in_place(residual, &tmp);
+        Ok(())
+    }
+
+    fn clamp(&self, x: &mut Vec<f32>, limit: f32) -> Result<(), Infallible> {
+        x.iter_mut().for_each(|v| *v = v.clamp(-limit, limit));
         Ok(())
     }
 
@@ -243,7 +250,7 @@ impl Backend for Cpu<'_> {
         width: usize,
         _rows: usize,
     ) -> Result<(), Infallible> {
-        let weight = self.d(w.weight);
+        let weight = self.d(w.weight.expect("q/k norms have weights"));
         debug_assert_eq!(weight.len(), width);
         let mut tmp = self.scratch.borrow_mut();
         tmp.clear();

@@ -2,7 +2,9 @@
 //! Qwen3): pre-norm decoder layers with RMSNorm, rotary attention with grouped-query
 //! heads, and a gated MLP, as in transformers' `modeling_llama.py`
 //! (`LlamaDecoderLayer.forward`). Qwen3 adds an RMSNorm over each query and key head
-//! before the rotary embedding (`modeling_qwen3.py`, `Qwen3Attention.forward`).
+//! before the rotary embedding (`modeling_qwen3.py`, `Qwen3Attention.forward`); OLMo
+//! (`modeling_olmo.py`) replaces every RMSNorm by a LayerNorm without parameters and
+//! clamps q, k and v to `clip_qkv` right after their projections.
 //! Tensor names are spelled here and nowhere else.
 
 use super::backend::{Backend, Heads, Linear, Norm, Qkv, TensorLookup, WeightError};
@@ -43,8 +45,14 @@ impl<T: Copy> Layer<T> {
         let p = NAMES.layer(i);
         let (h, qd, kvd) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim);
         Ok(Layer {
-            in_norm: l.norm(&format!("{p}.input_layernorm"), h, false)?,
-            post_norm: l.norm(&format!("{p}.post_attention_layernorm"), h, false)?,
+            in_norm: match c.plain_norms {
+                true => Norm::plain(),
+                false => l.norm(&format!("{p}.input_layernorm"), h, false)?,
+            },
+            post_norm: match c.plain_norms {
+                true => Norm::plain(),
+                false => l.norm(&format!("{p}.post_attention_layernorm"), h, false)?,
+            },
             q: l.linear(&format!("{p}.self_attn.q_proj"), qd, h, c.qkv_bias)?,
             k: l.linear(&format!("{p}.self_attn.k_proj"), kvd, h, c.qkv_bias)?,
             v: l.linear(&format!("{p}.self_attn.v_proj"), kvd, h, c.qkv_bias)?,
@@ -105,6 +113,11 @@ pub fn forward<B: Backend>(
         b.linear(&normed, &l.q, &mut q, rows)?;
         b.linear(&normed, &l.k, &mut k, rows)?;
         b.linear(&normed, &l.v, &mut v, rows)?;
+        if let Some(clip) = c.clip_qkv {
+            b.clamp(&mut q, clip)?;
+            b.clamp(&mut k, clip)?;
+            b.clamp(&mut v, clip)?;
+        }
         if let Some((qn, kn, qw, kw)) = &l.qk_norm {
             b.group_norm(&mut q, qn, *qw, rows)?;
             b.group_norm(&mut k, kn, *kw, rows)?;

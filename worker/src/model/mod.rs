@@ -21,7 +21,7 @@ use std::convert::Infallible;
 
 use ckmerge_kernels::ops;
 
-pub use backend::{Backend, Head, TensorLookup, WeightError};
+pub use backend::{Backend, Head, Norm, TensorLookup, WeightError};
 pub use config::{Arch, ConfigError, ModelConfig};
 pub use cpu::ParamStore;
 
@@ -66,7 +66,11 @@ impl Names {
             self.lm_head
         };
         Ok(Head {
-            norm: l.norm(self.final_norm, c.hidden, self.norm_bias)?,
+            norm: if c.plain_norms {
+                Norm::plain()
+            } else {
+                l.norm(self.final_norm, c.hidden, self.norm_bias)?
+            },
             lm_head: l.get(lm_head, &[c.vocab, c.hidden])?,
         })
     }
