@@ -248,6 +248,11 @@ fn olmo2_matches_transformers() {
 }
 
 #[test]
+fn smollm3_matches_transformers() {
+    architecture_matches_transformers("smollm3");
+}
+
+#[test]
 fn qwen3_matches_transformers() {
     architecture_matches_transformers("qwen3");
 }

@@ -284,10 +284,14 @@ impl Backend for ShardOps<'_> {
         &self,
         qkv: Qkv<'_, CudaSlice<f32>>,
         heads: [Heads; 3],
+        rope: bool,
         out: &mut CudaSlice<u8>,
         rows: usize,
         seq: usize,
     ) -> Result<(), GpuError> {
+        if !rope {
+            return Err(not_on_gpu("attention without RoPE (SmolLM3's NoPE layers)"));
+        }
         let (s, c, cd) = (self.shard, self.c, self.cd);
         let gpu = &s.gpu;
         let src: (&CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<f32>) = match qkv {

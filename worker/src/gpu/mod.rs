@@ -78,11 +78,15 @@ impl GpuModel {
             || config.arch == crate::model::Arch::Olmo2
             || config.plain_norms
             || config.clip_qkv.is_some()
+            || config
+                .rope_layers
+                .as_ref()
+                .is_some_and(|r| r.contains(&false))
         {
-            // Qwen3's, OLMo's and OLMo 2's norms and OLMo's clipping have a CPU
-            // reference but no kernels yet.
+            // Qwen3's, OLMo's and OLMo 2's norms, OLMo's clipping and SmolLM3's
+            // layers without RoPE have a CPU reference but no GPU path yet.
             return Err(GpuError::Request(format!(
-                "{}: its norms are not implemented on the GPU yet; evaluate it on the CPU with --gpus none",
+                "{}: not implemented on the GPU yet (its norms, clipping or layers without RoPE); evaluate it on the CPU with --gpus none",
                 config.name
             )));
         }

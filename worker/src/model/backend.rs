@@ -107,12 +107,13 @@ pub trait Backend {
         rows: usize,
     ) -> Result<(), Self::Error>;
     /// Causal self-attention of `rows` rows (windows of `seq`) with rotary positions on q
-    /// and k, laid out as `heads` says (q, k, v); the output rows are
-    /// `[rows, q heads * head_dim]`.
+    /// and k (unless `rope` is false: SmolLM3's NoPE layers), laid out as `heads` says
+    /// (q, k, v); the output rows are `[rows, q heads * head_dim]`.
     fn attention(
         &self,
         qkv: Qkv<'_, Self::Rows>,
         heads: [Heads; 3],
+        rope: bool,
         out: &mut Self::Input,
         rows: usize,
         seq: usize,

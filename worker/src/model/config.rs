@@ -9,8 +9,9 @@ use ckmerge_kernels::ops::Activation;
 use serde_json::{Map, Value};
 
 /// Architectures ckmerge can evaluate, by the name in `config.json`'s `architectures`.
-pub const SUPPORTED: [&str; 7] = [
+pub const SUPPORTED: [&str; 8] = [
     "LlamaForCausalLM",
+    "SmolLM3ForCausalLM",
     "OlmoForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
@@ -89,6 +90,9 @@ pub struct ModelConfig {
     pub plain_norms: bool,
     /// Query, key and value projections clamped to `[-c, c]` (OLMo's `clip_qkv`).
     pub clip_qkv: Option<f32>,
+    /// Per layer, whether its attention uses RoPE (SmolLM3's `no_rope_layers`: 1 = RoPE,
+    /// 0 = none); `None`: every layer does.
+    pub rope_layers: Option<Vec<bool>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +166,7 @@ impl ModelConfig {
             })?;
         let arch = match arch_name {
             "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
-            | "Qwen3ForCausalLM" | "OlmoForCausalLM" => Arch::Llama,
+            | "Qwen3ForCausalLM" | "OlmoForCausalLM" | "SmolLM3ForCausalLM" => Arch::Llama,
             "GPTNeoXForCausalLM" => Arch::GptNeoX,
             "Olmo2ForCausalLM" => Arch::Olmo2,
             other => {
@@ -273,6 +277,31 @@ impl ModelConfig {
                 ))
             })? as f32),
         };
+        let layers = f.usize("num_hidden_layers")?;
+        let rope_layers = if arch_name == "SmolLM3ForCausalLM" {
+            Some(match f.get("no_rope_layers") {
+                Some(v) => {
+                    let flags = v.as_array().filter(|a| a.len() >= layers).and_then(|a| {
+                        a[..layers]
+                            .iter()
+                            .map(|x| x.as_u64().filter(|&n| n <= 1).map(|n| n == 1))
+                            .collect::<Option<Vec<bool>>>()
+                    });
+                    flags.ok_or_else(|| {
+                        f.err(format!(
+                            "`no_rope_layers` is {v}; expected a list of 0 or 1 for each of the {layers} layers"
+                        ))
+                    })?
+                }
+                // transformers' default: no RoPE on every `no_rope_layer_interval`-th layer.
+                None => {
+                    let every = f.opt_usize("no_rope_layer_interval")?.unwrap_or(4);
+                    (0..layers).map(|i| (i + 1) % every != 0).collect()
+                }
+            })
+        } else {
+            None
+        };
         let norm_key = if arch == Arch::GptNeoX {
             "layer_norm_eps"
         } else {
@@ -283,7 +312,7 @@ impl ModelConfig {
             vocab: f.usize("vocab_size")?,
             hidden,
             intermediate: f.usize("intermediate_size")?,
-            layers: f.usize("num_hidden_layers")?,
+            layers,
             heads,
             kv_heads,
             head_dim,
@@ -312,6 +341,7 @@ impl ModelConfig {
             name: arch_name.to_owned(),
             plain_norms: olmo,
             clip_qkv,
+            rope_layers,
         })
     }
 

@@ -168,6 +168,7 @@ impl Backend for Cpu<'_> {
         &self,
         qkv: Qkv<'_, Vec<f32>>,
         [hq, hk, hv]: [Heads; 3],
+        rope: bool,
         out: &mut Vec<f32>,
         rows: usize,
         seq: usize,
@@ -180,13 +181,17 @@ impl Backend for Cpu<'_> {
         );
         let (q, k, v): (&[f32], &[f32], &[f32]) = match qkv {
             Qkv::Separate { q, k, v } => {
-                self.rope(q, hq, seq);
-                self.rope(k, hk, seq);
+                if rope {
+                    self.rope(q, hq, seq);
+                    self.rope(k, hk, seq);
+                }
                 (q, k, v)
             }
             Qkv::Fused(x) => {
-                self.rope(x, hq, seq);
-                self.rope(x, hk, seq);
+                if rope {
+                    self.rope(x, hq, seq);
+                    self.rope(x, hk, seq);
+                }
                 (x, x, x)
             }
         };

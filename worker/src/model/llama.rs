@@ -4,7 +4,9 @@
 //! (`LlamaDecoderLayer.forward`). Qwen3 adds an RMSNorm over each query and key head
 //! before the rotary embedding (`modeling_qwen3.py`, `Qwen3Attention.forward`); OLMo
 //! (`modeling_olmo.py`) replaces every RMSNorm by a LayerNorm without parameters and
-//! clamps q, k and v to `clip_qkv` right after their projections.
+//! clamps q, k and v to `clip_qkv` right after their projections; SmolLM3
+//! (`modeling_smollm3.py`) leaves the rotary embedding out on the layers its
+//! `no_rope_layers` marks 0.
 //! Tensor names are spelled here and nowhere else.
 
 use super::backend::{Backend, Heads, Linear, Norm, Qkv, TensorLookup, WeightError};
@@ -30,6 +32,8 @@ pub struct Layer<T> {
     gate: Linear<T>,
     up: Linear<T>,
     down: Linear<T>,
+    /// Whether the attention rotates q and k (SmolLM3 skips it on every fourth layer).
+    rope: bool,
     /// Qwen3's `self_attn.q_norm` and `k_norm` and the width each normalises over
     /// (`head_dim` for Qwen3).
     qk_norm: Option<(Norm<T>, Norm<T>, usize, usize)>,
@@ -60,6 +64,7 @@ impl<T: Copy> Layer<T> {
             gate: l.linear(&format!("{p}.mlp.gate_proj"), c.intermediate, h, c.mlp_bias)?,
             up: l.linear(&format!("{p}.mlp.up_proj"), c.intermediate, h, c.mlp_bias)?,
             down: l.linear(&format!("{p}.mlp.down_proj"), h, c.intermediate, c.mlp_bias)?,
+            rope: c.rope_layers.as_ref().is_none_or(|r| r[i]),
             qk_norm: match c.qk_norm {
                 None => None,
                 Some(kind) => {
@@ -127,7 +132,14 @@ pub fn forward<B: Backend>(
             k: &mut k,
             v: &v,
         };
-        b.attention(qkv, [q_heads, kv_heads, kv_heads], &mut att, rows, seq)?;
+        b.attention(
+            qkv,
+            [q_heads, kv_heads, kv_heads],
+            l.rope,
+            &mut att,
+            rows,
+            seq,
+        )?;
         b.linear_add(&att, &l.o, x, rows)?;
         b.norm(x, &l.post_norm, &mut normed, rows)?;
         b.linear(&normed, &l.gate, &mut gate, rows)?;

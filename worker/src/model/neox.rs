@@ -71,7 +71,7 @@ pub fn forward<B: Backend>(
         b.norm(x, &l.ln1, &mut normed, rows)?;
         b.linear(&normed, &l.qkv, &mut qkv, rows)?;
         let heads = [part(0), part(hd), part(2 * hd)];
-        b.attention(Qkv::Fused(&mut qkv), heads, &mut att, rows, seq)?;
+        b.attention(Qkv::Fused(&mut qkv), heads, true, &mut att, rows, seq)?;
         // With the parallel residual the MLP's norm reads x before the attention is
         // added (`normed` is free again once the q/k/v projection has read it).
         if c.parallel_residual {

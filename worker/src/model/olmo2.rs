@@ -100,7 +100,14 @@ pub fn forward<B: Backend>(
             k: &mut k,
             v: &v,
         };
-        b.attention(qkv, [q_heads, kv_heads, kv_heads], &mut att, rows, seq)?;
+        b.attention(
+            qkv,
+            [q_heads, kv_heads, kv_heads],
+            true,
+            &mut att,
+            rows,
+            seq,
+        )?;
         b.linear(&att, &l.o, &mut out, rows)?;
         b.norm_add(&out, &l.post_attention_norm, x, rows)?;
         b.to_input(x, &mut input, rows)?;
