@@ -253,6 +253,11 @@ fn smollm3_matches_transformers() {
 }
 
 #[test]
+fn baichuan2_matches_the_equivalent_llama_in_transformers() {
+    architecture_matches_transformers("baichuan");
+}
+
+#[test]
 fn qwen3_matches_transformers() {
     architecture_matches_transformers("qwen3");
 }

@@ -76,6 +76,7 @@ impl GpuModel {
         }
         if config.qk_norm.is_some()
             || config.arch == crate::model::Arch::Olmo2
+            || config.norm_head
             || config.plain_norms
             || config.clip_qkv.is_some()
             || config
@@ -86,7 +87,7 @@ impl GpuModel {
             // Qwen3's, OLMo's and OLMo 2's norms, OLMo's clipping and SmolLM3's
             // layers without RoPE have a CPU reference but no GPU path yet.
             return Err(GpuError::Request(format!(
-                "{}: not implemented on the GPU yet (its norms, clipping or layers without RoPE); evaluate it on the CPU with --gpus none",
+                "{}: not implemented on the GPU yet (its norms, clipping, layers without RoPE or normalised head); evaluate it on the CPU with --gpus none",
                 config.name
             )));
         }

@@ -9,7 +9,8 @@ use ckmerge_kernels::ops::Activation;
 use serde_json::{Map, Value};
 
 /// Architectures ckmerge can evaluate, by the name in `config.json`'s `architectures`.
-pub const SUPPORTED: [&str; 8] = [
+pub const SUPPORTED: [&str; 9] = [
+    "BaichuanForCausalLM",
     "LlamaForCausalLM",
     "SmolLM3ForCausalLM",
     "OlmoForCausalLM",
@@ -32,6 +33,8 @@ pub enum Arch {
     /// OLMo 2: no pre-norms; RMSNorms on the attention and MLP outputs before each
     /// residual add, and on the whole query and key projections.
     Olmo2,
+    /// Baichuan 2 7B: fused `W_pack` q/k/v, a row-normalised output head.
+    Baichuan,
 }
 
 /// RMSNorms on the query and key projections, before the rotary embedding.
@@ -90,6 +93,8 @@ pub struct ModelConfig {
     pub plain_norms: bool,
     /// Query, key and value projections clamped to `[-c, c]` (OLMo's `clip_qkv`).
     pub clip_qkv: Option<f32>,
+    /// The output head's rows are L2-normalised before use (Baichuan 2's `NormHead`).
+    pub norm_head: bool,
     /// Per layer, whether its attention uses RoPE (SmolLM3's `no_rope_layers`: 1 = RoPE,
     /// 0 = none); `None`: every layer does.
     pub rope_layers: Option<Vec<bool>>,
@@ -169,6 +174,16 @@ impl ModelConfig {
             | "Qwen3ForCausalLM" | "OlmoForCausalLM" | "SmolLM3ForCausalLM" => Arch::Llama,
             "GPTNeoXForCausalLM" => Arch::GptNeoX,
             "Olmo2ForCausalLM" => Arch::Olmo2,
+            // Baichuan's 13B models use ALiBi where the 7B uses RoPE; the configs do not
+            // say which. vLLM tells them apart by hidden size (4096: RoPE); every 13B
+            // (Baichuan-13B, Baichuan2-13B) has 5120, which is refused here, so smaller
+            // test models of the 7B's design are accepted too.
+            "BaichuanForCausalLM" if config.get("hidden_size").and_then(Value::as_u64) == Some(5120) => {
+                return Err(f.err(
+                    "BaichuanForCausalLM with hidden_size 5120 is a Baichuan 13B, whose ALiBi attention is not implemented for evaluation (merging works); the 7B (RoPE) is supported".into(),
+                ))
+            }
+            "BaichuanForCausalLM" => Arch::Baichuan,
             other => {
                 return Err(f.err(format!(
                     "architecture `{other}` is not supported for evaluation; supported: {} (merging works for any architecture)",
@@ -342,6 +357,7 @@ impl ModelConfig {
             plain_norms: olmo,
             clip_qkv,
             rope_layers,
+            norm_head: arch == Arch::Baichuan,
         })
     }
 

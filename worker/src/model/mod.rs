@@ -11,6 +11,7 @@
 //! in `config.rs`; both backends then run it.
 
 pub mod backend;
+pub mod baichuan;
 pub mod config;
 pub mod cpu;
 pub mod llama;
@@ -92,6 +93,7 @@ impl Arch {
             Arch::Llama => &llama::NAMES,
             Arch::GptNeoX => &neox::NAMES,
             Arch::Olmo2 => &olmo2::NAMES,
+            Arch::Baichuan => &baichuan::NAMES,
         }
     }
 }
@@ -101,6 +103,7 @@ pub enum Layers<T> {
     Llama(Vec<llama::Layer<T>>),
     NeoX(Vec<neox::Layer<T>>),
     Olmo2(Vec<olmo2::Layer<T>>),
+    Baichuan(Vec<baichuan::Layer<T>>),
 }
 
 impl<T: Copy> Layers<T> {
@@ -126,6 +129,11 @@ impl<T: Copy> Layers<T> {
                     .map(|i| olmo2::Layer::load(l, c, i))
                     .collect::<Result<_, _>>()?,
             ),
+            Arch::Baichuan => Layers::Baichuan(
+                layers
+                    .map(|i| baichuan::Layer::load(l, c, i))
+                    .collect::<Result<_, _>>()?,
+            ),
         })
     }
 
@@ -141,6 +149,7 @@ impl<T: Copy> Layers<T> {
             Layers::Llama(l) => llama::forward(b, l, x, rows, seq),
             Layers::NeoX(l) => neox::forward(b, l, x, rows, seq),
             Layers::Olmo2(l) => olmo2::forward(b, l, x, rows, seq),
+            Layers::Baichuan(l) => baichuan::forward(b, l, x, rows, seq),
         }
     }
 }
@@ -333,12 +342,32 @@ impl Model {
         infallible(cpu.norm(&picked, &head.norm, &mut normed, targets.len()));
         const SLAB: usize = 256;
         let mut logits = vec![0f32; SLAB.min(targets.len()) * c.vocab];
+        // Baichuan 2's NormHead: each row of the head divided by its L2 norm (as
+        // `nn.functional.normalize`, eps 1e-12), applied to the logits it produces.
+        let row_scale: Option<Vec<f32>> = c.norm_head.then(|| {
+            d(head.lm_head)
+                .chunks(h)
+                .map(|r| {
+                    let n = r
+                        .iter()
+                        .map(|&v| (v as f64) * (v as f64))
+                        .sum::<f64>()
+                        .sqrt();
+                    (1.0 / n.max(1e-12)) as f32
+                })
+                .collect()
+        });
         let mut total = 0.0f64;
         for (i, tg) in targets.chunks(SLAB).enumerate() {
             let m = tg.len();
             let xs = &normed[i * SLAB * h..(i * SLAB + m) * h];
             let out = &mut logits[..m * c.vocab];
             ops::linear(xs, m, h, d(head.lm_head), c.vocab, None, out);
+            if let Some(scale) = &row_scale {
+                for row in out.chunks_mut(c.vocab) {
+                    row.iter_mut().zip(scale).for_each(|(v, s)| *v *= s);
+                }
+            }
             total += ops::nll_sum(out, c.vocab, tg);
         }
         total
@@ -358,6 +387,23 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         ModelConfig::from_json(v.as_object().unwrap(), std::path::Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn baichuan_13b_is_refused_by_name_and_the_7b_design_accepted() {
+        let cfg = |hidden: usize| {
+            let text = format!(
+                r#"{{"architectures": ["BaichuanForCausalLM"], "hidden_size": {hidden},
+                    "intermediate_size": 13696, "num_hidden_layers": 40,
+                    "num_attention_heads": 40, "vocab_size": 125696, "rms_norm_eps": 1e-6}}"#
+            );
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            ModelConfig::from_json(v.as_object().unwrap(), std::path::Path::new("config.json"))
+        };
+        let e = cfg(5120).unwrap_err().to_string();
+        assert!(e.contains("Baichuan 13B") && e.contains("ALiBi"), "{e}");
+        let c = cfg(4096).unwrap();
+        assert!(c.arch == Arch::Baichuan && c.norm_head);
     }
 
     #[test]
