@@ -221,6 +221,18 @@ fn architecture_matches_transformers(name: &str) {
             want[key]["mean_nll"].as_f64().unwrap(),
         );
     }
+    // The merged model `ckmerge merge` wrote, loaded back by transformers, scored as the
+    // golden merge (recorded by the fixture script; Baichuan has no transformers class).
+    let loaded = &want["merge_0.5"]["written_by_ckmerge_loaded_in_transformers"];
+    if name != "baichuan" {
+        check(
+            &format!("{name}: ckmerge's merged output in transformers"),
+            loaded
+                .as_f64()
+                .expect("recorded by make_architectures.py --ckmerge"),
+            want["merge_0.5"]["mean_nll"].as_f64().unwrap(),
+        );
+    }
     // Their norms have no GPU kernels yet: asking for a GPU says so, naming the
     // architecture, before any device is touched (so this runs without one).
     let opts = EvalOptions {
