@@ -362,3 +362,58 @@ fn hub_revisions_resolve_from_the_local_cache_and_are_recorded() {
         "{stored}"
     );
 }
+
+/// A search over `.bin` checkpoints, end to end: workers load them, the final merge
+/// reads them, and the merged model is the safetensors merge at the same weights.
+#[test]
+fn a_search_over_bin_checkpoints_runs_to_its_merged_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "checkpoints = [{:?}, {:?}]\n[data]\nobjective = [{:?}]\nseq_len = 128\nmax_tokens = 4096\n\
+             [search]\nmax_evals = 3\n[output]\nmerge = true\n",
+            bin().join("llama/step-1250"),
+            bin().join("llama/step-1500"),
+            root().join("data/heldout.txt")
+        ),
+    )
+    .unwrap();
+    let run_dir = tmp.path().join("run");
+    let o = ckmerge(
+        "search",
+        &[
+            &"--config",
+            &cfg,
+            &"--run-dir",
+            &run_dir,
+            &"--local-workers",
+            &"1",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let merged = run_dir.join("merged");
+    let prov: Value =
+        serde_json::from_slice(&std::fs::read(merged.join("ckmerge.json")).unwrap()).unwrap();
+    let w: Vec<String> = prov["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["weight"].as_f64().unwrap().to_string())
+        .collect();
+    let want = tmp.path().join("want");
+    let o = ckmerge(
+        "merge",
+        &[
+            &root().join("llama/step-1250"),
+            &root().join("llama/step-1500"),
+            &"--weights",
+            &w.join(","),
+            &"--out",
+            &want,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(model(&merged) == model(&want));
+}

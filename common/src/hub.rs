@@ -27,8 +27,10 @@ pub struct HubRevision {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HubError {
-    #[error("{repo}@{revision}: not in the Hugging Face cache ({cache}); ckmerge never downloads. Fetch it with:\n  hf download {repo} --revision {revision}\n(or `huggingface-cli download` with older huggingface_hub), or pass the checkpoint's directory")]
+    #[error("{arg}: no such directory, and {repo}@{revision} is not in the Hugging Face cache ({cache}); ckmerge never downloads. If it is a Hub repository, fetch it with:\n  hf download {repo} --revision {revision}\n(or `huggingface-cli download` with older huggingface_hub); else check the checkpoint's path")]
     NotCached {
+        /// The argument as the user gave it.
+        arg: String,
         repo: String,
         revision: String,
         cache: PathBuf,
@@ -80,6 +82,7 @@ pub fn parse_repo_ref(arg: &str) -> Option<(String, String)> {
 pub fn snapshot(cache: &Path, repo: &str, revision: &str) -> Result<PathBuf, HubError> {
     let root = cache.join(format!("models--{}", repo.replace('/', "--")));
     let not_cached = || HubError::NotCached {
+        arg: format!("{repo}@{revision}"),
         repo: repo.into(),
         revision: revision.into(),
         cache: cache.into(),
@@ -123,7 +126,22 @@ pub fn resolve_in(arg: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Pa
         return Ok(arg.to_owned());
     }
     match arg.to_str().and_then(parse_repo_ref) {
-        Some((repo, revision)) => snapshot(&cache_dir(env), &repo, &revision),
+        Some((repo, revision)) => {
+            snapshot(&cache_dir(env), &repo, &revision).map_err(|e| match e {
+                HubError::NotCached {
+                    repo,
+                    revision,
+                    cache,
+                    ..
+                } => HubError::NotCached {
+                    arg: arg.display().to_string(),
+                    repo,
+                    revision,
+                    cache,
+                },
+                e => e,
+            })
+        }
         None => Ok(arg.to_owned()),
     }
 }
