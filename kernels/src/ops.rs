@@ -79,6 +79,14 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         });
 }
 
+/// A row's mean and `1 / sqrt(var + eps)` (biased variance), in f64.
+fn mean_and_scale(x: &[f32], eps: f32) -> (f64, f64) {
+    let h = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / h;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / h;
+    (mean, 1.0 / (var + eps as f64).sqrt())
+}
+
 /// LayerNorm over rows of `h`: `out = (x - mean) / sqrt(var + eps) * w + b` (biased
 /// variance, as `torch.nn.LayerNorm`).
 pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
@@ -87,9 +95,7 @@ pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
     out.par_chunks_mut(h)
         .zip(x.par_chunks(h))
         .for_each(|(o, x)| {
-            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / h as f64;
-            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / h as f64;
-            let r = 1.0 / (var + eps as f64).sqrt();
+            let (mean, r) = mean_and_scale(x, eps);
             for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
                 *o = (((x as f64 - mean) * r) as f32) * w + b;
             }
@@ -103,9 +109,7 @@ pub fn layer_norm_plain(x: &[f32], h: usize, eps: f32, out: &mut [f32]) {
     out.par_chunks_mut(h)
         .zip(x.par_chunks(h))
         .for_each(|(o, x)| {
-            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / h as f64;
-            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / h as f64;
-            let r = 1.0 / (var + eps as f64).sqrt();
+            let (mean, r) = mean_and_scale(x, eps);
             for (o, &x) in o.iter_mut().zip(x) {
                 *o = ((x as f64 - mean) * r) as f32;
             }

@@ -54,6 +54,25 @@ pub struct Heads {
     pub heads: usize,
 }
 
+impl Heads {
+    /// The layouts of separate q, k and v projections (`[rows, heads * head_dim]` and
+    /// `[rows, kv_heads * head_dim]`): `(q, k and v)`.
+    pub fn separate(c: &ModelConfig) -> (Heads, Heads) {
+        let q = Heads {
+            row_stride: c.heads * c.head_dim,
+            offset: 0,
+            head_stride: c.head_dim,
+            heads: c.heads,
+        };
+        let kv = Heads {
+            row_stride: c.kv_heads * c.head_dim,
+            heads: c.kv_heads,
+            ..q
+        };
+        (q, kv)
+    }
+}
+
 /// The attention's inputs: separate q, k and v projections (Llama), or one fused
 /// projection holding all three (GPT-NeoX). q and k are rotated in place where a backend
 /// rotates them before the product.

@@ -102,17 +102,7 @@ pub fn forward<B: Backend>(
         b.rows(rows * c.intermediate)?,
         b.rows(rows * c.intermediate)?,
     );
-    let q_heads = Heads {
-        row_stride: qd,
-        offset: 0,
-        head_stride: hd,
-        heads: c.heads,
-    };
-    let kv_heads = Heads {
-        row_stride: kvd,
-        heads: c.kv_heads,
-        ..q_heads
-    };
+    let (q_heads, kv_heads) = Heads::separate(c);
     for l in layers {
         b.norm(x, &l.in_norm, &mut normed, rows)?;
         b.linear(&normed, &l.q, &mut q, rows)?;
