@@ -47,6 +47,10 @@ pub enum TorchFileError {
         "the pickle imports `{0}`, which a state dict never needs; refused without running it"
     )]
     Forbidden(String),
+    /// A torch global outside the allowed set: a tensor kind this reader does not read
+    /// (quantized, sparse, a subclass, a dtype without a typed storage class).
+    #[error("the pickle needs `{0}`, a torch object for tensors other than plain dense ones (quantized, sparse, a tensor subclass, or a dtype such as uint16 or float8); not read, and not run: save a plain state dict of float tensors")]
+    UnsupportedTorch(String),
     #[error("saved in torch's legacy format (torch < 1.6, a bare pickle stream); re-save it with a newer torch: torch.save(torch.load(f), f2), or convert the model to safetensors")]
     Legacy,
     #[error("{0}")]
@@ -293,6 +297,10 @@ fn resolve(module: &str, name: &str) -> Result<Global, TorchFileError> {
         ("torch._utils", "_rebuild_parameter") => Ok(Global::RebuildParameter),
         ("torch", n) if n.ends_with("Storage") && element_size(&n[..n.len() - 7]).is_some() => {
             Ok(Global::StorageClass(n[..n.len() - 7].to_owned()))
+        }
+        ("torch", _) => Err(TorchFileError::UnsupportedTorch(format!("{module}.{name}"))),
+        (m, _) if m.starts_with("torch.") => {
+            Err(TorchFileError::UnsupportedTorch(format!("{module}.{name}")))
         }
         _ => Err(TorchFileError::Forbidden(format!("{module}.{name}"))),
     }
@@ -787,6 +795,13 @@ mod tests {
         let pkl = b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93X\x01\x00\x00\x001\x85R.";
         let e = read_state_dict(&archive(pkl, &[])).unwrap_err();
         assert_eq!(e, TorchFileError::Forbidden("builtins.eval".into()));
+        // A torch function outside the set is not called either, and named as such.
+        let pkl = b"\x80\x02ctorch._utils\n_rebuild_qtensor\n)R.";
+        let e = read_state_dict(&archive(pkl, &[])).unwrap_err();
+        assert_eq!(
+            e,
+            TorchFileError::UnsupportedTorch("torch._utils._rebuild_qtensor".into())
+        );
     }
 
     #[test]
