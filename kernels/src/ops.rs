@@ -211,6 +211,32 @@ pub fn causal_attention(
     head_dim: usize,
     scale: f32,
 ) {
+    causal_attention_biased(
+        q, ql, k, v, kvl, out, ol, batch, seq, n_heads, n_kv_heads, head_dim, scale, None,
+    )
+}
+
+/// [`causal_attention`] with ALiBi: `slopes[h] * j` added to query head `h`'s score for
+/// key position `j` (Baichuan 13B's `_gen_alibi_mask`; softmax makes it the same as
+/// `slopes[h] * (j - i)`).
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_biased(
+    q: &[f32],
+    ql: HeadLayout,
+    k: &[f32],
+    v: &[f32],
+    kvl: HeadLayout,
+    out: &mut [f32],
+    ol: HeadLayout,
+    batch: usize,
+    seq: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    alibi: Option<&[f32]>,
+) {
+    assert!(alibi.is_none_or(|s| s.len() == n_heads));
     assert!(
         n_heads.is_multiple_of(n_kv_heads),
         "query heads must be a multiple of key/value heads"
@@ -259,6 +285,12 @@ pub fn causal_attention(
             for i in 0..seq {
                 let row = &mut scores[i * seq..(i + 1) * seq];
                 let (live, masked) = row.split_at_mut(i + 1);
+                if let Some(slopes) = alibi {
+                    let m = slopes[h];
+                    live.iter_mut()
+                        .enumerate()
+                        .for_each(|(j, s)| *s += m * j as f32);
+                }
                 softmax_in_place(live);
                 masked.fill(0.0);
             }

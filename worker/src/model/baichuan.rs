@@ -5,8 +5,8 @@
 //! are L2-normalised at inference (`nn.functional.normalize(weight)`), so a merge merges
 //! the raw head and the evaluator normalises it, as the model does
 //! ([`super::ModelConfig::norm_head`], applied in `Model::head_nll`). The 13B uses ALiBi
-//! instead of RoPE and is refused in `config.rs`. Tensor names are spelled here and
-//! nowhere else.
+//! instead of RoPE ([`super::ModelConfig::alibi`]; how the config says which is in
+//! `config.rs`). Tensor names are spelled here and nowhere else.
 
 use super::backend::{Backend, Heads, Linear, Norm, Qkv, TensorLookup, WeightError};
 use super::config::ModelConfig;
@@ -74,7 +74,9 @@ pub fn forward<B: Backend>(
         b.norm(x, &l.in_norm, &mut normed, rows)?;
         b.linear(&normed, &l.w_pack, &mut qkv, rows)?;
         let heads = [part(0), part(1), part(2)];
-        b.attention(Qkv::Fused(&mut qkv), heads, true, &mut att, rows, seq)?;
+        // The 13B's ALiBi replaces RoPE (the backend adds it from the config).
+        let rope = c.alibi.is_none();
+        b.attention(Qkv::Fused(&mut qkv), heads, rope, &mut att, rows, seq)?;
         b.linear_add(&att, &l.o, x, rows)?;
         b.norm(x, &l.post_norm, &mut normed, rows)?;
         b.linear(&normed, &l.gate, &mut gate, rows)?;

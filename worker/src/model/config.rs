@@ -95,6 +95,8 @@ pub struct ModelConfig {
     pub clip_qkv: Option<f32>,
     /// The output head's rows are L2-normalised before use (Baichuan 2's `NormHead`).
     pub norm_head: bool,
+    /// ALiBi slopes per head in place of RoPE (Baichuan 13B).
+    pub alibi: Option<Vec<f32>>,
     /// Per layer, whether its attention uses RoPE (SmolLM3's `no_rope_layers`: 1 = RoPE,
     /// 0 = none); `None`: every layer does.
     pub rope_layers: Option<Vec<bool>>,
@@ -154,6 +156,27 @@ impl Fields<'_> {
     }
 }
 
+/// ALiBi slopes for `n` heads as Baichuan 13B computes them (`_get_interleave`, the
+/// ALiBi paper's: a geometric series from 2^(-8/n) for a power of two; otherwise the
+/// nearest lower power's slopes plus every other slope of twice that many), in f64, then
+/// rounded to f32 as `torch.Tensor(list)` does.
+pub fn alibi_slopes(n: usize) -> Vec<f32> {
+    fn power_of_two(n: usize) -> Vec<f64> {
+        let start = 2f64.powf(-(2f64.powf(-((n as f64).log2() - 3.0))));
+        (0..n).map(|i| start * start.powi(i as i32)).collect()
+    }
+    fn interleave(n: usize) -> Vec<f64> {
+        if n.is_power_of_two() {
+            return power_of_two(n);
+        }
+        let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
+        let mut out = power_of_two(p);
+        out.extend(interleave(2 * p).into_iter().step_by(2).take(n - p));
+        out
+    }
+    interleave(n).into_iter().map(|s| s as f32).collect()
+}
+
 impl ModelConfig {
     /// Resolves `config` (the contents of `file`) into a model configuration.
     pub fn from_json(config: &Map<String, Value>, file: &Path) -> Result<ModelConfig, ConfigError> {
@@ -174,15 +197,6 @@ impl ModelConfig {
             | "Qwen3ForCausalLM" | "OlmoForCausalLM" | "SmolLM3ForCausalLM" => Arch::Llama,
             "GPTNeoXForCausalLM" => Arch::GptNeoX,
             "Olmo2ForCausalLM" => Arch::Olmo2,
-            // Baichuan's 13B models use ALiBi where the 7B uses RoPE; the configs do not
-            // say which. vLLM tells them apart by hidden size (4096: RoPE); every 13B
-            // (Baichuan-13B, Baichuan2-13B) has 5120, which is refused here, so smaller
-            // test models of the 7B's design are accepted too.
-            "BaichuanForCausalLM" if config.get("hidden_size").and_then(Value::as_u64) == Some(5120) => {
-                return Err(f.err(
-                    "BaichuanForCausalLM with hidden_size 5120 is a Baichuan 13B, whose ALiBi attention is not implemented for evaluation (merging works); the 7B (RoPE) is supported".into(),
-                ))
-            }
             "BaichuanForCausalLM" => Arch::Baichuan,
             other => {
                 return Err(f.err(format!(
@@ -284,6 +298,14 @@ impl ModelConfig {
                 None
             };
         let olmo = arch_name == "OlmoForCausalLM";
+        // Baichuan's 13B models use ALiBi where the 7B uses RoPE, and their configs do not
+        // say which. vLLM tells them apart by hidden size (4096: RoPE, else ALiBi); every
+        // released 13B has 5120 and no `max_position_embeddings` (its code reads
+        // `model_max_length`). RoPE here: hidden 4096, or a config with
+        // `max_position_embeddings` that is not 5120 wide (small models of the 7B's design).
+        let alibi = arch == Arch::Baichuan
+            && hidden != 4096
+            && (hidden == 5120 || f.get("max_position_embeddings").is_none());
         let clip_qkv = match f.get("clip_qkv") {
             None => None,
             Some(v) => Some(v.as_f64().filter(|c| *c > 0.0).ok_or_else(|| {
@@ -331,7 +353,10 @@ impl ModelConfig {
             heads,
             kv_heads,
             head_dim,
-            max_positions: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+            max_positions: match f.opt_usize("max_position_embeddings")? {
+                Some(n) => n,
+                None => f.opt_usize("model_max_length")?.unwrap_or(2048),
+            },
             // OLMo's LayerNorm has its eps written into the code, not the config.
             norm_eps: if olmo {
                 1e-5
@@ -358,6 +383,7 @@ impl ModelConfig {
             clip_qkv,
             rope_layers,
             norm_head: arch == Arch::Baichuan,
+            alibi: alibi.then(|| alibi_slopes(heads)),
         })
     }
 

@@ -200,7 +200,7 @@ impl Backend for Cpu<'_> {
             head_stride: hd,
         };
         let scale = 1.0 / (hd as f32).sqrt();
-        ops::causal_attention(
+        ops::causal_attention_biased(
             &q[hq.offset..],
             layout(hq),
             &k[hk.offset..],
@@ -214,6 +214,7 @@ impl Backend for Cpu<'_> {
             hk.heads,
             hd,
             scale,
+            c.alibi.as_deref(),
         );
         Ok(())
     }

@@ -390,7 +390,7 @@ mod tests {
     }
 
     #[test]
-    fn baichuan_13b_is_refused_by_name_and_the_7b_design_accepted() {
+    fn baichuan_13b_uses_alibi_and_the_7b_rope() {
         let cfg = |hidden: usize| {
             let text = format!(
                 r#"{{"architectures": ["BaichuanForCausalLM"], "hidden_size": {hidden},
@@ -400,10 +400,15 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(&text).unwrap();
             ModelConfig::from_json(v.as_object().unwrap(), std::path::Path::new("config.json"))
         };
-        let e = cfg(5120).unwrap_err().to_string();
-        assert!(e.contains("Baichuan 13B") && e.contains("ALiBi"), "{e}");
+        // Baichuan2-13B's shape: ALiBi, with its slopes for 40 heads (the first 32 a
+        // geometric series from 2^-0.25, then every other one of 80's).
+        let c = cfg(5120).unwrap();
+        let s = c.alibi.as_ref().expect("the 13B uses ALiBi");
+        assert_eq!(s.len(), 40);
+        assert!((s[0] - 2f32.powf(-0.25)).abs() < 1e-7 && (s[31] - 2f32.powi(-8)).abs() < 1e-9);
+        assert!((s[32] - 2f32.powf(-0.125)).abs() < 1e-7);
         let c = cfg(4096).unwrap();
-        assert!(c.arch == Arch::Baichuan && c.norm_head);
+        assert!(c.arch == Arch::Baichuan && c.norm_head && c.alibi.is_none());
     }
 
     #[test]
