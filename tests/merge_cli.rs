@@ -506,6 +506,7 @@ fn config_mismatch_is_rejected() {
 
 #[test]
 fn unsupported_dtype_is_rejected() {
+    // A float in one checkpoint and an integer in another: not the same model.
     expect_rejected(
         |b| {
             rewrite_safetensors(&shard_holding(b, T), |ts| {
@@ -513,8 +514,101 @@ fn unsupported_dtype_is_rejected() {
                 t.1 = Dtype::I16;
             });
         },
-        &[T, "I16", "F32, BF16 and F16"],
+        &[T, "missing from"],
     );
+    // A sub-byte float ckmerge can neither merge nor copy.
+    expect_rejected(
+        |b| {
+            rewrite_safetensors(&shard_holding(b, T), |ts| {
+                let t = ts.iter_mut().find(|t| t.0 == T).unwrap();
+                t.1 = Dtype::F4;
+                t.2 = vec![t.3.len() * 2];
+            });
+        },
+        &[T, "F4", "neither merge"],
+    );
+}
+
+/// Issue 15, item 2: tensors that are not floats (a bool mask, an integer table) were
+/// refused. They are copied from the first checkpoint when every checkpoint holds the
+/// same bytes, and refused by name when they differ; never averaged.
+#[test]
+fn non_float_tensors_are_copied_when_equal_and_refused_when_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    copy_dir(&fixtures().join("step-100"), &a);
+    copy_dir(&fixtures().join("step-200"), &b);
+    let mask: Vec<u8> = (0..64u8).map(|i| i % 3 / 2).collect();
+    let ids: Vec<u8> = (0..16i64).flat_map(|i| (i * 7).to_le_bytes()).collect();
+    let add = |dir: &Path, ids: Vec<u8>| {
+        let single = dir.join("model.safetensors");
+        let file = if single.exists() {
+            single
+        } else {
+            shard_holding(dir, T)
+        };
+        rewrite_safetensors(&file, |ts| {
+            ts.push((
+                "model.causal_mask".into(),
+                Dtype::BOOL,
+                vec![8, 8],
+                mask.clone(),
+            ));
+            ts.push(("model.position_ids".into(), Dtype::I64, vec![16], ids));
+        });
+        // A sharded checkpoint's index lists every tensor.
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
+            let mut v: Value = serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+            let shard = v["weight_map"][T].clone();
+            v["weight_map"]["model.causal_mask"] = shard.clone();
+            v["weight_map"]["model.position_ids"] = shard;
+            std::fs::write(&index, serde_json::to_vec(&v).unwrap()).unwrap();
+        }
+    };
+    add(&a, ids.clone());
+    add(&b, ids.clone());
+    let out = tmp.path().join("merged");
+    let o = ckmerge(&[&a, &b, &"--lambda", &"0.5", &"--out", &out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let merged = read_model(&out);
+    assert_eq!(
+        merged["model.causal_mask"],
+        (Dtype::BOOL, vec![8, 8], mask.clone())
+    );
+    assert_eq!(
+        merged["model.position_ids"],
+        (Dtype::I64, vec![16], ids.clone())
+    );
+    // The float tensors are merged as without them.
+    let plain = tmp.path().join("plain");
+    let o = ckmerge(&[
+        &fixtures().join("step-100"),
+        &fixtures().join("step-200"),
+        &"--lambda",
+        &"0.5",
+        &"--out",
+        &plain,
+    ]);
+    assert!(o.status.success());
+    let plain = read_model(&plain);
+    assert_eq!(merged.len(), plain.len() + 2);
+    for (name, t) in &plain {
+        assert_eq!(&merged[name], t, "{name}");
+    }
+    // verify checks the copied tensors too.
+    let o = support::ckmerge("verify", &[&out]);
+    assert!(o.status.success(), "{}", support::stdout(&o));
+
+    // Different integers in the two checkpoints: refused, naming the tensor.
+    let c = tmp.path().join("c");
+    copy_dir(&fixtures().join("step-300"), &c);
+    let mut other = ids.clone();
+    other[0] ^= 1;
+    add(&c, other);
+    let out2 = tmp.path().join("merged2");
+    let o = ckmerge(&[&a, &c, &"--lambda", &"0.5", &"--out", &out2]);
+    assert_failed_cleanly(&o, &out2, &["model.position_ids", "never averaged"]);
 }
 
 #[test]

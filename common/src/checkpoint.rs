@@ -46,6 +46,11 @@ pub struct TensorEntry {
     /// Absolute byte range of the data inside the shard file.
     pub start: usize,
     pub end: usize,
+    /// A tensor ckmerge copies instead of merging (not F32, BF16 or F16: a bool mask, an
+    /// integer table, f64): its safetensors dtype name and element size. Such entries are
+    /// in [`Checkpoint::copied`], never in [`Checkpoint::tensors`] (whose `dtype` they
+    /// would misstate).
+    pub copied: Option<(String, usize)>,
 }
 
 impl TensorEntry {
@@ -74,6 +79,10 @@ pub struct Checkpoint {
     /// Tensors in storage order (shard, then offset): the order `save_pretrained` wrote
     /// them, which is the model's module order.
     pub tensors: Vec<TensorEntry>,
+    /// Tensors that are not floats ckmerge merges: a merge copies them from the first
+    /// checkpoint, after `check_compatible` has checked that every checkpoint holds the
+    /// same bytes (they are never averaged).
+    pub copied: Vec<TensorEntry>,
     by_name: HashMap<String, usize>,
 }
 
@@ -107,17 +116,22 @@ impl Checkpoint {
             return Err(CheckpointError::NoWeights { dir: dir.into() });
         };
         drop_aliases(&mut tensors);
+        let (copied, tensors): (Vec<TensorEntry>, Vec<TensorEntry>) =
+            tensors.into_iter().partition(|t| t.copied.is_some());
 
         let mut by_name = HashMap::with_capacity(tensors.len());
-        for (i, t) in tensors.iter().enumerate() {
-            if let Some(&j) = by_name.get(&t.name) {
-                let first: &TensorEntry = &tensors[j];
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for t in tensors.iter().chain(&copied) {
+            if let Some(&shard) = seen.get(t.name.as_str()) {
                 return Err(CheckpointError::DuplicateTensor {
                     file: shards[t.shard].path.clone(),
-                    other: shards[first.shard].path.clone(),
+                    other: shards[shard].path.clone(),
                     tensor: t.name.clone(),
                 });
             }
+            seen.insert(&t.name, t.shard);
+        }
+        for (i, t) in tensors.iter().enumerate() {
             by_name.insert(t.name.clone(), i);
         }
         Ok(Checkpoint {
@@ -125,12 +139,18 @@ impl Checkpoint {
             config,
             shards,
             tensors,
+            copied,
             by_name,
         })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
         self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The copied (non-float) tensor `name`, if any.
+    pub fn copied_tensor(&self, name: &str) -> Option<&TensorEntry> {
+        self.copied.iter().find(|t| t.name == name)
     }
 
     /// The raw little-endian bytes of `t`, straight from the mapping.
@@ -273,13 +293,21 @@ fn map_shard(
     let data_start = 8 + header_len;
     let mut tensors = Vec::new();
     for (name, info) in header.tensors().into_iter().filter(|(n, _)| !skip(n)) {
-        let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| {
-            CheckpointError::UnsupportedDtype {
-                file: path.into(),
-                tensor: name.clone(),
-                dtype: format!("{:?}", info.dtype),
+        let (dtype, copied) = match DType::from_safetensors(info.dtype) {
+            Some(d) => (d, None),
+            // Copied, not merged; whole bytes only (sub-byte floats are refused).
+            None if info.dtype.bitsize().is_multiple_of(8) => (
+                DType::F32,
+                Some((info.dtype.to_string(), info.dtype.bitsize() / 8)),
+            ),
+            None => {
+                return Err(CheckpointError::UnsupportedDtype {
+                    file: path.into(),
+                    tensor: name.clone(),
+                    dtype: info.dtype.to_string(),
+                })
             }
-        })?;
+        };
         tensors.push(TensorEntry {
             name,
             dtype,
@@ -287,6 +315,7 @@ fn map_shard(
             shard: shard_idx,
             start: data_start + info.data_offsets.0,
             end: data_start + info.data_offsets.1,
+            copied,
         });
     }
     tensors.sort_by_key(|t| t.start);
@@ -322,16 +351,30 @@ fn map_torch_file(
     })?;
     let mut tensors = Vec::with_capacity(stored.len());
     for t in stored.into_iter().filter(|t| !skip(&t.name)) {
-        let dtype = match t.storage.as_str() {
-            "Float" => DType::F32,
-            "BFloat16" => DType::BF16,
-            "Half" => DType::F16,
+        // Floats ckmerge merges, or the safetensors name of a type it copies.
+        let (dtype, copied) = match t.storage.as_str() {
+            "Float" => (DType::F32, None),
+            "BFloat16" => (DType::BF16, None),
+            "Half" => (DType::F16, None),
             other => {
-                return Err(CheckpointError::UnsupportedDtype {
-                    file: path.into(),
-                    tensor: t.name,
-                    dtype: format!("torch {other}"),
-                })
+                let name = match other {
+                    "Bool" => "BOOL",
+                    "Byte" => "U8",
+                    "Char" => "I8",
+                    "Short" => "I16",
+                    "Int" => "I32",
+                    "Long" => "I64",
+                    "Double" => "F64",
+                    _ => {
+                        return Err(CheckpointError::UnsupportedDtype {
+                            file: path.into(),
+                            tensor: t.name,
+                            dtype: format!("torch {other}"),
+                        })
+                    }
+                };
+                let size = torch_file::element_size(other).expect("a known storage");
+                (DType::F32, Some((name.to_string(), size)))
             }
         };
         tensors.push(TensorEntry {
@@ -341,6 +384,7 @@ fn map_torch_file(
             shard: shard_idx,
             start: t.start,
             end: t.end,
+            copied,
         });
     }
     // Storage order, as for safetensors; a shared storage keeps its tensors in dict order.
@@ -361,7 +405,15 @@ fn map_torch_file(
 fn drop_aliases(tensors: &mut Vec<TensorEntry>) {
     let mut seen = std::collections::HashSet::new();
     tensors.retain(|t| {
-        let first = seen.insert((t.shard, t.start, t.end, t.dtype, t.shape.clone()));
+        let key = (
+            t.shard,
+            t.start,
+            t.end,
+            t.dtype,
+            t.copied.clone(),
+            t.shape.clone(),
+        );
+        let first = seen.insert(key);
         if !first {
             tracing::debug!(
                 "`{}` is another tensor's storage (a tied weight): dropped",

@@ -81,6 +81,43 @@ pub fn check_compatible(ckpts: &[Checkpoint]) -> Result<(), CheckpointError> {
                 ));
             }
         }
+        // Tensors a merge copies (not floats it merges) must be the same in every
+        // checkpoint: byte for byte, since they are copied from the first, never averaged.
+        for t in &first.copied {
+            let dtype = |t: &crate::TensorEntry| t.copied.clone().unwrap_or_default().0;
+            match other.copied_tensor(&t.name) {
+                None => problems.push(format!(
+                    "tensor `{}` ({}): in {} but missing from {} (or a float there)",
+                    t.name,
+                    dtype(t),
+                    first.shard_path(t).display(),
+                    other.dir.display()
+                )),
+                Some(u) if u.shape != t.shape || u.copied != t.copied || other.bytes(u) != first.bytes(t) => {
+                    problems.push(format!(
+                        "tensor `{}` ({} {:?}) differs between {} and {} ({} {:?}): tensors that are not F32, BF16 or F16 are copied from the first checkpoint, never averaged, so they must be equal in all",
+                        t.name,
+                        dtype(t),
+                        t.shape,
+                        first.shard_path(t).display(),
+                        other.shard_path(u).display(),
+                        dtype(u),
+                        u.shape
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        for u in &other.copied {
+            if first.copied_tensor(&u.name).is_none() {
+                problems.push(format!(
+                    "tensor `{}`: in {} but missing from {} (or a float there)",
+                    u.name,
+                    other.shard_path(u).display(),
+                    first.dir.display()
+                ));
+            }
+        }
     }
 
     if problems.is_empty() {

@@ -33,7 +33,7 @@ pub enum CheckpointError {
     #[error("{file}: not a valid safetensors file ({reason}); it is truncated or corrupt: re-copy or re-save this shard")]
     BadSafetensors { file: PathBuf, reason: String },
 
-    #[error("{file}: tensor `{tensor}` has dtype {dtype}; ckmerge merges only F32, BF16 and F16 tensors")]
+    #[error("{file}: tensor `{tensor}` has dtype {dtype}, which ckmerge can neither merge (F32, BF16, F16) nor copy (whole-byte types equal in every checkpoint)")]
     UnsupportedDtype {
         file: PathBuf,
         tensor: String,

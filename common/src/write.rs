@@ -26,14 +26,26 @@ pub struct TensorSpec {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<usize>,
+    /// A tensor copied rather than merged (not a float ckmerge merges: a bool mask, an
+    /// integer table): its safetensors dtype name and element size; `dtype` is unused.
+    pub copied: Option<(String, usize)>,
 }
 
 impl TensorSpec {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+    pub fn element_size(&self) -> usize {
+        self.copied.as_ref().map_or(self.dtype.size(), |c| c.1)
+    }
     pub fn nbytes(&self) -> u64 {
-        (self.numel() * self.dtype.size()) as u64
+        (self.numel() * self.element_size()) as u64
+    }
+    /// The dtype as the safetensors header names it.
+    pub fn header_dtype(&self) -> &str {
+        self.copied
+            .as_ref()
+            .map_or(self.dtype.safetensors_name(), |c| c.0.as_str())
     }
 }
 
@@ -111,7 +123,7 @@ fn safetensors_header(
         let end = offset + s.nbytes();
         obj.insert(
             s.name.clone(),
-            json!({"dtype": s.dtype.safetensors_name(), "shape": s.shape, "data_offsets": [offset, end]}),
+            json!({"dtype": s.header_dtype(), "shape": s.shape, "data_offsets": [offset, end]}),
         );
         offset = end;
     }
@@ -497,6 +509,7 @@ mod tests {
         TensorSpec {
             name: name.into(),
             dtype: DType::BF16,
+            copied: None,
             shape: vec![n],
         }
     }

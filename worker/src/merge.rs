@@ -53,7 +53,7 @@ fn plan_pieces(specs: &[TensorSpec], tensors: &[usize], data_start: u64) -> Vec<
     let mut pieces = Vec::new();
     let mut offset = data_start;
     for &i in tensors {
-        let size = specs[i].dtype.size();
+        let size = specs[i].element_size();
         let n = specs[i].numel();
         let per = (PIECE_BYTES / size).max(1);
         let mut start = 0;
@@ -191,15 +191,24 @@ pub fn merge_to_dir(
         [one] => json!(one),
         all => json!(all),
     };
-    let specs: Vec<TensorSpec> = first
+    // The merged tensors, then those copied from the first source (checked equal in all
+    // by check_compatible), written after them.
+    let mut specs: Vec<TensorSpec> = first
         .tensors
         .iter()
         .map(|t| TensorSpec {
             name: t.name.clone(),
             dtype: req.dtype.unwrap_or(t.dtype),
             shape: t.shape.clone(),
+            copied: None,
         })
         .collect();
+    specs.extend(first.copied.iter().map(|t| TensorSpec {
+        name: t.name.clone(),
+        dtype: t.dtype,
+        shape: t.shape.clone(),
+        copied: t.copied.clone(),
+    }));
     let abs_sources: Vec<String> = req
         .sources
         .iter()
@@ -260,8 +269,20 @@ pub fn merge_to_dir(
                 // An error here means the writer stopped; its error is reported below.
                 let mut buf = free_rx.recv().map_err(|_| ())?;
                 let spec = &specs[p.tensor];
-                let out_bytes = p.len * spec.dtype.size();
+                let out_bytes = p.len * spec.element_size();
                 let out = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut buf)[..out_bytes];
+                if spec.copied.is_some() {
+                    // Not merged: the first source's bytes (equal in all, checked).
+                    let t = first.copied_tensor(&spec.name).expect("listed from it");
+                    let sz = spec.element_size();
+                    let (lo, hi) = (p.start * sz, (p.start + p.len) * sz);
+                    out.copy_from_slice(&first.bytes(t)[lo..hi]);
+                    first.release(t, lo, hi);
+                    bytes_read.fetch_add(out_bytes as u64, Ordering::Relaxed);
+                    full_tx.send((p.offset, buf, out_bytes)).map_err(|_| ())?;
+                    progress.advance(out_bytes as u64);
+                    return Ok(());
+                }
                 let srcs: Vec<_> = ckpts
                     .iter()
                     .map(|c| c.tensor(&spec.name).expect("checked by check_compatible"))

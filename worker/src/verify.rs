@@ -210,6 +210,19 @@ pub fn verify(
             ));
         }
     }
+    // Tensors the merge copied (not floats it merges): the first source's bytes.
+    for t in &ckpts[0].copied {
+        report.tensors_checked += 1;
+        match out.copied_tensor(&t.name) {
+            Some(o) if o.copied == t.copied && out.bytes(o) == ckpts[0].bytes(t) => {}
+            Some(_) => report
+                .bad_tensors
+                .push(format!("{}: differs from the copied source tensor", t.name)),
+            None => report
+                .bad_tensors
+                .push(format!("{}: missing from the output", t.name)),
+        }
+    }
     Ok(report)
 }
 
