@@ -237,7 +237,12 @@ impl Evaluator {
                         .collect(),
                 })
                 .collect();
-            let store = ParamStore::new(names.clone(), shapes);
+            let mut store = ParamStore::new(names.clone(), shapes);
+            // The f32 working copy is allocated zeroed, which the allocator gives as
+            // untouched pages: resident only once the first merge writes it. Touch it
+            // now, so the resident memory a worker reports after loading (its table in
+            // the report) is what it holds while it evaluates.
+            store.data.iter_mut().for_each(|d| d.fill(0.0));
             let model = Model::new_part(config.clone(), &store, seq_len, part.clone()).map_err(
                 |cause| EvalError::Weights {
                     dir: first.dir.clone(),
