@@ -37,6 +37,46 @@ impl<T> Norm<T> {
     }
 }
 
+/// The gated MLP of the Llama family (`{prefix}.gate_proj`, `up_proj`, `down_proj`):
+/// `down(act(gate(x)) * up(x))`.
+#[derive(Clone, Copy, Debug)]
+pub struct GatedMlp<T> {
+    gate: Linear<T>,
+    up: Linear<T>,
+    down: Linear<T>,
+}
+
+impl<T: Copy> GatedMlp<T> {
+    /// The MLP under `prefix` (`model.layers.3.mlp`), with the shapes `c` implies.
+    pub fn load<L: TensorLookup<Tensor = T>>(
+        l: &L,
+        c: &ModelConfig,
+        prefix: &str,
+    ) -> Result<GatedMlp<T>, WeightError> {
+        let (h, i, bias) = (c.hidden, c.intermediate, c.mlp_bias);
+        Ok(GatedMlp {
+            gate: l.linear(&format!("{prefix}.gate_proj"), i, h, bias)?,
+            up: l.linear(&format!("{prefix}.up_proj"), i, h, bias)?,
+            down: l.linear(&format!("{prefix}.down_proj"), h, i, bias)?,
+        })
+    }
+
+    /// `residual += down(act(gate(x)) * up(x))`, with `gate` and `up` as scratch rows
+    /// (`rows x intermediate` each).
+    pub fn add<B: Backend<Tensor = T>>(
+        &self,
+        b: &B,
+        x: &B::Input,
+        (gate, up): (&mut B::Rows, &mut B::Rows),
+        residual: &mut B::Rows,
+        rows: usize,
+    ) -> Result<(), B::Error> {
+        b.linear(x, &self.gate, gate, rows)?;
+        b.linear(x, &self.up, up, rows)?;
+        b.mlp_out(gate, Some(up), &self.down, residual, rows)
+    }
+}
+
 /// The final norm and the output head (the embedding itself when tied).
 #[derive(Clone, Copy, Debug)]
 pub struct Head<T> {

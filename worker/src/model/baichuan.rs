@@ -8,7 +8,7 @@
 //! instead of RoPE ([`super::ModelConfig::alibi`]; how the config says which is in
 //! `config.rs`). Tensor names are spelled here and nowhere else.
 
-use super::backend::{Backend, Heads, Linear, Norm, Qkv, TensorLookup, WeightError};
+use super::backend::{Backend, GatedMlp, Heads, Linear, Norm, Qkv, TensorLookup, WeightError};
 use super::config::ModelConfig;
 use super::Names;
 
@@ -20,9 +20,7 @@ pub struct Layer<T> {
     post_norm: Norm<T>,
     w_pack: Linear<T>,
     o: Linear<T>,
-    gate: Linear<T>,
-    up: Linear<T>,
-    down: Linear<T>,
+    mlp: GatedMlp<T>,
 }
 
 impl<T: Copy> Layer<T> {
@@ -39,9 +37,7 @@ impl<T: Copy> Layer<T> {
             post_norm: l.norm(&format!("{p}.post_attention_layernorm"), h, false)?,
             w_pack: l.linear(&format!("{p}.self_attn.W_pack"), 3 * h, h, false)?,
             o: l.linear(&format!("{p}.self_attn.o_proj"), h, h, false)?,
-            gate: l.linear(&format!("{p}.mlp.gate_proj"), c.intermediate, h, false)?,
-            up: l.linear(&format!("{p}.mlp.up_proj"), c.intermediate, h, false)?,
-            down: l.linear(&format!("{p}.mlp.down_proj"), h, c.intermediate, false)?,
+            mlp: GatedMlp::load(l, c, &format!("{p}.mlp"))?,
         })
     }
 }
@@ -79,9 +75,7 @@ pub fn forward<B: Backend>(
         b.attention(Qkv::Fused(&mut qkv), heads, rope, &mut att, rows, seq)?;
         b.linear_add(&att, &l.o, x, rows)?;
         b.norm(x, &l.post_norm, &mut normed, rows)?;
-        b.linear(&normed, &l.gate, &mut gate, rows)?;
-        b.linear(&normed, &l.up, &mut up, rows)?;
-        b.mlp_out(&mut gate, Some(&up), &l.down, x, rows)?;
+        l.mlp.add(b, &normed, (&mut gate, &mut up), x, rows)?;
     }
     Ok(())
 }

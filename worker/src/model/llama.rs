@@ -9,7 +9,7 @@
 //! `no_rope_layers` marks 0.
 //! Tensor names are spelled here and nowhere else.
 
-use super::backend::{Backend, Heads, Linear, Norm, Qkv, TensorLookup, WeightError};
+use super::backend::{Backend, GatedMlp, Heads, Linear, Norm, Qkv, TensorLookup, WeightError};
 use super::config::{ModelConfig, QkNorm};
 use super::Names;
 
@@ -29,9 +29,7 @@ pub struct Layer<T> {
     k: Linear<T>,
     v: Linear<T>,
     o: Linear<T>,
-    gate: Linear<T>,
-    up: Linear<T>,
-    down: Linear<T>,
+    mlp: GatedMlp<T>,
     /// Whether the attention rotates q and k (SmolLM3 skips it on every fourth layer).
     rope: bool,
     /// Qwen3's `self_attn.q_norm` and `k_norm` and the width each normalises over
@@ -61,9 +59,7 @@ impl<T: Copy> Layer<T> {
             k: l.linear(&format!("{p}.self_attn.k_proj"), kvd, h, c.qkv_bias)?,
             v: l.linear(&format!("{p}.self_attn.v_proj"), kvd, h, c.qkv_bias)?,
             o: l.linear(&format!("{p}.self_attn.o_proj"), h, qd, c.o_bias)?,
-            gate: l.linear(&format!("{p}.mlp.gate_proj"), c.intermediate, h, c.mlp_bias)?,
-            up: l.linear(&format!("{p}.mlp.up_proj"), c.intermediate, h, c.mlp_bias)?,
-            down: l.linear(&format!("{p}.mlp.down_proj"), h, c.intermediate, c.mlp_bias)?,
+            mlp: GatedMlp::load(l, c, &format!("{p}.mlp"))?,
             rope: c.rope_layers.as_ref().is_none_or(|r| r[i]),
             qk_norm: match c.qk_norm {
                 None => None,
@@ -132,9 +128,7 @@ pub fn forward<B: Backend>(
         )?;
         b.linear_add(&att, &l.o, x, rows)?;
         b.norm(x, &l.post_norm, &mut normed, rows)?;
-        b.linear(&normed, &l.gate, &mut gate, rows)?;
-        b.linear(&normed, &l.up, &mut up, rows)?;
-        b.mlp_out(&mut gate, Some(&up), &l.down, x, rows)?;
+        l.mlp.add(b, &normed, (&mut gate, &mut up), x, rows)?;
     }
     Ok(())
 }

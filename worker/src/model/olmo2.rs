@@ -6,7 +6,7 @@
 //! (`q_norm [heads * head_dim]`, `k_norm [kv_heads * head_dim]`) before the rotary
 //! embedding. Tensor names are spelled here and nowhere else.
 
-use super::backend::{Backend, Heads, Linear, Norm, Qkv, TensorLookup, WeightError};
+use super::backend::{Backend, GatedMlp, Heads, Linear, Norm, Qkv, TensorLookup, WeightError};
 use super::config::ModelConfig;
 use super::Names;
 
@@ -28,9 +28,7 @@ pub struct Layer<T> {
     k_norm: Norm<T>,
     post_attention_norm: Norm<T>,
     post_feedforward_norm: Norm<T>,
-    gate: Linear<T>,
-    up: Linear<T>,
-    down: Linear<T>,
+    mlp: GatedMlp<T>,
 }
 
 impl<T: Copy> Layer<T> {
@@ -51,9 +49,7 @@ impl<T: Copy> Layer<T> {
             k_norm: l.norm(&format!("{p}.self_attn.k_norm"), kvd, false)?,
             post_attention_norm: l.norm(&format!("{p}.post_attention_layernorm"), h, false)?,
             post_feedforward_norm: l.norm(&format!("{p}.post_feedforward_layernorm"), h, false)?,
-            gate: l.linear(&format!("{p}.mlp.gate_proj"), c.intermediate, h, c.mlp_bias)?,
-            up: l.linear(&format!("{p}.mlp.up_proj"), c.intermediate, h, c.mlp_bias)?,
-            down: l.linear(&format!("{p}.mlp.down_proj"), h, c.intermediate, c.mlp_bias)?,
+            mlp: GatedMlp::load(l, c, &format!("{p}.mlp"))?,
         })
     }
 }
@@ -101,10 +97,8 @@ pub fn forward<B: Backend>(
         b.linear(&att, &l.o, &mut out, rows)?;
         b.norm_add(&out, &l.post_attention_norm, x, rows)?;
         b.to_input(x, &mut input, rows)?;
-        b.linear(&input, &l.gate, &mut gate, rows)?;
-        b.linear(&input, &l.up, &mut up, rows)?;
         b.zero(&mut out)?;
-        b.mlp_out(&mut gate, Some(&up), &l.down, &mut out, rows)?;
+        l.mlp.add(b, &input, (&mut gate, &mut up), &mut out, rows)?;
         b.norm_add(&out, &l.post_feedforward_norm, x, rows)?;
     }
     Ok(())
