@@ -171,7 +171,8 @@ struct WorkerArgs {
 #[derive(Args)]
 struct EvalArgs {
     /// Hugging Face model directories, or `org/name@revision` in the local Hugging Face
-    /// cache; several need --weights or --lambda.
+    /// cache; several need --weights, --lambda or an average (--ema, --wma, --window,
+    /// --minus-sqrt; checkpoints oldest first).
     #[arg(required = true, value_name = "CKPT")]
     checkpoints: Vec<PathBuf>,
 
@@ -603,7 +604,7 @@ fn run_verify(mut args: VerifyArgs) -> Result<()> {
 fn run_merge(mut args: MergeArgs) -> Result<()> {
     args.checkpoints = checkpoint_dirs(&args.checkpoints)?;
     if !args.w.given() {
-        bail!("give --weights (one per checkpoint) or, for two checkpoints, --lambda");
+        bail!("give --weights (one per checkpoint), --lambda for two checkpoints, or an average along the run (--ema A, --wma, --window K, --minus-sqrt)");
     }
     let weights = args
         .w

@@ -83,8 +83,10 @@ pub struct BoConfig {
     pub nugget: f64,
     /// Random candidates per proposal (plus local refinement around the best).
     pub n_candidates: usize,
-    /// No proposal closer than this (Euclidean, cube units) to an observed, failed,
-    /// pending or already proposed point.
+    /// No proposal closer than this to an observed, failed, pending or already proposed
+    /// point, measured between their merge weights (Euclidean over all weights, every
+    /// group's included): two points with the same weights are the same merge, whatever
+    /// their coordinates.
     pub min_distance: f64,
     /// Converged when the best expected improvement (standardised units) stays below
     /// this for `converge_rounds` consecutive rounds.
@@ -161,6 +163,8 @@ pub enum StopReason {
     MaxEvals,
     WallTime,
     Converged,
+    /// Every point of a finite space (a family over whole windows) has been evaluated.
+    Exhausted,
 }
 
 /// The whole optimiser state; serialise it to resume.
@@ -244,6 +248,17 @@ impl Optimizer {
         {
             return Some(StopReason::Converged);
         }
+        if let Some(m) = self.space.finite_points() {
+            let mut seen: Vec<&Vec<f64>> = Vec::new();
+            for o in &self.observations {
+                if !seen.iter().any(|s| dist(s, &o.u) < 1e-12) {
+                    seen.push(&o.u);
+                }
+            }
+            if seen.len() >= m {
+                return Some(StopReason::Exhausted);
+            }
+        }
         None
     }
 
@@ -270,6 +285,12 @@ impl Optimizer {
         if chosen.len() == q || self.successes().count() < 2 {
             self.fill_without_model(q, &taken, &mut chosen);
             self.round += 1;
+            if chosen.len() < q {
+                return Err(format!(
+                    "every point of the space is evaluated or running ({} proposed of {q} asked)",
+                    chosen.len()
+                ));
+            }
             return Ok(chosen);
         }
         let xs: Vec<Vec<f64>> = self.successes().map(|o| o.u.clone()).collect();
@@ -291,7 +312,7 @@ impl Optimizer {
         let mut fantasy = Fantasy::new(gp, unobserved, joint_mode)?;
         self.judge_last_model_step(best);
         if self.config.model_steps && self.model_misses < 2 && chosen.len() < q {
-            let all: Vec<Vec<f64>> = taken.iter().chain(&chosen).cloned().collect();
+            let all = taken.with(&self.space, &chosen);
             if let Some(x) = self.model_step(&xs, &ys, &all) {
                 fantasy.add(&x)?;
                 self.last_model_point = Some(x.clone());
@@ -317,25 +338,29 @@ impl Optimizer {
 
     /// Every point a proposal must keep away from: `pending`, the observed ones and the
     /// failed ones (unless `retry_failed`).
-    fn taken(&self, pending: &[Vec<f64>]) -> Vec<Vec<f64>> {
-        let mut taken: Vec<Vec<f64>> = pending.to_vec();
+    fn taken(&self, pending: &[Vec<f64>]) -> Taken {
+        let mut taken = Taken::new(self.config.min_distance);
+        for p in pending {
+            taken.push(&self.space, p.clone());
+        }
         for o in &self.observations {
             if o.value.is_some() || !self.config.retry_failed {
-                taken.push(o.u.clone());
+                taken.push(&self.space, o.u.clone());
             }
         }
         taken
     }
 
     /// Up to `q` points of the initial design not yet taken.
-    fn design_points(&self, q: usize, taken: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    fn design_points(&self, q: usize, taken: &Taken) -> Vec<Vec<f64>> {
         let mut chosen: Vec<Vec<f64>> = Vec::new();
-        for p in self.design(taken) {
+        let mut all = taken.clone();
+        for p in self.design(&taken.u) {
             if chosen.len() == q {
                 break;
             }
-            let all: Vec<Vec<f64>> = taken.iter().chain(&chosen).cloned().collect();
-            if far(&p, &all, self.config.min_distance) {
+            if all.far(&self.space, &p) {
+                all.push(&self.space, p.clone());
                 chosen.push(p);
             }
         }
@@ -345,13 +370,19 @@ impl Optimizer {
     /// Fills `chosen` up to `q` while there is no model (the design is still running, or
     /// fewer than two values): random points, or in 1-D the middle of the widest gap (a
     /// random lambda can land next to a point already running).
-    fn fill_without_model(&self, q: usize, taken: &[Vec<f64>], chosen: &mut Vec<Vec<f64>>) {
+    fn fill_without_model(&self, q: usize, taken: &Taken, chosen: &mut Vec<Vec<f64>>) {
         let mut rng = self.rng(1);
+        let mut all = taken.with(&self.space, chosen);
+        let mut tries = 0;
         while chosen.len() < q {
+            tries += 1;
+            if tries > 10_000 {
+                // A discrete space with every point taken: propose fewer.
+                break;
+            }
             let p: Vec<f64> = match self.space {
-                SearchSpace::Lambda { .. } => {
-                    let mut xs: Vec<f64> =
-                        taken.iter().chain(chosen.iter()).map(|t| t[0]).collect();
+                SearchSpace::Lambda { .. } | SearchSpace::Family { .. } if tries < 64 => {
+                    let mut xs: Vec<f64> = all.u.iter().map(|t| t[0]).collect();
                     xs.extend([0.0, 1.0]);
                     xs.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
                     let (lo, hi) = xs
@@ -359,12 +390,12 @@ impl Optimizer {
                         .map(|w| (w[0], w[1]))
                         .max_by(|a, b| (a.1 - a.0).partial_cmp(&(b.1 - b.0)).expect("finite"))
                         .expect("two ends");
-                    vec![0.5 * (lo + hi)]
+                    self.space.project(&[0.5 * (lo + hi)])
                 }
-                _ => (0..self.space.dim()).map(|_| rng.gen()).collect(),
+                _ => self.space.sample(&mut rng),
             };
-            let all: Vec<Vec<f64>> = taken.iter().chain(chosen.iter()).cloned().collect();
-            if far(&p, &all, self.config.min_distance) {
+            if all.far(&self.space, &p) {
+                all.push(&self.space, p.clone());
                 chosen.push(p);
             }
         }
@@ -451,9 +482,11 @@ impl Optimizer {
 
     /// The minimum of a low-order model through the observations, where the space has one
     /// ([`Optimizer::parabolic_step`], [`Optimizer::quadratic_step`]).
-    fn model_step(&self, xs: &[Vec<f64>], ys: &[f64], taken: &[Vec<f64>]) -> Option<Vec<f64>> {
+    fn model_step(&self, xs: &[Vec<f64>], ys: &[f64], taken: &Taken) -> Option<Vec<f64>> {
         match self.space {
-            SearchSpace::Lambda { .. } => self.parabolic_step(xs, ys, taken),
+            SearchSpace::Lambda { .. } | SearchSpace::Family { .. } => {
+                self.parabolic_step(xs, ys, taken)
+            }
             SearchSpace::Simplex { .. } => self.quadratic_step(xs, ys, taken),
             SearchSpace::Cube { .. } | SearchSpace::Grouped { .. } => None,
         }
@@ -469,14 +502,14 @@ impl Optimizer {
         fantasy: &mut Fantasy,
         best_std: f64,
         incumbents: &[Vec<f64>],
-        taken: &[Vec<f64>],
+        taken: &Taken,
         chosen: &mut Vec<Vec<f64>>,
     ) -> Result<f64, String> {
         let mut acq_used: Option<Acquisition> = None;
         let mut best_ei = f64::INFINITY;
         while chosen.len() < q {
             let k = chosen.len() as u64;
-            let all: Vec<Vec<f64>> = taken.iter().chain(chosen.iter()).cloned().collect();
+            let all = taken.with(&self.space, chosen);
             let cands = self.candidates(incumbents, &all, k);
             if cands.is_empty() {
                 return Err("no candidate point is far enough from the points already evaluated; the space is exhausted at this resolution".into());
@@ -586,9 +619,47 @@ impl Fantasy {
     }
 }
 
-/// Whether `p` is at least `d` from every point of `taken`.
-fn far(p: &[f64], taken: &[Vec<f64>], d: f64) -> bool {
-    taken.iter().all(|t| dist(p, t) >= d)
+/// The points a proposal must keep away from, with their merge weights: distinctness is
+/// judged on weights (see `BoConfig::min_distance`).
+#[derive(Clone)]
+pub(super) struct Taken {
+    pub u: Vec<Vec<f64>>,
+    w: Vec<Vec<f64>>,
+    min_distance: f64,
+}
+
+impl Taken {
+    fn new(min_distance: f64) -> Taken {
+        Taken {
+            u: Vec::new(),
+            w: Vec::new(),
+            min_distance,
+        }
+    }
+
+    pub(super) fn push(&mut self, space: &SearchSpace, u: Vec<f64>) {
+        self.w.push(space.weights(&u));
+        self.u.push(u);
+    }
+
+    /// A copy with `more` points.
+    pub(super) fn with(&self, space: &SearchSpace, more: &[Vec<f64>]) -> Taken {
+        let mut t = self.clone();
+        for p in more {
+            t.push(space, p.clone());
+        }
+        t
+    }
+
+    /// Whether the merge of point `p` differs from every taken one by at least the
+    /// minimum distance.
+    pub(super) fn far(&self, space: &SearchSpace, p: &[f64]) -> bool {
+        self.far_weights(&space.weights(p))
+    }
+
+    pub(super) fn far_weights(&self, w: &[f64]) -> bool {
+        self.w.iter().all(|t| dist(w, t) >= self.min_distance)
+    }
 }
 
 fn dist(a: &[f64], b: &[f64]) -> f64 {
@@ -798,6 +869,85 @@ mod tests {
             }
         }
         assert!(o.best().unwrap().value.unwrap() < quad(&space.cube(&[0.25, 0.25, 0.25, 0.25])));
+    }
+
+    /// No two trials of a 4-way simplex search are the same merge: every pair of weight
+    /// vectors at least the minimum distance apart. (Stick-breaking coordinates with the
+    /// distance taken on them evaluated a vertex twice: every cube point with `u_0 = 1` is
+    /// the first checkpoint alone.)
+    #[test]
+    fn a_simplex_search_never_evaluates_the_same_merge_twice() {
+        // A landscape like a trajectory's: best towards the latest checkpoints, the
+        // single checkpoints far worse, so the search is drawn to the edges too.
+        let target = [0.05, 0.15, 0.35, 0.45];
+        let f = |w: &[f64]| {
+            3.0 + w
+                .iter()
+                .zip(target)
+                .map(|(a, t)| (a - t).powi(2))
+                .sum::<f64>()
+                + 0.3 * w.iter().map(|x| x.powi(4)).sum::<f64>()
+        };
+        for seed in 0..3 {
+            for q in [1, 4] {
+                let space = SearchSpace::simplex(vec![0.0; 4]).unwrap();
+                let mut o = Optimizer::new(
+                    space,
+                    BoConfig {
+                        seed,
+                        max_evals: 30,
+                        ..Default::default()
+                    },
+                );
+                while o.stop_reason(0.0).is_none() {
+                    for u in o.propose(q, &[]).unwrap() {
+                        let v = f(&o.space.weights(&u));
+                        o.tell(u, Ok(v));
+                    }
+                }
+                let w: Vec<&Vec<f64>> = o.observations.iter().map(|x| &x.weights).collect();
+                for i in 0..w.len() {
+                    for j in 0..i {
+                        assert!(
+                            dist(w[i], w[j]) >= o.config.min_distance,
+                            "seed {seed}, q {q}: trials {j} and {i} are the same merge {:?} {:?}",
+                            w[j],
+                            w[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_window_search_evaluates_each_window_once_then_stops() {
+        let n = 6;
+        let space = SearchSpace::family(crate::bo::space::Family::Window, n).unwrap();
+        let mut o = Optimizer::new(
+            space,
+            BoConfig {
+                max_evals: 50,
+                ..Default::default()
+            },
+        );
+        // Best: the last 4.
+        let f = |w: &[f64]| {
+            let k = w.iter().filter(|&&x| x > 0.0).count() as f64;
+            (k - 4.0).powi(2)
+        };
+        let mut rounds = 0;
+        while o.stop_reason(0.0).is_none() && rounds < 20 {
+            for u in o.propose(1, &[]).unwrap() {
+                let v = f(&o.space.weights(&u));
+                o.tell(u, Ok(v));
+            }
+            rounds += 1;
+        }
+        assert_eq!(o.stop_reason(0.0), Some(StopReason::Exhausted));
+        assert_eq!(o.observations.len(), n, "each window once");
+        assert_eq!(o.best().unwrap().value, Some(0.0));
+        assert!(o.propose(1, &[]).is_err());
     }
 
     #[test]

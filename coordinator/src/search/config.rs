@@ -15,6 +15,7 @@ use ckmerge_worker::model::ModelConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::bo::optimizer::Strategy;
+use crate::bo::space::Family;
 use crate::bo::{Acquisition, BoConfig, SearchSpace};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -34,7 +35,7 @@ pub struct SearchConfig {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum SpaceConfig {
     /// The paper's space: two checkpoints `[prev, cur]`, `lambda * cur + (1 - lambda) * prev`.
     Lambda {
@@ -48,6 +49,15 @@ pub enum SpaceConfig {
     },
     /// One simplex weight vector per tensor group (see `ckmerge_worker::groups`).
     Groups { groups: Grouping },
+    /// The exponential moving average of the checkpoints (oldest first), its decay
+    /// searched (see `crate::bo::space::Family`).
+    Ema {},
+    /// The linearly weighted average of the latest k checkpoints, k searched.
+    Wma {},
+    /// The uniform average of the latest k checkpoints, k searched.
+    Window {},
+    /// Megatron-LM's minus-sqrt coefficients over the latest k checkpoints, k searched.
+    MinusSqrt {},
 }
 
 impl Default for SpaceConfig {
@@ -298,6 +308,10 @@ impl SearchConfig {
                     n,
                 })
             }
+            SpaceConfig::Ema {} => SearchSpace::family(Family::Ema, n),
+            SpaceConfig::Wma {} => SearchSpace::family(Family::Wma, n),
+            SpaceConfig::Window {} => SearchSpace::family(Family::Window, n),
+            SpaceConfig::MinusSqrt {} => SearchSpace::family(Family::MinusSqrt, n),
         };
         s.map_err(|e| anyhow::anyhow!("space: {e}"))
     }

@@ -221,6 +221,26 @@ fn resume_state(cfg: &SearchConfig, run_dir: &Path) -> Result<Resumed> {
             _ => unreachable!("finished holds done and failed records"),
         })
         .collect();
+    // A journal written before the space's coordinates changed (the simplex was searched
+    // through stick-breaking before 0.2) holds points in the old coordinates: the weights
+    // are the truth, so the points are recomputed from them, and a snapshot of such a run
+    // is not used.
+    let point_of = |rec: &Record| -> Vec<f64> {
+        match rec {
+            Record::Done { u, weights, .. } | Record::Failed { u, weights, .. } => {
+                let p = space.cube(weights);
+                let same = p.len() == u.len() && p.iter().zip(u).all(|(a, b)| (a - b).abs() < 1e-9);
+                if same {
+                    u.clone()
+                } else {
+                    p
+                }
+            }
+            _ => unreachable!("finished holds done and failed records"),
+        }
+    };
+    let current: Vec<Vec<f64>> = r.finished.iter().map(point_of).collect();
+    let coordinates_current = current.iter().zip(&finished_u).all(|(a, b)| a == *b);
     let snapshot: Option<Optimizer> = std::fs::read(run_dir.join(SNAPSHOT_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
@@ -241,6 +261,7 @@ fn resume_state(cfg: &SearchConfig, run_dir: &Path) -> Result<Resumed> {
     let opt = match snapshot {
         Some(mut s)
             if s.space == space
+                && coordinates_current
                 && s.observations.len() == finished_u.len()
                 && s.observations
                     .iter()
@@ -252,11 +273,11 @@ fn resume_state(cfg: &SearchConfig, run_dir: &Path) -> Result<Resumed> {
         }
         _ => {
             let mut o = Optimizer::new(space, bo);
-            for rec in &r.finished {
+            for (rec, u) in r.finished.iter().zip(current) {
                 match rec {
-                    Record::Done { u, mean_nll, .. } => o.tell(u.clone(), Ok(*mean_nll)),
-                    Record::Failed { u, errors, .. } => o.tell(
-                        u.clone(),
+                    Record::Done { mean_nll, .. } => o.tell(u, Ok(*mean_nll)),
+                    Record::Failed { errors, .. } => o.tell(
+                        u,
                         Err(errors
                             .iter()
                             .map(|(w, e)| format!("{w}: {e}"))
@@ -280,9 +301,11 @@ fn resume_state(cfg: &SearchConfig, run_dir: &Path) -> Result<Resumed> {
     for (id, rec) in &r.in_flight {
         if let Record::Issued { u, weights, .. } = rec {
             let errors = r.attempts.get(id).cloned().unwrap_or_default();
+            let p = opt.space.cube(weights);
+            let same = p.len() == u.len() && p.iter().zip(u).all(|(a, b)| (a - b).abs() < 1e-9);
             requeue.push(scheduler::Requeued {
                 id: *id,
-                u: u.clone(),
+                u: if same { u.clone() } else { p },
                 weights: weights.clone(),
                 errors,
             });

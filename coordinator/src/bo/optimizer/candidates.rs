@@ -2,7 +2,7 @@
 
 use rand::Rng;
 
-use super::{dist, Optimizer};
+use super::{Optimizer, Taken};
 use crate::bo::acquisition::Acquisition;
 use crate::bo::gp::Surrogate;
 
@@ -12,28 +12,27 @@ impl Optimizer {
     pub(super) fn candidates(
         &self,
         incumbents: &[Vec<f64>],
-        taken: &[Vec<f64>],
+        taken: &Taken,
         salt: u64,
     ) -> Vec<Vec<f64>> {
-        let d = self.space.dim();
         let mut rng = self.rng(100 + salt);
         let mut out = Vec::with_capacity(self.config.n_candidates + 64);
         for _ in 0..self.config.n_candidates {
-            out.push((0..d).map(|_| rng.gen::<f64>()).collect::<Vec<f64>>());
+            out.push(self.space.sample(&mut rng));
         }
         // Around the incumbents, where the minimum most likely is.
         for x in incumbents.iter().take(8) {
             for s in [0.1, 0.02] {
                 for _ in 0..8 {
-                    out.push(
-                        x.iter()
-                            .map(|v| (v + s * (rng.gen::<f64>() * 2.0 - 1.0)).clamp(0.0, 1.0))
-                            .collect(),
-                    );
+                    let moved: Vec<f64> = x
+                        .iter()
+                        .map(|v| v + s * (rng.gen::<f64>() * 2.0 - 1.0))
+                        .collect();
+                    out.push(self.space.project(&moved));
                 }
             }
         }
-        out.retain(|p| taken.iter().all(|t| dist(p, t) >= self.config.min_distance));
+        out.retain(|p| taken.far(&self.space, p));
         out
     }
 
@@ -48,7 +47,7 @@ impl Optimizer {
         sd: &[f64],
         acq: Acquisition,
         best: f64,
-        taken: &[Vec<f64>],
+        taken: &Taken,
         salt: u64,
     ) -> Vec<f64> {
         let p = self.config.acq;
@@ -71,7 +70,7 @@ impl Optimizer {
         cands: &[Vec<f64>],
         scores: Vec<f64>,
         score: &dyn Fn(&[Vec<f64>]) -> Vec<f64>,
-        taken: &[Vec<f64>],
+        taken: &Taken,
         salt: u64,
         tag: u64,
     ) -> Vec<f64> {
@@ -88,14 +87,12 @@ impl Optimizer {
             let mut trial: Vec<(usize, Vec<f64>)> = Vec::with_capacity(starts.len() * 16);
             for (k, (_, x)) in starts.iter().enumerate() {
                 for _ in 0..16 {
-                    let t: Vec<f64> = x
+                    let moved: Vec<f64> = x
                         .iter()
-                        .map(|c| (c + step * (rng.gen::<f64>() * 2.0 - 1.0)).clamp(0.0, 1.0))
+                        .map(|c| c + step * (rng.gen::<f64>() * 2.0 - 1.0))
                         .collect();
-                    if taken
-                        .iter()
-                        .all(|q| dist(&t, q) >= self.config.min_distance)
-                    {
+                    let t = self.space.project(&moved);
+                    if taken.far(&self.space, &t) {
                         trial.push((k, t));
                     }
                 }

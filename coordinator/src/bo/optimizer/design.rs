@@ -12,7 +12,11 @@ impl Optimizer {
     /// `taken`: every point observed, failed or pending (see [`Optimizer::lambda_probe`]).
     pub(super) fn design(&self, taken: &[Vec<f64>]) -> Vec<Vec<f64>> {
         let mut pts = self.space.anchor_points(self.config.center);
-        if self.config.center && matches!(self.space, SearchSpace::Lambda { .. }) {
+        let one_d = matches!(
+            self.space,
+            SearchSpace::Lambda { .. } | SearchSpace::Family { .. }
+        );
+        if self.config.center && one_d {
             match self.lambda_probe(taken) {
                 Some(p) => pts[2] = p,
                 None => {
@@ -65,10 +69,10 @@ impl Optimizer {
                 .find(|o| (o.u[0] - x).abs() < eps)
                 .and_then(|o| o.value)
         };
-        Some(vec![match (at(0.0), at(1.0)) {
+        Some(self.space.project(&[match (at(0.0), at(1.0)) {
             (Some(a), Some(b)) if a > b => 0.75,
             (Some(a), Some(b)) if a < b => 0.25,
             _ => 0.5,
-        }])
+        }]))
     }
 }

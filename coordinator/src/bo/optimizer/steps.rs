@@ -2,7 +2,7 @@
 //! along lambda, a quadratic on a 3-way simplex), proposed beside the acquisition's picks
 //! where merge landscapes are smooth enough for it.
 
-use super::{dist, Optimizer};
+use super::{Optimizer, Taken};
 use crate::bo::space::SearchSpace;
 
 impl Optimizer {
@@ -18,9 +18,13 @@ impl Optimizer {
         &self,
         xs: &[Vec<f64>],
         ys: &[f64],
-        taken: &[Vec<f64>],
+        taken: &Taken,
     ) -> Option<Vec<f64>> {
-        if !matches!(self.space, SearchSpace::Lambda { .. }) || xs.len() < 3 {
+        let one_d = matches!(
+            self.space,
+            SearchSpace::Lambda { .. } | SearchSpace::Family { .. }
+        );
+        if !one_d || xs.len() < 3 {
             return None;
         }
         let mut pts: Vec<(f64, f64)> = xs.iter().map(|x| x[0]).zip(ys.iter().copied()).collect();
@@ -49,11 +53,8 @@ impl Optimizer {
         if !(convex && v > lo && v < hi) {
             return None;
         }
-        let x = vec![v];
-        taken
-            .iter()
-            .all(|t| dist(&x, t) >= self.config.min_distance)
-            .then_some(x)
+        let x = self.space.project(&[v]);
+        taken.far(&self.space, &x).then_some(x)
     }
 
     /// On the simplex: least-squares fit of the isotropic quadratic
@@ -68,7 +69,7 @@ impl Optimizer {
         &self,
         xs: &[Vec<f64>],
         ys: &[f64],
-        taken: &[Vec<f64>],
+        taken: &Taken,
     ) -> Option<Vec<f64>> {
         let SearchSpace::Simplex { lower } = &self.space else {
             return None;
@@ -114,10 +115,7 @@ impl Optimizer {
             return None;
         }
         let x = self.space.cube(&w);
-        taken
-            .iter()
-            .all(|t| dist(&x, t) >= self.config.min_distance)
-            .then_some(x)
+        taken.far(&self.space, &x).then_some(x)
     }
 }
 

@@ -570,6 +570,9 @@ impl Scheduler {
                 }
                 Some(crate::bo::StopReason::WallTime) => "wall-time budget spent".into(),
                 Some(crate::bo::StopReason::Converged) => "converged".into(),
+                Some(crate::bo::StopReason::Exhausted) => {
+                    "every member of the family evaluated".into()
+                }
             },
         )
     }
