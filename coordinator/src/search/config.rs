@@ -719,6 +719,36 @@ mod tests {
     }
 
     #[test]
+    fn family_spaces_are_spelt_as_the_averages_are() {
+        let ckpts = "checkpoints = [\"a\", \"b\", \"c\", \"d\"]\n[data]\nobjective = [\"x\"]\n";
+        for (kind, family) in [
+            ("ema", Family::Ema),
+            ("wma", Family::Wma),
+            ("window", Family::Window),
+            ("minus-sqrt", Family::MinusSqrt),
+        ] {
+            let c: SearchConfig =
+                toml::from_str(&format!("{ckpts}[space]\nkind = \"{kind}\"\n")).unwrap();
+            assert_eq!(
+                c.search_space().unwrap(),
+                SearchSpace::Family { family, n: 4 },
+                "{kind}"
+            );
+        }
+        let e = toml::from_str::<SearchConfig>(&format!(
+            "{ckpts}[space]\nkind = \"ema\"\ndecay = 0.5\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("decay"), "{e}");
+        let c: SearchConfig = toml::from_str(
+            "checkpoints = [\"a\"]\n[data]\nobjective = [\"x\"]\n[space]\nkind = \"window\"\n",
+        )
+        .unwrap();
+        let e = c.search_space().unwrap_err().to_string();
+        assert!(e.contains("at least two checkpoints"), "{e}");
+    }
+
+    #[test]
     fn resume_conflicts_name_the_objective_fields_only() {
         let a: SearchConfig =
             toml::from_str("checkpoints = [\"a\", \"b\"]\n[data]\nobjective = [\"x\"]\n").unwrap();

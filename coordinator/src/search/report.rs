@@ -16,6 +16,7 @@ use super::journal::Record;
 use super::plots;
 use super::scheduler::WorkerSummary;
 use crate::bo::{Optimizer, SearchSpace};
+use ckmerge_common::weights::Average;
 
 /// Which point a reference is: the comparisons the report draws are found by kind, never
 /// by position or label.
@@ -25,6 +26,9 @@ pub enum ReferenceKind {
     Source(usize),
     /// The uniform average of the sources.
     Uniform,
+    /// An average practitioners take along a run (EMA, WMA, a last-k window,
+    /// minus-sqrt), over the sources in the order given (oldest first).
+    Average,
     /// The best weights the search found.
     BestFound,
 }
@@ -83,6 +87,11 @@ pub struct Improvement {
     pub change_vs_best_source_pct: f64,
     pub uniform_perplexity: f64,
     pub change_vs_uniform_pct: f64,
+    /// The best of the averages along the run (EMA, WMA, last-k windows, minus-sqrt,
+    /// the uniform average) on this data set; with three or more checkpoints.
+    pub best_average: Option<String>,
+    pub best_average_perplexity: Option<f64>,
+    pub change_vs_best_average_pct: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -119,8 +128,10 @@ pub fn checkpoint_label(p: &Path) -> String {
         .unwrap_or_else(|| p.display().to_string())
 }
 
-/// Each source alone, the uniform average and the best weights (`best`, a `done` record),
-/// as weight vectors of `space` (per group for a group search). `labels` names the sources.
+/// Each source alone, the uniform average, the averages along the run (with three or more
+/// sources, [`trajectory_averages`]) and the best weights (`best`, a `done` record), as
+/// weight vectors of `space` (per group for a group search: every group the same).
+/// `labels` names the sources.
 pub fn reference_points(
     space: &SearchSpace,
     labels: &[String],
@@ -146,6 +157,23 @@ pub fn reference_points(
         label: "uniform average".into(),
         weights: tile(vec![1.0 / n as f64; n]),
     });
+    for avg in trajectory_averages(n) {
+        let w = avg.weights(n);
+        // Skip one that is a point already listed (the last 1 is the latest source).
+        let same = |r: &ReferencePoint| {
+            r.weights
+                .iter()
+                .zip(tile(w.clone()))
+                .all(|(a, b)| (a - b).abs() < 1e-12)
+        };
+        if !out.iter().any(same) {
+            out.push(ReferencePoint {
+                kind: ReferenceKind::Average,
+                label: avg.label(n),
+                weights: tile(w),
+            });
+        }
+    }
     if let Some(Record::Done { weights, .. }) = best {
         out.push(ReferencePoint {
             kind: ReferenceKind::BestFound,
@@ -154,6 +182,29 @@ pub fn reference_points(
         });
     }
     out
+}
+
+/// The averages along a run every report with three or more checkpoints compares the
+/// best found with (the uniform average is listed on its own): PMA's EMA at decays 0.1,
+/// 0.2 and 0.5 and its WMA over all, LAWA's windows of the last 2, 4 and 8, Megatron's
+/// minus-sqrt over all. Fewer than three checkpoints: none (each is a source or lambda).
+pub fn trajectory_averages(n: usize) -> Vec<Average> {
+    if n < 3 {
+        return Vec::new();
+    }
+    let mut v: Vec<Average> = [0.1, 0.2, 0.5]
+        .iter()
+        .map(|&decay| Average::Ema { decay })
+        .collect();
+    v.push(Average::Wma { k: n });
+    v.extend(
+        [2, 4, 8]
+            .iter()
+            .filter(|&&k| k < n)
+            .map(|&k| Average::Window { k }),
+    );
+    v.push(Average::MinusSqrt { k: n });
+    v
 }
 
 fn pct(a: f64, b: f64) -> f64 {
@@ -179,6 +230,11 @@ fn improvements(references: &[Reference]) -> Vec<Improvement> {
                 .iter()
                 .min_by(|a, b| a.scores[d].perplexity.total_cmp(&b.scores[d].perplexity))
                 .expect("at least one source");
+            let avg = references
+                .iter()
+                .filter(|r| matches!(r.kind, ReferenceKind::Average | ReferenceKind::Uniform))
+                .filter(|_| sources.len() >= 3)
+                .min_by(|a, b| a.scores[d].perplexity.total_cmp(&b.scores[d].perplexity));
             Improvement {
                 dataset: score.name.clone(),
                 best_perplexity: score.perplexity,
@@ -187,6 +243,10 @@ fn improvements(references: &[Reference]) -> Vec<Improvement> {
                 change_vs_best_source_pct: pct(score.perplexity, src.scores[d].perplexity),
                 uniform_perplexity: uni.scores[d].perplexity,
                 change_vs_uniform_pct: pct(score.perplexity, uni.scores[d].perplexity),
+                best_average: avg.map(|a| a.label.clone()),
+                best_average_perplexity: avg.map(|a| a.scores[d].perplexity),
+                change_vs_best_average_pct: avg
+                    .map(|a| pct(score.perplexity, a.scores[d].perplexity)),
             }
         })
         .collect()
@@ -249,11 +309,21 @@ impl Report {
                 _ => None,
             })
             .collect();
+        // Sources, the uniform average and the best of the other averages: every average
+        // would crowd the plot.
+        let first = |r: &Reference| r.scores.first().map(|s| s.perplexity);
+        let best_average = self
+            .references
+            .iter()
+            .filter(|r| r.kind == ReferenceKind::Average)
+            .filter(|r| first(r).is_some())
+            .min_by(|a, b| first(a).unwrap().total_cmp(&first(b).unwrap()));
         let lines: Vec<(String, f64)> = self
             .references
             .iter()
-            .filter(|r| r.kind != ReferenceKind::BestFound)
-            .filter_map(|r| r.scores.first().map(|s| (r.label.clone(), s.perplexity)))
+            .filter(|r| matches!(r.kind, ReferenceKind::Source(_) | ReferenceKind::Uniform))
+            .chain(best_average)
+            .filter_map(|r| first(r).map(|p| (r.label.clone(), p)))
             .collect();
         let gp = opt
             .surrogate()
@@ -344,6 +414,16 @@ impl Report {
                     s += &format!(" {:+.2}% |", i.change_vs_uniform_pct);
                 }
                 s += "\n";
+                if self.improvement.iter().any(|i| i.best_average.is_some()) {
+                    s += "| change vs best average along the run | |";
+                    for i in &self.improvement {
+                        match (&i.best_average, i.change_vs_best_average_pct) {
+                            (Some(a), Some(c)) => s += &format!(" {c:+.2}% ({a}) |"),
+                            _ => s += " – |",
+                        }
+                    }
+                    s += "\n";
+                }
             }
             s += "\n";
         }
@@ -410,5 +490,69 @@ impl Report {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn score(p: f64) -> Vec<DatasetScore> {
+        vec![DatasetScore {
+            name: "heldout".into(),
+            mean_nll: p.ln(),
+            perplexity: p,
+            tokens: 100,
+        }]
+    }
+
+    #[test]
+    fn reports_compare_the_best_with_the_averages_along_the_run() {
+        let labels: Vec<String> = (1..=12).map(|i| format!("step-{}", i * 100)).collect();
+        let space = SearchSpace::simplex(vec![0.0; 12]).unwrap();
+        let pts = reference_points(&space, &labels, None);
+        let names: Vec<&str> = pts.iter().map(|p| p.label.as_str()).collect();
+        for want in [
+            "step-100",
+            "step-1200",
+            "uniform average",
+            "EMA 0.1",
+            "EMA 0.2",
+            "EMA 0.5",
+            "WMA 12",
+            "last 2",
+            "last 4",
+            "last 8",
+            "minus-sqrt 12",
+        ] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+        // Two checkpoints: the sources and their average only.
+        let two = reference_points(&SearchSpace::lambda(0.0).unwrap(), &labels[..2], None);
+        assert_eq!(two.len(), 3);
+
+        // The best of the averages is found by kind, whatever its position.
+        let mut refs: Vec<Reference> = pts
+            .into_iter()
+            .map(|p| {
+                let ppl = match p.label.as_str() {
+                    "last 4" => 17.0,
+                    "uniform average" => 20.0,
+                    l if l.starts_with("step") => 25.0,
+                    _ => 18.0,
+                };
+                Reference::new(p, score(ppl))
+            })
+            .collect();
+        refs.push(Reference {
+            kind: ReferenceKind::BestFound,
+            label: "best found".into(),
+            weights: vec![0.0; 12],
+            scores: score(16.0),
+        });
+        let imp = improvements(&refs);
+        assert_eq!(imp[0].best_average.as_deref(), Some("last 4"));
+        let c = imp[0].change_vs_best_average_pct.unwrap();
+        assert!((c - (16.0 / 17.0 - 1.0) * 100.0).abs() < 1e-9, "{c}");
     }
 }

@@ -12,11 +12,12 @@ impl Optimizer {
     /// `taken`: every point observed, failed or pending (see [`Optimizer::lambda_probe`]).
     pub(super) fn design(&self, taken: &[Vec<f64>]) -> Vec<Vec<f64>> {
         let mut pts = self.space.anchor_points(self.config.center);
-        let one_d = matches!(
-            self.space,
-            SearchSpace::Lambda { .. } | SearchSpace::Family { .. }
-        );
-        if self.config.center && one_d {
+        // Along lambda the third point probes the better half (see `lambda_probe`); a
+        // family's landscape is not the parabola that rule assumes (EMA's rises slowly
+        // towards the uniform end and steeply towards the latest checkpoint, with its
+        // minimum past the middle whichever end is better), so its third point stays at
+        // the middle of the range.
+        if self.config.center && matches!(self.space, SearchSpace::Lambda { .. }) {
             match self.lambda_probe(taken) {
                 Some(p) => pts[2] = p,
                 None => {
