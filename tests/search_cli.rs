@@ -928,6 +928,108 @@ fn a_worker_that_hangs_past_its_deadline_is_treated_as_lost() {
     );
 }
 
+/// A run over four checkpoints of a trajectory scores the averages practitioners take
+/// first, gives the optimiser those that are points of its space, reports the best found
+/// against each, and counts none of them in its budget; a resume reads them back instead
+/// of scoring them again. A window search over the same checkpoints stops once every
+/// window is scored.
+#[test]
+fn a_search_over_a_trajectory_starts_from_its_baselines_and_reports_them() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let ckpts: Vec<String> = ["step-1800", "step-2000", "step-2200", "step-2400"]
+        .iter()
+        .map(|s| format!("{:?}", f.join("long").join(s)))
+        .collect();
+    let cfg = |kind: &str, name: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "checkpoints = [{}]\n[space]\nkind = {kind:?}\n[data]\nobjective = [{:?}]\nseq_len = 128\nmax_tokens = 2048\n[search]\nmax_evals = 3\n[workers]\nlocal = 1\n[output]\nplots = false\nmerge = false\n",
+                ckpts.join(", "),
+                f.join("data/heldout.txt")
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let run_dir = tmp.path().join("simplex");
+    let rep = search_to_end(&cfg("simplex", "simplex.toml"), &run_dir);
+    let labels: Vec<&str> = rep["references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["label"].as_str().unwrap())
+        .collect();
+    for want in [
+        "step-1800",
+        "step-2400",
+        "uniform average",
+        "EMA 0.1",
+        "EMA 0.5",
+        "WMA 4",
+        "last 2",
+        "minus-sqrt 4",
+        "best found",
+    ] {
+        assert!(labels.contains(&want), "{want} not in {labels:?}");
+    }
+    let imp = &rep["improvement"][0];
+    assert!(imp["best_average"].is_string(), "{imp}");
+    assert_eq!(
+        done_ids(&journal(&run_dir)).len(),
+        3,
+        "baselines are not search trials"
+    );
+    let baselines: Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("baselines.json")).unwrap()).unwrap();
+    let n_base = baselines.as_array().unwrap().len();
+    assert_eq!(n_base, labels.len() - 1);
+    let opt: Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("optimizer.json")).unwrap()).unwrap();
+    assert_eq!(
+        opt["priors"].as_array().unwrap().len(),
+        n_base,
+        "every baseline is a point of the simplex"
+    );
+    // No trial repeats a baseline: they are taken points.
+    for t in events(&journal(&run_dir), "done") {
+        let w: Vec<f64> = serde_json::from_value(t["weights"].clone()).unwrap();
+        for b in baselines.as_array().unwrap() {
+            let bw: Vec<f64> = serde_json::from_value(b["weights"].clone()).unwrap();
+            let d: f64 = w.iter().zip(&bw).map(|(a, b)| (a - b).powi(2)).sum();
+            assert!(d.sqrt() > 1e-4, "trial {t} repeats baseline {b}");
+        }
+    }
+    // A resume reads the baselines instead of scoring them.
+    let o = run(search(&["--resume".as_ref(), run_dir.as_os_str()]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("baselines: read from"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A window search: four windows, then it stops, whatever the budget.
+    let run_dir = tmp.path().join("window");
+    let p = cfg("window", "window.toml");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("max_evals = 3", "max_evals = 10");
+    std::fs::write(&p, text).unwrap();
+    let rep = search_to_end(&p, &run_dir);
+    assert!(
+        rep["stop_reason"]
+            .as_str()
+            .unwrap()
+            .contains("every member of the family"),
+        "{}",
+        rep["stop_reason"]
+    );
+}
+
 #[test]
 fn group_search_writes_the_model_it_scored() {
     let _g = serial();

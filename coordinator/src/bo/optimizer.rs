@@ -173,6 +173,11 @@ pub struct Optimizer {
     pub space: SearchSpace,
     pub config: BoConfig,
     pub observations: Vec<Observation>,
+    /// Values known before the search (the baselines a run scores first, where they are
+    /// points of the space): the surrogate and the model steps use them, the budget does
+    /// not count them, and proposals keep away from them.
+    #[serde(default)]
+    pub priors: Vec<Observation>,
     pub hedge: Hedge,
     /// Each acquisition's nominee of the last round, rewarded once the surrogate has been
     /// refitted on new data.
@@ -194,6 +199,7 @@ impl Optimizer {
             space,
             config,
             observations: Vec::new(),
+            priors: Vec::new(),
             hedge: Hedge::default(),
             nominees: None,
             theta: None,
@@ -222,8 +228,26 @@ impl Optimizer {
         });
     }
 
+    /// Records a value known before the search (see `Optimizer::priors`); a non-finite
+    /// one is ignored.
+    pub fn tell_prior(&mut self, u: Vec<f64>, value: f64) {
+        if value.is_finite() {
+            let weights = self.space.weights(&u);
+            self.priors.push(Observation {
+                u,
+                weights,
+                value: Some(value),
+                error: None,
+            });
+        }
+    }
+
+    /// Every value the surrogate learns from: the priors, then the search's own.
     fn successes(&self) -> impl Iterator<Item = &Observation> {
-        self.observations.iter().filter(|o| o.value.is_some())
+        self.priors
+            .iter()
+            .chain(&self.observations)
+            .filter(|o| o.value.is_some())
     }
 
     /// The best observation so far.
@@ -234,7 +258,8 @@ impl Optimizer {
 
     /// Why the search should stop now, if it should.
     pub fn stop_reason(&self, elapsed_seconds: f64) -> Option<StopReason> {
-        if self.successes().count() >= self.config.max_evals {
+        let own = self.observations.iter().filter(|o| o.value.is_some());
+        if own.count() >= self.config.max_evals {
             return Some(StopReason::MaxEvals);
         }
         if self
@@ -250,7 +275,7 @@ impl Optimizer {
         }
         if let Some(m) = self.space.finite_points() {
             let mut seen: Vec<&Vec<f64>> = Vec::new();
-            for o in &self.observations {
+            for o in self.priors.iter().chain(&self.observations) {
                 if !seen.iter().any(|s| dist(s, &o.u) < 1e-12) {
                     seen.push(&o.u);
                 }
@@ -343,7 +368,7 @@ impl Optimizer {
         for p in pending {
             taken.push(&self.space, p.clone());
         }
-        for o in &self.observations {
+        for o in self.priors.iter().chain(&self.observations) {
             if o.value.is_some() || !self.config.retry_failed {
                 taken.push(&self.space, o.u.clone());
             }

@@ -98,6 +98,13 @@ pub struct SearchParams {
     /// Stop the run (an error) after this many trials in a row failed for good: a search
     /// whose objective is NaN over most of the space would otherwise propose forever.
     pub max_failures_in_row: usize,
+    /// With three or more checkpoints, score the averages practitioners take (each
+    /// checkpoint, the uniform average, EMA, WMA, last-k windows, minus-sqrt; see
+    /// `report::trajectory_averages`) before the search: the report compares the best
+    /// found with each, and those that are points of the search space are given to the
+    /// optimiser as observations. They cost that many evaluations (on every data set) and
+    /// do not count towards `max_evals`.
+    pub baselines: bool,
 }
 
 impl Default for SearchParams {
@@ -109,6 +116,7 @@ impl Default for SearchParams {
             acquisition: "ei".into(),
             converge_tol: None,
             max_failures_in_row: 10,
+            baselines: true,
         }
     }
 }

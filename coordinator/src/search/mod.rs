@@ -17,6 +17,7 @@
 //! RUN_DIR/.lock            held (flock) by the coordinator running the search (`lock`)
 //! ```
 
+pub mod baselines;
 pub mod config;
 pub mod fingerprint;
 pub mod journal;
@@ -385,6 +386,7 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
         .context("starting the async runtime")?;
     let cfg2 = cfg.clone();
     let cfg2_checkpoints = cfg.checkpoints.clone();
+    let with_baselines = cfg.search.baselines && cfg.checkpoints.len() >= 3;
     let (sched, stop_reason, refs) = rt.block_on(async move {
         let mut sched = Scheduler::new(
             cfg2,
@@ -395,23 +397,39 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
             progress,
             local_gpus,
         );
-        let stop = sched.run().await?;
-        tracing::info!("search stopped: {stop}");
         let labels: Vec<String> = cfg2_checkpoints
             .iter()
             .map(|p| report::checkpoint_label(p))
             .collect();
-        let points =
-            report::reference_points(&sched.opt.space, &labels, report::best_done(&sched.done));
+        let mut refs: Vec<report::Reference> = Vec::new();
+        if with_baselines {
+            refs = baselines::score(&mut sched, &labels, &run_dir).await?;
+            let told = baselines::tell(&mut sched.opt, &refs);
+            if told > 0 {
+                tracing::info!("{told} baselines are points of the search space: the optimiser starts from them");
+            }
+        }
+        let stop = sched.run().await?;
+        tracing::info!("search stopped: {stop}");
+        // Without baselines: each source, the uniform average and the best found, scored
+        // now; with them, the best found only.
+        let points = if with_baselines {
+            report::best_point(report::best_done(&sched.done))
+                .into_iter()
+                .collect()
+        } else {
+            report::reference_points(&sched.opt.space, &labels, report::best_done(&sched.done))
+        };
         let replies = sched
             .score_points(&points.iter().map(|p| p.weights.clone()).collect::<Vec<_>>())
             .await?;
         sched.shutdown_workers().await;
-        let refs: Vec<report::Reference> = points
-            .into_iter()
-            .zip(replies)
-            .map(|(point, reply)| report::Reference::new(point, reply.scores))
-            .collect();
+        refs.extend(
+            points
+                .into_iter()
+                .zip(replies)
+                .map(|(point, reply)| report::Reference::new(point, reply.scores)),
+        );
         anyhow::Ok((sched, stop, refs))
     })?;
     drop(rt);

@@ -174,14 +174,20 @@ pub fn reference_points(
             });
         }
     }
-    if let Some(Record::Done { weights, .. }) = best {
-        out.push(ReferencePoint {
+    out.extend(best_point(best));
+    out
+}
+
+/// The best found (`best`, a `done` record) as a reference point.
+pub fn best_point(best: Option<&Record>) -> Option<ReferencePoint> {
+    match best {
+        Some(Record::Done { weights, .. }) => Some(ReferencePoint {
             kind: ReferenceKind::BestFound,
             label: "best found".into(),
             weights: weights.clone(),
-        });
+        }),
+        _ => None,
     }
-    out
 }
 
 /// The averages along a run every report with three or more checkpoints compares the
