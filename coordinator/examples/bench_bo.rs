@@ -7,7 +7,9 @@
 //! optimiser (EI, GP-Hedge; q = 1 and 4) and random search on those landscapes and on
 //! Forrester, Branin, Hartmann-3 and Hartmann-6, 20 seeds each, writing every run's
 //! best-so-far trace. The Python peers (bench_bo.py) read the same landscapes and use the
-//! same interpolation and the same cube parametrisation.
+//! same interpolation; on the simplex each searches its own parametrisation (the peers
+//! the unit cube through stick-breaking, ckmerge the free shares), the objective being
+//! the same function of the weights.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -344,7 +346,8 @@ fn run_random(p: &Problem, seed: u64) -> Vec<f64> {
     let mut best = f64::INFINITY;
     (0..BUDGET)
         .map(|_| {
-            let u: Vec<f64> = (0..p.space.dim()).map(|_| rng.gen()).collect();
+            // Uniform on the space: the cube, or Dirichlet(1) on the simplex.
+            let u = p.space.sample(&mut rng);
             best = best.min((p.f)(&u));
             best
         })

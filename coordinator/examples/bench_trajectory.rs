@@ -13,7 +13,10 @@
 //!   two trials are (in weights);
 //! - each family search (EMA, WMA, window, minus-sqrt over all checkpoints; 8
 //!   evaluations): when it first comes within 0.1 % (perplexity) of the best of a fine grid
-//!   over that family (101 decays for EMA, every window otherwise).
+//!   over that family (101 decays for EMA, every window otherwise);
+//! - each of these with the baselines given first, as a run does (`search.baselines`);
+//! - the simplex over all checkpoints starting from every baseline (15 evaluations): when
+//!   it first beats the best baseline.
 //!
 //! `bench_trajectory serve DIR...` answers on stdout, one line each, the mean NLL of the
 //! merge whose weights (one per DIR, comma-separated) it reads from each stdin line: the
@@ -32,6 +35,7 @@ use serde_json::{json, Value};
 
 const SIMPLEX_BUDGET: usize = 15;
 const FAMILY_BUDGET: usize = 8;
+const WHOLE_BUDGET: usize = 15;
 
 fn seeds() -> u64 {
     std::env::var("BENCH_SEEDS")
@@ -118,6 +122,7 @@ fn search(
     space: &SearchSpace,
     seed: u64,
     budget: usize,
+    priors: &[(Vec<f64>, f64)],
     f: &mut dyn FnMut(&[f64]) -> f64,
 ) -> (Vec<f64>, Vec<Vec<f64>>, f64) {
     let mut o = Optimizer::new(
@@ -128,6 +133,12 @@ fn search(
             ..Default::default()
         },
     );
+    // As a run does with its baselines (search::baselines::tell): those in the space.
+    for (w, v) in priors {
+        if in_space(space, w) {
+            o.tell_prior(space.cube(w), *v);
+        }
+    }
     let mut values = Vec::new();
     while o.stop_reason(0.0).is_none() {
         let Ok(pts) = o.propose(1, &[]) else { break };
@@ -153,6 +164,11 @@ fn search(
     (values, ws, closest)
 }
 
+fn in_space(space: &SearchSpace, w: &[f64]) -> bool {
+    let back = space.weights(&space.cube(w));
+    back.iter().zip(w).all(|(a, b)| (a - b).abs() < 1e-9)
+}
+
 /// The first evaluation (1-based) whose value is at most `target`, if any.
 fn first_at_most(values: &[f64], target: f64) -> Option<usize> {
     values.iter().position(|&v| v <= target).map(|i| i + 1)
@@ -165,24 +181,38 @@ fn run_trajectory(name: &str, role: &str, dirs: &[PathBuf]) -> Value {
     out.insert("trajectory".into(), json!(name));
     out.insert("role".into(), json!(role));
     out.insert("checkpoints".into(), json!(n));
-    // Baselines.
+    // Baselines, as a run scores them first (search::baselines).
     let mut base = serde_json::Map::new();
+    let mut priors: Vec<(Vec<f64>, f64)> = Vec::new();
     for (i, d) in dirs.iter().enumerate() {
         let mut w = vec![0.0; n];
         w[i] = 1.0;
+        let v = obj.nll(&w);
         base.insert(
             d.file_name().unwrap().to_string_lossy().into_owned(),
-            json!(obj.nll(&w)),
+            json!(v),
         );
+        priors.push((w, v));
     }
     for a in baselines(n) {
-        base.insert(a.label(n), json!(obj.nll(&a.weights(n))));
+        let w = a.weights(n);
+        let v = obj.nll(&w);
+        base.insert(a.label(n), json!(v));
+        priors.push((w, v));
     }
     let best_baseline = base
         .values()
         .map(|v| v.as_f64().unwrap())
         .fold(f64::INFINITY, f64::min);
     out.insert("baselines".into(), Value::Object(base));
+    out.insert("baseline_points".into(), json!(priors));
+    out.insert(
+        "dirs".into(),
+        json!(dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()),
+    );
     out.insert("best_baseline".into(), json!(best_baseline));
 
     // 4-way simplex over the last four.
@@ -194,19 +224,40 @@ fn run_trajectory(name: &str, role: &str, dirs: &[PathBuf]) -> Value {
         };
         let uniform = obj.nll(&last4(&[0.25; 4]));
         let space = SearchSpace::simplex(vec![0.0; 4]).unwrap();
-        let mut runs = Vec::new();
-        for seed in seed0()..seed0() + seeds() {
-            let (values, weights, closest) =
-                search(&space, seed, SIMPLEX_BUDGET, &mut |w| obj.nll(&last4(w)));
-            runs.push(json!({
-                "seed": seed,
-                "values": values,
-                "weights": weights,
-                "closest_weights": closest,
-                "beats_uniform_at": values.iter().position(|&v| v < uniform).map(|i| i + 1),
-            }));
+        // The baselines a run over these four would score first.
+        let mut priors4: Vec<(Vec<f64>, f64)> = Vec::new();
+        for i in 0..4 {
+            let mut w = vec![0.0; 4];
+            w[i] = 1.0;
+            priors4.push((w.clone(), obj.nll(&last4(&w))));
         }
-        out.insert("simplex4".into(), json!({"uniform": uniform, "runs": runs}));
+        for a in baselines(4) {
+            let w = a.weights(4);
+            priors4.push((w.clone(), obj.nll(&last4(&w))));
+        }
+        let best_prior4 = priors4.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        for (key, with) in [("simplex4", false), ("simplex4_baselines", true)] {
+            let mut runs = Vec::new();
+            for seed in seed0()..seed0() + seeds() {
+                let pri: &[(Vec<f64>, f64)] = if with { &priors4 } else { &[] };
+                let (values, weights, closest) =
+                    search(&space, seed, SIMPLEX_BUDGET, pri, &mut |w| {
+                        obj.nll(&last4(w))
+                    });
+                runs.push(json!({
+                    "seed": seed,
+                    "values": values,
+                    "weights": weights,
+                    "closest_weights": closest,
+                    "beats_uniform_at": values.iter().position(|&v| v < uniform).map(|i| i + 1),
+                    "beats_best_baseline_at": values.iter().position(|&v| v < best_prior4).map(|i| i + 1),
+                }));
+            }
+            out.insert(
+                key.into(),
+                json!({"uniform": uniform, "best_baseline": best_prior4, "baselines": priors4.len(), "points": priors4, "runs": runs}),
+            );
+        }
     }
 
     // Families over all checkpoints.
@@ -232,22 +283,55 @@ fn run_trajectory(name: &str, role: &str, dirs: &[PathBuf]) -> Value {
         let grid_best = grid.iter().cloned().fold(f64::INFINITY, f64::min);
         // Within 0.1 % in perplexity: exp(v - best) <= 1.001.
         let target = grid_best + 1.001f64.ln();
-        let mut runs = Vec::new();
-        for seed in seed0()..seed0() + seeds() {
-            let (values, _, _) = search(&space, seed, FAMILY_BUDGET, &mut |w| obj.nll(w));
-            runs.push(json!({
-                "seed": seed,
-                "values": values,
-                "within_0.1pct_at": first_at_most(&values, target),
-                "beats_best_baseline_at": values.iter().position(|&v| v < best_baseline).map(|i| i + 1),
-            }));
+        let mut entry = serde_json::Map::new();
+        entry.insert("grid".into(), json!(grid));
+        entry.insert("grid_best".into(), json!(grid_best));
+        // With baselines, the family's members among them are known before the search:
+        // a target they already meet is reached at evaluation 0.
+        let prior_best = priors
+            .iter()
+            .filter(|(w, _)| in_space(&space, w))
+            .map(|p| p.1)
+            .fold(f64::INFINITY, f64::min);
+        for (key, with) in [("runs", false), ("runs_baselines", true)] {
+            let mut runs = Vec::new();
+            for seed in seed0()..seed0() + seeds() {
+                let pri: &[(Vec<f64>, f64)] = if with { &priors } else { &[] };
+                let (values, _, _) = search(&space, seed, FAMILY_BUDGET, pri, &mut |w| obj.nll(w));
+                let within = if with && prior_best <= target {
+                    Some(0)
+                } else {
+                    first_at_most(&values, target)
+                };
+                runs.push(json!({
+                    "seed": seed,
+                    "values": values,
+                    "within_0.1pct_at": within,
+                    "beats_best_baseline_at": values.iter().position(|&v| v < best_baseline).map(|i| i + 1),
+                }));
+            }
+            entry.insert(key.into(), json!(runs));
         }
-        fams.insert(
-            label.into(),
-            json!({"grid": grid, "grid_best": grid_best, "runs": runs}),
-        );
+        fams.insert(label.into(), Value::Object(entry));
     }
     out.insert("families".into(), Value::Object(fams));
+
+    // The whole search over all N: the simplex, starting from every baseline.
+    let space = SearchSpace::simplex(vec![0.0; n]).unwrap();
+    let mut runs = Vec::new();
+    for seed in seed0()..seed0() + seeds() {
+        let (values, _, closest) = search(&space, seed, WHOLE_BUDGET, &priors, &mut |w| obj.nll(w));
+        runs.push(json!({
+            "seed": seed,
+            "values": values,
+            "closest_weights": closest,
+            "beats_best_baseline_at": values.iter().position(|&v| v < best_baseline).map(|i| i + 1),
+        }));
+    }
+    out.insert(
+        "simplex_all_baselines".into(),
+        json!({"baselines": priors.len(), "runs": runs}),
+    );
     out.insert("evaluations".into(), json!(obj.evaluations));
     eprintln!("{name}: {} evaluations", obj.evaluations);
     Value::Object(out)

@@ -99,8 +99,10 @@ def initial(kind, d):
         # the middle of the better half, Optimizer::lambda_probe).
         return [[0.0], [1.0]], 0
     if kind == "simplex":
-        # The simplex's vertices and centroid, in the cube (SearchSpace::anchor_points).
-        return [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [5.0 / 9.0, 0.5]], 0
+        # ckmerge's design (SearchSpace::anchor_points) in the peers' stick-breaking cube:
+        # the uniform average (1/3, 1/3, 1/3), then halfway from it to the latest
+        # checkpoint (1/6, 1/6, 2/3) and to the one before (1/6, 2/3, 1/6).
+        return [[5.0 / 9.0, 0.5], [11.0 / 36.0, 0.2], [11.0 / 36.0, 0.8]], 0
     return [[0.5] * d], d + 1
 
 
