@@ -1062,3 +1062,52 @@ fn a_merge_split_into_parts_writes_the_same_bytes() {
     let o = run(&split, &[&"--part", &"3/3"]);
     assert!(!o.status.success());
 }
+
+/// `--window`, `--wma`, `--ema` and `--minus-sqrt` write the same bytes as the explicit
+/// weights they stand for, and an impossible one is refused before anything is written.
+#[test]
+fn trajectory_averages_are_the_weights_they_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let (a, b, c) = (f.join("step-100"), f.join("step-200"), f.join("step-300"));
+    let merge = |flags: &[&str], name: &str| {
+        let out = tmp.path().join(name);
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&a, &b, &c];
+        for x in flags {
+            args.push(x);
+        }
+        args.push(&"--out");
+        args.push(&out);
+        let o = ckmerge(&args);
+        (o, out)
+    };
+    // EMA 0.5 over three: (0.25, 0.5, 1) / 1.75.
+    let s = 1.75f64;
+    let cases: [(&[&str], String); 4] = [
+        (&["--window", "2"], "0,0.5,0.5".into()),
+        (
+            &["--wma"],
+            format!("{},{},{}", 1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0),
+        ),
+        (
+            &["--ema", "0.5"],
+            format!("{},{},{}", 0.25 / s, 0.5 / s, 1.0 / s),
+        ),
+        (&["--minus-sqrt", "1"], "0,0,1".into()),
+    ];
+    for (i, (flags, weights)) in cases.iter().enumerate() {
+        let (o, named) = merge(flags, &format!("named-{i}"));
+        assert!(o.status.success(), "{flags:?}: {}", stderr(&o));
+        let (o, explicit) = merge(&["--weights", weights], &format!("explicit-{i}"));
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(
+            read_model(&named),
+            read_model(&explicit),
+            "{flags:?} is not --weights {weights}"
+        );
+    }
+    let (o, out) = merge(&["--window", "4"], "too-wide");
+    assert_failed_cleanly(&o, &out, &["--window 4", "1 to 3"]);
+    let (o, out) = merge(&["--ema", "1.5"], "bad-decay");
+    assert_failed_cleanly(&o, &out, &["--ema 1.5", "(0, 1]"]);
+}
