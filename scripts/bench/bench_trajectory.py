@@ -253,6 +253,8 @@ def main():
                     runs.append(run)
                 res["peers"].setdefault(name, {})[peer] = runs
                 print(f"{r['trajectory']} {name} {peer}: done", file=sys.stderr, flush=True)
+                # Written after every peer: a long run stopped early keeps what it did.
+                json.dump({"results": out + [res]}, open(out_path, "w"))
         obj.close()
         out.append(res)
     json.dump({"results": out}, open(out_path, "w"))
