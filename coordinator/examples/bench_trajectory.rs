@@ -135,8 +135,8 @@ fn search(
     );
     // As a run does with its baselines (search::baselines::tell): those in the space.
     for (w, v) in priors {
-        if in_space(space, w) {
-            o.tell_prior(space.cube(w), *v);
+        if let Some(u) = space.point_of(w) {
+            o.tell_prior(u, *v);
         }
     }
     let mut values = Vec::new();
@@ -162,11 +162,6 @@ fn search(
         }
     }
     (values, ws, closest)
-}
-
-fn in_space(space: &SearchSpace, w: &[f64]) -> bool {
-    let back = space.weights(&space.cube(w));
-    back.iter().zip(w).all(|(a, b)| (a - b).abs() < 1e-9)
 }
 
 /// The first evaluation (1-based) whose value is at most `target`, if any.
@@ -290,7 +285,7 @@ fn run_trajectory(name: &str, role: &str, dirs: &[PathBuf]) -> Value {
         // a target they already meet is reached at evaluation 0.
         let prior_best = priors
             .iter()
-            .filter(|(w, _)| in_space(&space, w))
+            .filter(|(w, _)| space.point_of(w).is_some())
             .map(|p| p.1)
             .fold(f64::INFINITY, f64::min);
         for (key, with) in [("runs", false), ("runs_baselines", true)] {

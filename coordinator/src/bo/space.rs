@@ -260,6 +260,28 @@ impl SearchSpace {
         }
     }
 
+    /// The point whose merge weights are `w`, when `w` is a merge of this space (its
+    /// point's weights within 1e-9 of `w`): how a run tells which baselines the optimiser
+    /// can use.
+    pub fn point_of(&self, w: &[f64]) -> Option<Vec<f64>> {
+        let u = self.cube(w);
+        let back = self.weights(&u);
+        (back.len() == w.len() && back.iter().zip(w).all(|(a, b)| (a - b).abs() < 1e-9))
+            .then_some(u)
+    }
+
+    /// A journal's point `u` of weights `w` in the current coordinates: `u` itself when it
+    /// is the point of `w` (bit for bit, so a resume stays exact), else recomputed from the
+    /// weights (a journal written with the simplex's former stick-breaking coordinates).
+    pub fn current_point(&self, u: &[f64], w: &[f64]) -> Vec<f64> {
+        let p = self.cube(w);
+        if p.len() == u.len() && p.iter().zip(u).all(|(a, b)| (a - b).abs() < 1e-9) {
+            u.to_vec()
+        } else {
+            p
+        }
+    }
+
     /// The nearest point of the space to `u`: clamped to the cube, projected onto the
     /// simplex (Euclidean projection of the free shares, Duchi et al. 2008), snapped to a
     /// whole window for the discrete families.

@@ -111,14 +111,7 @@ pub fn tell(opt: &mut Optimizer, refs: &[Reference]) -> usize {
         let Some(obj) = r.scores.first() else {
             continue;
         };
-        let u = opt.space.cube(&r.weights);
-        let back = opt.space.weights(&u);
-        let inside = back.len() == r.weights.len()
-            && back
-                .iter()
-                .zip(&r.weights)
-                .all(|(a, b)| (a - b).abs() < 1e-9);
-        if inside {
+        if let Some(u) = opt.space.point_of(&r.weights) {
             opt.tell_prior(u, obj.mean_nll);
             told += 1;
         }

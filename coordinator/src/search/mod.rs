@@ -229,13 +229,7 @@ fn resume_state(cfg: &SearchConfig, run_dir: &Path) -> Result<Resumed> {
     let point_of = |rec: &Record| -> Vec<f64> {
         match rec {
             Record::Done { u, weights, .. } | Record::Failed { u, weights, .. } => {
-                let p = space.cube(weights);
-                let same = p.len() == u.len() && p.iter().zip(u).all(|(a, b)| (a - b).abs() < 1e-9);
-                if same {
-                    u.clone()
-                } else {
-                    p
-                }
+                space.current_point(u, weights)
             }
             _ => unreachable!("finished holds done and failed records"),
         }
@@ -302,11 +296,9 @@ fn resume_state(cfg: &SearchConfig, run_dir: &Path) -> Result<Resumed> {
     for (id, rec) in &r.in_flight {
         if let Record::Issued { u, weights, .. } = rec {
             let errors = r.attempts.get(id).cloned().unwrap_or_default();
-            let p = opt.space.cube(weights);
-            let same = p.len() == u.len() && p.iter().zip(u).all(|(a, b)| (a - b).abs() < 1e-9);
             requeue.push(scheduler::Requeued {
                 id: *id,
-                u: if same { u.clone() } else { p },
+                u: opt.space.current_point(u, weights),
                 weights: weights.clone(),
                 errors,
             });
