@@ -10,14 +10,25 @@ use crate::bo::space::SearchSpace;
 impl Optimizer {
     /// The initial design: anchors (ends, vertices, centre) then Latin-hypercube points.
     /// `taken`: every point observed, failed or pending (see [`Optimizer::lambda_probe`]).
+    ///
+    /// The anchors are left out when the values known before the search (the baselines,
+    /// `Optimizer::priors`) already number more than the space's dimension: the anchors
+    /// exist to give the surrogate its first data, and spending evaluations on them then
+    /// only delays the first proposal that uses what is known.
     pub(super) fn design(&self, taken: &[Vec<f64>]) -> Vec<Vec<f64>> {
-        let mut pts = self.space.anchor_points(self.config.center);
+        let known = self.priors.iter().filter(|o| o.value.is_some()).count();
+        let mut pts = if known > self.space.dim() {
+            Vec::new()
+        } else {
+            self.space.anchor_points(self.config.center)
+        };
         // Along lambda the third point probes the better half (see `lambda_probe`); a
         // family's landscape is not the parabola that rule assumes (EMA's rises slowly
         // towards the uniform end and steeply towards the latest checkpoint, with its
         // minimum past the middle whichever end is better), so its third point stays at
         // the middle of the range.
-        if self.config.center && matches!(self.space, SearchSpace::Lambda { .. }) {
+        if self.config.center && !pts.is_empty() && matches!(self.space, SearchSpace::Lambda { .. })
+        {
             match self.lambda_probe(taken) {
                 Some(p) => pts[2] = p,
                 None => {
