@@ -1111,3 +1111,107 @@ fn trajectory_averages_are_the_weights_they_name() {
     let (o, out) = merge(&["--ema", "1.5"], "bad-decay");
     assert_failed_cleanly(&o, &out, &["--ema 1.5", "(0, 1]"]);
 }
+
+/// `--json` prints one object with the documented fields (README, "Machine-readable
+/// output"), for a whole merge and for a part, and nothing else on standard output.
+#[test]
+fn merge_json_summary_has_the_documented_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (fixtures().join("step-100"), fixtures().join("step-200"));
+    let out = tmp.path().join("merged");
+    let o = ckmerge(&[
+        &a,
+        &b,
+        &"--weights",
+        &"0.25,0.75",
+        &"--out",
+        &out,
+        &"--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {}",
+            support::stdout(&o)
+        )
+    });
+    assert_eq!(v["schema_version"], 1);
+    assert_eq!(v["complete"], true);
+    assert!(v["part"].is_null());
+    assert_eq!(
+        Path::new(v["out"].as_str().unwrap())
+            .canonicalize()
+            .unwrap(),
+        out.canonicalize().unwrap()
+    );
+    assert_eq!(v["weights"], serde_json::json!([0.25, 0.75]));
+    assert_eq!(v["checkpoints"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        v["tensors"].as_u64().unwrap() as usize,
+        read_model(&out).len()
+    );
+    assert_eq!(v["shards"], 1);
+    let written: u64 = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert_eq!(v["bytes_written"].as_u64().unwrap(), written);
+    assert!(v["bytes_read"].as_u64().unwrap() > 0 && v["seconds"].as_f64().unwrap() >= 0.0);
+
+    let split = tmp.path().join("split");
+    let o = ckmerge(&[
+        &a,
+        &b,
+        &"--weights",
+        &"0.25,0.75",
+        &"--out",
+        &split,
+        &"--part",
+        &"1/2",
+        &"--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["complete"], false);
+    assert_eq!(v["part"], serde_json::json!({"index": 1, "count": 2}));
+}
+
+/// Shell completions and man pages come from the CLI definition and name its commands.
+#[test]
+fn completions_and_man_pages_are_generated_from_the_cli() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = support::ckmerge("completions", &[&shell]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = support::stdout(&o);
+        for word in ["search", "merge", "--run-dir", "--ema"] {
+            assert!(text.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let o = support::ckmerge("completions", &[&"tcsh"]);
+    assert!(!o.status.success(), "an unknown shell is refused");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("man1");
+    let o = support::ckmerge("man", &[&"--out", &dir]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for page in [
+        "ckmerge.1",
+        "ckmerge-search.1",
+        "ckmerge-merge.1",
+        "ckmerge-eval.1",
+    ] {
+        let text =
+            std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page} is not roff"
+        );
+    }
+    let search = std::fs::read_to_string(dir.join("ckmerge-search.1")).unwrap();
+    assert!(search.contains("resume"), "the search page lacks --resume");
+    assert!(
+        !dir.join("ckmerge-gpu-bench.1").exists(),
+        "hidden commands get no page"
+    );
+}

@@ -1003,13 +1003,79 @@ fn a_search_over_a_trajectory_starts_from_its_baselines_and_reports_them() {
             assert!(d.sqrt() > 1e-4, "trial {t} repeats baseline {b}");
         }
     }
-    // A resume reads the baselines instead of scoring them.
-    let o = run(search(&["--resume".as_ref(), run_dir.as_os_str()]));
+    // A resume reads the baselines instead of scoring them; `--json` summarises the run
+    // with the documented fields (README, "Machine-readable output").
+    let o = run(search(&[
+        "--resume".as_ref(),
+        run_dir.as_os_str(),
+        "--json".as_ref(),
+    ]));
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("baselines: read from"),
         "{}",
         stderr(&o)
+    );
+    let s: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {}",
+            support::stdout(&o)
+        )
+    });
+    assert_eq!(s["schema_version"], 1);
+    assert_eq!(report(&run_dir)["schema_version"], 1);
+    assert_eq!(
+        Path::new(s["report_json"].as_str().unwrap()),
+        Path::new(s["run_dir"].as_str().unwrap()).join("report.json")
+    );
+    assert!(Path::new(s["report_md"].as_str().unwrap()).is_file());
+    assert!(s["merged_model"].is_null(), "output.merge = false");
+    assert_eq!(s["checkpoints"].as_array().unwrap().len(), 4);
+    assert_eq!(s["evaluations"], 3);
+    assert_eq!(s["failed"], 0);
+    assert!(s["stop_reason"].is_string() && s["wall_seconds"].is_number());
+    let best = &s["best"];
+    assert_eq!(best["weights"].as_array().unwrap().len(), 4);
+    let best_nll = best["mean_nll"].as_f64().unwrap();
+    assert_eq!(
+        best_nll,
+        done_ids(&journal(&run_dir))[&best["trial"].as_u64().unwrap()]
+    );
+    assert_eq!(best["scores"][0]["mean_nll"].as_f64().unwrap(), best_nll);
+    assert!(best["perplexity"].as_f64().unwrap() > 1.0);
+    let kinds: Vec<&str> = s["baselines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.len(), n_base);
+    assert_eq!(kinds.iter().filter(|k| **k == "source").count(), 4);
+    assert_eq!(kinds.iter().filter(|k| **k == "uniform").count(), 1);
+    assert!(kinds
+        .iter()
+        .all(|k| ["source", "uniform", "average"].contains(k)));
+    for b in s["baselines"].as_array().unwrap() {
+        let sc = &b["scores"][0];
+        assert!(sc["name"].is_string() && sc["tokens"].as_u64().unwrap() > 0);
+        assert!(sc["mean_nll"].is_number() && sc["perplexity"].is_number());
+    }
+    let imp = &s["improvement"][0];
+    for field in [
+        "best_perplexity",
+        "best_source_perplexity",
+        "change_vs_best_source_pct",
+        "uniform_perplexity",
+        "change_vs_uniform_pct",
+        "best_average_perplexity",
+        "change_vs_best_average_pct",
+    ] {
+        assert!(imp[field].is_number(), "improvement.{field}: {imp}");
+    }
+    assert!(
+        imp["dataset"].is_string()
+            && imp["best_source"].is_string()
+            && imp["best_average"].is_string()
     );
 
     // A window search: four windows, then it stops, whatever the budget.

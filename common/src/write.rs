@@ -426,14 +426,20 @@ fn exchange_and_remove_old(tmp: &Path, final_path: &Path) -> Result<(), OutputEr
     use std::os::unix::ffi::OsStrExt;
     let a = CString::new(tmp.as_os_str().as_bytes()).expect("path without NUL");
     let b = CString::new(final_path.as_os_str().as_bytes()).expect("path without NUL");
-    // SAFETY: both arguments are valid NUL-terminated paths that outlive the call.
+    // The system call, not glibc's `renameat2` wrapper: the wrapper exists only from
+    // glibc 2.28, and the pip wheel is linked against glibc 2.17 (manylinux2014) so that
+    // it runs on older cluster images; kernels have had the call since 3.15, and an older
+    // one answers ENOSYS, handled below.
+    // SAFETY: both arguments are valid NUL-terminated paths that outlive the call, and the
+    // arguments are those renameat2(2) takes, in its order and C types.
     let rc = unsafe {
-        libc::renameat2(
+        libc::syscall(
+            libc::SYS_renameat2,
             libc::AT_FDCWD,
             a.as_ptr(),
             libc::AT_FDCWD,
             b.as_ptr(),
-            libc::RENAME_EXCHANGE,
+            libc::RENAME_EXCHANGE as libc::c_uint,
         )
     };
     if rc != 0 {

@@ -18,12 +18,13 @@ use ckmerge_common::DType;
 use ckmerge_worker::eval::{dataset_name, EvalOptions, Evaluator};
 use ckmerge_worker::merge::MergePart;
 use ckmerge_worker::{merge_to_dir, MergeRequest, Progress};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "ckmerge",
     version,
+    propagate_version = true,
     about = "Merge checkpoints of one LLM training run"
 )]
 struct Cli {
@@ -50,6 +51,21 @@ enum Command {
     /// Check a merged model: its shards against the SHA-256 recorded when they were
     /// written, and every tensor against the merge recomputed from the sources.
     Verify(VerifyArgs),
+    /// Print a shell completion script to standard output.
+    ///
+    /// For example: `ckmerge completions bash > ~/.local/share/bash-completion/completions/ckmerge`,
+    /// `ckmerge completions zsh > ~/.zfunc/_ckmerge`,
+    /// `ckmerge completions fish > ~/.config/fish/completions/ckmerge.fish`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages, ckmerge.1 and one per subcommand (ckmerge-search.1, ...),
+    /// into DIR (created if missing), for `man -M` or a MANPATH directory's man1/.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// GPU merge bandwidth against a device-to-device copy, or the flash-attention
     /// variants (scripts/gpu-check.sh).
     #[command(hide = true)]
@@ -131,6 +147,11 @@ struct SearchCliArgs {
     /// like `0,1`, or `none`. Remote workers choose their own (`ckmerge worker --gpus`).
     #[arg(long, default_value = "auto")]
     gpus: String,
+
+    /// Print one JSON object when the run ends instead of the text summary (fields in
+    /// README.md, "Machine-readable output"; logs stay on standard error).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -264,6 +285,11 @@ struct MergeArgs {
     /// the model into place.
     #[arg(long, value_name = "N")]
     finish_parts: Option<usize>,
+
+    /// Print one JSON object when the merge ends instead of the text line (fields in
+    /// README.md, "Machine-readable output").
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_part(s: &str) -> Result<(usize, usize), String> {
@@ -316,6 +342,16 @@ fn main() -> ExitCode {
         Command::Worker(args) => run_worker(args),
         Command::GpuBench(args) => run_gpu_bench(args),
         Command::Verify(args) => run_verify(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "ckmerge",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { out } => write_man_pages(&out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -386,6 +422,11 @@ fn run_search(args: SearchCliArgs) -> Result<()> {
         stages: args.stages,
         local_gpus: args.gpus,
     })?;
+    if args.json {
+        let summary = ckmerge_coordinator::summary::SearchSummaryJson::new(&outcome);
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
     let r = &outcome.report;
     println!(
         "{} evaluations ({} failed); stopped: {}",
@@ -632,6 +673,25 @@ fn run_merge(mut args: MergeArgs) -> Result<()> {
     }
     let bar = Bar(indicatif::ProgressBar::hidden());
     let summary = merge_to_dir(&req, &bar)?;
+    if args.json {
+        let j = ckmerge_coordinator::summary::MergeSummaryJson {
+            schema_version: ckmerge_coordinator::summary::SCHEMA_VERSION,
+            out: summary.out.clone(),
+            complete: args.part.is_none(),
+            part: args
+                .part
+                .map(|(index, count)| ckmerge_coordinator::summary::PartJson { index, count }),
+            checkpoints: args.checkpoints.clone(),
+            weights,
+            tensors: summary.tensors,
+            shards: summary.shards,
+            bytes_read: summary.bytes_read,
+            bytes_written: summary.bytes_written,
+            seconds: summary.seconds,
+        };
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
     if let Some((i, n)) = args.part {
         println!(
             "part {i}/{n}: wrote {} shard{} ({}) into {} in {:.2} s; when all {n} parts are done, run the same command with --finish-parts {n} instead of --part",
@@ -656,6 +716,16 @@ fn run_merge(mut args: MergeArgs) -> Result<()> {
                 as u64
         ),
     );
+    Ok(())
+}
+
+/// The man pages from the CLI definition (clap_mangen): one per command, as `git` has.
+/// Hidden commands (benchmarks) get none.
+fn write_man_pages(out: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    clap_mangen::generate_to(Cli::command(), out)
+        .with_context(|| format!("writing the man pages into {}", out.display()))?;
+    println!("wrote the man pages into {}", out.display());
     Ok(())
 }
 

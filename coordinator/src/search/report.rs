@@ -45,11 +45,21 @@ pub struct ReferencePoint {
 /// A reference point of the summary table, scored on every data set.
 #[derive(Clone, Debug, Serialize)]
 pub struct Reference {
-    #[serde(skip)]
+    /// `source`, `uniform`, `average` or `best`.
+    #[serde(serialize_with = "kind_name")]
     pub kind: ReferenceKind,
     pub label: String,
     pub weights: Vec<f64>,
     pub scores: Vec<DatasetScore>,
+}
+
+fn kind_name<S: serde::Serializer>(k: &ReferenceKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match k {
+        ReferenceKind::Source(_) => "source",
+        ReferenceKind::Uniform => "uniform",
+        ReferenceKind::Average => "average",
+        ReferenceKind::BestFound => "best",
+    })
 }
 
 impl Reference {
@@ -94,8 +104,11 @@ pub struct Improvement {
     pub change_vs_best_average_pct: Option<f64>,
 }
 
+/// report.json. Its field names are stable within a `schema_version`
+/// ([`crate::summary::SCHEMA_VERSION`]): fields may be added, none renamed or removed.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    pub schema_version: u32,
     pub checkpoints: Vec<PathBuf>,
     pub space: SpaceConfig,
     pub model: ModelSummary,
@@ -271,6 +284,7 @@ impl Report {
         let mut trials: Vec<Record> = run.done.into_iter().chain(run.failed).collect();
         trials.sort_by_key(Record::trial);
         Report {
+            schema_version: crate::summary::SCHEMA_VERSION,
             checkpoints: cfg.checkpoints.clone(),
             space: cfg.space.clone(),
             model: model.clone(),
