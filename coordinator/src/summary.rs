@@ -36,6 +36,7 @@ pub struct MergeSummaryJson {
     pub weights: Vec<f32>,
     pub tensors: usize,
     pub shards: usize,
+    /// Tensor data read from the sources and written (the shards' headers not counted).
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub seconds: f64,
