@@ -1213,4 +1213,24 @@ fn completions_and_man_pages_are_generated_from_the_cli() {
         !dir.join("ckmerge-gpu-bench.1").exists(),
         "hidden commands get no page"
     );
+    // The pages the wheel installs (committed, so `pip install .` needs no generation step)
+    // are these.
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("wheel-data/data/share/man/man1");
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let regenerate = "regenerate them: cargo run -- man --out coordinator/wheel-data/data/share/man/man1 (after removing the old pages)";
+    assert_eq!(names(&dir), names(&committed), "{regenerate}");
+    for page in names(&dir) {
+        assert!(
+            std::fs::read(dir.join(&page)).unwrap()
+                == std::fs::read(committed.join(&page)).unwrap(),
+            "{page} is out of date; {regenerate}"
+        );
+    }
 }
