@@ -15,8 +15,14 @@ WORK=${WORK:-$(mktemp -d /tmp/ckmerge-slurm-test.XXXX)}
 scripts/slurm/local-cluster.sh install >/dev/null
 eval "$(scripts/slurm/local-cluster.sh start)"
 trap 'scripts/slurm/local-cluster.sh stop >/dev/null 2>&1 || true' EXIT
-cargo build --release --quiet
-export CKMERGE=$ROOT/target/release/ckmerge
+# The binary: CKMERGE if set (a path, or a name on PATH such as the `ckmerge` of an
+# environment the wheel is installed in), else cargo's release build.
+if [ -z "${CKMERGE:-}" ]; then
+  cargo build --release --quiet
+  export CKMERGE=$ROOT/target/release/ckmerge
+fi
+command -v "$CKMERGE" >/dev/null || { echo "slurm test: $CKMERGE not found" >&2; exit 2; }
+echo "== ckmerge: $(command -v "$CKMERGE")"
 FIX=$ROOT/tests/fixtures/trajectory
 cd "$WORK"
 
