@@ -8,6 +8,8 @@
 # Writes Markdown to stdout (scripts/bench/trajectory_report.py).
 #   BENCH_SEEDS=N seeds (default 20)   BENCH_ONLY=a,b trajectories whose names contain these
 #   BENCH_PEERS=a,b peers to run (default all; empty: ckmerge only)
+#   BENCH_PROBLEMS=a,b the peers' problems (default all: simplex4, simplex4_baselines,
+#   ema_baselines, simplex_all_baselines)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet --example bench_trajectory

@@ -30,6 +30,9 @@ warnings.filterwarnings("ignore")
 SEEDS = int(os.environ.get("BENCH_SEEDS", "20"))
 SEED0 = int(os.environ.get("BENCH_SEED0", "0"))
 PEERS = [p for p in os.environ.get("BENCH_PEERS", "optuna-gp,optuna-tpe,skopt-gp,cma,random").split(",") if p]
+# Problems to run (default all): simplex4, simplex4_baselines, ema_baselines,
+# simplex_all_baselines.
+PROBLEMS = [p for p in os.environ.get("BENCH_PROBLEMS", "").split(",") if p]
 
 
 class Objective:
@@ -239,6 +242,8 @@ def main():
         told_a = [(unstick(w), v) for w, v in base]
         problems.append(("simplex_all_baselines", n - 1, fa, 15, told_a, [], {"best": best_baseline}))
         for name, d, f, budget, told, start, goal in problems:
+            if PROBLEMS and name not in PROBLEMS:
+                continue
             for peer in PEERS:
                 runs = []
                 for seed in range(SEED0, SEED0 + SEEDS):
