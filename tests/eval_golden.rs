@@ -199,3 +199,105 @@ fn a_non_finite_perplexity_is_an_error() {
     let (ok, _, err) = ckmerge_eval(&[&ck, &"--data", &root().join("data/heldout.txt")]);
     assert!(!ok && err.contains("not finite"), "{err}");
 }
+
+/// Multiple-choice scoring against lm-evaluation-harness itself
+/// (tests/fixtures/trajectory/tasks/cloze.golden.json, from
+/// scripts/fixtures/make_mc_task.py): on every fixture model and on the merges the
+/// harness scored (written by `ckmerge merge`, as it loaded them), each choice's
+/// log-likelihood within 1e-4 relative, is-greedy, and every item's acc and acc_norm
+/// identical.
+#[test]
+fn multiple_choice_scores_are_lm_evaluation_harness_scores() {
+    let tasks = root().join("tasks");
+    let golden: Value =
+        serde_json::from_slice(&std::fs::read(tasks.join("cloze.golden.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, g) in golden["models"].as_object().unwrap() {
+        let ckpts: Vec<PathBuf> = g["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| root().join(c.as_str().unwrap()))
+            .collect();
+        let model = if ckpts.len() == 1 {
+            ckpts[0].clone()
+        } else {
+            let w: Vec<String> = g["weights"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_string())
+                .collect();
+            let out = tmp.path().join(name.replace('/', "-"));
+            let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = ckpts
+                .iter()
+                .map(|c| c as &dyn AsRef<std::ffi::OsStr>)
+                .collect();
+            let joined = w.join(",");
+            args.extend_from_slice(&[&"--weights", &joined, &"--out", &out]);
+            let o = support::ckmerge("merge", &args);
+            assert!(o.status.success(), "{}", support::stderr(&o));
+            out
+        };
+        let (ok, out, err) =
+            ckmerge_eval(&[&model, &"--task", &tasks.join("cloze.jsonl"), &"--json"]);
+        assert!(ok, "{name}: {err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let t = &v["tasks"][0];
+        let items = t["per_item"].as_array().unwrap();
+        let want = g["items"].as_array().unwrap();
+        assert_eq!(items.len(), want.len(), "{name}");
+        let mut worst = 0.0f64;
+        for (i, (got, want)) in items.iter().zip(want).enumerate() {
+            let (gl, wl) = (
+                got["lls"].as_array().unwrap(),
+                want["lls"].as_array().unwrap(),
+            );
+            assert_eq!(gl.len(), wl.len());
+            for (a, b) in gl.iter().zip(wl) {
+                let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+                let rel = (a - b).abs() / b.abs().max(1e-12);
+                worst = worst.max(rel);
+                assert!(
+                    rel < 1e-4,
+                    "{name} item {i}: log-likelihood {a} vs the harness's {b}"
+                );
+            }
+            assert_eq!(got["greedy"], want["greedy"], "{name} item {i}: is_greedy");
+            assert_eq!(got["acc"], want["acc"], "{name} item {i}: acc");
+            assert_eq!(
+                got["acc_norm"], want["acc_norm"],
+                "{name} item {i}: acc_norm"
+            );
+        }
+        assert_eq!(t["acc"].as_f64(), g["acc"].as_f64(), "{name}: acc");
+        assert_eq!(
+            t["acc_norm"].as_f64(),
+            g["acc_norm"].as_f64(),
+            "{name}: acc_norm"
+        );
+        eprintln!(
+            "{name}: {} items, worst relative log-likelihood difference {worst:.2e}",
+            items.len()
+        );
+    }
+}
+
+/// A task file with a broken item is refused before anything is scored, naming the file
+/// and the line.
+#[test]
+fn a_bad_task_file_names_the_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &p,
+        "{\"context\": \"The cat\", \"choices\": [\"sat\", \"ran\"], \"gold\": 0}\n{\"context\": \"A\", \"choices\": [\"b\", \"c\"], \"gold\": 5}\n",
+    )
+    .unwrap();
+    let (ok, _, err) = ckmerge_eval(&[&root().join("llama/step-1500"), &"--task", &p]);
+    assert!(!ok);
+    assert!(
+        err.contains("bad.jsonl") && err.contains("line 2") && err.contains("`gold` is 5"),
+        "{err}"
+    );
+}

@@ -202,8 +202,15 @@ struct EvalArgs {
 
     /// Held-out data, one data set: .txt, .jsonl ("text" field), .npy or .bin token
     /// arrays, or directories of these.
-    #[arg(long, required = true, num_args = 1.., value_name = "FILE")]
+    #[arg(long, required_unless_present = "task", num_args = 1.., value_name = "FILE")]
     data: Vec<PathBuf>,
+
+    /// A multiple-choice task (JSONL: context, choices, gold[, target_delimiter]; README
+    /// "Multiple-choice tasks"), scored as lm-evaluation-harness scores multiple_choice
+    /// tasks: acc, acc_norm, the gold choice's mean log-likelihood and its cross-entropy
+    /// among the choices; repeatable.
+    #[arg(long, value_name = "FILE")]
+    task: Vec<PathBuf>,
 
     /// Another data set scored separately (for example another domain); repeatable.
     #[arg(long, value_name = "FILE")]
@@ -540,21 +547,34 @@ fn run_eval(mut args: EvalArgs) -> Result<()> {
         stage: None,
         gpus: resolve_gpus(&args.gpus)?,
     };
-    let mut sets = vec![DatasetSpec {
-        name: dataset_name(&args.data),
-        files: args.data.clone(),
-    }];
+    let mut sets = Vec::new();
+    if !args.data.is_empty() {
+        sets.push(DatasetSpec {
+            name: dataset_name(&args.data),
+            files: args.data.clone(),
+        });
+    }
     sets.extend(args.extra_data.iter().map(|f| DatasetSpec {
         name: dataset_name(std::slice::from_ref(f)),
         files: vec![f.clone()],
     }));
     let mut ev = Evaluator::load(&args.checkpoints, &sets, &opts)?;
+    let tasks = load_tasks(&args.task, &args.checkpoints[0], ev.choice_max_len())?;
     let t_merge = std::time::Instant::now();
     ev.set_weights(&weights)?;
     let merge_seconds = t_merge.elapsed().as_secs_f64();
     let results = (0..ev.datasets.len())
         .map(|d| ev.score(d))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut task_scores = Vec::new();
+    for t in &tasks {
+        let t0 = std::time::Instant::now();
+        let r = ev.score_choices(&t.requests)?;
+        task_scores.push((
+            ckmerge_worker::choice::score(t, &r),
+            t0.elapsed().as_secs_f64(),
+        ));
+    }
     if let Some(rows) = ckmerge_kernels::cuda::profile::report() {
         // CKMERGE_GPU_PROFILE: the per-operation split, on stderr so --json stays clean.
         for (op, seconds, calls) in rows {
@@ -575,9 +595,21 @@ fn run_eval(mut args: EvalArgs) -> Result<()> {
                 "tokens_scored": r.tokens, "mean_nll": r.mean_nll, "perplexity": r.perplexity,
                 "seconds": r.seconds, "tokens_per_s": r.tokens_per_s,
             })).collect::<Vec<_>>(),
+            "tasks": tasks.iter().zip(&task_scores).map(|(t, (s, seconds))| serde_json::json!({
+                "name": s.name, "file": t.path, "items": s.items, "acc": s.acc,
+                "acc_norm": s.acc_norm, "gold_ll": s.gold_ll, "choice_nll": s.choice_nll,
+                "seconds": seconds,
+                "per_item": s.per_item,
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        for (s, seconds) in &task_scores {
+            println!(
+                "{}: {} items, acc {:.4}, acc_norm {:.4}, gold log-likelihood {:.4}, gold cross-entropy among the choices {:.4} ({:.2} s)",
+                s.name, s.items, s.acc, s.acc_norm, s.gold_ll, s.choice_nll, seconds
+            );
+        }
         for (d, r) in ev.datasets.iter().zip(&results) {
             println!(
                 "{}: {} tokens scored in {} windows of {}, mean NLL {:.6}, perplexity {:.4} ({:.2} s, {:.0} tokens/s)",
@@ -607,6 +639,33 @@ fn run_eval(mut args: EvalArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Reads and tokenizes the multiple-choice tasks (with the first checkpoint's tokenizer,
+/// as the data sets are), every item checked before anything is scored.
+fn load_tasks(
+    files: &[PathBuf],
+    tokenizer_dir: &std::path::Path,
+    max_len: usize,
+) -> Result<Vec<ckmerge_worker::choice::Task>> {
+    use ckmerge_worker::choice;
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tok = ckmerge_worker::data::TextTokenizer::load(tokenizer_dir)?;
+    files
+        .iter()
+        .map(|p| {
+            let items = choice::load_items(p)?;
+            let requests = choice::requests(&items, &tok, max_len, p)?;
+            Ok(choice::Task {
+                name: dataset_name(std::slice::from_ref(p)),
+                path: p.clone(),
+                items,
+                requests,
+            })
+        })
+        .collect()
 }
 
 fn run_verify(mut args: VerifyArgs) -> Result<()> {

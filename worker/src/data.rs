@@ -101,6 +101,22 @@ impl TextTokenizer {
         })
     }
 
+    /// Tokens of `text`, with the tokenizer's special tokens when `special` (as
+    /// `tokenizer.encode(text, add_special_tokens=special)`).
+    pub fn encode(&self, text: &str, special: bool, path: &Path) -> Result<Vec<u32>, DataError> {
+        Ok(self
+            .tok
+            .encode(text, special)
+            .map_err(|e| bad(path, format!("tokenizer failed: {e}")))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// The text of token `id` as the tokenizer decodes it alone.
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.tok.decode(&[id], false).ok()
+    }
+
     /// Tokens of one document under the convention in the module docs.
     pub fn document(&self, text: &str, path: &Path) -> Result<Vec<u32>, DataError> {
         let enc = self

@@ -180,7 +180,9 @@ impl Evaluator {
             return Err(EvalError::Request("no checkpoints given".into()));
         }
         let first_stage = opts.stage.is_none_or(|s| s.index == 0);
-        if first_stage && (datasets.is_empty() || datasets.iter().any(|d| d.files.is_empty())) {
+        // No data set at all is allowed (`ckmerge eval --task` scores tasks alone); an
+        // empty one is a mistake.
+        if first_stage && datasets.iter().any(|d| d.files.is_empty()) {
             return Err(EvalError::Request("no data given; pass --data FILE".into()));
         }
         let ckpts = checkpoints
@@ -402,6 +404,42 @@ impl Evaluator {
             }
         };
         Ok(Self::result(&batches, &parts, t0.elapsed().as_secs_f64()))
+    }
+
+    /// The longest input a multiple-choice request may have on this model: the harness's
+    /// `max_length` for a Hugging Face model, `max_position_embeddings`.
+    pub fn choice_max_len(&self) -> usize {
+        self.config.max_positions
+    }
+
+    /// Each request's (log-likelihood, is-greedy) under the current weights, in request
+    /// order (see [`crate::choice`]). CPU only so far.
+    pub fn score_choices(
+        &mut self,
+        requests: &[crate::choice::Request],
+    ) -> Result<Vec<(f64, bool)>, EvalError> {
+        assert!(self.weights.is_some(), "set_weights before score_choices");
+        let parallel = self.batches_in_parallel();
+        match &mut self.backend {
+            Backend::Cpu(cpu) => {
+                let longest = requests.iter().map(|r| r.input.len()).max().unwrap_or(0);
+                cpu.model.ensure_max_seq(longest);
+                let (model, store) = (&cpu.model, &cpu.store);
+                let run = |r: &crate::choice::Request| {
+                    model.continuation_logprob(store, &r.input, &r.targets)
+                };
+                Ok(if parallel {
+                    use rayon::prelude::*;
+                    requests.par_iter().map(run).collect()
+                } else {
+                    requests.iter().map(run).collect()
+                })
+            }
+            Backend::Gpu(_) => Err(EvalError::Request(
+                "multiple-choice tasks are scored on the CPU only so far; run without --gpus"
+                    .into(),
+            )),
+        }
     }
 
     /// Totals per-batch NLL sums (added in batch order, so a pipeline's total equals a

@@ -2,6 +2,7 @@
 //! Hugging Face model directory, the model definitions and held-out data, and the
 //! in-memory merge-and-evaluate API ([`eval::Evaluator`]) that workers serve.
 
+pub mod choice;
 pub mod data;
 pub mod eval;
 pub mod listen;

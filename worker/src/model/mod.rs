@@ -342,21 +342,7 @@ impl Model {
         infallible(cpu.norm(&picked, &head.norm, &mut normed, targets.len()));
         const SLAB: usize = 256;
         let mut logits = vec![0f32; SLAB.min(targets.len()) * c.vocab];
-        // Baichuan 2's NormHead: each row of the head divided by its L2 norm (as
-        // `nn.functional.normalize`, eps 1e-12), applied to the logits it produces.
-        let row_scale: Option<Vec<f32>> = c.norm_head.then(|| {
-            d(head.lm_head)
-                .chunks(h)
-                .map(|r| {
-                    let n = r
-                        .iter()
-                        .map(|&v| (v as f64) * (v as f64))
-                        .sum::<f64>()
-                        .sqrt();
-                    (1.0 / n.max(1e-12)) as f32
-                })
-                .collect()
-        });
+        let row_scale = self.norm_head_scale(w);
         let mut total = 0.0f64;
         for (i, tg) in targets.chunks(SLAB).enumerate() {
             let m = tg.len();
@@ -371,6 +357,90 @@ impl Model {
             total += ops::nll_sum(out, c.vocab, tg);
         }
         total
+    }
+}
+
+impl Model {
+    /// Baichuan 2's NormHead: each row of the head divided by its L2 norm (as
+    /// `nn.functional.normalize`, eps 1e-12), applied to the logits it produces.
+    fn norm_head_scale(&self, w: &ParamStore) -> Option<Vec<f32>> {
+        let head = self.head.as_ref()?;
+        self.config.norm_head.then(|| {
+            w.data[head.lm_head]
+                .chunks(self.config.hidden)
+                .map(|r| {
+                    let n = r
+                        .iter()
+                        .map(|&v| (v as f64) * (v as f64))
+                        .sum::<f64>()
+                        .sqrt();
+                    (1.0 / n.max(1e-12)) as f32
+                })
+                .collect()
+        })
+    }
+
+    /// Makes the model able to run `len` positions (its rotary tables), for
+    /// multiple-choice requests longer than the evaluation windows.
+    pub fn ensure_max_seq(&mut self, len: usize) {
+        if len > self.max_seq {
+            let (cos, sin) = ops::rope_tables(&self.config.inv_freq(), len);
+            (self.cos, self.sin, self.max_seq) = (cos, sin, len);
+        }
+    }
+
+    /// The log-likelihood (f64) of `targets` as the continuation of `input`: the last
+    /// `targets.len()` positions of `input` predict them in order (lm-evaluation-harness's
+    /// request: `input` is context + continuation without its last token), and whether
+    /// each target is the argmax of its row (the first maximum on ties). Whole model only.
+    pub fn continuation_logprob(
+        &self,
+        w: &ParamStore,
+        input: &[u32],
+        targets: &[u32],
+    ) -> (f64, bool) {
+        let (n, m) = (input.len(), targets.len());
+        assert!(m >= 1 && m <= n, "bad continuation request");
+        let c = &self.config;
+        let h = c.hidden;
+        let mut x = self.embed(w, input);
+        self.forward_layers(w, &mut x, n);
+        let head = self
+            .head
+            .as_ref()
+            .expect("continuation_logprob on a part without the output head");
+        let picked = x[(n - m) * h..].to_vec();
+        let mut normed = vec![0f32; picked.len()];
+        let cpu = cpu::Cpu::new(c, w, &self.cos, &self.sin);
+        infallible(cpu.norm(&picked, &head.norm, &mut normed, m));
+        let mut logits = vec![0f32; m * c.vocab];
+        ops::linear(
+            &normed,
+            m,
+            h,
+            &w.data[head.lm_head],
+            c.vocab,
+            None,
+            &mut logits,
+        );
+        if let Some(scale) = self.norm_head_scale(w) {
+            for row in logits.chunks_mut(c.vocab) {
+                row.iter_mut().zip(&scale).for_each(|(v, s)| *v *= s);
+            }
+        }
+        let (mut ll, mut greedy) = (0.0f64, true);
+        for (row, &t) in logits.chunks(c.vocab).zip(targets) {
+            let (mut arg, mut max) = (0, f32::NEG_INFINITY);
+            for (i, &v) in row.iter().enumerate() {
+                if v > max {
+                    (arg, max) = (i, v);
+                }
+            }
+            let lse = max as f64 + ckmerge_kernels::vmath::exp_sum(row, max).ln();
+            ll += row[t as usize] as f64 - lse;
+            greedy &= arg == t as usize;
+        }
+        (ll, greedy)
     }
 }
 
