@@ -27,6 +27,16 @@ fn ckmerge(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     support::ckmerge("merge", args)
 }
 
+/// The names of the entries of `d`, sorted.
+fn file_names(d: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 /// Every tensor of a model directory (single file or sharded): name -> (dtype, shape, bytes).
 fn read_model(dir: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
     let mut out = BTreeMap::new();
@@ -1018,14 +1028,7 @@ fn a_merge_split_into_parts_writes_the_same_bytes() {
     }
     let o = run(&split, &[&"--finish-parts", &"3"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let names = |d: &Path| {
-        let mut v: Vec<String> = std::fs::read_dir(d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    };
+    let names = file_names;
     assert_eq!(names(&whole), names(&split));
     let record = |d: &Path| -> Value {
         serde_json::from_slice(&std::fs::read(d.join("ckmerge.json")).unwrap()).unwrap()
@@ -1119,15 +1122,20 @@ fn merge_json_summary_has_the_documented_fields() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (fixtures().join("step-100"), fixtures().join("step-200"));
     let out = tmp.path().join("merged");
-    let o = ckmerge(&[
-        &a,
-        &b,
-        &"--weights",
-        &"0.25,0.75",
-        &"--out",
-        &out,
-        &"--json",
-    ]);
+    let merge = |out: &Path, extra: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &a,
+            &b,
+            &"--weights",
+            &"0.25,0.75",
+            &"--out",
+            &out,
+            &"--json",
+        ];
+        args.extend_from_slice(extra);
+        ckmerge(&args)
+    };
+    let o = merge(&out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
         panic!(
@@ -1160,17 +1168,7 @@ fn merge_json_summary_has_the_documented_fields() {
     assert!(v["bytes_read"].as_u64().unwrap() > 0 && v["seconds"].as_f64().unwrap() >= 0.0);
 
     let split = tmp.path().join("split");
-    let o = ckmerge(&[
-        &a,
-        &b,
-        &"--weights",
-        &"0.25,0.75",
-        &"--out",
-        &split,
-        &"--part",
-        &"1/2",
-        &"--json",
-    ]);
+    let o = merge(&split, &[&"--part", &"1/2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["complete"], false);
@@ -1216,14 +1214,7 @@ fn completions_and_man_pages_are_generated_from_the_cli() {
     // The pages the wheel installs (committed, so `pip install .` needs no generation step)
     // are these.
     let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("wheel-data/data/share/man/man1");
-    let names = |d: &Path| {
-        let mut v: Vec<String> = std::fs::read_dir(d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    };
+    let names = file_names;
     let regenerate = "regenerate them: cargo run -- man --out coordinator/wheel-data/data/share/man/man1 (after removing the old pages)";
     assert_eq!(names(&dir), names(&committed), "{regenerate}");
     for page in names(&dir) {
