@@ -599,6 +599,7 @@ fn run_eval(mut args: EvalArgs) -> Result<()> {
                 "name": s.name, "file": t.path, "items": s.items, "acc": s.acc,
                 "acc_norm": s.acc_norm, "gold_ll": s.gold_ll, "choice_nll": s.choice_nll,
                 "seconds": seconds,
+                "tokens": t.requests.iter().map(|r| r.input.len()).sum::<usize>(),
                 "per_item": s.per_item,
             })).collect::<Vec<_>>(),
         });
