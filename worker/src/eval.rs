@@ -425,8 +425,9 @@ impl Evaluator {
                 let longest = requests.iter().map(|r| r.input.len()).max().unwrap_or(0);
                 cpu.model.ensure_max_seq(longest);
                 let (model, store) = (&cpu.model, &cpu.store);
+                let scale = model.norm_head_scale(store);
                 let run = |r: &crate::choice::Request| {
-                    model.continuation_logprob(store, &r.input, &r.targets)
+                    model.continuation_logprob(store, &r.input, &r.targets, scale.as_deref())
                 };
                 Ok(if parallel {
                     use rayon::prelude::*;

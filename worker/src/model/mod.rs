@@ -320,7 +320,6 @@ impl Model {
             "bad window shape"
         );
         let batch = rows / seq;
-        let d = |p: usize| w.data[p].as_slice();
         let head = self
             .head
             .as_ref()
@@ -348,12 +347,7 @@ impl Model {
             let m = tg.len();
             let xs = &normed[i * SLAB * h..(i * SLAB + m) * h];
             let out = &mut logits[..m * c.vocab];
-            ops::linear(xs, m, h, d(head.lm_head), c.vocab, None, out);
-            if let Some(scale) = &row_scale {
-                for row in out.chunks_mut(c.vocab) {
-                    row.iter_mut().zip(scale).for_each(|(v, s)| *v *= s);
-                }
-            }
+            self.project(w, xs, m, row_scale.as_deref(), out);
             total += ops::nll_sum(out, c.vocab, tg);
         }
         total
@@ -361,9 +355,38 @@ impl Model {
 }
 
 impl Model {
+    /// Logits `[m, vocab]` of `m` normed hidden rows: the output head, times the
+    /// NormHead's row scale where the model has one (see [`Model::norm_head_scale`]).
+    fn project(
+        &self,
+        w: &ParamStore,
+        normed: &[f32],
+        m: usize,
+        scale: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let head = self.head.as_ref().expect("a part with the output head");
+        ops::linear(
+            normed,
+            m,
+            c.hidden,
+            &w.data[head.lm_head],
+            c.vocab,
+            None,
+            out,
+        );
+        if let Some(scale) = scale {
+            for row in out.chunks_mut(c.vocab) {
+                row.iter_mut().zip(scale).for_each(|(v, s)| *v *= s);
+            }
+        }
+    }
+
     /// Baichuan 2's NormHead: each row of the head divided by its L2 norm (as
-    /// `nn.functional.normalize`, eps 1e-12), applied to the logits it produces.
-    fn norm_head_scale(&self, w: &ParamStore) -> Option<Vec<f32>> {
+    /// `nn.functional.normalize`, eps 1e-12), applied to the logits it produces. A pass
+    /// over the whole head: compute it once per set of weights, not per request.
+    pub fn norm_head_scale(&self, w: &ParamStore) -> Option<Vec<f32>> {
         let head = self.head.as_ref()?;
         self.config.norm_head.then(|| {
             w.data[head.lm_head]
@@ -392,12 +415,14 @@ impl Model {
     /// The log-likelihood (f64) of `targets` as the continuation of `input`: the last
     /// `targets.len()` positions of `input` predict them in order (lm-evaluation-harness's
     /// request: `input` is context + continuation without its last token), and whether
-    /// each target is the argmax of its row (the first maximum on ties). Whole model only.
+    /// each target is the argmax of its row (the first maximum on ties). `scale`:
+    /// [`Model::norm_head_scale`] of these weights. Whole model only.
     pub fn continuation_logprob(
         &self,
         w: &ParamStore,
         input: &[u32],
         targets: &[u32],
+        scale: Option<&[f32]>,
     ) -> (f64, bool) {
         let (n, m) = (input.len(), targets.len());
         assert!(m >= 1 && m <= n, "bad continuation request");
@@ -414,20 +439,7 @@ impl Model {
         let cpu = cpu::Cpu::new(c, w, &self.cos, &self.sin);
         infallible(cpu.norm(&picked, &head.norm, &mut normed, m));
         let mut logits = vec![0f32; m * c.vocab];
-        ops::linear(
-            &normed,
-            m,
-            h,
-            &w.data[head.lm_head],
-            c.vocab,
-            None,
-            &mut logits,
-        );
-        if let Some(scale) = self.norm_head_scale(w) {
-            for row in logits.chunks_mut(c.vocab) {
-                row.iter_mut().zip(&scale).for_each(|(v, s)| *v *= s);
-            }
-        }
+        self.project(w, &normed, m, scale, &mut logits);
         let (mut ll, mut greedy) = (0.0f64, true);
         for (row, &t) in logits.chunks(c.vocab).zip(targets) {
             let (mut arg, mut max) = (0, f32::NEG_INFINITY);
