@@ -1181,6 +1181,8 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
                     DatasetSpec::new("heldout", vec![f.join("data/heldout.txt")]),
                     DatasetSpec::new("python-docs", vec![f.join("data/python-docs.txt")]),
                 ],
+                objective_sets: 1,
+                window_seed: None,
                 window: ckmerge_common::WindowSpec {
                     seq_len: Some(128),
                     batch: Some(4),
@@ -1228,6 +1230,7 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
                         w
                     }),
                     all_datasets: true,
+                    race: None,
                 };
                 let a = one.evaluate(ctx(), req.clone()).await.unwrap().unwrap();
                 let b = head.evaluate(ctx(), req).await.unwrap().unwrap();
@@ -1508,4 +1511,133 @@ fn a_full_disk_stops_the_search_and_a_resume_loses_nothing() {
         );
     }
     assert_eq!(after.len(), 10);
+}
+
+#[test]
+fn a_search_on_a_weighted_mixture_of_a_task_and_text_minimises_what_it_reports() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let cfg = tmp.path().join("mix.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"checkpoints = [{:?}, {:?}]
+[space]
+kind = "lambda"
+[data]
+objective = {{ heldout = 3, cloze = 1 }}
+extra = {{ heldout = [{:?}], python-docs = [{:?}] }}
+tasks = {{ cloze = {:?} }}
+seq_len = 128
+[search]
+max_evals = 4
+[output]
+plots = false
+"#,
+            f.join("llama/step-1250"),
+            f.join("llama/step-1500"),
+            f.join("data/heldout.txt"),
+            f.join("data/python-docs.txt"),
+            f.join("tasks/cloze.jsonl"),
+        ),
+    )
+    .unwrap();
+    let run_dir = tmp.path().join("run");
+    let rep = search_to_end(&cfg, &run_dir);
+
+    // Each trial's value is the documented mixture of its sets' own scores, which the
+    // journal keeps: 1/4 of the task's choice NLL and 3/4 of the text's mean NLL.
+    let j = journal(&run_dir);
+    let done = events(&j, "done");
+    assert_eq!(done.len(), 4);
+    for d in &done {
+        let s = d["scores"].as_array().unwrap();
+        assert_eq!(s.len(), 2, "the objective's two sets: {d}");
+        assert_eq!(
+            (s[0]["name"].as_str(), s[1]["name"].as_str()),
+            (Some("cloze"), Some("heldout"))
+        );
+        let acc = s[0]["task"]["acc"].as_f64().unwrap();
+        assert!(
+            (0.0..=1.0).contains(&acc) && s[0]["task"]["items"] == 48,
+            "{d}"
+        );
+        assert!(s[1]["task"].is_null());
+        let (c, h) = (
+            s[0]["mean_nll"].as_f64().unwrap(),
+            s[1]["mean_nll"].as_f64().unwrap(),
+        );
+        let mut want = 0.0;
+        want += 0.25 * c;
+        want += 0.75 * h;
+        assert_eq!(d["mean_nll"].as_f64().unwrap(), want, "{d}");
+    }
+    let objective: Vec<(String, f64)> = rep["objective"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["set"].as_str().unwrap().to_string(),
+                o["weight"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        objective,
+        [("cloze".to_string(), 0.25), ("heldout".to_string(), 0.75)]
+    );
+
+    // The best is the journal's lowest value; scored again for the report it gives the
+    // same value, and every reference has all three sets, the task with its accuracies.
+    let best_value = done_ids(&j).values().cloned().fold(f64::INFINITY, f64::min);
+    assert_eq!(rep["best"]["mean_nll"].as_f64().unwrap(), best_value);
+    let refs = rep["references"].as_array().unwrap();
+    for r in refs {
+        let names: Vec<&str> = r["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["cloze", "heldout", "python-docs"], "{r}");
+        assert!(r["scores"][0]["task"]["acc_norm"].is_f64(), "{r}");
+        assert!(r["objective"].is_f64(), "{r}");
+    }
+    let best = refs.iter().find(|r| r["label"] == "best found").unwrap();
+    assert_eq!(best["objective"].as_f64().unwrap(), best_value);
+    // No reference the search could reach beats the best it found (both ends are
+    // points of the lambda space, and were the first two trials).
+    for r in refs {
+        assert!(r["objective"].as_f64().unwrap() >= best_value, "{r}");
+    }
+
+    // `ckmerge eval` of the merged model gives the same task and text scores bit for
+    // bit: the worker's path is the one the lm-evaluation-harness goldens test.
+    let o = Command::new(bin())
+        .arg("eval")
+        .arg(run_dir.join("merged"))
+        .arg("--data")
+        .arg(f.join("data/heldout.txt"))
+        .arg("--task")
+        .arg(f.join("tasks/cloze.jsonl"))
+        .args(["--seq-len", "128", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let bs = &best["scores"];
+    assert_eq!(v["tasks"][0]["choice_nll"], bs[0]["mean_nll"]);
+    assert_eq!(v["tasks"][0]["acc"], bs[0]["task"]["acc"]);
+    assert_eq!(v["tasks"][0]["acc_norm"], bs[0]["task"]["acc_norm"]);
+    assert_eq!(v["datasets"][0]["mean_nll"], bs[1]["mean_nll"]);
+
+    let md = std::fs::read_to_string(run_dir.join("report.md")).unwrap();
+    assert!(
+        md.contains("objective: 0.25 × cloze (choice NLL) + 0.75 × heldout (mean NLL)")
+            && md.contains("acc / acc_norm / choice NLL")
+            && md.contains("| exp(objective) | objective |"),
+        "{md}"
+    );
 }

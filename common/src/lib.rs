@@ -17,6 +17,7 @@ pub mod error;
 pub mod groups;
 pub mod hub;
 pub mod protocol;
+pub mod race;
 pub mod size;
 pub mod torch_file;
 pub mod weights;

@@ -44,7 +44,7 @@ use crate::weights::MergeWeights;
 use crate::window::WindowSpec;
 
 /// Bumped whenever a message or the handshake changes incompatibly.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 const MAGIC: &[u8; 8] = b"CKMERGE\0";
 const OK: u8 = 0;
@@ -58,11 +58,27 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SECRET_ENV: &str = "CKMERGE_SECRET";
 const MIN_SECRET_BYTES: usize = 16;
 
-/// A named held-out data set: its files (or directories of them) scored as one stream.
+/// A named data set: held-out text (its files, or directories of them, scored as one
+/// stream of windows) or a multiple-choice task (one JSONL file, scored as
+/// lm-evaluation-harness scores `multiple_choice` tasks).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatasetSpec {
     pub name: String,
     pub files: Vec<PathBuf>,
+    #[serde(default)]
+    pub kind: SetKind,
+}
+
+/// What a data set is, and so how it is scored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetKind {
+    /// Held-out text: mean NLL per scored token.
+    #[default]
+    Text,
+    /// A multiple-choice task: the gold choice's cross-entropy among the choices, mean
+    /// per item (`choice_nll`), beside acc and acc_norm.
+    Task,
 }
 
 impl DatasetSpec {
@@ -70,6 +86,16 @@ impl DatasetSpec {
         DatasetSpec {
             name: name.into(),
             files,
+            kind: SetKind::Text,
+        }
+    }
+
+    /// A multiple-choice task read from `file`.
+    pub fn task(name: impl Into<String>, file: PathBuf) -> DatasetSpec {
+        DatasetSpec {
+            name: name.into(),
+            files: vec![file],
+            kind: SetKind::Task,
         }
     }
 }
@@ -95,8 +121,14 @@ pub struct LoadSpec {
     /// serves one at a time (see `ckmerge_worker::tenancy`).
     pub run: String,
     pub checkpoints: Vec<PathBuf>,
-    /// Named data sets; the first is the objective.
+    /// Named data sets; the first `objective_sets` make up the objective (a trial scores
+    /// those only), the rest are scored for the report.
     pub datasets: Vec<DatasetSpec>,
+    /// How many of the leading `datasets` a trial scores (at least 1).
+    pub objective_sets: usize,
+    /// With early stopping: the seed of the fixed random order in which the objective's
+    /// windows are scored (see [`crate::race`]); None: file order.
+    pub window_seed: Option<u64>,
     /// How the data is cut into windows (the same bytes on the wire as its five fields).
     pub window: WindowSpec,
     /// Tensor groups for per-group weights; None: one weight vector.
@@ -122,9 +154,10 @@ pub struct WorkerInfo {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LoadedDataset {
     pub name: String,
-    /// Tokens read (after `max_tokens`).
+    /// Tokens read (after `max_tokens`); for a task, the tokens of all its requests (what
+    /// one scoring runs through the model).
     pub tokens: usize,
-    /// Scoring windows cut from them.
+    /// Scoring windows cut from them; for a task, its requests (items times choices).
     pub windows: usize,
 }
 
@@ -147,16 +180,40 @@ pub struct EvalRequest {
     pub trial: u64,
     /// One weight vector per group (one in all for a plain merge).
     pub weights: MergeWeights,
-    /// Score every data set, not only the objective.
+    /// Score every data set, not only the objective's.
     pub all_datasets: bool,
+    /// With early stopping: race the objective against the incumbent (see
+    /// [`crate::race`]); the reply then carries every scored batch's NLL sum.
+    pub race: Option<crate::race::Race>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// The score of one model on one data set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DatasetScore {
     pub name: String,
+    /// Tokens scored: predicted tokens of the text, or of every choice of a task.
     pub tokens: usize,
+    /// The set's value, lower is better: the mean NLL per scored token of a text, or a
+    /// task's `choice_nll` (mean over items of `-log softmax(lls)[gold]`, in nats).
     pub mean_nll: f64,
+    /// `exp(mean_nll)`: for a task, the perplexity over its choices (1 when the model puts
+    /// all the choices' probability on the gold one, the number of choices when uniform).
     pub perplexity: f64,
+    /// A task's accuracies; None for text. (Never skipped when None: the wire format,
+    /// bincode, is not self-describing.)
+    #[serde(default)]
+    pub task: Option<TaskMetrics>,
+}
+
+/// What lm-evaluation-harness reports for a `multiple_choice` task, plus the gold
+/// choice's mean log-likelihood.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskMetrics {
+    pub items: usize,
+    pub acc: f64,
+    pub acc_norm: f64,
+    /// Mean log-likelihood of the gold choice given its context.
+    pub gold_ll: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -169,6 +226,11 @@ pub struct EvalReply {
     pub tokens_per_s: f64,
     /// Seconds the request waited behind other evaluations on this worker.
     pub queued_seconds: f64,
+    /// A raced request: the objective's NLL sum of each batch scored, in scoring order.
+    pub units: Vec<f64>,
+    /// A raced request stopped early: how far it got (the objective's score is then the
+    /// estimate of the whole set's).
+    pub partial: Option<crate::race::Partial>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

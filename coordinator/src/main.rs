@@ -443,7 +443,13 @@ fn run_search(args: SearchCliArgs) -> Result<()> {
         let scores: Vec<String> = rf
             .scores
             .iter()
-            .map(|s| format!("{} ppl {:.4}", s.name, s.perplexity))
+            .map(|s| match &s.task {
+                None => format!("{} ppl {:.4}", s.name, s.perplexity),
+                Some(t) => format!(
+                    "{} acc {:.4} acc_norm {:.4} choice NLL {:.4}",
+                    s.name, t.acc, t.acc_norm, s.mean_nll
+                ),
+            })
             .collect();
         let w: Vec<String> = rf.weights.iter().map(|x| format!("{x:.4}")).collect();
         println!(
@@ -453,11 +459,31 @@ fn run_search(args: SearchCliArgs) -> Result<()> {
             scores.join(", ")
         );
     }
-    for i in &r.improvement {
-        println!(
-            "{}: best merge {:+.2}% perplexity vs the best source ({}), {:+.2}% vs the uniform average",
-            i.dataset, i.change_vs_best_source_pct, i.best_source, i.change_vs_uniform_pct
-        );
+    // A task's score at a reference, by label.
+    let task = |label: &str, d: usize| {
+        r.references
+            .iter()
+            .find(|x| x.label == label)
+            .and_then(|x| x.scores.get(d))
+            .and_then(|s| s.task.map(|t| (t.acc, s.mean_nll)))
+    };
+    for (d, i) in r.improvement.iter().enumerate() {
+        let src = task(&i.best_source, d);
+        match (task("best found", d), src, task("uniform average", d)) {
+            (Some((b, bn)), Some((s, sn)), Some((u, un))) => println!(
+                "{}: best merge acc {b:.4}, {:+.1} points vs the source of lowest choice NLL ({}), {:+.1} vs the uniform average; choice NLL {:+.4} and {:+.4} nats",
+                i.dataset,
+                (b - s) * 100.0,
+                i.best_source,
+                (b - u) * 100.0,
+                bn - sn,
+                bn - un
+            ),
+            _ => println!(
+                "{}: best merge {:+.2}% perplexity vs the best source ({}), {:+.2}% vs the uniform average",
+                i.dataset, i.change_vs_best_source_pct, i.best_source, i.change_vs_uniform_pct
+            ),
+        }
     }
     if let Some(m) = &r.merged_model {
         println!("merged model: {}", m.display());
@@ -549,32 +575,39 @@ fn run_eval(mut args: EvalArgs) -> Result<()> {
     };
     let mut sets = Vec::new();
     if !args.data.is_empty() {
-        sets.push(DatasetSpec {
-            name: dataset_name(&args.data),
-            files: args.data.clone(),
-        });
+        sets.push(DatasetSpec::new(
+            dataset_name(&args.data),
+            args.data.clone(),
+        ));
     }
-    sets.extend(args.extra_data.iter().map(|f| DatasetSpec {
-        name: dataset_name(std::slice::from_ref(f)),
-        files: vec![f.clone()],
-    }));
+    sets.extend(
+        args.extra_data
+            .iter()
+            .map(|f| DatasetSpec::new(dataset_name(std::slice::from_ref(f)), vec![f.clone()])),
+    );
+    let n_text = sets.len();
+    sets.extend(
+        args.task
+            .iter()
+            .map(|f| DatasetSpec::task(dataset_name(std::slice::from_ref(f)), f.clone())),
+    );
     let mut ev = Evaluator::load(&args.checkpoints, &sets, &opts)?;
-    let tasks = load_tasks(&args.task, &args.checkpoints[0], ev.choice_max_len())?;
     let t_merge = std::time::Instant::now();
     ev.set_weights(&weights)?;
     let merge_seconds = t_merge.elapsed().as_secs_f64();
-    let results = (0..ev.datasets.len())
+    let results = (0..n_text)
         .map(|d| ev.score(d))
         .collect::<Result<Vec<_>, _>>()?;
     let mut task_scores = Vec::new();
-    for t in &tasks {
+    for d in n_text..sets.len() {
         let t0 = std::time::Instant::now();
-        let r = ev.score_choices(&t.requests)?;
-        task_scores.push((
-            ckmerge_worker::choice::score(t, &r),
-            t0.elapsed().as_secs_f64(),
-        ));
+        let s = ev.score_task(d)?;
+        task_scores.push((s, t0.elapsed().as_secs_f64()));
     }
+    let tasks: Vec<&ckmerge_worker::choice::Task> = ev.datasets[n_text..]
+        .iter()
+        .map(|d| d.task.as_ref().expect("loaded as a task"))
+        .collect();
     if let Some(rows) = ckmerge_kernels::cuda::profile::report() {
         // CKMERGE_GPU_PROFILE: the per-operation split, on stderr so --json stays clean.
         for (op, seconds, calls) in rows {
@@ -590,7 +623,7 @@ fn run_eval(mut args: EvalArgs) -> Result<()> {
             "load_seconds": ev.load_seconds,
             "device": ev.device(),
             "merge_seconds": merge_seconds,
-            "datasets": ev.datasets.iter().zip(&sets).zip(&results).map(|((d, DatasetSpec { files, .. }), r)| serde_json::json!({
+            "datasets": ev.datasets[..n_text].iter().zip(&sets).zip(&results).map(|((d, DatasetSpec { files, .. }), r)| serde_json::json!({
                 "name": d.name, "files": files, "windows": d.windows.len(),
                 "tokens_scored": r.tokens, "mean_nll": r.mean_nll, "perplexity": r.perplexity,
                 "seconds": r.seconds, "tokens_per_s": r.tokens_per_s,
@@ -611,7 +644,7 @@ fn run_eval(mut args: EvalArgs) -> Result<()> {
                 s.name, s.items, s.acc, s.acc_norm, s.gold_ll, s.choice_nll, seconds
             );
         }
-        for (d, r) in ev.datasets.iter().zip(&results) {
+        for (d, r) in ev.datasets[..n_text].iter().zip(&results) {
             println!(
                 "{}: {} tokens scored in {} windows of {}, mean NLL {:.6}, perplexity {:.4} ({:.2} s, {:.0} tokens/s)",
                 d.name,
@@ -626,8 +659,7 @@ fn run_eval(mut args: EvalArgs) -> Result<()> {
         }
     }
     // Printed above for the record, but not a result: a script must not take it for one.
-    if let Some((d, r)) = ev
-        .datasets
+    if let Some((d, r)) = ev.datasets[..n_text]
         .iter()
         .zip(&results)
         .find(|(_, r)| !(r.mean_nll.is_finite() && r.perplexity.is_finite()))
@@ -640,33 +672,6 @@ fn run_eval(mut args: EvalArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Reads and tokenizes the multiple-choice tasks (with the first checkpoint's tokenizer,
-/// as the data sets are), every item checked before anything is scored.
-fn load_tasks(
-    files: &[PathBuf],
-    tokenizer_dir: &std::path::Path,
-    max_len: usize,
-) -> Result<Vec<ckmerge_worker::choice::Task>> {
-    use ckmerge_worker::choice;
-    if files.is_empty() {
-        return Ok(Vec::new());
-    }
-    let tok = ckmerge_worker::data::TextTokenizer::load(tokenizer_dir)?;
-    files
-        .iter()
-        .map(|p| {
-            let items = choice::load_items(p)?;
-            let requests = choice::requests(&items, &tok, max_len, p)?;
-            Ok(choice::Task {
-                name: dataset_name(std::slice::from_ref(p)),
-                path: p.clone(),
-                items,
-                requests,
-            })
-        })
-        .collect()
 }
 
 fn run_verify(mut args: VerifyArgs) -> Result<()> {

@@ -82,10 +82,13 @@ pub struct BestJson {
     pub trial: u64,
     /// One weight per checkpoint (per group and checkpoint for a group search).
     pub weights: Vec<f64>,
-    /// The objective: mean held-out NLL on `data.objective`.
+    /// The objective's value: the mean held-out NLL of `data.objective`'s files, or the
+    /// weighted mean of its sets' values (a task's is its choice NLL; README "Search
+    /// objectives").
     pub mean_nll: f64,
+    /// `exp(mean_nll)`.
     pub perplexity: f64,
-    /// Every data set, the objective first.
+    /// Every data set, the objective's first; a task's with its `task` accuracies.
     pub scores: Vec<DatasetScore>,
 }
 
@@ -95,6 +98,8 @@ pub struct BaselineJson {
     pub kind: &'static str,
     pub label: String,
     pub weights: Vec<f64>,
+    /// The objective's value at these weights; null where it is not finite.
+    pub objective: Option<f64>,
     pub scores: Vec<DatasetScore>,
 }
 
@@ -136,6 +141,7 @@ impl SearchSummaryJson {
                     kind,
                     label: x.label.clone(),
                     weights: x.weights.clone(),
+                    objective: x.objective,
                     scores: x.scores.clone(),
                 })
             })

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ckmerge_common::protocol::{DatasetSpec, PipelineStage};
+use ckmerge_common::protocol::{DatasetScore, DatasetSpec, PipelineStage, SetKind, TaskMetrics};
 use ckmerge_common::{
     check_compatible, Checkpoint, CheckpointError, DType, GroupMap, Grouping, MergeWeights,
     WindowSpec,
@@ -57,17 +57,41 @@ pub struct EvalOptions {
 pub use crate::data::Batch;
 pub use crate::model::StageOutput;
 
-/// A tokenized data set and its windows.
+/// A tokenized data set and its windows, or a multiple-choice task and its requests.
 pub struct Dataset {
     pub name: String,
     tokens: Vec<u32>,
     pub windows: Vec<Window>,
+    /// A task (then `tokens` and `windows` are empty).
+    pub task: Option<crate::choice::Task>,
 }
 
 impl Dataset {
+    /// Tokens read; for a task, the tokens of all its requests (what one scoring runs
+    /// through the model).
     pub fn tokens(&self) -> usize {
-        self.tokens.len()
+        match &self.task {
+            Some(t) => t.requests.iter().map(|r| r.input.len()).sum(),
+            None => self.tokens.len(),
+        }
     }
+
+    /// Windows of a text, requests (items times choices) of a task.
+    pub fn units(&self) -> usize {
+        match &self.task {
+            Some(t) => t.requests.len(),
+            None => self.windows.len(),
+        }
+    }
+}
+
+/// One data set scored: its score and what it cost.
+#[derive(Clone, Debug)]
+pub struct SetResult {
+    pub score: DatasetScore,
+    pub seconds: f64,
+    /// Tokens through the forward pass (scored or context).
+    pub forward_tokens: usize,
 }
 
 /// Score of one model on one data set.
@@ -80,6 +104,8 @@ pub struct EvalResult {
     pub seconds: f64,
     /// Tokens through the forward pass per second (scored or context).
     pub tokens_per_s: f64,
+    /// Tokens through the forward pass (scored or context).
+    pub forward_tokens: usize,
 }
 
 /// One source checkpoint held in memory: per store tensor, its dtype and bytes.
@@ -152,7 +178,30 @@ pub fn load_datasets(
     let tok_dir = tokenizer_dir.to_owned();
     let tokenizer = move || TextTokenizer::load(&tok_dir);
     let mut sets = Vec::new();
-    for DatasetSpec { name, files } in datasets {
+    for DatasetSpec { name, files, kind } in datasets {
+        if *kind == SetKind::Task {
+            let [file] = files.as_slice() else {
+                return Err(EvalError::Request(format!(
+                    "task `{name}` lists {} files; a multiple-choice task is one JSONL file",
+                    files.len()
+                )));
+            };
+            let items = crate::choice::load_items(file)?;
+            let requests =
+                crate::choice::requests(&items, &tokenizer()?, config.max_positions, file)?;
+            sets.push(Dataset {
+                name: name.clone(),
+                tokens: Vec::new(),
+                windows: Vec::new(),
+                task: Some(crate::choice::Task {
+                    name: name.clone(),
+                    path: file.clone(),
+                    items,
+                    requests,
+                }),
+            });
+            continue;
+        }
         let mut tokens = data::load_tokens(files, &tokenizer, config.vocab, win.token_bits)?;
         if let Some(m) = win.max_tokens {
             tokens.truncate(m);
@@ -162,6 +211,7 @@ pub fn load_datasets(
             name: name.clone(),
             tokens,
             windows,
+            task: None,
         });
     }
     Ok(sets)
@@ -194,6 +244,20 @@ impl Evaluator {
         let config = ModelConfig::from_json(&first.config, &first.dir.join("config.json"))?;
         let win = &opts.window;
         let seq_len = window_length(&config, win)?;
+        if let Some(t) = datasets.iter().find(|d| d.kind == SetKind::Task) {
+            if opts.gpus.is_some() {
+                return Err(EvalError::Request(format!(
+                    "task `{}`: multiple-choice tasks are scored on the CPU only so far; run without --gpus",
+                    t.name
+                )));
+            }
+            if opts.stage.is_some() {
+                return Err(EvalError::Request(format!(
+                    "task `{}`: multiple-choice tasks are not scored through a pipeline yet; use workers that hold the whole model",
+                    t.name
+                )));
+            }
+        }
 
         let part = match opts.stage {
             None => Part::whole(&config),
@@ -368,12 +432,112 @@ impl Evaluator {
         out
     }
 
+    /// Puts the windows of data set `d` in the fixed random order of `seed` (see
+    /// [`ckmerge_common::race`]): its batches are then scored in that order, so any prefix
+    /// of them is a simple random sample of the set.
+    pub fn shuffle_windows(&mut self, d: usize, seed: u64) {
+        let set = &mut self.datasets[d];
+        let p = ckmerge_common::race::permutation(set.windows.len(), seed);
+        set.windows = p.iter().map(|&i| set.windows[i]).collect();
+    }
+
     /// Scores the current weights on data set `d` (whole model).
     pub fn score(&self, d: usize) -> Result<EvalResult, EvalError> {
-        assert!(self.weights.is_some(), "set_weights before score");
         let t0 = Instant::now();
-        let batches = self.batches(d);
-        let parts: Vec<f64> = match &self.backend {
+        let batches = self.text_batches(d)?;
+        let parts = self.run_batches(&batches)?;
+        Ok(Self::result(&batches, &parts, t0.elapsed().as_secs_f64()))
+    }
+
+    /// Scores data set `d` in its batches' order, racing against `race` (see
+    /// [`ckmerge_common::race`]): at each look the candidate is tested against the
+    /// incumbent's batches and, when clearly worse, stops. Returns the result (for a
+    /// stopped trial: the tokens scored, and the estimate of the whole set's mean NLL,
+    /// `incumbent + difference`), every scored batch's NLL sum, and how far a stopped
+    /// trial got. An empty `race.incumbent` scores everything (the sums make the next
+    /// incumbent).
+    pub fn score_race(
+        &self,
+        d: usize,
+        race: &ckmerge_common::race::Race,
+    ) -> Result<(EvalResult, Vec<f64>, Option<ckmerge_common::race::Partial>), EvalError> {
+        use ckmerge_common::race;
+        let t0 = Instant::now();
+        // One window per batch: the windows are the test's units, so a look can come
+        // after a few dozen of them on a small set too.
+        let batches: Vec<Batch> = self
+            .text_batches(d)?
+            .into_iter()
+            .flat_map(|b| {
+                let (seq, scored) = (b.seq, b.scored);
+                b.tokens
+                    .chunks(seq)
+                    .map(|w| Batch {
+                        tokens: w.to_vec(),
+                        seq,
+                        scored,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let units = batches.len();
+        let scored_in =
+            |b: &[Batch]| -> usize { b.iter().map(|b| b.scored * b.tokens.len() / b.seq).sum() };
+        let tokens = scored_in(&batches);
+        if !race.incumbent.is_empty() && race.incumbent.len() != units {
+            return Err(EvalError::Request(format!(
+                "the incumbent has {} windows where this set has {units}: the workers disagree on the data",
+                race.incumbent.len()
+            )));
+        }
+        let mut looks = if race.incumbent.is_empty() {
+            Vec::new()
+        } else {
+            race::look_points(units)
+        };
+        looks.push(units);
+        let mut parts = Vec::with_capacity(units);
+        for at in looks {
+            parts.extend(self.run_batches(&batches[parts.len()..at])?);
+            if at == units {
+                break;
+            }
+            if let Some(p) = race::look(&parts, &race.incumbent, units, tokens, race.z) {
+                let inc_mean = race.incumbent.iter().sum::<f64>() / tokens as f64;
+                let mean_nll = inc_mean + p.difference;
+                let done = &batches[..at];
+                let seconds = t0.elapsed().as_secs_f64();
+                let through: usize = done.iter().map(|b| b.tokens.len()).sum();
+                let r = EvalResult {
+                    tokens: scored_in(done),
+                    mean_nll,
+                    perplexity: mean_nll.exp(),
+                    seconds,
+                    tokens_per_s: through as f64 / seconds,
+                    forward_tokens: through,
+                };
+                return Ok((r, parts, Some(p)));
+            }
+        }
+        let r = Self::result(&batches, &parts, t0.elapsed().as_secs_f64());
+        Ok((r, parts, None))
+    }
+
+    /// The batches of text set `d`; a task is refused.
+    fn text_batches(&self, d: usize) -> Result<Vec<Batch>, EvalError> {
+        assert!(self.weights.is_some(), "set_weights before score");
+        if self.datasets[d].task.is_some() {
+            return Err(EvalError::Request(format!(
+                "`{}` is a multiple-choice task: score it with score_task",
+                self.datasets[d].name
+            )));
+        }
+        Ok(self.batches(d))
+    }
+
+    /// Each batch's summed NLL under the current weights, in batch order.
+    fn run_batches(&self, batches: &[Batch]) -> Result<Vec<f64>, EvalError> {
+        Ok(match &self.backend {
             Backend::Cpu(cpu) => {
                 let run =
                     |b: &Batch| -> f64 { cpu.model.nll(&cpu.store, &b.tokens, b.seq, b.scored) };
@@ -390,7 +554,7 @@ impl Evaluator {
             }
             Backend::Gpu(m) => {
                 let mut out = Vec::with_capacity(batches.len());
-                for b in &batches {
+                for b in batches {
                     match m.forward(b, None)? {
                         StageOutput::Nll(n) => out.push(n),
                         StageOutput::Hidden(_) => {
@@ -402,8 +566,7 @@ impl Evaluator {
                 }
                 out
             }
-        };
-        Ok(Self::result(&batches, &parts, t0.elapsed().as_secs_f64()))
+        })
     }
 
     /// The longest input a multiple-choice request may have on this model: the harness's
@@ -443,6 +606,55 @@ impl Evaluator {
         }
     }
 
+    /// Scores the current weights on task `d` (see [`crate::choice::score`]).
+    pub fn score_task(&mut self, d: usize) -> Result<crate::choice::TaskScore, EvalError> {
+        let task = self.datasets[d].task.take().ok_or_else(|| {
+            EvalError::Request(format!("`{}` is not a task", self.datasets[d].name))
+        })?;
+        let r = self.score_choices(&task.requests);
+        let out = r.map(|r| crate::choice::score(&task, &r));
+        self.datasets[d].task = Some(task);
+        out
+    }
+
+    /// Scores the current weights on data set `d`, text or task (whole model).
+    pub fn score_set(&mut self, d: usize) -> Result<SetResult, EvalError> {
+        let t0 = Instant::now();
+        if self.datasets[d].task.is_none() {
+            let r = self.score(d)?;
+            return Ok(SetResult {
+                score: DatasetScore {
+                    name: self.datasets[d].name.clone(),
+                    tokens: r.tokens,
+                    mean_nll: r.mean_nll,
+                    perplexity: r.perplexity,
+                    task: None,
+                },
+                seconds: r.seconds,
+                forward_tokens: r.forward_tokens,
+            });
+        }
+        let s = self.score_task(d)?;
+        let set = &self.datasets[d];
+        let t = set.task.as_ref().expect("a task");
+        Ok(SetResult {
+            score: DatasetScore {
+                name: set.name.clone(),
+                tokens: t.requests.iter().map(|r| r.targets.len()).sum(),
+                mean_nll: s.choice_nll,
+                perplexity: s.choice_nll.exp(),
+                task: Some(TaskMetrics {
+                    items: s.items,
+                    acc: s.acc,
+                    acc_norm: s.acc_norm,
+                    gold_ll: s.gold_ll,
+                }),
+            },
+            seconds: t0.elapsed().as_secs_f64(),
+            forward_tokens: set.tokens(),
+        })
+    }
+
     /// Totals per-batch NLL sums (added in batch order, so a pipeline's total equals a
     /// single process's bit for bit) into a result.
     pub fn result(batches: &[Batch], nll: &[f64], seconds: f64) -> EvalResult {
@@ -459,6 +671,7 @@ impl Evaluator {
             perplexity: mean_nll.exp(),
             seconds,
             tokens_per_s: through as f64 / seconds,
+            forward_tokens: through,
         }
     }
 

@@ -149,8 +149,11 @@ impl WorkerService {
             stage: stage_of(spec).filter(|s| s.count > 1),
             gpus: gpus.clone(),
         };
-        let ev =
+        let mut ev =
             Evaluator::load(&spec.checkpoints, &spec.datasets, &opts).map_err(|e| e.to_string())?;
+        if let (Some(seed), false) = (spec.window_seed, ev.datasets.is_empty()) {
+            ev.shuffle_windows(0, seed);
+        }
         if gpus.is_some() {
             info.device = ev.device();
         }
@@ -164,7 +167,7 @@ impl WorkerService {
                 .map(|d| LoadedDataset {
                     name: d.name.clone(),
                     tokens: d.tokens(),
-                    windows: d.windows.len(),
+                    windows: d.units(),
                 })
                 .collect(),
             seq_len: ev.seq_len,
@@ -432,17 +435,37 @@ impl WorkerService {
                     tokens: 0,
                     mean_nll: v,
                     perplexity: v.exp(),
+                    task: None,
                 }],
                 merge_seconds: 0.0,
                 eval_seconds: cost.as_secs_f64(),
                 tokens_per_s: 0.0,
                 queued_seconds,
+                units: Vec::new(),
+                partial: None,
             })
         } else if let Some(next) = loaded.next.clone() {
             let ev = loaded.ev.clone().expect("loaded outside benchmark mode");
-            Self::evaluate_pipeline(ev, next, loaded.stages, ctx, req, queued_seconds).await
+            let objective_sets = loaded
+                .spec
+                .objective_sets
+                .clamp(1, loaded.spec.datasets.len());
+            Self::evaluate_pipeline(
+                ev,
+                next,
+                loaded.stages,
+                ctx,
+                req,
+                queued_seconds,
+                objective_sets,
+            )
+            .await
         } else {
             let ev = loaded.ev.clone().expect("loaded outside benchmark mode");
+            let objective_sets = loaded
+                .spec
+                .objective_sets
+                .clamp(1, loaded.spec.datasets.len());
             tokio::task::spawn_blocking(move || {
                 let mut ev = ev.lock().map_err(|_| "evaluator poisoned by a panic")?;
                 let t = Instant::now();
@@ -451,19 +474,32 @@ impl WorkerService {
                 let n = if req.all_datasets {
                     ev.datasets.len()
                 } else {
-                    1
+                    objective_sets
                 };
                 let t = Instant::now();
-                let (mut through, mut scores) = (0.0, Vec::new());
+                let (mut through, mut scores) = (0, Vec::new());
+                let (mut units, mut partial) = (Vec::new(), None);
                 for d in 0..n {
-                    let r = ev.score(d).map_err(|e| e.to_string())?;
-                    through += r.tokens_per_s * r.seconds;
-                    scores.push(DatasetScore {
-                        name: ev.datasets[d].name.clone(),
-                        tokens: r.tokens,
-                        mean_nll: r.mean_nll,
-                        perplexity: r.perplexity,
-                    });
+                    match (&req.race, d) {
+                        // The objective raced (a single text set: the config checks).
+                        (Some(race), 0) => {
+                            let (r, u, p) = ev.score_race(0, race).map_err(|e| e.to_string())?;
+                            through += r.forward_tokens;
+                            scores.push(DatasetScore {
+                                name: ev.datasets[0].name.clone(),
+                                tokens: r.tokens,
+                                mean_nll: r.mean_nll,
+                                perplexity: r.perplexity,
+                                task: None,
+                            });
+                            (units, partial) = (u, p);
+                        }
+                        _ => {
+                            let r = ev.score_set(d).map_err(|e| e.to_string())?;
+                            through += r.forward_tokens;
+                            scores.push(r.score);
+                        }
+                    }
                 }
                 let eval_seconds = t.elapsed().as_secs_f64();
                 Ok::<_, String>(EvalReply {
@@ -471,8 +507,10 @@ impl WorkerService {
                     scores,
                     merge_seconds,
                     eval_seconds,
-                    tokens_per_s: through / eval_seconds.max(1e-9),
+                    tokens_per_s: through as f64 / eval_seconds.max(1e-9),
                     queued_seconds,
+                    units,
+                    partial,
                 })
             })
             .await
@@ -524,7 +562,14 @@ impl WorkerService {
         ctx: Context,
         req: EvalRequest,
         queued_seconds: f64,
+        objective_sets: usize,
     ) -> Result<EvalReply, String> {
+        if req.race.is_some() {
+            return Err(
+                "early stopping is not done through a pipeline yet; set search.early_stop = false"
+                    .into(),
+            );
+        }
         let t = Instant::now();
         let (e, w) = (ev.clone(), req.weights.clone());
         let n_sets = tokio::task::spawn_blocking(move || {
@@ -533,7 +578,7 @@ impl WorkerService {
             Ok::<_, String>(if req.all_datasets {
                 ev.datasets.len()
             } else {
-                1
+                objective_sets
             })
         })
         .await
@@ -577,6 +622,7 @@ impl WorkerService {
                 tokens: r.tokens,
                 mean_nll: r.mean_nll,
                 perplexity: r.perplexity,
+                task: None,
             });
         }
         let eval_seconds = t.elapsed().as_secs_f64();
@@ -587,6 +633,8 @@ impl WorkerService {
             eval_seconds,
             tokens_per_s: through / eval_seconds.max(1e-9),
             queued_seconds,
+            units: Vec::new(),
+            partial: None,
         })
     }
 

@@ -62,6 +62,21 @@ impl Surrogate {
         nugget: f64,
         bounds: (f64, f64),
     ) -> Result<Surrogate, String> {
+        Surrogate::fit_noisy(x, y, &[], hyper, nugget, bounds)
+    }
+
+    /// As [`Surrogate::fit`], with point `i` observed with the extra noise variance
+    /// `noise[i]` (units of `y`; see [`Posterior::with_noise`]). The length scales are
+    /// fitted as if every value were exact: the noisy values are few, and each lies well
+    /// above the incumbent by construction.
+    pub fn fit_noisy(
+        x: &[Vec<f64>],
+        y: &[f64],
+        noise: &[f64],
+        hyper: Hyper,
+        nugget: f64,
+        bounds: (f64, f64),
+    ) -> Result<Surrogate, String> {
         assert!(!x.is_empty() && x.len() == y.len());
         let dim = x[0].len();
         let y_mean = y.iter().sum::<f64>() / y.len() as f64;
@@ -94,7 +109,8 @@ impl Surrogate {
                 gp.theta().to_vec()
             }
         };
-        let post = Posterior::new(x, &ys, &theta, nugget)
+        let noise_std: Vec<f64> = noise.iter().map(|v| v / (y_std * y_std)).collect();
+        let post = Posterior::with_noise(x, &ys, &noise_std, &theta, nugget)
             .map_err(|e| format!("Gaussian-process fit failed: {e}"))?;
         Ok(Surrogate {
             post,

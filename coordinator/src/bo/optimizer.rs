@@ -156,6 +156,10 @@ pub struct Observation {
     pub weights: Vec<f64>,
     pub value: Option<f64>,
     pub error: Option<String>,
+    /// Variance of `value` beyond the model's nugget: 0 for a full evaluation; for one
+    /// stopped early (`ckmerge_common::race`), its estimate's squared standard error.
+    #[serde(default)]
+    pub noise: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,11 +229,21 @@ impl Optimizer {
             weights,
             value,
             error,
+            noise: 0.0,
         });
     }
 
     /// Records a value known before the search (see `Optimizer::priors`); a non-finite
     /// one is ignored.
+    /// A value estimated from part of the data, with the estimate's variance: a trial
+    /// stopped early because it was clearly worse than the incumbent.
+    pub fn tell_estimate(&mut self, u: Vec<f64>, value: f64, variance: f64) {
+        self.tell(u, Ok(value));
+        if let Some(o) = self.observations.last_mut().filter(|o| o.value.is_some()) {
+            o.noise = variance.max(0.0);
+        }
+    }
+
     pub fn tell_prior(&mut self, u: Vec<f64>, value: f64) {
         if value.is_finite() {
             let weights = self.space.weights(&u);
@@ -238,6 +252,7 @@ impl Optimizer {
                 weights,
                 value: Some(value),
                 error: None,
+                noise: 0.0,
             });
         }
     }
@@ -323,7 +338,8 @@ impl Optimizer {
             .successes()
             .map(|o| o.value.expect("successes"))
             .collect();
-        let gp = self.fit(&xs, &ys)?;
+        let noise: Vec<f64> = self.successes().map(|o| o.noise).collect();
+        let gp = self.fit(&xs, &ys, &noise)?;
         if let Some(noms) = self.nominees.take() {
             // GP-Hedge's reward for last round's nominees, judged by the refitted model.
             let (mu, _) = gp.predict(&noms);
@@ -431,16 +447,17 @@ impl Optimizer {
     /// kept length scales are reused. Past the early phase a re-optimisation starts from the
     /// current length scales alone: they move little between refits then, and the restarts
     /// are most of a refit's cost (see `bench_bo latency`).
-    fn fit(&mut self, xs: &[Vec<f64>], ys: &[f64]) -> Result<Surrogate, String> {
+    fn fit(&mut self, xs: &[Vec<f64>], ys: &[f64], noise: &[f64]) -> Result<Surrogate, String> {
         let n_ok = xs.len();
         let full = self.theta.is_none()
             || n_ok < self.config.refit_all_until
             || n_ok >= self.theta_at + self.config.refit_every;
         if !full {
             let theta = self.theta.as_deref().expect("kept only after a fit");
-            return Surrogate::fit(
+            return Surrogate::fit_noisy(
                 xs,
                 ys,
+                noise,
                 Hyper::Fixed(theta),
                 self.config.nugget,
                 self.config.theta_bounds,
@@ -455,7 +472,14 @@ impl Optimizer {
             n_start: self.config.n_start,
             from,
         };
-        let g = Surrogate::fit(xs, ys, hyper, self.config.nugget, self.config.theta_bounds)?;
+        let g = Surrogate::fit_noisy(
+            xs,
+            ys,
+            noise,
+            hyper,
+            self.config.nugget,
+            self.config.theta_bounds,
+        )?;
         self.theta = Some(g.theta());
         self.theta_at = n_ok;
         Ok(g)
@@ -480,9 +504,11 @@ impl Optimizer {
                 from: None,
             },
         };
-        Some(Surrogate::fit(
+        let noise: Vec<f64> = self.successes().map(|o| o.noise).collect();
+        Some(Surrogate::fit_noisy(
             &xs,
             &ys,
+            &noise,
             hyper,
             self.config.nugget,
             self.config.theta_bounds,

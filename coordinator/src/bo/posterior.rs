@@ -181,6 +181,22 @@ impl Posterior {
     /// The posterior of `y` at `x` for length-scale parameters `theta` (one per dimension,
     /// or one for all).
     pub fn new(x: &[Vec<f64>], y: &[f64], theta: &[f64], nugget: f64) -> Result<Posterior, String> {
+        Posterior::with_noise(x, y, &[], theta, nugget)
+    }
+
+    /// As [`Posterior::new`], with point `i` observed with the extra noise variance
+    /// `noise[i]` (in the units of `y`; missing entries are 0): a value estimated from part
+    /// of the data (`ckmerge_common::race`). The diagonal of `R` at `i` gains
+    /// `noise[i] / y_std²`, the variance in normalised units taken relative to a process
+    /// variance of 1 (`sigma2` is estimated only after `R` is factored; on normalised
+    /// values it is near 1).
+    pub fn with_noise(
+        x: &[Vec<f64>],
+        y: &[f64],
+        noise: &[f64],
+        theta: &[f64],
+        nugget: f64,
+    ) -> Result<Posterior, String> {
         let d = x[0].len();
         let theta: Vec<f64> = if theta.len() == d {
             theta.iter().map(|t| t.abs()).collect()
@@ -207,8 +223,9 @@ impl Posterior {
             gamma: Vec::new(),
             sigma2: 0.0,
         };
-        for (xi, &yi) in x.iter().zip(y) {
-            p.push(xi, yi)?;
+        for (i, (xi, &yi)) in x.iter().zip(y).enumerate() {
+            let extra = noise.get(i).map_or(0.0, |v| v / (p.y_std * p.y_std));
+            p.push(xi, yi, extra)?;
         }
         p.solve_mean();
         Ok(p)
@@ -216,12 +233,12 @@ impl Posterior {
 
     /// Appends one point: the Cholesky factor grows by a row (`L⁻¹c`, and the pivot), and
     /// so does its inverse.
-    fn push(&mut self, x: &[f64], y: f64) -> Result<(), String> {
+    fn push(&mut self, x: &[f64], y: f64, extra: f64) -> Result<(), String> {
         let xn = self.normalize(x);
         let yn = (y - self.y_mean) / self.y_std;
         let c: Vec<f64> = self.xs.iter().map(|t| self.corr(&xn, t)).collect();
         let l21: Vec<f64> = self.linv.iter().map(|row| dot(row, &c)).collect();
-        let pivot = 1.0 + self.nugget - dot(&l21, &l21);
+        let pivot = 1.0 + self.nugget + extra - dot(&l21, &l21);
         if pivot <= 0.0 || !pivot.is_finite() {
             return Err(
                 "the correlation matrix is not positive definite (points too close for the nugget)"
@@ -274,7 +291,7 @@ impl Posterior {
     /// egobox-gp's `update` does.
     pub fn add(&mut self, x: &[Vec<f64>], y: &[f64]) -> Result<(), String> {
         for (xi, &yi) in x.iter().zip(y) {
-            self.push(xi, yi)?;
+            self.push(xi, yi, 0.0)?;
         }
         self.solve_mean();
         Ok(())

@@ -25,6 +25,17 @@ struct Stored {
     label: String,
     weights: Vec<f64>,
     scores: Vec<DatasetScore>,
+    /// Under early stopping: the objective's NLL sum per batch, in scoring order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    units: Vec<f64>,
+}
+
+/// The baselines' objective values and per-batch sums, for the scheduler to race against.
+fn race_units(refs: &[Reference], units: Vec<Vec<f64>>) -> Vec<(f64, Vec<f64>)> {
+    refs.iter()
+        .zip(units)
+        .filter_map(|(r, u)| Some((r.objective?, u)).filter(|(_, u)| !u.is_empty()))
+        .collect()
 }
 
 /// The baselines' points for `labels` (sources in order) in the scheduler's space.
@@ -51,11 +62,14 @@ pub async fn score(
                 .all(|(s, p)| s.label == p.label && s.weights == p.weights);
         if same {
             tracing::info!("baselines: read from {}", path.display());
-            return Ok(pts
+            let units: Vec<Vec<f64>> = stored.iter().map(|s| s.units.clone()).collect();
+            let refs: Vec<Reference> = pts
                 .into_iter()
                 .zip(stored)
-                .map(|(p, s)| Reference::new(p, s.scores))
-                .collect());
+                .map(|(p, s)| Reference::new(p, s.scores, sched.objective()))
+                .collect();
+            sched.set_baseline_units(race_units(&refs, units));
+            return Ok(refs);
         }
         tracing::warn!(
             "{} does not match this run's baselines: scoring them again",
@@ -69,50 +83,55 @@ pub async fn score(
     let replies = sched
         .score_points(&pts.iter().map(|p| p.weights.clone()).collect::<Vec<_>>())
         .await?;
+    let units: Vec<Vec<f64>> = replies.iter().map(|r| r.units.clone()).collect();
     let refs: Vec<Reference> = pts
         .into_iter()
         .zip(replies)
-        .map(|(p, r)| Reference::new(p, r.scores))
+        .map(|(p, r)| Reference::new(p, r.scores, sched.objective()))
         .collect();
     let stored: Vec<Stored> = refs
         .iter()
-        .map(|r| Stored {
+        .zip(&units)
+        .map(|(r, u)| Stored {
             label: r.label.clone(),
             weights: r.weights.clone(),
             scores: r.scores.clone(),
+            units: u.clone(),
         })
         .collect();
+    sched.set_baseline_units(race_units(&refs, units));
     super::write_atomic(
         &path,
         (serde_json::to_string_pretty(&stored).expect("serialises") + "\n").as_bytes(),
     )?;
-    if let Some(best) = refs
+    if let Some((best, v)) = refs
         .iter()
-        .filter(|r| !r.scores.is_empty())
-        .min_by(|a, b| a.scores[0].mean_nll.total_cmp(&b.scores[0].mean_nll))
+        .filter_map(|r| r.objective.map(|v| (r, v)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
     {
         tracing::info!(
-            "best baseline: {} (perplexity {:.4})",
+            "best baseline: {} (objective {v:.6}, its exp {:.4})",
             best.label,
-            best.scores[0].perplexity
+            v.exp()
         );
     }
     Ok(refs)
 }
 
 /// Gives the optimiser every baseline that is a point of its space, with its objective
-/// (the first data set's mean NLL); none when it already has them (a resumed snapshot).
+/// value; none when it already has them (a resumed snapshot). A baseline whose objective
+/// is not finite is not told: a trial there would fail, and a failure is not a value.
 pub fn tell(opt: &mut Optimizer, refs: &[Reference]) -> usize {
     if !opt.priors.is_empty() {
         return 0;
     }
     let mut told = 0;
     for r in refs {
-        let Some(obj) = r.scores.first() else {
+        let Some(v) = r.objective else {
             continue;
         };
         if let Some(u) = opt.space.point_of(&r.weights) {
-            opt.tell_prior(u, obj.mean_nll);
+            opt.tell_prior(u, v);
             told += 1;
         }
     }

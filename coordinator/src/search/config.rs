@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use ckmerge_common::protocol::{DatasetSpec, LoadSpec};
+use ckmerge_common::protocol::{DatasetScore, DatasetSpec, LoadSpec, SetKind};
 use ckmerge_common::size::parse_size;
 use ckmerge_common::{check_compatible, Checkpoint, DType, Grouping, WindowSpec};
 use ckmerge_worker::eval::{load_datasets, window_length};
@@ -69,14 +69,109 @@ impl Default for SpaceConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// The objective: files or directories of held-out text or tokens.
-    pub objective: Vec<PathBuf>,
-    /// Other domains, scored for the report only (never searched on).
+    /// What the search minimises: held-out files (their mean NLL per token), or a
+    /// weighted mixture of named sets of `extra` and `tasks` (see [`Objective`]).
+    pub objective: ObjectiveConfig,
+    /// Other domains, by name: scored for the report, and searched on only where the
+    /// objective names them.
     #[serde(default)]
     pub extra: BTreeMap<String, Vec<PathBuf>>,
+    /// Multiple-choice tasks (one JSONL file each), by name: scored as
+    /// lm-evaluation-harness scores `multiple_choice` tasks, for the report, and searched
+    /// on (their `choice_nll`) only where the objective names them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tasks: BTreeMap<String, PathBuf>,
     /// `seq_len`, `stride`, `batch`, `max_tokens`, `token_bits`, as keys of `[data]`.
     #[serde(flatten)]
     pub window: WindowSpec,
+}
+
+/// `data.objective`: a list of held-out files, or a table of set names to weights.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum ObjectiveConfig {
+    /// Files or directories of held-out text or tokens, scored as one set named after
+    /// the first file.
+    Files(Vec<PathBuf>),
+    /// Sets of `data.extra` and `data.tasks` by name, with their weights.
+    Mixture(BTreeMap<String, f64>),
+}
+
+impl<'de> Deserialize<'de> for ObjectiveConfig {
+    // By hand rather than `untagged`, whose error says only that no variant matched.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ObjectiveConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of held-out files (`[\"heldout.txt\"]`), or a table of set names of data.extra and data.tasks to weights (`{ prose = 0.7, cloze = 0.3 }`)")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                a: A,
+            ) -> Result<Self::Value, A::Error> {
+                Vec::<PathBuf>::deserialize(serde::de::value::SeqAccessDeserializer::new(a))
+                    .map(ObjectiveConfig::Files)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                a: A,
+            ) -> Result<Self::Value, A::Error> {
+                BTreeMap::<String, f64>::deserialize(serde::de::value::MapAccessDeserializer::new(
+                    a,
+                ))
+                .map(ObjectiveConfig::Mixture)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What a trial's value is: the weighted mean of the values of the objective's sets (the
+/// first sets of [`SearchConfig::datasets`], in that order), each set's `mean_nll`: nats
+/// per scored token for text, nats per item for a task (the gold choice's cross-entropy
+/// among its choices). Both are cross-entropies in nats, so a weight says how much a nat
+/// of one set counts against a nat of another; the weights are normalised to sum to 1,
+/// so a single set's value is its own mean NLL.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Objective {
+    pub sets: Vec<(String, f64)>,
+}
+
+impl Objective {
+    /// The objective's value from a reply's scores (the objective's sets first), or why
+    /// there is none: too few scores, or one that is not finite.
+    pub fn value(&self, scores: &[DatasetScore]) -> Result<f64, String> {
+        if scores.len() < self.sets.len() {
+            return Err(format!(
+                "the worker returned {} scores for an objective of {} sets",
+                scores.len(),
+                self.sets.len()
+            ));
+        }
+        let mut v = 0.0;
+        for ((name, w), s) in self.sets.iter().zip(scores) {
+            if s.name != *name {
+                return Err(format!(
+                    "the worker scored `{}` where the objective's `{name}` was expected",
+                    s.name
+                ));
+            }
+            if !(s.mean_nll.is_finite() && s.perplexity.is_finite()) {
+                return Err(format!(
+                    "the objective is not finite on `{name}` (mean NLL {}, perplexity {}): the merge diverged, or a source holds NaN or inf",
+                    s.mean_nll, s.perplexity
+                ));
+            }
+            v += w * s.mean_nll;
+        }
+        Ok(v)
+    }
+
+    /// A single set of weight 1 (the files form, or a mixture of one set).
+    pub fn is_single(&self) -> bool {
+        self.sets.len() == 1
+    }
 }
 
 /// The longest duration a config may give, in seconds (about 11.6 days).
@@ -105,6 +200,13 @@ pub struct SearchParams {
     /// optimiser as observations. They cost that many evaluations (on every data set) and
     /// do not count towards `max_evals`.
     pub baselines: bool,
+    /// Stop a trial once it is clearly worse than the best full evaluation so far (a
+    /// sequential test on its per-batch NLLs, windows in a fixed random order; see
+    /// `ckmerge_common::race`). Off by default; the objective must be one text set.
+    pub early_stop: bool,
+    /// The chance that early stopping stops a trial that is not worse than the incumbent
+    /// on the whole set (at most, under the test's normal approximation).
+    pub early_stop_alpha: f64,
 }
 
 impl Default for SearchParams {
@@ -117,6 +219,8 @@ impl Default for SearchParams {
             converge_tol: None,
             max_failures_in_row: 10,
             baselines: true,
+            early_stop: false,
+            early_stop_alpha: 0.01,
         }
     }
 }
@@ -244,10 +348,13 @@ impl SearchConfig {
             }
             abs(c);
         }
-        self.data.objective.iter_mut().for_each(abs);
+        if let ObjectiveConfig::Files(files) = &mut self.data.objective {
+            files.iter_mut().for_each(abs);
+        }
         for files in self.data.extra.values_mut() {
             files.iter_mut().for_each(abs);
         }
+        self.data.tasks.values_mut().for_each(abs);
         if let Some(f) = self.workers.addresses_file.as_mut() {
             abs(f);
         }
@@ -265,20 +372,40 @@ impl SearchConfig {
     /// The parts that define what a trial's value means. A run may be resumed with other
     /// workers, a larger budget or other output options, never with different ones of these.
     pub fn objective_key(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut k = serde_json::json!({
             "checkpoints": self.checkpoints,
             "space": self.space,
             "data": self.data,
             "seed": self.search.seed,
             "acquisition": self.search.acquisition,
-        })
+        });
+        // Early stopping changes the windows' order and what a trial's value is; absent
+        // when off, so the key of a run made before it existed is unchanged.
+        if self.search.early_stop {
+            k["early_stop"] = serde_json::json!({ "alpha": self.search.early_stop_alpha });
+        }
+        k
+    }
+
+    /// The seed of the objective's window order under early stopping.
+    pub fn window_seed(&self) -> Option<u64> {
+        self.search
+            .early_stop
+            .then_some(self.search.seed ^ 0x5EED_0F0A_DE50)
     }
 
     /// Why `other` (a resume's config) cannot continue this run, if it cannot.
     pub fn resume_conflicts(&self, other: &SearchConfig) -> Vec<String> {
         let (a, b) = (self.objective_key(), other.objective_key());
         let mut out = Vec::new();
-        for k in ["checkpoints", "space", "data", "seed", "acquisition"] {
+        for k in [
+            "checkpoints",
+            "space",
+            "data",
+            "seed",
+            "acquisition",
+            "early_stop",
+        ] {
             if a[k] != b[k] {
                 out.push(format!("{k}: run has {}, new config has {}", a[k], b[k]));
             }
@@ -413,16 +540,49 @@ impl SearchConfig {
             .map_err(|e| anyhow::anyhow!("output.max_shard_size: {e}"))
     }
 
-    /// Data sets in the order workers score them: the objective first.
+    /// The objective's sets and their normalised weights (see [`Objective`]).
+    pub fn objective(&self) -> Objective {
+        match &self.data.objective {
+            ObjectiveConfig::Files(files) => Objective {
+                sets: vec![(ckmerge_worker::eval::dataset_name(files), 1.0)],
+            },
+            ObjectiveConfig::Mixture(m) => {
+                let total: f64 = m.values().sum();
+                Objective {
+                    sets: m.iter().map(|(k, w)| (k.clone(), w / total)).collect(),
+                }
+            }
+        }
+    }
+
+    /// Data sets in the order workers score them: the objective's first (in the order
+    /// of [`SearchConfig::objective`]), then the other extra sets, then the other tasks.
     pub fn datasets(&self) -> Vec<DatasetSpec> {
-        let mut v = vec![DatasetSpec {
-            name: ckmerge_worker::eval::dataset_name(&self.data.objective),
-            files: self.data.objective.clone(),
-        }];
-        v.extend(self.data.extra.iter().map(|(k, f)| DatasetSpec {
-            name: k.clone(),
-            files: f.clone(),
-        }));
+        let named = |k: &String| -> Option<DatasetSpec> {
+            match (self.data.extra.get(k), self.data.tasks.get(k)) {
+                (Some(f), _) => Some(DatasetSpec::new(k.clone(), f.clone())),
+                (None, Some(t)) => Some(DatasetSpec::task(k.clone(), t.clone())),
+                (None, None) => None,
+            }
+        };
+        let mut v = match &self.data.objective {
+            ObjectiveConfig::Files(files) => vec![DatasetSpec::new(
+                ckmerge_worker::eval::dataset_name(files),
+                files.clone(),
+            )],
+            ObjectiveConfig::Mixture(m) => m.keys().filter_map(named).collect(),
+        };
+        let rest: Vec<&String> = self
+            .data
+            .extra
+            .keys()
+            .chain(self.data.tasks.keys())
+            .collect();
+        for k in rest {
+            if !v.iter().any(|d| d.name == *k) {
+                v.extend(named(k));
+            }
+        }
         v
     }
 
@@ -432,6 +592,8 @@ impl SearchConfig {
             run,
             checkpoints: self.checkpoints.clone(),
             datasets: self.datasets(),
+            objective_sets: self.objective().sets.len(),
+            window_seed: self.window_seed(),
             window: self.data.window,
             groups: match &self.space {
                 SpaceConfig::Groups { groups } => Some(groups.clone()),
@@ -440,6 +602,58 @@ impl SearchConfig {
             pipeline: Vec::new(),
             stage: None,
         }
+    }
+
+    /// `data.objective` names sets that exist, with usable weights; no two sets share a
+    /// name.
+    fn check_objective(&self) -> Result<()> {
+        let d = &self.data;
+        if self.search.early_stop {
+            let a = self.search.early_stop_alpha;
+            if !(a > 0.0 && a < 0.5) {
+                bail!("search.early_stop_alpha = {a}: give a probability between 0 and 0.5 (0.01 is the default)");
+            }
+            let objective = self.objective();
+            let one_text = objective.is_single() && !d.tasks.contains_key(&objective.sets[0].0);
+            if !one_text {
+                bail!("search.early_stop needs an objective of one text set (a task or a mixture is scored whole); set it to false");
+            }
+            if self.workers.stages > 1 || !self.workers.pipelines.is_empty() {
+                bail!("search.early_stop is not done through pipelines yet; use workers.stages = 1 and no workers.pipelines, or set it to false");
+            }
+        }
+        if !d.tasks.is_empty() && (self.workers.stages > 1 || !self.workers.pipelines.is_empty()) {
+            bail!("data.tasks: multiple-choice tasks are not scored through a pipeline yet; use workers.stages = 1 and no workers.pipelines");
+        }
+        if let Some(k) = d.extra.keys().find(|k| d.tasks.contains_key(*k)) {
+            bail!("`{k}` is both in data.extra and in data.tasks; give one of them another name");
+        }
+        match &d.objective {
+            ObjectiveConfig::Files(files) => {
+                if files.is_empty() {
+                    bail!("data.objective is empty: list the held-out files to search on");
+                }
+                let name = ckmerge_worker::eval::dataset_name(files);
+                if d.extra.contains_key(&name) || d.tasks.contains_key(&name) {
+                    bail!("data.extra or data.tasks reuses the objective's name `{name}`; give that set another name");
+                }
+            }
+            ObjectiveConfig::Mixture(m) => {
+                if m.is_empty() {
+                    bail!("data.objective is an empty table: name one or more sets of data.extra or data.tasks with their weights, or list held-out files");
+                }
+                for (k, w) in m {
+                    if !d.extra.contains_key(k) && !d.tasks.contains_key(k) {
+                        let known: Vec<&String> = d.extra.keys().chain(d.tasks.keys()).collect();
+                        bail!("data.objective names `{k}`, which is in neither data.extra nor data.tasks (they hold {known:?})");
+                    }
+                    if !(w.is_finite() && *w > 0.0) {
+                        bail!("data.objective.{k} = {w}: a weight must be a positive number");
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks everything a worker would trip over, before any worker is asked to load:
@@ -451,6 +665,7 @@ impl SearchConfig {
             bail!("checkpoints: the config lists none");
         }
         self.check_numbers()?;
+        self.check_objective()?;
         for (i, a) in self.checkpoints.iter().enumerate() {
             if let Some(j) = self.checkpoints[..i].iter().position(|b| same_dir(a, b)) {
                 bail!(
@@ -495,14 +710,15 @@ impl SearchConfig {
                 );
             }
         }
-        if self.data.objective.is_empty() {
-            bail!("data.objective is empty: list the held-out files to search on");
-        }
         let seq_len = window_length(&mc, &self.data.window).context("data")?;
         for spec in self.datasets() {
-            let DatasetSpec { name, files } = &spec;
+            let DatasetSpec { name, files, kind } = &spec;
+            let what = match kind {
+                SetKind::Text => "data set",
+                SetKind::Task => "task",
+            };
             if files.is_empty() {
-                bail!("data set `{name}` lists no files");
+                bail!("{what} `{name}` lists no files");
             }
             for f in files {
                 let ok = if f.is_dir() {
@@ -510,7 +726,7 @@ impl SearchConfig {
                 } else {
                     std::fs::File::open(f).map(|_| ())
                 };
-                ok.with_context(|| format!("data set `{name}`: cannot read {}", f.display()))?;
+                ok.with_context(|| format!("{what} `{name}`: cannot read {}", f.display()))?;
             }
             // Read, tokenize and window it as every worker will, so that bad content
             // (a malformed line, a foreign token, too few tokens) stops the run here,
@@ -523,15 +739,7 @@ impl SearchConfig {
                 &self.data.window,
                 seq_len,
             )
-            .with_context(|| format!("data set `{name}`"))?;
-        }
-        if self
-            .data
-            .extra
-            .keys()
-            .any(|k| *k == ckmerge_worker::eval::dataset_name(&self.data.objective))
-        {
-            bail!("data.extra reuses the objective's name; give the extra data set another name");
+            .with_context(|| format!("{what} `{name}`"))?;
         }
         if let SpaceConfig::Groups { groups } = &self.space {
             let names: Vec<String> = first.tensors.iter().map(|t| t.name.clone()).collect();
@@ -600,10 +808,111 @@ mod tests {
         let c = SearchConfig::load(&f).unwrap();
         assert_eq!(c.checkpoints[0], dir.path().join("a"));
         assert_eq!(c.checkpoints[1], PathBuf::from("/abs/b"));
-        assert_eq!(c.data.objective[0], dir.path().join("sub/d.txt"));
+        assert_eq!(
+            c.data.objective,
+            ObjectiveConfig::Files(vec![dir.path().join("sub/d.txt")])
+        );
         // The stored copy reads back to the same config.
         let back: SearchConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn an_objective_is_files_or_a_weighted_mixture_of_named_sets() {
+        let base = "checkpoints = [\"a\", \"b\"]\n[data]\n";
+        let parse = |data: &str| toml::from_str::<SearchConfig>(&format!("{base}{data}"));
+        let c = parse(
+            "objective = { prose = 3, cloze = 1.0 }\nextra = { prose = [\"p.txt\"], code = [\"c.txt\"] }\ntasks = { cloze = \"cloze.jsonl\", arc = \"arc.jsonl\" }\n",
+        )
+        .unwrap();
+        // Normalised weights, in name order; the objective's sets first, then the other
+        // extra sets, then the other tasks.
+        assert_eq!(
+            c.objective().sets,
+            vec![("cloze".to_string(), 0.25), ("prose".to_string(), 0.75)]
+        );
+        let sets: Vec<(String, SetKind)> =
+            c.datasets().into_iter().map(|d| (d.name, d.kind)).collect();
+        assert_eq!(
+            sets,
+            [
+                ("cloze", SetKind::Task),
+                ("prose", SetKind::Text),
+                ("code", SetKind::Text),
+                ("arc", SetKind::Task)
+            ]
+            .map(|(n, k)| (n.to_string(), k))
+        );
+        assert_eq!(c.load_spec("r".into()).objective_sets, 2);
+        let score = |name: &str, v: f64| DatasetScore {
+            name: name.into(),
+            tokens: 1,
+            mean_nll: v,
+            perplexity: v.exp(),
+            task: None,
+        };
+        let o = c.objective();
+        assert_eq!(
+            o.value(&[score("cloze", 1.0), score("prose", 3.0)]),
+            Ok(2.5)
+        );
+        assert!(o
+            .value(&[score("cloze", 1.0)])
+            .unwrap_err()
+            .contains("1 scores for an objective of 2 sets"));
+        assert!(o
+            .value(&[score("prose", 1.0), score("cloze", 3.0)])
+            .unwrap_err()
+            .contains("scored `prose` where the objective's `cloze`"));
+        assert!(o
+            .value(&[score("cloze", f64::NAN), score("prose", 3.0)])
+            .unwrap_err()
+            .contains("not finite on `cloze`"));
+        // The stored copy reads back to the same config; the files form is unchanged.
+        assert_eq!(toml::from_str::<SearchConfig>(&c.to_toml()).unwrap(), c);
+        let f = parse("objective = [\"x.txt\"]\n").unwrap();
+        assert!(
+            f.to_toml().contains("objective = [\"x.txt\"]"),
+            "{}",
+            f.to_toml()
+        );
+        assert_eq!(f.objective().sets, vec![("x".to_string(), 1.0)]);
+
+        // Mistakes are named (before anything is opened: a and b do not exist).
+        let e = parse("objective = \"x.txt\"\n").unwrap_err().to_string();
+        assert!(
+            e.contains("a list of held-out files") && e.contains("table of set names"),
+            "{e}"
+        );
+        let refused = |data: &str, needle: &str| {
+            let e = parse(data).unwrap().validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{data}: {e}");
+        };
+        refused("objective = {}\n", "data.objective is an empty table");
+        refused(
+            "objective = { prose = 1 }\nextra = { code = [\"c.txt\"] }\n",
+            "data.objective names `prose`, which is in neither",
+        );
+        refused(
+            "objective = { prose = 0 }\nextra = { prose = [\"p.txt\"] }\n",
+            "data.objective.prose = 0: a weight must be a positive number",
+        );
+        refused(
+            "objective = { prose = -1 }\nextra = { prose = [\"p.txt\"] }\n",
+            "a weight must be a positive number",
+        );
+        refused(
+            "objective = { prose = 1 }\nextra = { prose = [\"p.txt\"] }\ntasks = { prose = \"p.jsonl\" }\n",
+            "`prose` is both in data.extra and in data.tasks",
+        );
+        refused(
+            "objective = [\"d/cloze.txt\"]\ntasks = { cloze = \"p.jsonl\" }\n",
+            "reuses the objective's name `cloze`",
+        );
+        refused(
+            "objective = [\"x.txt\"]\ntasks = { cloze = \"p.jsonl\" }\n[workers]\nstages = 2\n",
+            "not scored through a pipeline yet",
+        );
     }
 
     #[test]

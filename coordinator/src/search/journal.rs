@@ -21,6 +21,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use ckmerge_common::protocol::DatasetScore;
+use ckmerge_common::race::Partial;
 use serde::{Deserialize, Serialize};
 
 pub const JOURNAL_FILE: &str = "trials.jsonl";
@@ -41,13 +43,29 @@ pub enum Record {
         u: Vec<f64>,
         weights: Vec<f64>,
         worker: String,
-        /// The objective: mean held-out NLL.
+        /// The objective's value (see `config::Objective`): the mean held-out NLL per
+        /// token, a task's choice NLL, or the weighted mean of several sets' values.
         mean_nll: f64,
+        /// `exp(mean_nll)`.
         perplexity: f64,
+        /// Tokens scored, over the objective's sets.
         tokens: usize,
         merge_seconds: f64,
         eval_seconds: f64,
         time: f64,
+        /// Each of the objective's sets' own score, where the objective is a task or
+        /// more than one set (absent otherwise: `mean_nll` is the one set's).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        scores: Vec<DatasetScore>,
+        /// With early stopping, a trial scored whole: its objective's NLL sum per batch,
+        /// in scoring order (what later trials race against, after a resume too).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        units: Vec<f64>,
+        /// A trial stopped early: how far it got. `mean_nll` is then the estimate of the
+        /// whole set's (the incumbent's plus the estimated difference) and `tokens` what
+        /// was scored.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        partial: Option<Partial>,
     },
     Retry {
         trial: u64,
@@ -228,6 +246,9 @@ mod tests {
             merge_seconds: 0.0,
             eval_seconds: 0.0,
             time: 0.0,
+            scores: Vec::new(),
+            units: Vec::new(),
+            partial: None,
         }
     }
 

@@ -270,7 +270,16 @@ fn resume_state(cfg: &SearchConfig, run_dir: &Path) -> Result<Resumed> {
             let mut o = Optimizer::new(space, bo);
             for (rec, u) in r.finished.iter().zip(current) {
                 match rec {
-                    Record::Done { mean_nll, .. } => o.tell(u, Ok(*mean_nll)),
+                    Record::Done {
+                        mean_nll,
+                        partial: None,
+                        ..
+                    } => o.tell(u, Ok(*mean_nll)),
+                    Record::Done {
+                        mean_nll,
+                        partial: Some(p),
+                        ..
+                    } => o.tell_estimate(u, *mean_nll, p.std_error.powi(2)),
                     Record::Failed { errors, .. } => o.tell(
                         u,
                         Err(errors
@@ -416,11 +425,12 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
             .score_points(&points.iter().map(|p| p.weights.clone()).collect::<Vec<_>>())
             .await?;
         sched.shutdown_workers().await;
+        let objective = sched.objective().clone();
         refs.extend(
             points
                 .into_iter()
                 .zip(replies)
-                .map(|(point, reply)| report::Reference::new(point, reply.scores)),
+                .map(|(point, reply)| report::Reference::new(point, reply.scores, &objective)),
         );
         anyhow::Ok((sched, stop, refs))
     })?;

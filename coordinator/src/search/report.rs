@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use ckmerge_common::protocol::DatasetScore;
 use serde::Serialize;
 
-use super::config::{ModelSummary, SearchConfig, SpaceConfig};
+use super::config::{ModelSummary, Objective, SearchConfig, SpaceConfig};
 use super::journal::Record;
 use super::plots;
 use super::scheduler::WorkerSummary;
@@ -50,6 +50,9 @@ pub struct Reference {
     pub kind: ReferenceKind,
     pub label: String,
     pub weights: Vec<f64>,
+    /// The objective's value at these weights (see `config::Objective`; the mean NLL of
+    /// the first set when the objective is one text set); None where it is not finite.
+    pub objective: Option<f64>,
     pub scores: Vec<DatasetScore>,
 }
 
@@ -63,11 +66,16 @@ fn kind_name<S: serde::Serializer>(k: &ReferenceKind, s: S) -> Result<S::Ok, S::
 }
 
 impl Reference {
-    pub fn new(point: ReferencePoint, scores: Vec<DatasetScore>) -> Reference {
+    pub fn new(
+        point: ReferencePoint,
+        scores: Vec<DatasetScore>,
+        objective: &Objective,
+    ) -> Reference {
         Reference {
             kind: point.kind,
             label: point.label,
             weights: point.weights,
+            objective: objective.value(&scores).ok(),
             scores,
         }
     }
@@ -111,11 +119,17 @@ pub struct Report {
     pub schema_version: u32,
     pub checkpoints: Vec<PathBuf>,
     pub space: SpaceConfig,
+    /// What the search minimised: each set of the objective and its weight (normalised).
+    pub objective: Vec<ObjectiveSet>,
     pub model: ModelSummary,
     pub stop_reason: String,
     pub wall_seconds: f64,
     pub evaluations: usize,
     pub failed: usize,
+    /// Tokens the completed trials scored, in all (baselines and references not counted).
+    pub scored_tokens: usize,
+    /// Completed trials stopped early (`search.early_stop`).
+    pub stopped_early: usize,
     pub best: Option<Record>,
     pub references: Vec<Reference>,
     pub improvement: Vec<Improvement>,
@@ -124,10 +138,18 @@ pub struct Report {
     pub merged_model: Option<PathBuf>,
 }
 
-/// The completed trial with the lowest mean NLL (the first of equals).
+/// One set of the objective.
+#[derive(Clone, Debug, Serialize)]
+pub struct ObjectiveSet {
+    pub set: String,
+    pub weight: f64,
+}
+
+/// The completed trial with the lowest value (the first of equals), of those scored
+/// whole: a trial stopped early was worse than an incumbent, and its value is an estimate.
 pub fn best_done(done: &[Record]) -> Option<&Record> {
     done.iter()
-        .filter(|r| matches!(r, Record::Done { .. }))
+        .filter(|r| matches!(r, Record::Done { partial: None, .. }))
         .min_by(|a, b| match (a, b) {
             (Record::Done { mean_nll: x, .. }, Record::Done { mean_nll: y, .. }) => x.total_cmp(y),
             _ => std::cmp::Ordering::Equal,
@@ -281,17 +303,35 @@ impl Report {
         let improvement = improvements(&references);
         let best = best_done(&run.done).cloned();
         let (evaluations, failed) = (run.done.len(), run.failed.len());
+        let (mut scored_tokens, mut stopped_early) = (0, 0);
+        for r in &run.done {
+            if let Record::Done {
+                tokens, partial, ..
+            } = r
+            {
+                scored_tokens += tokens;
+                stopped_early += usize::from(partial.is_some());
+            }
+        }
         let mut trials: Vec<Record> = run.done.into_iter().chain(run.failed).collect();
         trials.sort_by_key(Record::trial);
         Report {
             schema_version: crate::summary::SCHEMA_VERSION,
             checkpoints: cfg.checkpoints.clone(),
             space: cfg.space.clone(),
+            objective: cfg
+                .objective()
+                .sets
+                .into_iter()
+                .map(|(set, weight)| ObjectiveSet { set, weight })
+                .collect(),
             model: model.clone(),
             stop_reason: run.stop_reason,
             wall_seconds: run.wall_seconds,
             evaluations,
             failed,
+            scored_tokens,
+            stopped_early,
             best,
             references,
             improvement,
@@ -331,7 +371,8 @@ impl Report {
             .collect();
         // Sources, the uniform average and the best of the other averages: every average
         // would crowd the plot.
-        let first = |r: &Reference| r.scores.first().map(|s| s.perplexity);
+        // On the trials' scale: exp of the objective's value.
+        let first = |r: &Reference| r.objective.map(f64::exp);
         let best_average = self
             .references
             .iter()
@@ -361,6 +402,32 @@ impl Report {
         plots::draw_all(run_dir, &perplexities, &lines, surrogate.as_ref())
     }
 
+    /// The objective in words: `cloze (choice NLL)` or `0.70 × prose + 0.30 × cloze`.
+    fn objective_text(&self) -> String {
+        let is_task = |name: &str| {
+            self.references
+                .first()
+                .and_then(|r| r.scores.iter().find(|d| d.name == name))
+                .is_some_and(|d| d.task.is_some())
+        };
+        let term = |o: &ObjectiveSet| {
+            let what = if is_task(&o.set) {
+                "choice NLL"
+            } else {
+                "mean NLL"
+            };
+            format!("{} ({what})", o.set)
+        };
+        match self.objective.as_slice() {
+            [one] => term(one),
+            many => many
+                .iter()
+                .map(|o| format!("{:.2} × {}", o.weight, term(o)))
+                .collect::<Vec<_>>()
+                .join(" + "),
+        }
+    }
+
     pub fn markdown(&self, images: &[(String, String)]) -> String {
         let w = |v: &[f64]| {
             let parts: Vec<String> = v.iter().map(|x| format!("{x:.4}")).collect();
@@ -368,8 +435,17 @@ impl Report {
         };
         let mut s = String::from("# ckmerge search report\n\n");
         s += &format!(
-            "{} evaluations ({} failed), stopped: {}; {:.1} s in all.\n\n",
-            self.evaluations, self.failed, self.stop_reason, self.wall_seconds
+            "{} evaluations ({} failed), stopped: {}; {:.1} s in all; {} tokens scored by the trials{}.\n\n",
+            self.evaluations,
+            self.failed,
+            self.stop_reason,
+            self.wall_seconds,
+            self.scored_tokens,
+            if self.stopped_early > 0 {
+                format!(", {} of them stopped early", self.stopped_early)
+            } else {
+                String::new()
+            }
         );
         s += &format!(
             "Model: {} ({} layers, {:.2} M parameters); {} checkpoints: {}.\n\n",
@@ -383,6 +459,14 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        // One text set: its perplexity is the objective's exp; otherwise the objective is
+        // a task's choice NLL or a weighted mean, and gets its own column.
+        let plain = self.objective.len() == 1
+            && self
+                .references
+                .first()
+                .and_then(|r| r.scores.first())
+                .is_none_or(|d| d.task.is_none());
         if let Some(Record::Done {
             trial,
             weights,
@@ -391,54 +475,104 @@ impl Report {
             ..
         }) = &self.best
         {
-            s += &format!(
-                "**Best: trial {trial}, weights {}, held-out perplexity {perplexity:.4}** (mean NLL {mean_nll:.6}).\n\n",
-                w(weights)
-            );
+            if plain {
+                s += &format!(
+                    "**Best: trial {trial}, weights {}, held-out perplexity {perplexity:.4}** (mean NLL {mean_nll:.6}).\n\n",
+                    w(weights)
+                );
+            } else {
+                s += &format!(
+                    "**Best: trial {trial}, weights {}, objective {mean_nll:.6}** ({}).\n\n",
+                    w(weights),
+                    self.objective_text()
+                );
+            }
         }
         if let Some(m) = &self.merged_model {
             s += &format!("Merged model: `{}`\n\n", m.display());
         }
         if !self.references.is_empty() {
-            let names: Vec<&str> = self.references[0]
-                .scores
-                .iter()
-                .map(|d| d.name.as_str())
-                .collect();
-            s += "## Summary (held-out perplexity; the first data set is the objective)\n\n| model | weights |";
-            for n in &names {
-                s += &format!(" {n} |");
+            let sets: Vec<&DatasetScore> = self.references[0].scores.iter().collect();
+            if plain {
+                s += "## Summary (held-out perplexity; the first data set is the objective)\n\n| model | weights |";
+            } else {
+                s += &format!(
+                    "## Summary (objective: {}; text sets: perplexity; tasks: acc / acc_norm / choice NLL)\n\n| model | weights | objective |",
+                    self.objective_text()
+                );
+            }
+            for d in &sets {
+                s += &format!(" {} |", d.name);
             }
             s += "\n|---|---|";
-            s += &"---:|".repeat(names.len());
+            if !plain {
+                s += "---:|";
+            }
+            s += &"---:|".repeat(sets.len());
             s += "\n";
             for r in &self.references {
                 let bold = r.kind == ReferenceKind::BestFound;
                 let b = if bold { "**" } else { "" };
                 s += &format!("| {b}{}{b} | {} |", r.label, w(&r.weights));
+                if !plain {
+                    match r.objective {
+                        Some(v) => s += &format!(" {b}{v:.6}{b} |"),
+                        None => s += " – |",
+                    }
+                }
                 for d in &r.scores {
-                    s += &format!(" {b}{:.4}{b} |", d.perplexity);
+                    match &d.task {
+                        None => s += &format!(" {b}{:.4}{b} |", d.perplexity),
+                        Some(t) => {
+                            s += &format!(
+                                " {b}{:.4} / {:.4} / {:.4}{b} |",
+                                t.acc, t.acc_norm, d.mean_nll
+                            )
+                        }
+                    }
                 }
                 s += "\n";
             }
+            let lead = if plain { "" } else { " |" };
+            // The change of a task's accuracy, in points, against the row labelled `label`.
+            let acc_change = |d: usize, label: &str| -> Option<String> {
+                let best = self
+                    .references
+                    .iter()
+                    .find(|r| r.kind == ReferenceKind::BestFound)?;
+                let other = self.references.iter().find(|r| r.label == label)?;
+                let (a, b) = (best.scores[d].task?, other.scores[d].task?);
+                Some(format!("acc {:+.1} pts", (a.acc - b.acc) * 100.0))
+            };
             if !self.improvement.is_empty() {
-                s += "| change vs best source | |";
-                for i in &self.improvement {
-                    s += &format!(
-                        " {:+.2}% ({}) |",
-                        i.change_vs_best_source_pct, i.best_source
-                    );
+                s += &format!("| change vs best source | |{lead}");
+                for (d, i) in self.improvement.iter().enumerate() {
+                    match acc_change(d, &i.best_source) {
+                        Some(a) => s += &format!(" {a} ({}) |", i.best_source),
+                        None => {
+                            s += &format!(
+                                " {:+.2}% ({}) |",
+                                i.change_vs_best_source_pct, i.best_source
+                            )
+                        }
+                    }
                 }
-                s += "\n| change vs uniform average | |";
-                for i in &self.improvement {
-                    s += &format!(" {:+.2}% |", i.change_vs_uniform_pct);
+                s += &format!("\n| change vs uniform average | |{lead}");
+                for (d, i) in self.improvement.iter().enumerate() {
+                    match acc_change(d, "uniform average") {
+                        Some(a) => s += &format!(" {a} |"),
+                        None => s += &format!(" {:+.2}% |", i.change_vs_uniform_pct),
+                    }
                 }
                 s += "\n";
                 if self.improvement.iter().any(|i| i.best_average.is_some()) {
-                    s += "| change vs best average along the run | |";
-                    for i in &self.improvement {
+                    s += &format!("| change vs best average along the run | |{lead}");
+                    for (d, i) in self.improvement.iter().enumerate() {
                         match (&i.best_average, i.change_vs_best_average_pct) {
-                            (Some(a), Some(c)) => s += &format!(" {c:+.2}% ({a}) |"),
+                            (Some(a), Some(c)) => match acc_change(d, a) {
+                                Some(x) => s += &format!(" {x} ({a}) |"),
+                                None => s += &format!(" {c:+.2}% ({a}) |"),
+                            },
                             _ => s += " – |",
                         }
                     }
@@ -450,7 +584,12 @@ impl Report {
         for (title, file) in images {
             s += &format!("![{title}]({file})\n\n");
         }
-        s += "## Trials\n\n| trial | worker | weights | perplexity | mean NLL | eval s |\n|---:|---|---|---:|---:|---:|\n";
+        s += if plain {
+            "## Trials\n\n| trial | worker | weights | perplexity | mean NLL | eval s |\n"
+        } else {
+            "## Trials\n\n| trial | worker | weights | exp(objective) | objective | eval s |\n"
+        };
+        s += "|---:|---|---|---:|---:|---:|\n";
         for t in &self.trials {
             match t {
                 Record::Done {
@@ -461,10 +600,16 @@ impl Report {
                     mean_nll,
                     eval_seconds,
                     merge_seconds,
+                    partial,
                     ..
                 } => {
+                    // A trial stopped early: its value is an estimate, marked with how much
+                    // of the set it scored.
+                    let note = partial.map_or(String::new(), |p| {
+                        format!(" (est., stopped at {}/{} batches)", p.scored_units, p.units)
+                    });
                     s += &format!(
-                        "| {trial} | {worker} | {} | {perplexity:.4} | {mean_nll:.6} | {:.2} |\n",
+                        "| {trial} | {worker} | {} | {perplexity:.4} | {mean_nll:.6}{note} | {:.2} |\n",
                         w(weights),
                         eval_seconds + merge_seconds
                     );
@@ -523,7 +668,14 @@ mod tests {
             mean_nll: p.ln(),
             perplexity: p,
             tokens: 100,
+            task: None,
         }]
+    }
+
+    fn one_set() -> Objective {
+        Objective {
+            sets: vec![("heldout".into(), 1.0)],
+        }
     }
 
     #[test]
@@ -561,13 +713,14 @@ mod tests {
                     l if l.starts_with("step") => 25.0,
                     _ => 18.0,
                 };
-                Reference::new(p, score(ppl))
+                Reference::new(p, score(ppl), &one_set())
             })
             .collect();
         refs.push(Reference {
             kind: ReferenceKind::BestFound,
             label: "best found".into(),
             weights: vec![0.0; 12],
+            objective: Some(16f64.ln()),
             scores: score(16.0),
         });
         let imp = improvements(&refs);

@@ -26,6 +26,7 @@ use anyhow::{bail, Result};
 use ckmerge_common::protocol::{
     context_with_timeout, EvalReply, EvalRequest, LoadReport, LoadSpec, Secret, WorkerApiClient,
 };
+use ckmerge_common::race::{self, Race};
 use ckmerge_worker::serve::WorkerService;
 use tokio::sync::mpsc;
 
@@ -86,6 +87,10 @@ enum Ev {
 
 pub struct Scheduler {
     cfg: SearchConfig,
+    /// What a trial's value is, from the config.
+    objective: super::config::Objective,
+    /// See [`Scheduler::set_baseline_units`].
+    baseline_units: Vec<(f64, Vec<f64>)>,
     spec: LoadSpec,
     secret: Option<Secret>,
     slots: Vec<Slot>,
@@ -167,6 +172,8 @@ impl Scheduler {
             stop_note: None,
             progress,
             eval_seconds: Vec::new(),
+            objective: cfg.objective(),
+            baseline_units: Vec::new(),
             cfg,
         };
         for r in resumed.requeue {
@@ -215,6 +222,44 @@ impl Scheduler {
                 _ = tick.tick() => {}
             }
         }
+    }
+
+    /// What a trial's value is.
+    pub fn objective(&self) -> &super::config::Objective {
+        &self.objective
+    }
+
+    /// What a trial races against under `search.early_stop`: the per-batch NLL sums of
+    /// the best full evaluation so far (a trial's or a baseline's), or none yet (the
+    /// trial is scored whole, and its sums kept).
+    pub fn race(&self) -> Option<Race> {
+        if !self.cfg.search.early_stop {
+            return None;
+        }
+        let trials = self.done.iter().filter_map(|r| match r {
+            Record::Done {
+                mean_nll,
+                units,
+                partial: None,
+                ..
+            } if !units.is_empty() => Some((*mean_nll, units)),
+            _ => None,
+        });
+        let baselines = self.baseline_units.iter().map(|(v, u)| (*v, u));
+        let best = trials
+            .chain(baselines)
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, u)| u.clone());
+        Some(Race {
+            incumbent: best.unwrap_or_default(),
+            z: normal_quantile(1.0 - self.cfg.search.early_stop_alpha / race::LOOKS.len() as f64),
+        })
+    }
+
+    /// Full evaluations outside the search that a trial may race against: the
+    /// baselines' objective values and per-batch sums.
+    pub fn set_baseline_units(&mut self, v: Vec<(f64, Vec<f64>)>) {
+        self.baseline_units = v;
     }
 
     fn view(&self) -> super::progress::View {
@@ -340,18 +385,19 @@ impl Scheduler {
                 return Ok(());
             }
             Err(AttemptError::Eval(e)) => Err((e, Failure::Transient)),
-            Ok(r) => match r.scores.first() {
-                None => Err(("the worker returned no score".into(), Failure::Transient)),
-                // A non-finite objective (a perplexity that overflows included: mean NLL
-                // above ~709) is what these weights give on any worker.
-                Some(s) if !(s.mean_nll.is_finite() && s.perplexity.is_finite()) => Err((
-                    format!(
-                        "the objective is not finite (mean NLL {}, perplexity {}): the merge diverged, or a source holds NaN or inf",
-                        s.mean_nll, s.perplexity
-                    ),
-                    Failure::Deterministic,
-                )),
-                Some(_) => Ok(r),
+            Ok(r) if r.scores.len() < self.objective.sets.len() => Err((
+                format!(
+                    "the worker returned {} scores for an objective of {} sets",
+                    r.scores.len(),
+                    self.objective.sets.len()
+                ),
+                Failure::Transient,
+            )),
+            // A non-finite objective (a perplexity that overflows included: mean NLL
+            // above ~709) is what these weights give on any worker.
+            Ok(r) => match self.objective.value(&r.scores) {
+                Ok(v) => Ok((r, v)),
+                Err(e) => Err((e, Failure::Deterministic)),
             },
         };
         let s = &mut self.slots[i];
@@ -359,30 +405,46 @@ impl Scheduler {
         s.tasks.retain(|t| !t.is_finished());
         match result {
             Err((e, kind)) => self.attempt_failed(trial, name, e, kind),
-            Ok(r) => {
+            Ok((mut r, value)) => {
                 s.evaluations += 1;
                 let t = self.trials.succeeded(trial);
-                let obj = &r.scores[0];
+                let k = self.objective.sets.len();
+                r.scores.truncate(k);
+                let single = self.objective.is_single() && r.scores[0].task.is_none();
+                let partial = r.partial;
+                let units = if partial.is_none() {
+                    std::mem::take(&mut r.units)
+                } else {
+                    Vec::new()
+                };
                 let rec = Record::Done {
                     trial,
                     u: t.u.clone(),
                     weights: t.weights.clone(),
                     worker: name.clone(),
-                    mean_nll: obj.mean_nll,
-                    perplexity: obj.perplexity,
-                    tokens: obj.tokens,
+                    mean_nll: value,
+                    perplexity: value.exp(),
+                    tokens: r.scores.iter().map(|s| s.tokens).sum(),
                     merge_seconds: r.merge_seconds,
                     eval_seconds: r.eval_seconds,
                     time: now(),
+                    scores: if single { Vec::new() } else { r.scores },
+                    units,
+                    partial,
                 };
                 self.journal.append(&rec)?;
-                self.opt.tell(t.u.clone(), Ok(obj.mean_nll));
+                match partial {
+                    None => self.opt.tell(t.u.clone(), Ok(value)),
+                    Some(p) => self
+                        .opt
+                        .tell_estimate(t.u.clone(), value, p.std_error.powi(2)),
+                }
                 self.save_snapshot();
                 if let Some(at) = t.issued_at {
                     self.eval_seconds.push(at.elapsed().as_secs_f64());
                 }
                 self.progress
-                    .trial_done(trial, &name, &t.weights, obj.perplexity, obj.mean_nll);
+                    .trial_done(trial, &name, &t.weights, value.exp(), value);
                 self.done.push(rec);
                 Ok(())
             }
@@ -511,6 +573,7 @@ impl Scheduler {
     }
 
     fn issue(&mut self, i: usize, id: u64) -> Result<()> {
+        let race = self.race();
         let t = self.trials.start(id);
         let s = &mut self.slots[i];
         self.journal.append(&Record::Issued {
@@ -525,6 +588,7 @@ impl Scheduler {
             trial: id,
             weights: self.opt.space.merge_weights(&t.weights),
             all_datasets: false,
+            race,
         };
         tracing::debug!("trial {id} -> {}: {:?}", s.name, t.weights);
         s.state = State::Busy(id);
@@ -575,5 +639,28 @@ impl Scheduler {
                 }
             },
         )
+    }
+}
+
+/// The standard normal quantile of `p` (bisection on the CDF: called once per trial).
+fn normal_quantile(p: f64) -> f64 {
+    let (mut lo, mut hi) = (-40.0f64, 40.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if crate::bo::acquisition::cdf(mid) < p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+#[cfg(test)]
+mod quantile_tests {
+    #[test]
+    fn normal_quantiles() {
+        assert!((super::normal_quantile(0.975) - 1.959_964).abs() < 1e-5);
+        assert!((super::normal_quantile(1.0 - 0.01 / 4.0) - 2.807_034).abs() < 1e-5);
     }
 }

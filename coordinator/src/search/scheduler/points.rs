@@ -54,6 +54,16 @@ impl Scheduler {
                     trial: u64::MAX - k as u64,
                     weights: self.opt.space.merge_weights(&points[k]),
                     all_datasets: true,
+                    // Under early stopping: scored whole, with the objective's per-batch
+                    // sums, so that trials can race against the best of them.
+                    race: self
+                        .cfg
+                        .search
+                        .early_stop
+                        .then(|| ckmerge_common::race::Race {
+                            incumbent: Vec::new(),
+                            z: 0.0,
+                        }),
                 };
                 *in_use = true;
                 running.push(async move {
