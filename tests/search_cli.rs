@@ -1641,3 +1641,119 @@ plots = false
         "{md}"
     );
 }
+
+/// A run config over the 12 checkpoints of the fixture `long/` trajectory, simplex space.
+fn long_config(dir: &Path, name: &str, max_evals: usize, early_stop: bool) -> PathBuf {
+    let f = fixtures();
+    let ckpts: Vec<String> = (1..=12)
+        .map(|i| format!("{:?}", f.join(format!("long/step-{}", i * 200))))
+        .collect();
+    let p = dir.join(name);
+    std::fs::write(
+        &p,
+        format!(
+            r#"checkpoints = [{}]
+[space]
+kind = "simplex"
+[data]
+objective = [{:?}]
+seq_len = 128
+[search]
+max_evals = {max_evals}
+early_stop = {early_stop}
+[output]
+plots = false
+merge = false
+"#,
+            ckpts.join(", "),
+            f.join("data/heldout.txt"),
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn early_stopping_scores_fewer_tokens_keeps_the_best_and_resumes_exactly() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tmp.path().join("full");
+    let raced = tmp.path().join("raced");
+    let rep_full = search_to_end(&long_config(tmp.path(), "full.toml", 12, false), &full);
+    let rep = search_to_end(&long_config(tmp.path(), "raced.toml", 12, true), &raced);
+
+    // Some trials stopped early; each scored at most half the set (the last look), its value is an
+    // estimate above the incumbent it raced (the best full value before it), and it is
+    // never the best.
+    let j = journal(&raced);
+    let done = events(&j, "done");
+    let whole = rep_full["trials"][0]["tokens"].as_u64().unwrap();
+    let baselines: Vec<f64> = rep["references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] != "best")
+        .map(|r| r["objective"].as_f64().unwrap())
+        .collect();
+    let mut incumbent = baselines.iter().cloned().fold(f64::INFINITY, f64::min);
+    let mut stopped = 0;
+    for d in &done {
+        let v = d["mean_nll"].as_f64().unwrap();
+        if d["partial"].is_object() {
+            stopped += 1;
+            assert!(d["tokens"].as_u64().unwrap() <= whole / 2, "{d}");
+            assert!(d["partial"]["lower_bound"].as_f64().unwrap() > 0.0, "{d}");
+            assert!(
+                v > incumbent,
+                "{d}: estimate not above the incumbent {incumbent}"
+            );
+            assert!(d["units"].is_null(), "{d}");
+        } else {
+            assert_eq!(d["tokens"].as_u64().unwrap(), whole, "{d}");
+            assert!(
+                d["units"].as_array().unwrap().len() > 100,
+                "per-window sums kept"
+            );
+            incumbent = incumbent.min(v);
+        }
+    }
+    assert!(stopped >= 3, "{stopped} of {} stopped", done.len());
+    assert_eq!(rep["stopped_early"].as_u64().unwrap(), stopped);
+    let (t_full, t_raced) = (
+        rep_full["scored_tokens"].as_u64().unwrap(),
+        rep["scored_tokens"].as_u64().unwrap(),
+    );
+    assert!(t_raced < t_full, "{t_raced} vs {t_full}");
+    // The best is a full evaluation, and as good as without early stopping (0.1 %).
+    assert!(rep["best"]["partial"].is_null());
+    let (b, b_full) = (
+        rep["best"]["mean_nll"].as_f64().unwrap(),
+        rep_full["best"]["mean_nll"].as_f64().unwrap(),
+    );
+    assert!(b < b_full * 1.001, "{b} vs {b_full}");
+
+    // Stopped after 8 trials and resumed to 12, the run makes the same trials with the
+    // same values: estimates and their variances are replayed exactly.
+    let split = tmp.path().join("split");
+    search_to_end(&long_config(tmp.path(), "split.toml", 8, true), &split);
+    let o = run(search(&[
+        "--resume".as_ref(),
+        split.as_os_str(),
+        "--max-evals".as_ref(),
+        "12".as_ref(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let key = |j: &[Value]| -> Vec<(Value, Value, Value)> {
+        events(j, "done")
+            .iter()
+            .map(|d| {
+                (
+                    d["weights"].clone(),
+                    d["mean_nll"].clone(),
+                    d["partial"].clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(key(&journal(&split)), key(&j));
+}

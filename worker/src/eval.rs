@@ -495,14 +495,14 @@ impl Evaluator {
         } else {
             race::look_points(units)
         };
-        looks.push(units);
+        looks.push((units, 0));
         let mut parts = Vec::with_capacity(units);
-        for at in looks {
+        for (at, k) in looks {
             parts.extend(self.run_batches(&batches[parts.len()..at])?);
             if at == units {
                 break;
             }
-            if let Some(p) = race::look(&parts, &race.incumbent, units, tokens, race.z) {
+            if let Some(p) = race::look(&parts, &race.incumbent, units, tokens, race.z[k]) {
                 let inc_mean = race.incumbent.iter().sum::<f64>() / tokens as f64;
                 let mean_nll = inc_mean + p.difference;
                 let done = &batches[..at];

@@ -250,9 +250,10 @@ impl Scheduler {
             .chain(baselines)
             .min_by(|a, b| a.0.total_cmp(&b.0))
             .map(|(_, u)| u.clone());
+        let alpha = self.cfg.search.early_stop_alpha;
         Some(Race {
             incumbent: best.unwrap_or_default(),
-            z: normal_quantile(1.0 - self.cfg.search.early_stop_alpha / race::LOOKS.len() as f64),
+            z: race::SPEND.map(|share| normal_quantile(1.0 - alpha * share)),
         })
     }
 

@@ -62,7 +62,7 @@ impl Scheduler {
                         .early_stop
                         .then(|| ckmerge_common::race::Race {
                             incumbent: Vec::new(),
-                            z: 0.0,
+                            z: [0.0; 4],
                         }),
                 };
                 *in_use = true;
