@@ -1718,6 +1718,12 @@ fn early_stopping_scores_fewer_tokens_keeps_the_best_and_resumes_exactly() {
         }
     }
     assert!(stopped >= 3, "{stopped} of {} stopped", done.len());
+    // The per-window sums stay in the journal, out of the report.
+    assert!(rep["trials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["units"].is_null()));
     assert_eq!(rep["stopped_early"].as_u64().unwrap(), stopped);
     let (t_full, t_raced) = (
         rep_full["scored_tokens"].as_u64().unwrap(),

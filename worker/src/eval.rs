@@ -589,15 +589,27 @@ impl Evaluator {
                 cpu.model.ensure_max_seq(longest);
                 let (model, store) = (&cpu.model, &cpu.store);
                 let scale = model.norm_head_scale(store);
-                let run = |r: &crate::choice::Request| {
-                    model.continuation_logprob(store, &r.input, &r.targets, scale.as_deref())
+                let groups = length_batches(requests, self.batch, self.batch * self.seq_len);
+                let run = |g: &Vec<usize>| {
+                    let rows: Vec<(&[u32], &[u32])> = g
+                        .iter()
+                        .map(|&i| (&requests[i].input[..], &requests[i].targets[..]))
+                        .collect();
+                    model.continuation_logprobs(store, &rows, scale.as_deref())
                 };
-                Ok(if parallel {
+                let scored: Vec<Vec<(f64, bool)>> = if parallel {
                     use rayon::prelude::*;
-                    requests.par_iter().map(run).collect()
+                    groups.par_iter().map(run).collect()
                 } else {
-                    requests.iter().map(run).collect()
-                })
+                    groups.iter().map(run).collect()
+                };
+                let mut out = vec![(0.0, false); requests.len()];
+                for (g, s) in groups.iter().zip(scored) {
+                    for (&i, v) in g.iter().zip(s) {
+                        out[i] = v;
+                    }
+                }
+                Ok(out)
             }
             Backend::Gpu(_) => Err(EvalError::Request(
                 "multiple-choice tasks are scored on the CPU only so far; run without --gpus"
@@ -782,6 +794,32 @@ impl Evaluator {
     pub fn n_sources(&self) -> usize {
         self.n_sources
     }
+}
+
+/// Requests grouped for batched scoring: sorted by input length (longest first, so
+/// padding is at most the length step between neighbours), at most `batch` per group and
+/// at most `tokens` padded tokens (a window batch's activations).
+fn length_batches(
+    requests: &[crate::choice::Request],
+    batch: usize,
+    tokens: usize,
+) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..requests.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(requests[i].input.len()));
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for i in order {
+        match out.last_mut() {
+            // The group's first is its longest: the padded length.
+            Some(g)
+                if g.len() < batch.max(1)
+                    && (g.len() + 1) * requests[g[0]].input.len() <= tokens.max(1) =>
+            {
+                g.push(i)
+            }
+            _ => out.push(vec![i]),
+        }
+    }
+    out
 }
 
 /// Name for a data set given as a list of paths: the first file's stem.

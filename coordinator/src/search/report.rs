@@ -156,6 +156,14 @@ pub fn best_done(done: &[Record]) -> Option<&Record> {
         })
 }
 
+/// `r` without its per-window NLLs.
+fn without_units(mut r: Record) -> Record {
+    if let Record::Done { units, .. } = &mut r {
+        units.clear();
+    }
+    r
+}
+
 /// How a checkpoint is named in the report: its directory's name.
 pub fn checkpoint_label(p: &Path) -> String {
     p.file_name()
@@ -313,8 +321,16 @@ impl Report {
                 stopped_early += usize::from(partial.is_some());
             }
         }
-        let mut trials: Vec<Record> = run.done.into_iter().chain(run.failed).collect();
+        // The per-window NLLs kept for early stopping stay in the journal: thousands of
+        // numbers per trial that no reader of the report wants.
+        let mut trials: Vec<Record> = run
+            .done
+            .into_iter()
+            .chain(run.failed)
+            .map(without_units)
+            .collect();
         trials.sort_by_key(Record::trial);
+        let best = best.map(without_units);
         Report {
             schema_version: crate::summary::SCHEMA_VERSION,
             checkpoints: cfg.checkpoints.clone(),

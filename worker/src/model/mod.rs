@@ -424,35 +424,66 @@ impl Model {
         targets: &[u32],
         scale: Option<&[f32]>,
     ) -> (f64, bool) {
-        let (n, m) = (input.len(), targets.len());
-        assert!(m >= 1 && m <= n, "bad continuation request");
+        self.continuation_logprobs(w, &[(input, targets)], scale)[0]
+    }
+
+    /// [`Model::continuation_logprob`] of several requests in one forward pass: each
+    /// input right-padded to the longest. Exact, not an approximation: attention is
+    /// causal, so positions after a sequence's last token (the padding) change nothing
+    /// before it, and every position keeps its index (RoPE, ALiBi).
+    pub fn continuation_logprobs(
+        &self,
+        w: &ParamStore,
+        rows: &[(&[u32], &[u32])],
+        scale: Option<&[f32]>,
+    ) -> Vec<(f64, bool)> {
         let c = &self.config;
         let h = c.hidden;
-        let mut x = self.embed(w, input);
-        self.forward_layers(w, &mut x, n);
+        let len = rows.iter().map(|(i, _)| i.len()).max().unwrap_or(0);
+        let mut tokens = Vec::with_capacity(rows.len() * len);
+        for (input, targets) in rows {
+            let (n, m) = (input.len(), targets.len());
+            assert!(m >= 1 && m <= n, "bad continuation request");
+            tokens.extend_from_slice(input);
+            // Any valid id: its position is after every one that is read.
+            tokens.resize(tokens.len() + len - n, input[n - 1]);
+        }
+        let mut x = self.embed(w, &tokens);
+        self.forward_layers(w, &mut x, len);
         let head = self
             .head
             .as_ref()
             .expect("continuation_logprob on a part without the output head");
-        let picked = x[(n - m) * h..].to_vec();
+        // The positions that predict each row's targets, all rows in one projection.
+        let m_all: usize = rows.iter().map(|(_, t)| t.len()).sum();
+        let mut picked = Vec::with_capacity(m_all * h);
+        for (r, (input, targets)) in rows.iter().enumerate() {
+            let (n, m) = (input.len(), targets.len());
+            picked.extend_from_slice(&x[(r * len + n - m) * h..(r * len + n) * h]);
+        }
         let mut normed = vec![0f32; picked.len()];
         let cpu = cpu::Cpu::new(c, w, &self.cos, &self.sin);
-        infallible(cpu.norm(&picked, &head.norm, &mut normed, m));
-        let mut logits = vec![0f32; m * c.vocab];
-        self.project(w, &normed, m, scale, &mut logits);
-        let (mut ll, mut greedy) = (0.0f64, true);
-        for (row, &t) in logits.chunks(c.vocab).zip(targets) {
-            let (mut arg, mut max) = (0, f32::NEG_INFINITY);
-            for (i, &v) in row.iter().enumerate() {
-                if v > max {
-                    (arg, max) = (i, v);
+        infallible(cpu.norm(&picked, &head.norm, &mut normed, m_all));
+        let mut logits = vec![0f32; m_all * c.vocab];
+        self.project(w, &normed, m_all, scale, &mut logits);
+        let mut out = Vec::with_capacity(rows.len());
+        let mut at = logits.chunks(c.vocab);
+        for (_, targets) in rows {
+            let (mut ll, mut greedy) = (0.0f64, true);
+            for (row, &t) in at.by_ref().take(targets.len()).zip(targets.iter()) {
+                let (mut arg, mut max) = (0, f32::NEG_INFINITY);
+                for (i, &v) in row.iter().enumerate() {
+                    if v > max {
+                        (arg, max) = (i, v);
+                    }
                 }
+                let lse = max as f64 + ckmerge_kernels::vmath::exp_sum(row, max).ln();
+                ll += row[t as usize] as f64 - lse;
+                greedy &= arg == t as usize;
             }
-            let lse = max as f64 + ckmerge_kernels::vmath::exp_sum(row, max).ln();
-            ll += row[t as usize] as f64 - lse;
-            greedy &= arg == t as usize;
+            out.push((ll, greedy));
         }
-        (ll, greedy)
+        out
     }
 }
 
