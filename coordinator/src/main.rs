@@ -571,7 +571,12 @@ fn run_eval(mut args: EvalArgs) -> Result<()> {
         window: args.window,
         groups: None,
         stage: None,
-        gpus: resolve_gpus(&args.gpus)?,
+        gpus: ckmerge_worker::gpu::resolve_gpus_for(
+            &args.gpus,
+            (!args.task.is_empty())
+                .then_some("multiple-choice tasks are scored on the CPU only so far"),
+        )
+        .map_err(anyhow::Error::msg)?,
     };
     let mut sets = Vec::new();
     if !args.data.is_empty() {

@@ -247,7 +247,7 @@ impl Evaluator {
         if let Some(t) = datasets.iter().find(|d| d.kind == SetKind::Task) {
             if opts.gpus.is_some() {
                 return Err(EvalError::Request(format!(
-                    "task `{}`: multiple-choice tasks are scored on the CPU only so far; run without --gpus",
+                    "task `{}`: multiple-choice tasks are scored on the CPU only so far; hold the model on the CPU (--gpus none, or auto)",
                     t.name
                 )));
             }

@@ -354,7 +354,10 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
     let local_gpus = if remote {
         None
     } else {
-        ckmerge_worker::gpu::resolve_gpus(&args.local_gpus).map_err(|e| anyhow::anyhow!(e))?
+        let tasks = (!cfg.data.tasks.is_empty())
+            .then_some("the config has multiple-choice tasks, scored on the CPU only so far");
+        ckmerge_worker::gpu::resolve_gpus_for(&args.local_gpus, tasks)
+            .map_err(|e| anyhow::anyhow!(e))?
     };
     let run_dir = args.run_dir.clone();
     std::fs::create_dir_all(&run_dir)

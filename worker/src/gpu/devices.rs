@@ -3,6 +3,19 @@
 
 use std::ops::Range;
 
+/// `--gpus` as [`resolve_gpus`], except that `auto` means the CPU when `cpu_only` says
+/// why the work cannot run on a GPU (said in the log): `auto` is "the best device for
+/// this work". An explicit choice of GPUs is kept, and the load refuses it by name.
+pub fn resolve_gpus_for(arg: &str, cpu_only: Option<&str>) -> Result<Option<Vec<usize>>, String> {
+    match cpu_only {
+        Some(why) if arg.trim() == "auto" => {
+            tracing::info!("running on the CPU (--gpus auto): {why}");
+            Ok(None)
+        }
+        _ => resolve_gpus(arg),
+    }
+}
+
 /// Resolves a `--gpus` argument: None for the CPU, else the CUDA ordinals to use. `auto`
 /// picks every visible GPU and says so, or says why it runs on the CPU; `all` and explicit
 /// lists fail when there is no usable GPU. An ordinal may repeat: the layers are then split
@@ -118,6 +131,17 @@ mod tests {
             last_extra: last,
             activations: act,
         }
+    }
+
+    #[test]
+    fn auto_means_the_cpu_for_cpu_only_work_and_an_explicit_choice_stays() {
+        // No GPU is touched for `auto` with a reason, whatever the machine has.
+        assert_eq!(resolve_gpus_for("auto", Some("tasks")), Ok(None));
+        assert_eq!(resolve_gpus_for(" auto ", Some("tasks")), Ok(None));
+        assert_eq!(resolve_gpus_for("none", None), Ok(None));
+        // An explicit list is resolved as asked (an error where there is no GPU), never
+        // turned into the CPU.
+        assert_ne!(resolve_gpus_for("0", Some("tasks")), Ok(None));
     }
 
     #[test]

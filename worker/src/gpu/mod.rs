@@ -20,7 +20,7 @@ use ckmerge_kernels::cuda::GpuError;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 
-pub use devices::{plan_layers, resolve_gpus, MemoryNeed};
+pub use devices::{plan_layers, resolve_gpus, resolve_gpus_for, MemoryNeed};
 use forward::ShardOps;
 use shard::{DevStore, DevTensor, Shard};
 
