@@ -66,7 +66,7 @@ pub struct JointEi {
 
 /// The standard normal quantile function (Acklam's rational approximation, relative error
 /// below 1.2e-9; `p` in (0, 1)).
-fn inv_cdf(p: f64) -> f64 {
+pub fn inv_cdf(p: f64) -> f64 {
     const A: [f64; 6] = [
         -3.969_683_028_665_376e1,
         2.209_460_984_245_205e2,
@@ -488,6 +488,42 @@ mod tests {
                 cdf(z)
             );
         }
+    }
+
+    #[test]
+    fn a_noisy_value_is_not_interpolated_and_leaves_its_point_uncertain() {
+        // A smooth curve on dense points, one value off it by 0.05: exact, the posterior
+        // goes through it; given as noisy (sd 0.05), it is pulled toward its neighbours.
+        let x: Vec<Vec<f64>> = (0..21).map(|i| vec![i as f64 / 20.0]).collect();
+        let mut y: Vec<f64> = x.iter().map(|p| (p[0] - 0.45).powi(2)).collect();
+        let k = 12;
+        let curve = y[k];
+        y[k] += 0.05;
+        let mut noise = vec![0.0; x.len()];
+        noise[k] = 0.05f64.powi(2);
+        let exact = Posterior::new(&x, &y, &[2.0], 1e-10).unwrap();
+        let noisy = Posterior::with_noise(&x, &y, &noise, &[2.0], 1e-10).unwrap();
+        let at = |p: &Posterior| {
+            let (m, v) = p.predict(&[x[k].clone()]);
+            (m[0], v[0])
+        };
+        let ((m_exact, v_exact), (m_noisy, v_noisy)) = (at(&exact), at(&noisy));
+        assert!(
+            (m_exact - y[k]).abs() < 1e-4,
+            "exact values are interpolated: {m_exact}"
+        );
+        assert!(
+            m_noisy < y[k] - 0.01 && m_noisy > curve - 0.01,
+            "the noisy one is pulled toward the curve: {m_noisy} (value {}, curve {curve})",
+            y[k]
+        );
+        assert!(
+            v_noisy > 100.0 * v_exact.max(1e-12),
+            "{v_noisy} vs {v_exact}"
+        );
+        // No noise given: the same posterior as `new`.
+        let same = Posterior::with_noise(&x, &y, &[], &[2.0], 1e-10).unwrap();
+        assert_eq!(at(&same), at(&exact));
     }
 
     #[test]

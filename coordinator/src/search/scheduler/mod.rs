@@ -253,7 +253,7 @@ impl Scheduler {
         let alpha = self.cfg.search.early_stop_alpha;
         Some(Race {
             incumbent: best.unwrap_or_default(),
-            z: race::SPEND.map(|share| normal_quantile(1.0 - alpha * share)),
+            z: race::SPEND.map(|share| crate::bo::posterior::inv_cdf(1.0 - alpha * share)),
         })
     }
 
@@ -640,28 +640,5 @@ impl Scheduler {
                 }
             },
         )
-    }
-}
-
-/// The standard normal quantile of `p` (bisection on the CDF: called once per trial).
-fn normal_quantile(p: f64) -> f64 {
-    let (mut lo, mut hi) = (-40.0f64, 40.0f64);
-    for _ in 0..200 {
-        let mid = 0.5 * (lo + hi);
-        if crate::bo::acquisition::cdf(mid) < p {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    0.5 * (lo + hi)
-}
-
-#[cfg(test)]
-mod quantile_tests {
-    #[test]
-    fn normal_quantiles() {
-        assert!((super::normal_quantile(0.975) - 1.959_964).abs() < 1e-5);
-        assert!((super::normal_quantile(1.0 - 0.01 / 4.0) - 2.807_034).abs() < 1e-5);
     }
 }
