@@ -108,6 +108,19 @@ pub struct EvalResult {
     pub forward_tokens: usize,
 }
 
+impl EvalResult {
+    /// This result as the protocol's score of text set `name`.
+    pub fn score(&self, name: &str) -> DatasetScore {
+        DatasetScore {
+            name: name.to_string(),
+            tokens: self.tokens,
+            mean_nll: self.mean_nll,
+            perplexity: self.perplexity,
+            task: None,
+        }
+    }
+}
+
 /// One source checkpoint held in memory: per store tensor, its dtype and bytes.
 struct Source {
     tensors: Vec<(DType, Vec<u8>)>,
@@ -635,13 +648,7 @@ impl Evaluator {
         if self.datasets[d].task.is_none() {
             let r = self.score(d)?;
             return Ok(SetResult {
-                score: DatasetScore {
-                    name: self.datasets[d].name.clone(),
-                    tokens: r.tokens,
-                    mean_nll: r.mean_nll,
-                    perplexity: r.perplexity,
-                    task: None,
-                },
+                score: r.score(&self.datasets[d].name),
                 seconds: r.seconds,
                 forward_tokens: r.forward_tokens,
             });

@@ -41,6 +41,13 @@ struct Loaded {
     stages: usize,
 }
 
+impl Loaded {
+    /// How many leading data sets a trial scores (see `LoadSpec::objective_sets`).
+    fn objective_sets(&self) -> usize {
+        self.spec.objective_sets.clamp(1, self.spec.datasets.len())
+    }
+}
+
 struct Inner {
     loaded: tokio::sync::Mutex<Option<Loaded>>,
     is_loaded: AtomicBool,
@@ -446,10 +453,7 @@ impl WorkerService {
             })
         } else if let Some(next) = loaded.next.clone() {
             let ev = loaded.ev.clone().expect("loaded outside benchmark mode");
-            let objective_sets = loaded
-                .spec
-                .objective_sets
-                .clamp(1, loaded.spec.datasets.len());
+            let objective_sets = loaded.objective_sets();
             Self::evaluate_pipeline(
                 ev,
                 next,
@@ -462,10 +466,7 @@ impl WorkerService {
             .await
         } else {
             let ev = loaded.ev.clone().expect("loaded outside benchmark mode");
-            let objective_sets = loaded
-                .spec
-                .objective_sets
-                .clamp(1, loaded.spec.datasets.len());
+            let objective_sets = loaded.objective_sets();
             tokio::task::spawn_blocking(move || {
                 let mut ev = ev.lock().map_err(|_| "evaluator poisoned by a panic")?;
                 let t = Instant::now();
@@ -485,13 +486,7 @@ impl WorkerService {
                         (Some(race), 0) => {
                             let (r, u, p) = ev.score_race(0, race).map_err(|e| e.to_string())?;
                             through += r.forward_tokens;
-                            scores.push(DatasetScore {
-                                name: ev.datasets[0].name.clone(),
-                                tokens: r.tokens,
-                                mean_nll: r.mean_nll,
-                                perplexity: r.perplexity,
-                                task: None,
-                            });
+                            scores.push(r.score(&ev.datasets[0].name));
                             (units, partial) = (u, p);
                         }
                         _ => {
@@ -617,13 +612,7 @@ impl WorkerService {
             .collect::<Result<_, _>>()?;
             let r = Evaluator::result(&batches, &nll, t_set.elapsed().as_secs_f64());
             through += r.tokens_per_s * r.seconds;
-            scores.push(DatasetScore {
-                name,
-                tokens: r.tokens,
-                mean_nll: r.mean_nll,
-                perplexity: r.perplexity,
-                task: None,
-            });
+            scores.push(r.score(&name));
         }
         let eval_seconds = t.elapsed().as_secs_f64();
         Ok(EvalReply {
