@@ -11,6 +11,8 @@
 #    f32, single checkpoints and merges (perplexity within 1e-3 / 1e-5 relative);
 # 2b. the layers split over two shards; the same search on the CPU, on the GPU in-process
 #    and through a pipeline of two GPU worker processes;
+# 2c. multiple-choice tasks on the GPU: f32 against the lm-evaluation-harness goldens,
+#    bf16 against the CPU;
 # 3. merge bandwidth against a device-to-device copy in the same run (bf16, 2 and 4
 #    sources);
 # 3a. the flash-attention schedules (`ckmerge gpu-bench --attention`), head sizes 64, 128;
@@ -39,9 +41,9 @@ GPU=${GPU:-0}     # the CUDA ordinal to use (`none` runs the CPU steps alone, to
 mkdir -p "$OUT" "$WORK"
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
-# STEPS="1 3" runs only those steps (1, 2, 2b, 3, 3a, 4); default: all.
+# STEPS="1 3" runs only those steps (1, 2, 2b, 2c, 3, 3a, 4); default: all.
 want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
-kernel=skipped model=skipped split=skipped
+kernel=skipped model=skipped split=skipped task=skipped
 
 # CUDA libraries: the toolkit's, else PyTorch's wheels (nvrtc, cublas).
 libdirs=$(
@@ -173,6 +175,65 @@ PYEOF
 kill "${workers[@]}" 2>/dev/null  # normally gone already: the search shuts its pipeline down
 fi
 
+if want 2c; then
+step "2c. multiple-choice tasks on the GPU (fixtures)"
+# The cloze task's per-choice log-likelihoods on the GPU: f32 copies of the llama
+# checkpoints against the lm-evaluation-harness goldens (the harness ran the fixtures in
+# f32; 1e-4 relative, is_greedy, acc and acc_norm identical, as tests/eval_golden.rs asks
+# of the CPU), and the bf16 originals against the CPU (1e-2 relative: bf16 GEMM inputs).
+# --seq-len 16 makes the requests longer than the windows (the rotary tables must cover them).
+for s in step-1250 step-1500; do
+  [ -d "$WORK/f32/$s" ] || "$BIN" merge "$F/llama/$s" --weights 1 --dtype f32 --out "$WORK/f32/$s" >/dev/null
+done
+task_run() { # name, device, checkpoint
+  timeout 120 "$BIN" eval "$3" --task "$F/tasks/cloze.jsonl" --seq-len 16 --json --gpus "$2" \
+    >"$OUT/task-$1.json" 2>>"$OUT/task.log" || echo "task eval failed: $1" | tee -a "$OUT/task.log"
+}
+for s in step-1250 step-1500; do task_run "llama-f32-$s-gpu" "$GPU" "$WORK/f32/$s"; done
+for a in llama neox; do
+  task_run "$a-bf16-cpu" none "$F/$a/step-1500"
+  task_run "$a-bf16-gpu" "$GPU" "$F/$a/step-1500"
+done
+$PY - "$OUT" "$F/tasks/cloze.golden.json" <<'PYEOF' | tee "$OUT/task-parity.md"
+import json, sys, os
+out, golden = sys.argv[1], json.load(open(sys.argv[2]))["models"]
+ok = True
+def items(n):
+    t = json.load(open(os.path.join(out, f"task-{n}.json")))
+    return t["tasks"][0]["per_item"], t.get("tokens_per_s") or t["tasks"][0].get("tokens_per_s")
+def compare(a, b, lim, exact):
+    worst, same = 0.0, True
+    for x, y in zip(a, b):
+        for p, q in zip(x["lls"], y["lls"]):
+            worst = max(worst, abs(p - q) / max(abs(q), 1e-12))
+        if exact:
+            same &= x["greedy"] == y["greedy"] and x["acc"] == y["acc"] and x["acc_norm"] == y["acc_norm"]
+    return worst, same and len(a) == len(b)
+print("| case | against | worst relative ll | limit | greedy/acc/acc_norm | |")
+print("|---|---|---|---|---|---|")
+for s in ["step-1250", "step-1500"]:
+    try:
+        got, _ = items(f"llama-f32-{s}-gpu")
+        worst, same = compare(got, golden[f"llama/{s}"]["items"], 1e-4, True)
+        good = worst <= 1e-4 and same
+        print(f"| llama {s} f32 on the GPU | lm-evaluation-harness | {worst:.2e} | 1e-4 | {'identical' if same else 'DIFFERENT'} | {'ok' if good else 'FAIL'} |")
+    except Exception as e:
+        good = False; print(f"| llama {s} f32 on the GPU | - | - | - | - | FAIL ({e}) |")
+    ok &= good
+for a in ["llama", "neox"]:
+    try:
+        (cpu, _), (gpu, _) = items(f"{a}-bf16-cpu"), items(f"{a}-bf16-gpu")
+        worst, same = compare(gpu, cpu, 1e-2, True)
+        good = worst <= 1e-2
+        print(f"| {a} step-1500 bf16 on the GPU | the CPU | {worst:.2e} | 1e-2 | {'identical' if same else 'differ (bf16)'} | {'ok' if good else 'FAIL'} |")
+    except Exception as e:
+        good = False; print(f"| {a} bf16 on the GPU | - | - | - | - | FAIL ({e}) |")
+    ok &= good
+sys.exit(0 if ok else 1)
+PYEOF
+[ "${PIPESTATUS[0]}" = 0 ] && task=pass || { task=FAIL; status=1; }
+fi
+
 if want 3; then
 step "3. merge bandwidth"
 timeout 120 "$BIN" gpu-bench --bytes 4GB --sources 2,4 --dtype bf16 | tee "$OUT/merge-bandwidth.jsonl" || status=1
@@ -209,9 +270,9 @@ grep -A24 'Self CUDA' "$OUT/hf.log" | cut -c1-160 | head -26
 fi
 
 step "summary"
-$PY - "$OUT" "$kernel" "$model" "$split" <<'PYEOF' | tee "$OUT/summary.md"
+$PY - "$OUT" "$kernel" "$model" "$split" "$task" <<'PYEOF' | tee "$OUT/summary.md"
 import json, sys, os
-out, kernel, model, split = sys.argv[1:5]
+out, kernel, model, split, task = sys.argv[1:6]
 def load(n):
     try: return json.load(open(os.path.join(out, n)))
     except Exception: return None
@@ -221,6 +282,7 @@ print("| check | result |\n|---|---|")
 print(f"| kernel parity (gpu_parity) | {kernel} |")
 print(f"| model parity (fixtures, bf16 1e-3, f32 1e-5) | {model} |")
 print(f"| two shards vs one; GPU search vs 2-stage GPU pipeline vs CPU search | {split} |")
+print(f"| multiple-choice on the GPU (f32 vs lm-evaluation-harness 1e-4, bf16 vs CPU 1e-2) | {task} |")
 try:
     for l in open(os.path.join(out, "merge-bandwidth.jsonl")):
         m = json.loads(l)

@@ -574,7 +574,7 @@ fn run_eval(mut args: EvalArgs) -> Result<()> {
         gpus: ckmerge_worker::gpu::resolve_gpus_for(
             &args.gpus,
             (!args.task.is_empty())
-                .then_some("multiple-choice tasks are scored on the CPU only so far"),
+                .then_some("the GPU path of multiple-choice tasks has not been run on a GPU yet (pass --gpus to use it)"),
         )
         .map_err(anyhow::Error::msg)?,
     };

@@ -401,6 +401,21 @@ pub fn nll_sum(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
         .sum()
 }
 
+/// The log-probability (f64) of `target` under `softmax(row)` and whether it is the row's
+/// argmax, the first maximum on ties (lm-evaluation-harness's `is_greedy`, from
+/// `argmax`): one continuation token of a multiple-choice request. The CPU reference of
+/// the `logprob_rows` kernel.
+pub fn target_logprob(row: &[f32], target: u32) -> (f64, bool) {
+    let (mut arg, mut max) = (0, f32::NEG_INFINITY);
+    for (i, &v) in row.iter().enumerate() {
+        if v > max {
+            (arg, max) = (i, v);
+        }
+    }
+    let lse = max as f64 + crate::vmath::exp_sum(row, max).ln();
+    (row[target as usize] as f64 - lse, arg == target as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

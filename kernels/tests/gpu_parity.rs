@@ -400,6 +400,55 @@ fn elementwise_kernels_match_the_cpu() {
         (got - want).abs() <= 1e-6 * want.abs(),
         "nll: GPU {got} vs CPU {want}"
     );
+
+    // Per-row log-probability and is-greedy (multiple-choice continuations), with ties:
+    // row 0's target is its maximum, row 1's target ties an earlier maximum (not greedy),
+    // row 2's an later one (greedy).
+    let mut logits = logits;
+    let mut targets = targets;
+    for (r, (t, tie)) in [(5usize, None), (9, Some(3usize)), (4, Some(11))]
+        .into_iter()
+        .enumerate()
+    {
+        let row = &mut logits[r * vocab..(r + 1) * vocab];
+        targets[r] = t as u32;
+        row[t] = 20.0;
+        if let Some(j) = tie {
+            row[j] = 20.0;
+        }
+    }
+    let (dl, dtg) = (
+        up_f32(&gpu, &logits),
+        gpu.stream.clone_htod(&targets).unwrap(),
+    );
+    let dlp = gpu.stream.alloc_zeros::<f64>(rows).unwrap();
+    let dg = gpu.stream.alloc_zeros::<u8>(rows).unwrap();
+    // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+    unsafe {
+        g::logprob_rows(
+            &gpu,
+            ptr(&gpu, &dl),
+            ptr(&gpu, &dtg),
+            ptr(&gpu, &dlp),
+            ptr(&gpu, &dg),
+            rows,
+            vocab,
+        )
+    }
+    .unwrap();
+    let (lp, greedy) = (
+        gpu.stream.clone_dtoh(&dlp).unwrap(),
+        gpu.stream.clone_dtoh(&dg).unwrap(),
+    );
+    for (r, (&got, &top)) in lp.iter().zip(&greedy).enumerate() {
+        let (want, want_top) = ops::target_logprob(&logits[r * vocab..(r + 1) * vocab], targets[r]);
+        assert!(
+            (got - want).abs() <= 1e-6 * want.abs().max(1e-3),
+            "logprob row {r}: GPU {got} vs CPU {want}"
+        );
+        assert_eq!(top == 1, want_top, "is-greedy row {r}");
+    }
+    assert_eq!(&greedy[..3], &[1, 0, 1], "the first maximum wins a tie");
 }
 
 #[test]

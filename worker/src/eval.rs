@@ -258,12 +258,6 @@ impl Evaluator {
         let win = &opts.window;
         let seq_len = window_length(&config, win)?;
         if let Some(t) = datasets.iter().find(|d| d.kind == SetKind::Task) {
-            if opts.gpus.is_some() {
-                return Err(EvalError::Request(format!(
-                    "task `{}`: multiple-choice tasks are scored on the CPU only so far; hold the model on the CPU (--gpus none, or auto)",
-                    t.name
-                )));
-            }
             if opts.stage.is_some() {
                 return Err(EvalError::Request(format!(
                     "task `{}`: multiple-choice tasks are not scored through a pipeline yet; use workers that hold the whole model",
@@ -298,8 +292,23 @@ impl Evaluator {
             .collect();
         let batch = win.batch_or_default();
         let mut names: Vec<String> = held.iter().map(|t| t.name.clone()).collect();
+        // Multiple-choice requests may be longer than the windows (up to the model's
+        // length): the GPU's rotary tables and activations are sized for the longest.
+        let longest = sets
+            .iter()
+            .filter_map(|d| d.task.as_ref())
+            .flat_map(|t| t.requests.iter().map(|r| r.input.len()))
+            .max()
+            .unwrap_or(0);
         let backend = if let Some(gpus) = &opts.gpus {
-            let m = GpuModel::load(&ckpts, &config, &part, gpus, seq_len, batch * seq_len)?;
+            let m = GpuModel::load(
+                &ckpts,
+                &config,
+                &part,
+                gpus,
+                seq_len.max(longest),
+                (batch * seq_len).max(longest),
+            )?;
             names = m.tensor_names();
             Backend::Gpu(Box::new(m))
         } else {
@@ -589,46 +598,48 @@ impl Evaluator {
     }
 
     /// Each request's (log-likelihood, is-greedy) under the current weights, in request
-    /// order (see [`crate::choice`]). CPU only so far.
+    /// order (see [`crate::choice`]): requests grouped by length ([`length_batches`]),
+    /// each group one right-padded forward pass; on the CPU, small models run a group
+    /// per thread.
     pub fn score_choices(
         &mut self,
         requests: &[crate::choice::Request],
     ) -> Result<Vec<(f64, bool)>, EvalError> {
         assert!(self.weights.is_some(), "set_weights before score_choices");
         let parallel = self.batches_in_parallel();
-        match &mut self.backend {
+        let groups = length_batches(requests, self.batch, self.batch * self.seq_len);
+        let rows = |g: &Vec<usize>| -> Vec<(&[u32], &[u32])> {
+            g.iter()
+                .map(|&i| (&requests[i].input[..], &requests[i].targets[..]))
+                .collect()
+        };
+        let scored: Vec<Vec<(f64, bool)>> = match &mut self.backend {
             Backend::Cpu(cpu) => {
                 let longest = requests.iter().map(|r| r.input.len()).max().unwrap_or(0);
                 cpu.model.ensure_max_seq(longest);
                 let (model, store) = (&cpu.model, &cpu.store);
                 let scale = model.norm_head_scale(store);
-                let groups = length_batches(requests, self.batch, self.batch * self.seq_len);
-                let run = |g: &Vec<usize>| {
-                    let rows: Vec<(&[u32], &[u32])> = g
-                        .iter()
-                        .map(|&i| (&requests[i].input[..], &requests[i].targets[..]))
-                        .collect();
-                    model.continuation_logprobs(store, &rows, scale.as_deref())
-                };
-                let scored: Vec<Vec<(f64, bool)>> = if parallel {
+                let run =
+                    |g: &Vec<usize>| model.continuation_logprobs(store, &rows(g), scale.as_deref());
+                if parallel {
                     use rayon::prelude::*;
                     groups.par_iter().map(run).collect()
                 } else {
                     groups.iter().map(run).collect()
-                };
-                let mut out = vec![(0.0, false); requests.len()];
-                for (g, s) in groups.iter().zip(scored) {
-                    for (&i, v) in g.iter().zip(s) {
-                        out[i] = v;
-                    }
                 }
-                Ok(out)
             }
-            Backend::Gpu(_) => Err(EvalError::Request(
-                "multiple-choice tasks are scored on the CPU only so far; run without --gpus"
-                    .into(),
-            )),
+            Backend::Gpu(m) => groups
+                .iter()
+                .map(|g| m.continuation_logprobs(&rows(g)))
+                .collect::<Result<_, _>>()?,
+        };
+        let mut out = vec![(0.0, false); requests.len()];
+        for (g, s) in groups.iter().zip(scored) {
+            for (&i, v) in g.iter().zip(s) {
+                out[i] = v;
+            }
         }
+        Ok(out)
     }
 
     /// Scores the current weights on task `d` (see [`crate::choice::score`]).

@@ -164,3 +164,68 @@ fn a_gpu_stage_feeds_a_cpu_stage() {
         "GPU+CPU pipeline {got} vs CPU {want}"
     );
 }
+
+/// Each request's (log-likelihood, is-greedy) on the cloze task, on the CPU and on GPU 0,
+/// with windows of 16 tokens so requests are longer than the windows.
+fn choices(ckpts: &[PathBuf], gpus: Option<Vec<usize>>) -> Vec<(f64, bool)> {
+    let task = vec![DatasetSpec::task(
+        "cloze",
+        fixtures().join("tasks/cloze.jsonl"),
+    )];
+    let o = EvalOptions {
+        window: WindowSpec {
+            seq_len: Some(16),
+            ..Default::default()
+        },
+        gpus,
+        ..Default::default()
+    };
+    let mut ev = Evaluator::load(ckpts, &task, &o).unwrap();
+    ev.set_weights(&vec![1.0 / ckpts.len() as f32; ckpts.len()])
+        .unwrap();
+    let requests = std::mem::take(&mut ev.datasets[0].task.as_mut().unwrap().requests);
+    assert!(requests.iter().any(|r| r.input.len() > 16));
+    ev.score_choices(&requests).unwrap()
+}
+
+/// Multiple-choice log-likelihoods on the GPU: in f32 within the goldens' 1e-4 relative
+/// of the CPU's (which match lm-evaluation-harness) and the same is-greedy; in bf16 within
+/// 1e-2 relative (GEMM inputs rounded to bf16).
+#[test]
+fn gpu_multiple_choice_log_likelihoods_match_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f32_ckpts: Vec<PathBuf> = ["step-1250", "step-1500"]
+        .iter()
+        .map(|s| {
+            let out = tmp.path().join(s);
+            to_f32(&fixtures().join("llama").join(s), &out);
+            out
+        })
+        .collect();
+    if !have_gpu(&f32_ckpts) {
+        return;
+    }
+    let bf16 = vec![
+        fixtures().join("neox/step-1250"),
+        fixtures().join("neox/step-1500"),
+    ];
+    for (ckpts, rel, exact) in [(&f32_ckpts, 1e-4, true), (&bf16, 1e-2, false)] {
+        let (cpu, gpu) = (choices(ckpts, None), choices(ckpts, Some(vec![0])));
+        let mut worst = 0.0f64;
+        for (i, ((a, ga), (b, gb))) in cpu.iter().zip(&gpu).enumerate() {
+            let err = (a - b).abs() / a.abs().max(1e-12);
+            worst = worst.max(err);
+            assert!(
+                err <= rel,
+                "request {i}: CPU {a} vs GPU {b} ({err:.2e} > {rel:.0e})"
+            );
+            if exact {
+                assert_eq!(ga, gb, "request {i}: is-greedy");
+            }
+        }
+        eprintln!(
+            "{} requests, worst relative difference {worst:.2e}",
+            cpu.len()
+        );
+    }
+}

@@ -355,7 +355,7 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
         None
     } else {
         let tasks = (!cfg.data.tasks.is_empty())
-            .then_some("the config has multiple-choice tasks, scored on the CPU only so far");
+            .then_some("the config has multiple-choice tasks, whose GPU path has not been run on a GPU yet (pass --gpus to use it)");
         ckmerge_worker::gpu::resolve_gpus_for(&args.local_gpus, tasks)
             .map_err(|e| anyhow::anyhow!(e))?
     };

@@ -110,7 +110,11 @@ impl Module {
         match self {
             Module::Merge => DTYPE_NAMES.iter().map(|d| format!("merge_{d}")).collect(),
             Module::Ops => {
-                let mut k = vec!["nll_rows".to_string(), "add_f32".to_string()];
+                let mut k = vec![
+                    "nll_rows".to_string(),
+                    "logprob_rows".to_string(),
+                    "add_f32".to_string(),
+                ];
                 for d in DTYPE_NAMES {
                     for f in [
                         "embed",

@@ -191,6 +191,32 @@ nll_rows(const float* logits, const u32* targets, double* nll, int vocab) {
     if (threadIdx.x == 0) nll[r] = (double)m + log((double)s) - (double)row[targets[r]];
 }
 
+// Per-row log-probability (f64) of the target under softmax of f32 logit rows, and
+// whether the target is the row's first maximum (ops::target_logprob: a multiple-choice
+// continuation token and lm-evaluation-harness's is_greedy). Grid: rows.
+extern "C" __global__ void __launch_bounds__(BLOCK)
+logprob_rows(const float* logits, const u32* targets, double* logprob, unsigned char* greedy,
+             int vocab) {
+    __shared__ float sh[BLOCK / 32];
+    const u64 r = blockIdx.x;
+    const float* row = logits + r * vocab;
+    const int t = (int)targets[r];
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, row[j]);
+    m = block_max(m, sh);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += expf(row[j] - m);
+    s = block_sum(s, sh);
+    // A maximum before the target (m is the row's maximum: >= means ==).
+    int earlier = 0;
+    for (int j = threadIdx.x; j < t; j += blockDim.x) earlier |= row[j] >= m;
+    earlier = __syncthreads_or(earlier);
+    if (threadIdx.x == 0) {
+        logprob[r] = (double)row[t] - ((double)m + log((double)s));
+        greedy[r] = (!earlier && row[t] == m) ? 1 : 0;
+    }
+}
+
 // dst[i, :] = src[idx[i], :] (the scored rows, before the output head). Grid: idx rows.
 template <typename O>
 __device__ void gather_rows(const typename Storage<O>::T* src, const u32* idx,

@@ -313,6 +313,26 @@ pub unsafe fn nll_rows(
         logits = logits, targets = targets, out = out, vocab = rows_i32(vocab, "vocab")?)
 }
 
+/// Per-row log-probability (f64) of `targets` under softmax of f32 logit rows, and a
+/// byte per row, 1 where the target is the row's first maximum (ops::target_logprob).
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
+pub unsafe fn logprob_rows(
+    gpu: &Gpu,
+    logits: Ptr,
+    targets: Ptr,
+    logprob: Ptr,
+    greedy: Ptr,
+    rows: usize,
+    vocab: usize,
+) -> Result<(), GpuError> {
+    launch!(gpu, "logprob_rows".to_string(), rows_cfg(rows);
+        logits = logits, targets = targets, logprob = logprob, greedy = greedy,
+        vocab = rows_i32(vocab, "vocab")?)
+}
+
 fn cuda_type(d: DType) -> blas_sys::cudaDataType {
     match d {
         DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,

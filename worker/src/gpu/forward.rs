@@ -110,26 +110,102 @@ impl ShardOps<'_> {
         x: &CudaSlice<f32>,
         batch: &Batch,
     ) -> Result<f64, GpuError> {
-        let s = self.shard;
-        s.gpu.ctx.bind_to_thread()?;
-        let (c, cd, gpu) = (self.c, self.cd, &s.gpu);
-        let h = c.hidden;
-        let rows = batch.tokens.len();
-        let mut normed = s.c_buf(cd, rows * h)?;
-        self.norm(x, &head.norm, &mut normed, rows)?;
         let (mut idx, mut targets) = (Vec::new(), Vec::new());
-        for b in 0..rows / batch.seq {
+        for b in 0..batch.tokens.len() / batch.seq {
             for t in batch.seq - 1 - batch.scored..batch.seq - 1 {
                 let r = b * batch.seq + t;
                 idx.push(r as u32);
                 targets.push(batch.tokens[r + 1]);
             }
         }
+        let gpu = &self.shard.gpu;
+        let dtg = gpu.stream.clone_htod(&targets)?;
+        let nll = gpu.stream.alloc_zeros::<f64>(idx.len().max(1))?;
+        self.head_rows(head, x, batch.tokens.len(), &idx, |r0, m, logits| {
+            // SAFETY: `logits` holds `m` rows of `vocab` f32 (see `head_rows`); `dtg` and
+            // `nll` hold one target and one f64 per picked row, `r0 + m <= idx.len()`.
+            span(gpu, "head: log-softmax NLL", || unsafe {
+                g::nll_rows(
+                    gpu,
+                    logits,
+                    ptr(gpu, &dtg) + (r0 * 4) as u64,
+                    ptr(gpu, &nll) + (r0 * 8) as u64,
+                    m,
+                    self.c.vocab,
+                )
+            })
+        })?;
+        let per_row = gpu.stream.clone_dtoh(&nll)?;
+        Ok(per_row[..idx.len()].iter().sum())
+    }
+
+    /// The log-probability of `targets[i]` at row `idx[i]` of `x` (`rows` rows), and
+    /// whether it is that row's first maximum: multiple-choice continuations, as
+    /// `ops::target_logprob` on the CPU.
+    pub fn head_logprobs(
+        &self,
+        head: &Head<usize>,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        idx: &[u32],
+        targets: &[u32],
+    ) -> Result<Vec<(f64, bool)>, GpuError> {
+        assert_eq!(idx.len(), targets.len());
+        let gpu = &self.shard.gpu;
+        let n = idx.len().max(1);
+        let dtg = gpu.stream.clone_htod(targets)?;
+        let lp = gpu.stream.alloc_zeros::<f64>(n)?;
+        let top = gpu.stream.alloc_zeros::<u8>(n)?;
+        self.head_rows(head, x, rows, idx, |r0, m, logits| {
+            // SAFETY: `logits` holds `m` rows of `vocab` f32 (see `head_rows`); `dtg`, `lp`
+            // and `top` hold one u32, f64 and byte per picked row, `r0 + m <= idx.len()`.
+            span(gpu, "head: log-probabilities", || unsafe {
+                g::logprob_rows(
+                    gpu,
+                    logits,
+                    ptr(gpu, &dtg) + (r0 * 4) as u64,
+                    ptr(gpu, &lp) + (r0 * 8) as u64,
+                    ptr(gpu, &top) + r0 as u64,
+                    m,
+                    self.c.vocab,
+                )
+            })
+        })?;
+        let (lp, top) = (gpu.stream.clone_dtoh(&lp)?, gpu.stream.clone_dtoh(&top)?);
+        Ok(lp
+            .into_iter()
+            .zip(top)
+            .take(idx.len())
+            .map(|(l, t)| (l, t == 1))
+            .collect())
+    }
+
+    /// Final norm and output head of rows `idx` of `x` (`rows x hidden` f32), at most
+    /// `HEAD_ROWS` rows per logits GEMM; `each(r0, m, logits)` runs after the GEMM of
+    /// picked rows `r0..r0 + m`, with `logits` a device pointer to their `m x vocab` f32.
+    fn head_rows(
+        &self,
+        head: &Head<usize>,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        idx: &[u32],
+        mut each: impl FnMut(usize, usize, Ptr) -> Result<(), GpuError>,
+    ) -> Result<(), GpuError> {
+        let s = self.shard;
+        s.gpu.ctx.bind_to_thread()?;
+        let (c, cd, gpu) = (self.c, self.cd, &s.gpu);
+        let h = c.hidden;
+        assert!(
+            idx.iter().all(|&i| (i as usize) < rows),
+            "row index out of range"
+        );
+        let mut normed = s.c_buf(cd, rows * h)?;
+        self.norm(x, &head.norm, &mut normed, rows)?;
         let stream = &gpu.stream;
-        let (didx, dtg) = (stream.clone_htod(&idx)?, stream.clone_htod(&targets)?);
-        let picked = s.c_buf(cd, idx.len() * h)?;
-        // SAFETY: `normed` holds `rows x h` values in `cd`, every index is below `rows`,
-        // `picked` was just allocated for `idx.len() x h` values in `cd`.
+        let didx = stream.clone_htod(idx)?;
+        let picked = s.c_buf(cd, idx.len().max(1) * h)?;
+        // SAFETY: `normed` holds `rows x h` values in `cd`, every index is below `rows`
+        // (asserted above), `picked` was just allocated for `idx.len() x h` values in `cd`.
         unsafe {
             g::gather_rows(
                 gpu,
@@ -143,14 +219,13 @@ impl ShardOps<'_> {
         }?;
         let chunk = HEAD_ROWS.min(idx.len().max(1));
         let logits = s.f32_buf(chunk * c.vocab)?;
-        let nll = stream.alloc_zeros::<f64>(idx.len().max(1))?;
         let mut r0 = 0;
         while r0 < idx.len() {
             let m = chunk.min(idx.len() - r0);
             let a = ptr(gpu, &picked) + (r0 * h * cd.size()) as u64;
             // SAFETY: rows `r0..r0 + m` of `picked` (`h` values in `cd` each), the
             // `[vocab, h]` head checked at load, `logits` sized for `chunk >= m` rows of
-            // `vocab` f32; `dtg` and `nll` hold one target and one f64 per picked row.
+            // `vocab` f32.
             span(gpu, "head: logits GEMM", || unsafe {
                 Gemm::linear(m, c.vocab, h, cd).run(
                     &s.blas,
@@ -163,20 +238,10 @@ impl ShardOps<'_> {
                     0,
                 )
             })?;
-            span(gpu, "head: log-softmax NLL", || unsafe {
-                g::nll_rows(
-                    gpu,
-                    ptr(gpu, &logits),
-                    ptr(gpu, &dtg) + (r0 * 4) as u64,
-                    ptr(gpu, &nll) + (r0 * 8) as u64,
-                    m,
-                    c.vocab,
-                )
-            })?;
+            each(r0, m, ptr(gpu, &logits))?;
             r0 += m;
         }
-        let per_row = stream.clone_dtoh(&nll)?;
-        Ok(per_row[..idx.len()].iter().sum())
+        Ok(())
     }
 }
 

@@ -54,6 +54,8 @@ pub struct GpuModel {
     shards: Vec<Shard>,
     pub description: String,
     pub parameters: u64,
+    /// The longest sequence the rotary tables cover.
+    max_seq: usize,
 }
 
 fn pos_tables(config: &ModelConfig, max_seq: usize) -> (Vec<f32>, Vec<f32>) {
@@ -224,6 +226,7 @@ impl GpuModel {
             shards,
             description,
             parameters,
+            max_seq,
         })
     }
 
@@ -271,15 +274,85 @@ impl GpuModel {
         batch: &Batch,
         hidden: Option<Vec<f32>>,
     ) -> Result<StageOutput, GpuError> {
-        let rows = batch.tokens.len();
-        let ops = |shard| ShardOps {
+        let x = self.layers(&batch.tokens, hidden, batch.seq)?;
+        let last = self.shards.last().expect("at least one GPU");
+        if let (true, Some(head)) = (self.part.last, &last.head) {
+            let nll = self.ops(last).head_nll(head, &x, batch)?;
+            Ok(StageOutput::Nll(nll))
+        } else {
+            Ok(StageOutput::Hidden(last.gpu.stream.clone_dtoh(&x)?))
+        }
+    }
+
+    /// The (log-likelihood, is-greedy) of each multiple-choice request (`input`,
+    /// `targets`) under the merged weights, in one forward pass with every input
+    /// right-padded to the longest: the GPU twin of `Model::continuation_logprobs`, exact
+    /// for the same reasons (causal attention, positions keep their index). Whole model
+    /// only; the longest input must be within the `max_seq` given at load.
+    pub fn continuation_logprobs(
+        &self,
+        rows: &[(&[u32], &[u32])],
+    ) -> Result<Vec<(f64, bool)>, GpuError> {
+        if !(self.part.first && self.part.last) {
+            return Err(GpuError::Request(
+                "multiple-choice requests need the whole model, not a pipeline stage".into(),
+            ));
+        }
+        let len = rows.iter().map(|(i, _)| i.len()).max().unwrap_or(0);
+        if len > self.max_seq {
+            return Err(GpuError::Request(format!(
+                "a multiple-choice request of {len} tokens is longer than the {} the GPU model was loaded for",
+                self.max_seq
+            )));
+        }
+        let mut tokens = Vec::with_capacity(rows.len() * len);
+        let (mut idx, mut targets) = (Vec::new(), Vec::new());
+        for (r, (input, tg)) in rows.iter().enumerate() {
+            let (n, m) = (input.len(), tg.len());
+            assert!(m >= 1 && m <= n, "bad continuation request");
+            tokens.extend_from_slice(input);
+            // Any valid id: its position is after every one that is read.
+            tokens.resize(tokens.len() + len - n, input[n - 1]);
+            idx.extend((r * len + n - m..r * len + n).map(|i| i as u32));
+            targets.extend_from_slice(tg);
+        }
+        let x = self.layers(&tokens, None, len)?;
+        let last = self.shards.last().expect("at least one GPU");
+        let head = last.head.as_ref().expect("the last part holds the head");
+        let per_token = self
+            .ops(last)
+            .head_logprobs(head, &x, tokens.len(), &idx, &targets)?;
+        let mut at = per_token.into_iter();
+        Ok(rows
+            .iter()
+            .map(|(_, tg)| {
+                at.by_ref()
+                    .take(tg.len())
+                    .fold((0.0f64, true), |(ll, g), (lp, top)| (ll + lp, g && top))
+            })
+            .collect())
+    }
+
+    fn ops<'a>(&'a self, shard: &'a Shard) -> ShardOps<'a> {
+        ShardOps {
             shard,
             c: &self.config,
             cd: self.compute,
-        };
+        }
+    }
+
+    /// The hidden states after this worker's layers, on its last GPU: from `tokens`
+    /// (`seq` per sequence) through the embedding, or from the previous stage's `hidden`.
+    fn layers(
+        &self,
+        tokens: &[u32],
+        hidden: Option<Vec<f32>>,
+        seq: usize,
+    ) -> Result<CudaSlice<f32>, GpuError> {
+        let rows = tokens.len();
         let first = &self.shards[0];
         let mut x: CudaSlice<f32> = match (hidden, first.embed) {
-            (None, Some(e)) => ops(first).embed(e, &batch.tokens)?,
+            (None, Some(e)) => self.ops(first).embed(e, tokens)?,
             (Some(x), _) => first.gpu.stream.clone_htod(&x)?,
             (None, None) => {
                 return Err(GpuError::Request(
@@ -296,15 +369,9 @@ impl GpuModel {
             // cuBLAS calls use the calling thread's current context (kernel launches and
             // allocations bind it themselves); evaluations run on pool threads.
             shard.gpu.ctx.bind_to_thread()?;
-            shard.layers.forward(&ops(shard), &mut x, rows, batch.seq)?;
+            shard.layers.forward(&self.ops(shard), &mut x, rows, seq)?;
         }
-        let last = self.shards.last().expect("at least one GPU");
-        if let (true, Some(head)) = (self.part.last, &last.head) {
-            let nll = ops(last).head_nll(head, &x, batch)?;
-            Ok(StageOutput::Nll(nll))
-        } else {
-            Ok(StageOutput::Hidden(last.gpu.stream.clone_dtoh(&x)?))
-        }
+        Ok(x)
     }
 }
 

@@ -471,15 +471,9 @@ impl Model {
         for (_, targets) in rows {
             let (mut ll, mut greedy) = (0.0f64, true);
             for (row, &t) in at.by_ref().take(targets.len()).zip(targets.iter()) {
-                let (mut arg, mut max) = (0, f32::NEG_INFINITY);
-                for (i, &v) in row.iter().enumerate() {
-                    if v > max {
-                        (arg, max) = (i, v);
-                    }
-                }
-                let lse = max as f64 + ckmerge_kernels::vmath::exp_sum(row, max).ln();
-                ll += row[t as usize] as f64 - lse;
-                greedy &= arg == t as usize;
+                let (lp, top) = ops::target_logprob(row, t);
+                ll += lp;
+                greedy &= top;
             }
             out.push((ll, greedy));
         }
