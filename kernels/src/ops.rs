@@ -602,4 +602,16 @@ mod tests {
         assert!((g[0] as f64 - 2.0 / (1.0 + (-1f64).exp())).abs() < 1e-6);
         assert!((g[1] as f64 + 3.0 / (1.0 + 1f64.exp())).abs() < 1e-6);
     }
+
+    #[test]
+    fn a_target_log_probability_is_exact_and_the_first_maximum_is_greedy() {
+        let row = [1.0f32, 3.0, 0.5, 3.0];
+        let lse = row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+        for t in 0..4u32 {
+            let (lp, greedy) = target_logprob(&row, t);
+            assert!((lp - (row[t as usize] as f64 - lse)).abs() < 1e-6);
+            // Two maxima: the harness's argmax takes the first.
+            assert_eq!(greedy, t == 1, "target {t}");
+        }
+    }
 }
