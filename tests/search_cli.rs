@@ -1763,3 +1763,94 @@ fn early_stopping_scores_fewer_tokens_keeps_the_best_and_resumes_exactly() {
     };
     assert_eq!(key(&journal(&split)), key(&j));
 }
+
+/// Early stopping on a weighted mixture of a task and a text (the 12-checkpoint simplex):
+/// a stopped trial's value is the mixture of its sets' estimates, which the journal keeps;
+/// the fixture task (48 items, fewer than a task's looks need) is scored whole and only
+/// the text is sampled; a resumed run makes the same trials with the same values.
+#[test]
+fn early_stopping_races_a_mixture_of_a_task_and_text_and_resumes_exactly() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let config = |name: &str, max_evals: usize| {
+        let ckpts: Vec<String> = (1..=12)
+            .map(|i| format!("{:?}", f.join(format!("long/step-{}", i * 200))))
+            .collect();
+        let p = tmp.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                r#"checkpoints = [{}]
+[space]
+kind = "simplex"
+[data]
+objective = {{ heldout = 3, cloze = 1 }}
+extra = {{ heldout = [{:?}] }}
+tasks = {{ cloze = {:?} }}
+seq_len = 128
+[search]
+max_evals = {max_evals}
+early_stop = true
+[output]
+plots = false
+merge = false
+"#,
+                ckpts.join(", "),
+                f.join("data/heldout.txt"),
+                f.join("tasks/cloze.jsonl"),
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let raced = tmp.path().join("raced");
+    let rep = search_to_end(&config("raced.toml", 10), &raced);
+    let j = journal(&raced);
+    let done = events(&j, "done");
+    let mut stopped = 0;
+    for d in &done {
+        let s = d["scores"].as_array().unwrap();
+        assert_eq!(s[0]["name"], "cloze", "{d}");
+        assert_eq!(s[0]["task"]["items"], 48, "the task is scored whole: {d}");
+        let want =
+            0.25 * s[0]["mean_nll"].as_f64().unwrap() + 0.75 * s[1]["mean_nll"].as_f64().unwrap();
+        let v = d["mean_nll"].as_f64().unwrap();
+        assert!((v - want).abs() < 1e-12, "{d}");
+        if d["partial"].is_object() {
+            stopped += 1;
+            assert!(d["partial"]["lower_bound"].as_f64().unwrap() > 0.0, "{d}");
+            assert!(d["units"].is_null(), "{d}");
+        } else {
+            // 48 items, then the text's windows.
+            assert!(d["units"].as_array().unwrap().len() > 48 + 100, "{d}");
+        }
+    }
+    assert!(stopped >= 2, "{stopped} of {} stopped", done.len());
+    assert_eq!(rep["stopped_early"].as_u64().unwrap(), stopped);
+    assert!(rep["best"]["partial"].is_null());
+
+    // Stopped after 6 trials and resumed to 10: the same trials, the same values.
+    let split = tmp.path().join("split");
+    search_to_end(&config("split.toml", 6), &split);
+    let o = run(search(&[
+        "--resume".as_ref(),
+        split.as_os_str(),
+        "--max-evals".as_ref(),
+        "10".as_ref(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let key = |j: &[Value]| -> Vec<(Value, Value, Value)> {
+        events(j, "done")
+            .iter()
+            .map(|d| {
+                (
+                    d["weights"].clone(),
+                    d["mean_nll"].clone(),
+                    d["partial"].clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(key(&journal(&split)), key(&j));
+}

@@ -44,7 +44,7 @@ use crate::weights::MergeWeights;
 use crate::window::WindowSpec;
 
 /// Bumped whenever a message or the handshake changes incompatibly.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 const MAGIC: &[u8; 8] = b"CKMERGE\0";
 const OK: u8 = 0;
@@ -126,8 +126,9 @@ pub struct LoadSpec {
     pub datasets: Vec<DatasetSpec>,
     /// How many of the leading `datasets` a trial scores (at least 1).
     pub objective_sets: usize,
-    /// With early stopping: the seed of the fixed random order in which the objective's
-    /// windows are scored (see [`crate::race`]); None: file order.
+    /// With early stopping: the seed of the fixed random orders in which the objective's
+    /// units (a text's windows, a task's items) are scored, set `d` with
+    /// [`crate::race::set_seed`]; None: file order.
     pub window_seed: Option<u64>,
     /// How the data is cut into windows (the same bytes on the wire as its five fields).
     pub window: WindowSpec,
@@ -182,8 +183,8 @@ pub struct EvalRequest {
     pub weights: MergeWeights,
     /// Score every data set, not only the objective's.
     pub all_datasets: bool,
-    /// With early stopping: race the objective against the incumbent (see
-    /// [`crate::race`]); the reply then carries every scored batch's NLL sum.
+    /// With early stopping: race the objective's sets against the incumbent (see
+    /// [`crate::race`]); the reply then carries every scored unit's value.
     pub race: Option<crate::race::Race>,
 }
 
@@ -226,10 +227,12 @@ pub struct EvalReply {
     pub tokens_per_s: f64,
     /// Seconds the request waited behind other evaluations on this worker.
     pub queued_seconds: f64,
-    /// A raced request: the objective's NLL sum of each batch scored, in scoring order.
+    /// A raced request: the value of each unit scored (a text's window NLL sums, a
+    /// task's item choice NLLs), the objective's sets one after the other, each in
+    /// scoring order.
     pub units: Vec<f64>,
-    /// A raced request stopped early: how far it got (the objective's score is then the
-    /// estimate of the whole set's).
+    /// A raced request stopped early: how far it got (the objective's scores are then the
+    /// estimates of the whole sets').
     pub partial: Option<crate::race::Partial>,
 }
 

@@ -43,14 +43,39 @@ pub const SPEND: [f64; 4] = [0.1, 0.2, 0.3, 0.4];
 /// No look before this many batches: the normal approximation needs a few.
 pub const MIN_UNITS: usize = 8;
 
+/// No look before this many items of a multiple-choice task. An item's choice NLL is a
+/// heavier-tailed unit than a window's NLL sum (a window averages dozens of tokens): on
+/// the 48-item fixture task, looks at 12 and 24 items stopped up to 1.6 % of equal
+/// candidates at alpha = 1 %; on the 400-item task, looks from 25 items stopped 0.3 % to
+/// 0.7 % (`worker/tests/race.rs`). A task too small to reach this by half its items is
+/// scored whole.
+pub const MIN_ITEMS: usize = 25;
+
 /// What a trial races against: sent with its request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Race {
-    /// The incumbent's NLL sum of every batch of the objective, in scoring order.
+    /// The incumbent's value of every unit of the objective, set after set, each set's
+    /// units in scoring order; empty: score everything (the reply's units make the next
+    /// incumbent).
     pub incumbent: Vec<f64>,
     /// The normal quantile of each look's bound, `1 - alpha * SPEND[k]` (see the module
     /// docs).
     pub z: [f64; 4],
+    /// The objective's normalised weight of each of its sets (one set: `[1.0]`).
+    pub weights: Vec<f64>,
+}
+
+/// One set of the objective at a look: the first `cand.len()` units' values of the
+/// candidate and of the incumbent, of `units` holding `tokens` in all (scored tokens of a
+/// text, items of a task: the set's mean is the units' total over `tokens`), and the
+/// set's weight in the objective.
+#[derive(Clone, Copy, Debug)]
+pub struct Stratum<'a> {
+    pub cand: &'a [f64],
+    pub inc: &'a [f64],
+    pub units: usize,
+    pub tokens: usize,
+    pub weight: f64,
 }
 
 /// How far a stopped trial got, and what it showed.
@@ -67,44 +92,118 @@ pub struct Partial {
 }
 
 /// The batch counts at which to look, for `units` batches in all, each with its index in
-/// [`LOOKS`].
+/// [`LOOKS`] (one text set: [`look_plan`]).
 pub fn look_points(units: usize) -> Vec<(usize, usize)> {
-    let mut v: Vec<(usize, usize)> = LOOKS
-        .iter()
-        .enumerate()
-        .map(|(k, f)| ((f * units as f64).ceil() as usize, k))
-        .filter(|&(n, _)| n >= MIN_UNITS && n < units)
-        .collect();
-    v.dedup_by_key(|p| p.0);
+    look_plan(&[(units, MIN_UNITS)])
+        .into_iter()
+        .map(|(n, k)| (n[0], k))
+        .collect()
+}
+
+/// A set too small to reach its minimum by the last look: scored whole before the first
+/// look (exactly known there, it adds no variance).
+fn tiny((units, min): (usize, usize)) -> bool {
+    units.div_ceil(2) < min
+}
+
+/// The looks for an objective of sets of `(units, minimum)` each (the minimum units
+/// scored before a set's first look: [`MIN_UNITS`] for a text, [`MIN_ITEMS`] for a task):
+/// at each look, how many units of every set are scored, and the look's index in
+/// [`LOOKS`]. Each set is sampled at the look's fraction (stratified sampling); a look is
+/// taken once every set that is not [`tiny`] has its minimum. For one set: after 1/16,
+/// 1/8, 1/4, 1/2 of its units, from the first with its minimum; none where it is tiny.
+pub fn look_plan(sets: &[(usize, usize)]) -> Vec<(Vec<usize>, usize)> {
+    if sets.iter().all(|&s| tiny(s)) {
+        return Vec::new();
+    }
+    let mut v: Vec<(Vec<usize>, usize)> = Vec::new();
+    for (k, f) in LOOKS.iter().enumerate() {
+        let n: Vec<usize> = sets
+            .iter()
+            .map(|&(u, min)| match tiny((u, min)) {
+                true => u,
+                false => (f * u as f64).ceil() as usize,
+            })
+            .collect();
+        let ready = sets
+            .iter()
+            .zip(&n)
+            .all(|(&(u, min), &n)| tiny((u, min)) || n >= min);
+        if ready && v.last().is_none_or(|(p, _)| *p != n) {
+            v.push((n, k));
+        }
+    }
     v
 }
 
-/// The test at a look: `cand` and `inc` are the first `n` batches' NLL sums of the
-/// candidate and the incumbent, of `units` batches holding `tokens` scored tokens in all.
-/// Some(partial) when the candidate is worse with confidence (the lower bound is > 0).
+/// The test at a look on one set: `cand` and `inc` are the first `n` batches' NLL sums
+/// of the candidate and the incumbent, of `units` batches holding `tokens` scored tokens
+/// in all. Some(partial) when the candidate is worse with confidence (the lower bound is
+/// > 0).
 pub fn look(cand: &[f64], inc: &[f64], units: usize, tokens: usize, z: f64) -> Option<Partial> {
-    let n = cand.len();
-    if n < 2 || n > units || inc.len() < n {
-        return None;
+    let s = Stratum {
+        cand,
+        inc,
+        units,
+        tokens,
+        weight: 1.0,
+    };
+    look_strata(&[s], z).map(|(p, _)| p)
+}
+
+/// The test at a look on an objective of several sets, `Σ weight mean`: the difference
+/// is the weighted sum of each set's expansion estimate, its variance the weighted sum of
+/// theirs (the sets are sampled independently); a set scored whole contributes its exact
+/// difference and no variance. Student's t takes the fewest degrees of freedom of the
+/// sets still sampled (conservative). Some((partial, each set's estimated difference of
+/// its mean)) when the candidate is worse with confidence.
+pub fn look_strata(sets: &[Stratum], z: f64) -> Option<(Partial, Vec<f64>)> {
+    let (mut difference, mut var, mut dof) = (0.0, 0.0, usize::MAX);
+    let mut each = Vec::with_capacity(sets.len());
+    for s in sets {
+        let n = s.cand.len();
+        if n == 0 || n > s.units || s.inc.len() < n || s.tokens == 0 {
+            return None;
+        }
+        let d: Vec<f64> = s.cand.iter().zip(s.inc).map(|(c, i)| c - i).collect();
+        let mean = d.iter().sum::<f64>() / n as f64;
+        let scale = s.units as f64 / s.tokens as f64;
+        each.push(scale * mean);
+        difference += s.weight * scale * mean;
+        if n < s.units {
+            if n < 2 {
+                return None;
+            }
+            let v = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+            var += (s.weight * scale).powi(2) * v * (1.0 - n as f64 / s.units as f64) / n as f64;
+            dof = dof.min(n - 1);
+        }
     }
-    let d: Vec<f64> = cand.iter().zip(inc).map(|(c, i)| c - i).collect();
-    let mean = d.iter().sum::<f64>() / n as f64;
-    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-    let scale = units as f64 / tokens as f64;
-    let difference = scale * mean;
-    let std_error = scale * (var * (1.0 - n as f64 / units as f64) / n as f64).sqrt();
-    // Student's t quantile for n - 1 degrees of freedom, from the normal one (the first
+    if dof == usize::MAX {
+        return None; // everything scored: nothing left to stop
+    }
+    let std_error = var.sqrt();
+    // Student's t quantile for `dof` degrees of freedom, from the normal one (the first
     // Cornish-Fisher term: t = z + (z^3 + z) / 4v; 3.07 for 3.09 at z = 2.81, v = 24).
-    let v = (n - 1) as f64;
+    let v = dof as f64;
     let t = z + (z.powi(3) + z) / (4.0 * v);
     let lower_bound = difference - t * std_error;
-    (lower_bound > 0.0 && lower_bound.is_finite()).then_some(Partial {
-        scored_units: n,
-        units,
-        difference,
-        std_error,
-        lower_bound,
-    })
+    (lower_bound > 0.0 && lower_bound.is_finite()).then_some((
+        Partial {
+            scored_units: sets.iter().map(|s| s.cand.len()).sum(),
+            units: sets.iter().map(|s| s.units).sum(),
+            difference,
+            std_error,
+            lower_bound,
+        },
+        each,
+    ))
+}
+
+/// The seed of objective set `d`'s order in a run seeded `seed`: `seed` itself for the
+/// first set (so a run of one set keeps its order), a different stream for each other.
+pub fn set_seed(seed: u64, d: usize) -> u64 {
+    seed ^ (d as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// A permutation of `0..n` from `seed`: Fisher-Yates driven by splitmix64, written out
@@ -165,5 +264,75 @@ mod tests {
         assert!(look(&inc[..16], &inc[..16], 100, 10_000, 2.8).is_none());
         let better: Vec<f64> = worse.iter().zip(&inc).map(|(w, i)| 2.0 * i - w).collect();
         assert!(look(&better[..50], &inc[..50], 100, 10_000, 2.8).is_none());
+    }
+
+    #[test]
+    fn a_mixture_looks_when_every_sampled_set_has_min_units() {
+        // A tiny set (10 units) is scored whole from the first look.
+        let text = |u| (u, MIN_UNITS);
+        assert_eq!(
+            look_plan(&[text(400), text(10)]),
+            vec![
+                (vec![25, 10], 0),
+                (vec![50, 10], 1),
+                (vec![100, 10], 2),
+                (vec![200, 10], 3)
+            ]
+        );
+        // 64 units reach MIN_UNITS at 1/8: no look before.
+        assert_eq!(look_plan(&[text(400), text(64)])[0], (vec![50, 8], 1));
+        assert!(look_plan(&[text(10), text(12)]).is_empty());
+        // A task's items: no look before MIN_ITEMS; 48 items are scored whole.
+        assert_eq!(look_plan(&[(400, MIN_ITEMS)])[0], (vec![25], 0));
+        assert_eq!(
+            look_plan(&[(100, MIN_ITEMS)]),
+            vec![(vec![25], 2), (vec![50], 3)]
+        );
+        assert_eq!(
+            look_plan(&[text(400), (48, MIN_ITEMS)])[0],
+            (vec![25, 48], 0)
+        );
+    }
+
+    #[test]
+    fn a_mixture_estimate_weights_each_set_and_a_whole_set_adds_no_variance() {
+        let inc: Vec<f64> = (0..100).map(|i| 300.0 + (i % 7) as f64 * 20.0).collect();
+        let worse: Vec<f64> = inc
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x + 5.0 + ((i * 37) % 11) as f64 * 0.2 - 1.0)
+            .collect();
+        // A task of 10 items scored whole, each item 0.3 nats worse.
+        let task_inc = [1.0f64; 10];
+        let task_cand = [1.3f64; 10];
+        let text = Stratum {
+            cand: &worse[..16],
+            inc: &inc[..16],
+            units: 100,
+            tokens: 10_000,
+            weight: 0.75,
+        };
+        let task = Stratum {
+            cand: &task_cand,
+            inc: &task_inc,
+            units: 10,
+            tokens: 10,
+            weight: 0.25,
+        };
+        let one = look(&worse[..16], &inc[..16], 100, 10_000, 2.8).unwrap();
+        let (p, each) = look_strata(&[text, task], 2.8).expect("stopped");
+        assert!((each[1] - 0.3).abs() < 1e-12 && (each[0] - one.difference).abs() < 1e-12);
+        assert!((p.difference - (0.75 * one.difference + 0.25 * 0.3)).abs() < 1e-12);
+        assert!((p.std_error - 0.75 * one.std_error).abs() < 1e-12);
+        assert_eq!((p.scored_units, p.units), (26, 110));
+        // All scored: nothing to decide.
+        let whole = Stratum {
+            cand: &worse,
+            inc: &inc,
+            units: 100,
+            tokens: 10_000,
+            weight: 1.0,
+        };
+        assert!(look_strata(&[whole], 2.8).is_none());
     }
 }

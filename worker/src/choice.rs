@@ -222,6 +222,14 @@ fn argmax(v: impl Iterator<Item = f64>) -> usize {
     best.map_or(0, |b| b.0)
 }
 
+/// The cross-entropy of the gold choice among the choices, `-log softmax(lls)[gold]`:
+/// one item's share of a task's `choice_nll`.
+pub fn choice_nll(lls: &[f64], gold: usize) -> f64 {
+    let max = lls.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = max + lls.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+    lse - lls[gold]
+}
+
 /// Scores from the requests' (log-likelihood, is-greedy) results, in request order.
 pub fn score(task: &Task, results: &[(f64, bool)]) -> TaskScore {
     assert_eq!(results.len(), task.requests.len());
@@ -253,9 +261,7 @@ pub fn score(task: &Task, results: &[(f64, bool)]) -> TaskScore {
         acc += s.acc;
         acc_norm += s.acc_norm;
         gold_ll += s.lls[it.gold];
-        let max = s.lls.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let lse = max + s.lls.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
-        choice_nll += lse - s.lls[it.gold];
+        choice_nll += self::choice_nll(&s.lls, it.gold);
     }
     let n = task.items.len() as f64;
     TaskScore {

@@ -64,6 +64,9 @@ pub struct Dataset {
     pub windows: Vec<Window>,
     /// A task (then `tokens` and `windows` are empty).
     pub task: Option<crate::choice::Task>,
+    /// A task's items in the order a race scores them ([`Evaluator::shuffle_units`]);
+    /// empty: file order.
+    item_order: Vec<usize>,
 }
 
 impl Dataset {
@@ -212,6 +215,7 @@ pub fn load_datasets(
                     items,
                     requests,
                 }),
+                item_order: Vec::new(),
             });
             continue;
         }
@@ -225,6 +229,7 @@ pub fn load_datasets(
             tokens,
             windows,
             task: None,
+            item_order: Vec::new(),
         });
     }
     Ok(sets)
@@ -454,13 +459,19 @@ impl Evaluator {
         out
     }
 
-    /// Puts the windows of data set `d` in the fixed random order of `seed` (see
-    /// [`ckmerge_common::race`]): its batches are then scored in that order, so any prefix
-    /// of them is a simple random sample of the set.
-    pub fn shuffle_windows(&mut self, d: usize, seed: u64) {
+    /// Puts the units of data set `d` in the fixed random order of `seed` (see
+    /// [`ckmerge_common::race`]): a text's windows (its batches are then scored in that
+    /// order), a task's items for [`Evaluator::score_race`]; any prefix of them is then a
+    /// simple random sample of the set.
+    pub fn shuffle_units(&mut self, d: usize, seed: u64) {
         let set = &mut self.datasets[d];
-        let p = ckmerge_common::race::permutation(set.windows.len(), seed);
-        set.windows = p.iter().map(|&i| set.windows[i]).collect();
+        match &set.task {
+            Some(t) => set.item_order = ckmerge_common::race::permutation(t.items.len(), seed),
+            None => {
+                let p = ckmerge_common::race::permutation(set.windows.len(), seed);
+                set.windows = p.iter().map(|&i| set.windows[i]).collect();
+            }
+        }
     }
 
     /// Scores the current weights on data set `d` (whole model).
@@ -471,78 +482,292 @@ impl Evaluator {
         Ok(Self::result(&batches, &parts, t0.elapsed().as_secs_f64()))
     }
 
-    /// Scores data set `d` in its batches' order, racing against `race` (see
-    /// [`ckmerge_common::race`]): at each look the candidate is tested against the
-    /// incumbent's batches and, when clearly worse, stops. Returns the result (for a
-    /// stopped trial: the tokens scored, and the estimate of the whole set's mean NLL,
-    /// `incumbent + difference`), every scored batch's NLL sum, and how far a stopped
-    /// trial got. An empty `race.incumbent` scores everything (the sums make the next
-    /// incumbent).
+    /// Scores the objective, data sets `0..k`, racing against `race` (see
+    /// [`ckmerge_common::race`]): each set's units (a text's windows, one per forward
+    /// pass; a task's items) in their order, at each look every set up to the look's
+    /// share, then the test; a candidate clearly worse than the incumbent stops there.
+    /// Returns each set's result (for a stopped trial: what was scored, and the estimate
+    /// of the whole set's mean, the incumbent's plus the estimated difference), every
+    /// scored unit's value, set after set, and how far a stopped trial got. An empty
+    /// `race.incumbent` scores everything (the units make the next incumbent).
     pub fn score_race(
-        &self,
-        d: usize,
+        &mut self,
+        k: usize,
         race: &ckmerge_common::race::Race,
-    ) -> Result<(EvalResult, Vec<f64>, Option<ckmerge_common::race::Partial>), EvalError> {
+    ) -> Result<Raced, EvalError> {
         use ckmerge_common::race;
         let t0 = Instant::now();
-        // One window per batch: the windows are the test's units, so a look can come
-        // after a few dozen of them on a small set too.
-        let batches: Vec<Batch> = self
-            .text_batches(d)?
-            .into_iter()
-            .flat_map(|b| {
-                let (seq, scored) = (b.seq, b.scored);
-                b.tokens
-                    .chunks(seq)
-                    .map(|w| Batch {
-                        tokens: w.to_vec(),
-                        seq,
-                        scored,
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let units = batches.len();
-        let scored_in =
-            |b: &[Batch]| -> usize { b.iter().map(|b| b.scored * b.tokens.len() / b.seq).sum() };
-        let tokens = scored_in(&batches);
-        if !race.incumbent.is_empty() && race.incumbent.len() != units {
+        assert!(self.weights.is_some(), "set_weights before score_race");
+        if k == 0 || k > self.datasets.len() {
             return Err(EvalError::Request(format!(
-                "the incumbent has {} windows where this set has {units}: the workers disagree on the data",
+                "an objective of {k} sets raced on a worker holding {}",
+                self.datasets.len()
+            )));
+        }
+        let mut strata: Vec<Stratum> = (0..k).map(|d| self.stratum(d)).collect::<Result<_, _>>()?;
+        let total: usize = strata.iter().map(|s| s.units).sum();
+        let weights = match race.weights.len() {
+            0 if k == 1 => vec![1.0],
+            n if n == k => race.weights.clone(),
+            n => {
+                return Err(EvalError::Request(format!(
+                    "the race has {n} objective weights for an objective of {k} sets"
+                )))
+            }
+        };
+        if !race.incumbent.is_empty() && race.incumbent.len() != total {
+            return Err(EvalError::Request(format!(
+                "the incumbent has {} units where this objective has {total} (windows of text, items of tasks): the workers disagree on the data",
                 race.incumbent.len()
             )));
         }
+        let units: Vec<usize> = strata.iter().map(|s| s.units).collect();
         let mut looks = if race.incumbent.is_empty() {
             Vec::new()
         } else {
-            race::look_points(units)
+            let min = |s: &Stratum| match s.kind {
+                StratumKind::Text { .. } => race::MIN_UNITS,
+                StratumKind::Task { .. } => race::MIN_ITEMS,
+            };
+            race::look_plan(&strata.iter().map(|s| (s.units, min(s))).collect::<Vec<_>>())
         };
-        looks.push((units, 0));
-        let mut parts = Vec::with_capacity(units);
-        for (at, k) in looks {
-            parts.extend(self.run_batches(&batches[parts.len()..at])?);
-            if at == units {
+        looks.push((units.clone(), 0));
+        let mut at_inc = 0;
+        let inc: Vec<&[f64]> = units
+            .iter()
+            .map(|&u| {
+                let r = race.incumbent.get(at_inc..at_inc + u).unwrap_or(&[]);
+                at_inc += u;
+                r
+            })
+            .collect();
+        for (n, look) in looks {
+            for (d, s) in strata.iter_mut().enumerate() {
+                self.advance(d, s, n[d])?;
+            }
+            if n == units {
                 break;
             }
-            if let Some(p) = race::look(&parts, &race.incumbent, units, tokens, race.z[k]) {
-                let inc_mean = race.incumbent.iter().sum::<f64>() / tokens as f64;
-                let mean_nll = inc_mean + p.difference;
-                let done = &batches[..at];
+            let sets: Vec<race::Stratum> = strata
+                .iter()
+                .zip(&inc)
+                .zip(&weights)
+                .map(|((s, inc), &weight)| race::Stratum {
+                    cand: &s.values,
+                    inc,
+                    units: s.units,
+                    tokens: s.tokens,
+                    weight,
+                })
+                .collect();
+            if let Some((p, each)) = race::look_strata(&sets, race.z[look]) {
                 let seconds = t0.elapsed().as_secs_f64();
-                let through: usize = done.iter().map(|b| b.tokens.len()).sum();
-                let r = EvalResult {
-                    tokens: scored_in(done),
-                    mean_nll,
-                    perplexity: mean_nll.exp(),
-                    seconds,
-                    tokens_per_s: through as f64 / seconds,
-                    forward_tokens: through,
-                };
-                return Ok((r, parts, Some(p)));
+                let sets = (0..k)
+                    .map(|d| {
+                        let s = &strata[d];
+                        let inc_mean = inc[d].iter().sum::<f64>() / s.tokens as f64;
+                        self.stopped_set(d, s, inc_mean + each[d], seconds)
+                    })
+                    .collect();
+                let values = strata.into_iter().flat_map(|s| s.values).collect();
+                return Ok(Raced {
+                    sets,
+                    units: values,
+                    partial: Some(p),
+                });
             }
         }
-        let r = Self::result(&batches, &parts, t0.elapsed().as_secs_f64());
-        Ok((r, parts, None))
+        let seconds = t0.elapsed().as_secs_f64();
+        let sets = (0..k)
+            .map(|d| self.whole_set(d, &strata[d], seconds))
+            .collect();
+        Ok(Raced {
+            sets,
+            units: strata.into_iter().flat_map(|s| s.values).collect(),
+            partial: None,
+        })
+    }
+
+    /// Set `d` as a stratum of a race, nothing scored yet.
+    fn stratum(&self, d: usize) -> Result<Stratum, EvalError> {
+        let set = &self.datasets[d];
+        Ok(match &set.task {
+            Some(t) => {
+                let order = match set.item_order.is_empty() {
+                    true => (0..t.items.len()).collect(),
+                    false => set.item_order.clone(),
+                };
+                let mut requests = vec![Vec::new(); t.items.len()];
+                for (i, r) in t.requests.iter().enumerate() {
+                    requests[r.item].push(i);
+                }
+                Stratum {
+                    units: t.items.len(),
+                    tokens: t.items.len(),
+                    values: Vec::new(),
+                    kind: StratumKind::Task {
+                        order,
+                        requests,
+                        results: vec![(0.0, false); t.requests.len()],
+                    },
+                }
+            }
+            None => {
+                // One window per batch: the windows are the test's units, so a look can
+                // come after a few dozen of them on a small set too.
+                let batches: Vec<Batch> = self
+                    .text_batches(d)?
+                    .into_iter()
+                    .flat_map(|b| {
+                        let (seq, scored) = (b.seq, b.scored);
+                        b.tokens
+                            .chunks(seq)
+                            .map(|w| Batch {
+                                tokens: w.to_vec(),
+                                seq,
+                                scored,
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                Stratum {
+                    units: batches.len(),
+                    tokens: batches.iter().map(|b| b.scored).sum(),
+                    values: Vec::new(),
+                    kind: StratumKind::Text { batches },
+                }
+            }
+        })
+    }
+
+    /// Scores set `d`'s next units, up to `n` of them.
+    fn advance(&mut self, d: usize, s: &mut Stratum, n: usize) -> Result<(), EvalError> {
+        let from = s.values.len();
+        if n <= from {
+            return Ok(());
+        }
+        match &mut s.kind {
+            StratumKind::Text { batches } => {
+                let v = self.run_batches(&batches[from..n])?;
+                s.values.extend(v);
+            }
+            StratumKind::Task {
+                order,
+                requests,
+                results,
+            } => {
+                let task = self.datasets[d].task.take().expect("a task");
+                let idx: Vec<usize> = order[from..n]
+                    .iter()
+                    .flat_map(|&it| requests[it].iter().copied())
+                    .collect();
+                let chunk: Vec<crate::choice::Request> =
+                    idx.iter().map(|&i| task.requests[i].clone()).collect();
+                let r = self.score_choices(&chunk);
+                self.datasets[d].task = Some(task);
+                for (&i, v) in idx.iter().zip(r?) {
+                    results[i] = v;
+                }
+                let task = self.datasets[d].task.as_ref().expect("a task");
+                for &it in &order[from..n] {
+                    let lls: Vec<f64> = requests[it].iter().map(|&i| results[i].0).collect();
+                    let mut by_choice = vec![0.0; lls.len()];
+                    for (&i, ll) in requests[it].iter().zip(&lls) {
+                        by_choice[task.requests[i].choice] = *ll;
+                    }
+                    s.values
+                        .push(crate::choice::choice_nll(&by_choice, task.items[it].gold));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Set `d` scored whole in a race.
+    fn whole_set(&self, d: usize, s: &Stratum, seconds: f64) -> SetResult {
+        let name = &self.datasets[d].name;
+        match &s.kind {
+            StratumKind::Text { batches } => {
+                let r = Self::result(batches, &s.values, seconds);
+                SetResult {
+                    score: r.score(name),
+                    seconds,
+                    forward_tokens: r.forward_tokens,
+                }
+            }
+            StratumKind::Task { results, .. } => {
+                let task = self.datasets[d].task.as_ref().expect("a task");
+                self.task_result(d, &crate::choice::score(task, results), seconds)
+            }
+        }
+    }
+
+    /// Set `d` when a race stopped: what was scored, with `estimate` as its mean (the
+    /// incumbent's plus the estimated difference); a task's accuracies are over the items
+    /// scored, `items` says how many.
+    fn stopped_set(&self, d: usize, s: &Stratum, estimate: f64, seconds: f64) -> SetResult {
+        let name = &self.datasets[d].name;
+        let n = s.values.len();
+        let (tokens, forward_tokens, task) = match &s.kind {
+            StratumKind::Text { batches } => {
+                let done = &batches[..n];
+                (
+                    done.iter().map(|b| b.scored).sum(),
+                    done.iter().map(|b| b.tokens.len()).sum(),
+                    None,
+                )
+            }
+            StratumKind::Task {
+                order,
+                requests,
+                results,
+            } => {
+                let task = self.datasets[d].task.as_ref().expect("a task");
+                let items: Vec<usize> = order[..n].to_vec();
+                let reqs: Vec<usize> = items
+                    .iter()
+                    .flat_map(|&it| requests[it].iter().copied())
+                    .collect();
+                let sub = crate::choice::Task {
+                    name: task.name.clone(),
+                    path: task.path.clone(),
+                    items: items.iter().map(|&it| task.items[it].clone()).collect(),
+                    requests: reqs
+                        .iter()
+                        .map(|&i| {
+                            let r = &task.requests[i];
+                            crate::choice::Request {
+                                item: items.iter().position(|&it| it == r.item).expect("scored"),
+                                ..r.clone()
+                            }
+                        })
+                        .collect(),
+                };
+                let res: Vec<(f64, bool)> = reqs.iter().map(|&i| results[i]).collect();
+                let sc = crate::choice::score(&sub, &res);
+                (
+                    sub.requests.iter().map(|r| r.targets.len()).sum(),
+                    sub.requests.iter().map(|r| r.input.len()).sum(),
+                    Some(TaskMetrics {
+                        items: sc.items,
+                        acc: sc.acc,
+                        acc_norm: sc.acc_norm,
+                        gold_ll: sc.gold_ll,
+                    }),
+                )
+            }
+        };
+        SetResult {
+            score: DatasetScore {
+                name: name.clone(),
+                tokens,
+                mean_nll: estimate,
+                perplexity: estimate.exp(),
+                task,
+            },
+            seconds,
+            forward_tokens,
+        }
     }
 
     /// The batches of text set `d`; a task is refused.
@@ -665,9 +890,14 @@ impl Evaluator {
             });
         }
         let s = self.score_task(d)?;
+        Ok(self.task_result(d, &s, t0.elapsed().as_secs_f64()))
+    }
+
+    /// Task `d`'s score as the protocol's.
+    fn task_result(&self, d: usize, s: &crate::choice::TaskScore, seconds: f64) -> SetResult {
         let set = &self.datasets[d];
         let t = set.task.as_ref().expect("a task");
-        Ok(SetResult {
+        SetResult {
             score: DatasetScore {
                 name: set.name.clone(),
                 tokens: t.requests.iter().map(|r| r.targets.len()).sum(),
@@ -680,9 +910,9 @@ impl Evaluator {
                     gold_ll: s.gold_ll,
                 }),
             },
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds,
             forward_tokens: set.tokens(),
-        })
+        }
     }
 
     /// Totals per-batch NLL sums (added in batch order, so a pipeline's total equals a
@@ -812,6 +1042,38 @@ impl Evaluator {
     pub fn n_sources(&self) -> usize {
         self.n_sources
     }
+}
+
+/// A raced objective's scores ([`Evaluator::score_race`]).
+#[derive(Debug)]
+pub struct Raced {
+    /// Each objective set's result.
+    pub sets: Vec<SetResult>,
+    /// Every scored unit's value, set after set, each in scoring order: a window's NLL
+    /// sum, an item's choice NLL.
+    pub units: Vec<f64>,
+    /// Where the race stopped the trial.
+    pub partial: Option<ckmerge_common::race::Partial>,
+}
+
+/// One objective set in a race: its units, the tokens its mean divides by, and the
+/// values scored so far.
+struct Stratum {
+    units: usize,
+    tokens: usize,
+    values: Vec<f64>,
+    kind: StratumKind,
+}
+
+enum StratumKind {
+    /// One window per batch, in the set's (shuffled) window order.
+    Text { batches: Vec<Batch> },
+    /// Items in race order, each item's request indices, and the results so far.
+    Task {
+        order: Vec<usize>,
+        requests: Vec<Vec<usize>>,
+        results: Vec<(f64, bool)>,
+    },
 }
 
 /// Requests grouped for batched scoring: sorted by input length (longest first, so

@@ -159,7 +159,12 @@ impl WorkerService {
         let mut ev =
             Evaluator::load(&spec.checkpoints, &spec.datasets, &opts).map_err(|e| e.to_string())?;
         if let (Some(seed), false) = (spec.window_seed, ev.datasets.is_empty()) {
-            ev.shuffle_windows(0, seed);
+            // The objective's sets, each in its own fixed random order (a race samples
+            // their prefixes).
+            let k = spec.objective_sets.clamp(1, ev.datasets.len());
+            for d in 0..k {
+                ev.shuffle_units(d, ckmerge_common::race::set_seed(seed, d));
+            }
         }
         if gpus.is_some() {
             info.device = ev.device();
@@ -479,22 +484,22 @@ impl WorkerService {
                 };
                 let t = Instant::now();
                 let (mut through, mut scores) = (0, Vec::new());
-                let (mut units, mut partial) = (Vec::new(), None);
-                for d in 0..n {
-                    match (&req.race, d) {
-                        // The objective raced (a single text set: the config checks).
-                        (Some(race), 0) => {
-                            let (r, u, p) = ev.score_race(0, race).map_err(|e| e.to_string())?;
-                            through += r.forward_tokens;
-                            scores.push(r.score(&ev.datasets[0].name));
-                            (units, partial) = (u, p);
-                        }
-                        _ => {
-                            let r = ev.score_set(d).map_err(|e| e.to_string())?;
-                            through += r.forward_tokens;
-                            scores.push(r.score);
-                        }
+                let (mut units, mut partial, mut first) = (Vec::new(), None, 0);
+                if let Some(race) = &req.race {
+                    // The objective's sets raced together; the rest scored whole.
+                    let r = ev
+                        .score_race(objective_sets, race)
+                        .map_err(|e| e.to_string())?;
+                    for s in r.sets {
+                        through += s.forward_tokens;
+                        scores.push(s.score);
                     }
+                    (units, partial, first) = (r.units, r.partial, objective_sets);
+                }
+                for d in first..n.max(first) {
+                    let r = ev.score_set(d).map_err(|e| e.to_string())?;
+                    through += r.forward_tokens;
+                    scores.push(r.score);
                 }
                 let eval_seconds = t.elapsed().as_secs_f64();
                 Ok::<_, String>(EvalReply {

@@ -613,11 +613,6 @@ impl SearchConfig {
             if !(a > 0.0 && a < 0.5) {
                 bail!("search.early_stop_alpha = {a}: give a probability between 0 and 0.5 (0.01 is the default)");
             }
-            let objective = self.objective();
-            let one_text = objective.is_single() && !d.tasks.contains_key(&objective.sets[0].0);
-            if !one_text {
-                bail!("search.early_stop needs an objective of one text set (a task or a mixture is scored whole); set it to false");
-            }
             if self.workers.stages > 1 || !self.workers.pipelines.is_empty() {
                 bail!("search.early_stop is not done through pipelines yet; use workers.stages = 1 and no workers.pipelines, or set it to false");
             }

@@ -254,6 +254,7 @@ impl Scheduler {
         Some(Race {
             incumbent: best.unwrap_or_default(),
             z: race::SPEND.map(|share| crate::bo::posterior::inv_cdf(1.0 - alpha * share)),
+            weights: self.objective.sets.iter().map(|(_, w)| *w).collect(),
         })
     }
 

@@ -63,6 +63,7 @@ impl Scheduler {
                         .then(|| ckmerge_common::race::Race {
                             incumbent: Vec::new(),
                             z: [0.0; 4],
+                            weights: self.objective().sets.iter().map(|(_, w)| *w).collect(),
                         }),
                 };
                 *in_use = true;
