@@ -25,6 +25,15 @@
 //! wrong stop matters only for a candidate better than the incumbent, which is stopped
 //! less often still.
 //!
+//! A task's units are its items (each item's `choice_nll`, `T` = the number of items),
+//! scored in a fixed random order of items; no look before [`MIN_ITEMS`] of them (an
+//! item is a heavier-tailed unit than a window: see there). An objective of several sets
+//! (`data.objective` as a weighted mixture) is sampled set by set at each look's fraction
+//! (stratified sampling, each set in its own order, [`set_seed`]): `D = Σ w_i D_i`,
+//! `se(D)^2 = Σ w_i^2 se(D_i)^2`, `t` with the fewest degrees of freedom of the sets
+//! still sampled; a set too small for looks of its own is scored whole before the first
+//! look and contributes its exact difference ([`look_plan`], [`look_strata`]).
+//!
 //! A stopped trial's value is not a full one: it is the estimate `incumbent + D`, with its
 //! variance `se(D)^2`, and is told to the surrogate as such (a noisier observation).
 

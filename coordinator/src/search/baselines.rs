@@ -25,7 +25,8 @@ struct Stored {
     label: String,
     weights: Vec<f64>,
     scores: Vec<DatasetScore>,
-    /// Under early stopping: the objective's NLL sum per batch, in scoring order.
+    /// Under early stopping: the value of each of the objective's units, in scoring
+    /// order (see the journal's `units`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     units: Vec<f64>,
 }

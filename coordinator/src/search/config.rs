@@ -202,7 +202,8 @@ pub struct SearchParams {
     pub baselines: bool,
     /// Stop a trial once it is clearly worse than the best full evaluation so far (a
     /// sequential test on its per-batch NLLs, windows in a fixed random order; see
-    /// `ckmerge_common::race`). Off by default; the objective must be one text set.
+    /// `ckmerge_common::race`; a task's items, a mixture's sets sampled together). Off
+    /// by default; workers must hold the whole model (no pipelines).
     pub early_stop: bool,
     /// The chance that early stopping stops a trial that is not worse than the incumbent
     /// on the whole set (at most, under the test's normal approximation).

@@ -57,13 +57,15 @@ pub enum Record {
         /// more than one set (absent otherwise: `mean_nll` is the one set's).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         scores: Vec<DatasetScore>,
-        /// With early stopping, a trial scored whole: its objective's NLL sum per batch,
-        /// in scoring order (what later trials race against, after a resume too).
+        /// With early stopping, a trial scored whole: the value of each of its
+        /// objective's units (a text's window NLL sums, a task's item choice NLLs, set
+        /// after set, in scoring order): what later trials race against, after a resume
+        /// too.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         units: Vec<f64>,
         /// A trial stopped early: how far it got. `mean_nll` is then the estimate of the
-        /// whole set's (the incumbent's plus the estimated difference) and `tokens` what
-        /// was scored.
+        /// objective on the whole sets (the incumbent's plus the estimated difference),
+        /// `scores` each set's estimate, and `tokens` what was scored.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         partial: Option<Partial>,
     },

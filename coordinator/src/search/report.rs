@@ -622,7 +622,7 @@ impl Report {
                     // A trial stopped early: its value is an estimate, marked with how much
                     // of the set it scored.
                     let note = partial.map_or(String::new(), |p| {
-                        format!(" (est., stopped at {}/{} batches)", p.scored_units, p.units)
+                        format!(" (est., stopped at {}/{} units)", p.scored_units, p.units)
                     });
                     s += &format!(
                         "| {trial} | {worker} | {} | {perplexity:.4} | {mean_nll:.6}{note} | {:.2} |\n",

@@ -229,9 +229,9 @@ impl Scheduler {
         &self.objective
     }
 
-    /// What a trial races against under `search.early_stop`: the per-batch NLL sums of
-    /// the best full evaluation so far (a trial's or a baseline's), or none yet (the
-    /// trial is scored whole, and its sums kept).
+    /// What a trial races against under `search.early_stop`: the per-unit values of the
+    /// best full evaluation so far (a trial's or a baseline's), or none yet (the trial is
+    /// scored whole, and its units kept), and the objective's weights.
     pub fn race(&self) -> Option<Race> {
         if !self.cfg.search.early_stop {
             return None;
