@@ -3,7 +3,7 @@
 # with it off and on, on the fixture trajectories; per search, the tokens the trials
 # scored and the best value found. Results in BENCHMARKS.md ("Early stopping").
 #
-#   scripts/bench_early_stop.sh [OUT.json]     # BENCH_SEEDS=3 by default
+#   scripts/bench_early_stop.sh [OUT.json]     # BENCH_SEEDS=3 by default; BENCH_CASES="task mix" selects cases
 #
 # The looks, the alpha split and the minimum were set on the long/ simplex search (seed 0)
 # and the fixtures' per-window NLLs; the llama/ and neox/ simplex searches and the lambda

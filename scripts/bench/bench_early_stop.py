@@ -19,23 +19,38 @@ def steps(traj):
                   key=lambda p: int(p.name.split("-")[1]))
 
 
-# (name, tuned on?, checkpoints, space, max_evals)
+TEXT = f"objective = [{json.dumps(str(FIX / 'data/heldout.txt'))}]\n"
+# Weighted mixtures: a 400-item task (sampled by items) with a text, and two texts.
+TASK_MIX = (
+    "objective = { heldout = 3, cloze = 1 }\n"
+    f"extra = {{ heldout = [{json.dumps(str(FIX / 'data/heldout.txt'))}] }}\n"
+    f"tasks = {{ cloze = {json.dumps(str(FIX / 'tasks/cloze-large.jsonl'))} }}\n")
+TEXT_MIX = (
+    "objective = { heldout = 1, python = 1 }\n"
+    f"extra = {{ heldout = [{json.dumps(str(FIX / 'data/heldout.txt'))}], "
+    f"python = [{json.dumps(str(FIX / 'data/python-docs.txt'))}] }}\n")
+
+# (name, tuned on?, checkpoints, space, max_evals, data)
 CASES = [
-    ("long simplex 12", True, steps("long"), 'kind = "simplex"', 15),
-    ("llama simplex 6", False, steps("llama"), 'kind = "simplex"', 15),
-    ("neox simplex 6", False, steps("neox"), 'kind = "simplex"', 15),
-    ("llama lambda", False, steps("llama")[-2:], 'kind = "lambda"', 8),
-    ("neox lambda", False, steps("neox")[-2:], 'kind = "lambda"', 8),
+    ("long simplex 12", True, steps("long"), 'kind = "simplex"', 15, TEXT),
+    ("llama simplex 6", False, steps("llama"), 'kind = "simplex"', 15, TEXT),
+    ("neox simplex 6", False, steps("neox"), 'kind = "simplex"', 15, TEXT),
+    ("llama lambda", False, steps("llama")[-2:], 'kind = "lambda"', 8, TEXT),
+    ("neox lambda", False, steps("neox")[-2:], 'kind = "lambda"', 8, TEXT),
+    ("long simplex 12, task mix", False, steps("long"), 'kind = "simplex"', 15, TASK_MIX),
+    ("llama simplex 6, text mix", False, steps("llama"), 'kind = "simplex"', 15, TEXT_MIX),
 ]
+# BENCH_CASES="task mix,text mix" runs the cases whose names contain one of these.
+ONLY = [c for c in os.environ.get("BENCH_CASES", "").split(",") if c]
 
 
-def run(binary, ckpts, space, evals, seed, early):
+def run(binary, ckpts, space, evals, seed, early, data):
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "run.toml"
         cfg.write_text(
             f"checkpoints = {json.dumps([str(c) for c in ckpts])}\n"
             f"[space]\n{space}\n"
-            f"[data]\nobjective = [{json.dumps(str(FIX / 'data/heldout.txt'))}]\nseq_len = 128\n"
+            f"[data]\n{data}seq_len = 128\n"
             f"[search]\nmax_evals = {evals}\nseed = {seed}\n"
             f"early_stop = {'true' if early else 'false'}\n"
             "[output]\nplots = false\nmerge = false\n")
@@ -57,10 +72,12 @@ def run(binary, ckpts, space, evals, seed, early):
 def main():
     binary, out = sys.argv[1], sys.argv[2]
     rows = []
-    for name, tuned, ckpts, space, evals in CASES:
+    for name, tuned, ckpts, space, evals, data in CASES:
+        if ONLY and not any(o in name for o in ONLY):
+            continue
         for seed in range(SEEDS):
-            off = run(binary, ckpts, space, evals, seed, False)
-            on = run(binary, ckpts, space, evals, seed, True)
+            off = run(binary, ckpts, space, evals, seed, False, data)
+            on = run(binary, ckpts, space, evals, seed, True, data)
             r = {
                 "case": name, "tuned_on": tuned, "seed": seed, "evals": evals,
                 "tokens_off": off["tokens"], "tokens_on": on["tokens"],
@@ -70,7 +87,7 @@ def main():
                 "same_best_weights": off["best_weights"] == on["best_weights"],
             }
             rows.append(r)
-            print(f"{name:16} seed {seed}: tokens {r['tokens_off']:7} -> {r['tokens_on']:7} "
+            print(f"{name:26} seed {seed}: tokens {r['tokens_off']:7} -> {r['tokens_on']:7} "
                   f"({r['ratio']:.2f}x, {r['stopped']} of {evals} stopped), best "
                   f"{r['best_off']:.6f} -> {r['best_on']:.6f} ({r['best_change_pct']:+.4f} %)",
                   flush=True)
