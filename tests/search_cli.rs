@@ -1742,11 +1742,17 @@ fn early_stopping_scores_fewer_tokens_keeps_the_best_and_resumes_exactly() {
     // same values: estimates and their variances are replayed exactly.
     let split = tmp.path().join("split");
     search_to_end(&long_config(tmp.path(), "split.toml", 8, true), &split);
+    assert_resumes_to(&split, 12, &j);
+}
+
+/// Resumes the run in `split` to `max_evals` and checks that it made the trials of the
+/// straight run journalled in `straight`: the same weights, values and stops, in order.
+fn assert_resumes_to(split: &Path, max_evals: usize, straight: &[Value]) {
     let o = run(search(&[
         "--resume".as_ref(),
         split.as_os_str(),
         "--max-evals".as_ref(),
-        "12".as_ref(),
+        max_evals.to_string().as_ref(),
     ]));
     assert!(o.status.success(), "{}", stderr(&o));
     let key = |j: &[Value]| -> Vec<(Value, Value, Value)> {
@@ -1761,7 +1767,7 @@ fn early_stopping_scores_fewer_tokens_keeps_the_best_and_resumes_exactly() {
             })
             .collect()
     };
-    assert_eq!(key(&journal(&split)), key(&j));
+    assert_eq!(key(&journal(split)), key(straight));
 }
 
 /// Early stopping on a weighted mixture of a task and a text (the 12-checkpoint simplex):
@@ -1833,24 +1839,5 @@ merge = false
     // Stopped after 6 trials and resumed to 10: the same trials, the same values.
     let split = tmp.path().join("split");
     search_to_end(&config("split.toml", 6), &split);
-    let o = run(search(&[
-        "--resume".as_ref(),
-        split.as_os_str(),
-        "--max-evals".as_ref(),
-        "10".as_ref(),
-    ]));
-    assert!(o.status.success(), "{}", stderr(&o));
-    let key = |j: &[Value]| -> Vec<(Value, Value, Value)> {
-        events(j, "done")
-            .iter()
-            .map(|d| {
-                (
-                    d["weights"].clone(),
-                    d["mean_nll"].clone(),
-                    d["partial"].clone(),
-                )
-            })
-            .collect()
-    };
-    assert_eq!(key(&journal(&split)), key(&j));
+    assert_resumes_to(&split, 10, &j);
 }

@@ -257,16 +257,21 @@ mod tests {
         assert_eq!(&permutation(10, 0), &[6, 3, 2, 9, 8, 1, 4, 7, 0, 5]);
     }
 
-    #[test]
-    fn a_clearly_worse_candidate_stops_and_an_equal_one_does_not() {
-        // 100 batches of 100 tokens; the incumbent's sums vary, the candidate is 0.05
-        // nats per token worse with a little noise.
+    /// 100 batches of 100 tokens: the incumbent's sums vary, the candidate's are 0.05
+    /// nats per token worse with a little noise.
+    fn worse_by_a_twentieth() -> (Vec<f64>, Vec<f64>) {
         let inc: Vec<f64> = (0..100).map(|i| 300.0 + (i % 7) as f64 * 20.0).collect();
-        let worse: Vec<f64> = inc
+        let worse = inc
             .iter()
             .enumerate()
             .map(|(i, x)| x + 5.0 + ((i * 37) % 11) as f64 * 0.2 - 1.0)
             .collect();
+        (inc, worse)
+    }
+
+    #[test]
+    fn a_clearly_worse_candidate_stops_and_an_equal_one_does_not() {
+        let (inc, worse) = worse_by_a_twentieth();
         let p = look(&worse[..16], &inc[..16], 100, 10_000, 2.8).expect("stopped");
         assert!((p.difference - 0.05).abs() < 0.01, "{p:?}");
         assert!(p.lower_bound > 0.0 && p.lower_bound < p.difference);
@@ -305,12 +310,7 @@ mod tests {
 
     #[test]
     fn a_mixture_estimate_weights_each_set_and_a_whole_set_adds_no_variance() {
-        let inc: Vec<f64> = (0..100).map(|i| 300.0 + (i % 7) as f64 * 20.0).collect();
-        let worse: Vec<f64> = inc
-            .iter()
-            .enumerate()
-            .map(|(i, x)| x + 5.0 + ((i * 37) % 11) as f64 * 0.2 - 1.0)
-            .collect();
+        let (inc, worse) = worse_by_a_twentieth();
         // A task of 10 items scored whole, each item 0.3 nats worse.
         let task_inc = [1.0f64; 10];
         let task_cand = [1.3f64; 10];

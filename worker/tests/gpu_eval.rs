@@ -109,17 +109,22 @@ fn to_f32(src: &Path, out: &Path) {
     .unwrap();
 }
 
-#[test]
-fn gpu_perplexity_matches_the_cpu_in_f32() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ckpts: Vec<PathBuf> = ["step-1250", "step-1500"]
+/// f32 copies of the llama fixture checkpoints, in `dir`.
+fn f32_llama(dir: &Path) -> Vec<PathBuf> {
+    ["step-1250", "step-1500"]
         .iter()
         .map(|s| {
-            let out = tmp.path().join(s);
+            let out = dir.join(s);
             to_f32(&fixtures().join("llama").join(s), &out);
             out
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn gpu_perplexity_matches_the_cpu_in_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpts = f32_llama(tmp.path());
     if !have_gpu(&ckpts) {
         return;
     }
@@ -194,14 +199,7 @@ fn choices(ckpts: &[PathBuf], gpus: Option<Vec<usize>>) -> Vec<(f64, bool)> {
 #[test]
 fn gpu_multiple_choice_log_likelihoods_match_the_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    let f32_ckpts: Vec<PathBuf> = ["step-1250", "step-1500"]
-        .iter()
-        .map(|s| {
-            let out = tmp.path().join(s);
-            to_f32(&fixtures().join("llama").join(s), &out);
-            out
-        })
-        .collect();
+    let f32_ckpts = f32_llama(tmp.path());
     if !have_gpu(&f32_ckpts) {
         return;
     }

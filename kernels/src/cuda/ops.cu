@@ -177,18 +177,23 @@ __device__ void causal_softmax(const float* scores, typename Storage<O>::T* prob
 // Fused log-softmax / cross-entropy (ops::nll_sum) over a chunk of logits rows
 // [rows, vocab] (f32): nll[r] = logsumexp(row) - row[target[r]], in f64 per row so the
 // host adds rows in order, exactly as the CPU does. Grid: rows.
-extern "C" __global__ void __launch_bounds__(BLOCK)
-nll_rows(const float* logits, const u32* targets, double* nll, int vocab) {
-    __shared__ float sh[BLOCK / 32];
-    const u64 r = blockIdx.x;
-    const float* row = logits + r * vocab;
+// A logits row's maximum and its sum of exp(x - max), every thread of the block.
+__device__ float2 row_max_expsum(const float* row, int vocab, float* sh) {
     float m = NEG_INF;
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, row[j]);
     m = block_max(m, sh);
     float s = 0.0f;
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += expf(row[j] - m);
-    s = block_sum(s, sh);
-    if (threadIdx.x == 0) nll[r] = (double)m + log((double)s) - (double)row[targets[r]];
+    return make_float2(m, block_sum(s, sh));
+}
+
+extern "C" __global__ void __launch_bounds__(BLOCK)
+nll_rows(const float* logits, const u32* targets, double* nll, int vocab) {
+    __shared__ float sh[BLOCK / 32];
+    const u64 r = blockIdx.x;
+    const float* row = logits + r * vocab;
+    const float2 ms = row_max_expsum(row, vocab, sh);
+    if (threadIdx.x == 0) nll[r] = (double)ms.x + log((double)ms.y) - (double)row[targets[r]];
 }
 
 // Per-row log-probability (f64) of the target under softmax of f32 logit rows, and
@@ -201,18 +206,14 @@ logprob_rows(const float* logits, const u32* targets, double* logprob, unsigned 
     const u64 r = blockIdx.x;
     const float* row = logits + r * vocab;
     const int t = (int)targets[r];
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, row[j]);
-    m = block_max(m, sh);
-    float s = 0.0f;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += expf(row[j] - m);
-    s = block_sum(s, sh);
+    const float2 ms = row_max_expsum(row, vocab, sh);
+    const float m = ms.x;
     // A maximum before the target (m is the row's maximum: >= means ==).
     int earlier = 0;
     for (int j = threadIdx.x; j < t; j += blockDim.x) earlier |= row[j] >= m;
     earlier = __syncthreads_or(earlier);
     if (threadIdx.x == 0) {
-        logprob[r] = (double)row[t] - ((double)m + log((double)s));
+        logprob[r] = (double)row[t] - ((double)m + log((double)ms.y));
         greedy[r] = (!earlier && row[t] == m) ? 1 : 0;
     }
 }
