@@ -1642,8 +1642,21 @@ plots = false
     );
 }
 
-/// A run config over the 12 checkpoints of the fixture `long/` trajectory, simplex space.
+/// A run config over the 12 checkpoints of the fixture `long/` trajectory, simplex space,
+/// held-out prose as the objective.
 fn long_config(dir: &Path, name: &str, max_evals: usize, early_stop: bool) -> PathBuf {
+    let data = format!("objective = [{:?}]", fixtures().join("data/heldout.txt"));
+    long_config_with(dir, name, max_evals, early_stop, &data)
+}
+
+/// [`long_config`] with `data` as its `[data]` table's lines (besides `seq_len`).
+fn long_config_with(
+    dir: &Path,
+    name: &str,
+    max_evals: usize,
+    early_stop: bool,
+    data: &str,
+) -> PathBuf {
     let f = fixtures();
     let ckpts: Vec<String> = (1..=12)
         .map(|i| format!("{:?}", f.join(format!("long/step-{}", i * 200))))
@@ -1656,7 +1669,7 @@ fn long_config(dir: &Path, name: &str, max_evals: usize, early_stop: bool) -> Pa
 [space]
 kind = "simplex"
 [data]
-objective = [{:?}]
+{data}
 seq_len = 128
 [search]
 max_evals = {max_evals}
@@ -1666,7 +1679,6 @@ plots = false
 merge = false
 "#,
             ckpts.join(", "),
-            f.join("data/heldout.txt"),
         ),
     )
     .unwrap();
@@ -1779,37 +1791,13 @@ fn early_stopping_races_a_mixture_of_a_task_and_text_and_resumes_exactly() {
     let _g = serial();
     let tmp = tempfile::tempdir().unwrap();
     let f = fixtures();
-    let config = |name: &str, max_evals: usize| {
-        let ckpts: Vec<String> = (1..=12)
-            .map(|i| format!("{:?}", f.join(format!("long/step-{}", i * 200))))
-            .collect();
-        let p = tmp.path().join(name);
-        std::fs::write(
-            &p,
-            format!(
-                r#"checkpoints = [{}]
-[space]
-kind = "simplex"
-[data]
-objective = {{ heldout = 3, cloze = 1 }}
-extra = {{ heldout = [{:?}] }}
-tasks = {{ cloze = {:?} }}
-seq_len = 128
-[search]
-max_evals = {max_evals}
-early_stop = true
-[output]
-plots = false
-merge = false
-"#,
-                ckpts.join(", "),
-                f.join("data/heldout.txt"),
-                f.join("tasks/cloze.jsonl"),
-            ),
-        )
-        .unwrap();
-        p
-    };
+    let data = format!(
+        "objective = {{ heldout = 3, cloze = 1 }}\nextra = {{ heldout = [{:?}] }}\ntasks = {{ cloze = {:?} }}",
+        f.join("data/heldout.txt"),
+        f.join("tasks/cloze.jsonl"),
+    );
+    let config =
+        |name: &str, max_evals: usize| long_config_with(tmp.path(), name, max_evals, true, &data);
     let raced = tmp.path().join("raced");
     let rep = search_to_end(&config("raced.toml", 10), &raced);
     let j = journal(&raced);
