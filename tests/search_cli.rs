@@ -1829,3 +1829,67 @@ fn early_stopping_races_a_mixture_of_a_task_and_text_and_resumes_exactly() {
     search_to_end(&config("split.toml", 6), &split);
     assert_resumes_to(&split, 10, &j);
 }
+
+/// `search.early_stop_margin`: on a 1-D search between the last two llama checkpoints,
+/// where trials near the optimum differ from the incumbent by less than any look can
+/// decide, a margin of 0.001 nats stops trials that cannot improve the incumbent by more
+/// than it (lower bound between -margin and 0), never one the test shows may improve it by
+/// more, and the best found stays within the margin of the same search scored whole.
+#[test]
+fn an_early_stop_margin_stops_trials_that_cannot_improve_by_more_than_it() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let config = |name: &str, stop: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                r#"checkpoints = [{:?}, {:?}]
+[space]
+kind = "lambda"
+[data]
+objective = [{:?}]
+seq_len = 128
+[search]
+max_evals = 8
+{stop}
+[output]
+plots = false
+merge = false
+"#,
+                f.join("llama/step-1250"),
+                f.join("llama/step-1500"),
+                f.join("data/heldout.txt"),
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let margin = 0.001;
+    let rep_full = search_to_end(&config("full.toml", ""), &tmp.path().join("full"));
+    let raced = tmp.path().join("raced");
+    let rep = search_to_end(
+        &config(
+            "raced.toml",
+            &format!("early_stop = true\nearly_stop_margin = {margin}"),
+        ),
+        &raced,
+    );
+    let done = journal(&raced);
+    let bounds: Vec<f64> = events(&done, "done")
+        .iter()
+        .filter_map(|d| d["partial"]["lower_bound"].as_f64())
+        .collect();
+    assert!(bounds.iter().all(|&b| b > -margin), "{bounds:?}");
+    assert!(
+        bounds.iter().any(|&b| b <= 0.0),
+        "no trial was stopped by the margin alone: {bounds:?}"
+    );
+    let (b, b_full) = (
+        rep["best"]["mean_nll"].as_f64().unwrap(),
+        rep_full["best"]["mean_nll"].as_f64().unwrap(),
+    );
+    assert!(b <= b_full + margin, "{b} vs {b_full}");
+    assert!(rep["scored_tokens"].as_u64() < rep_full["scored_tokens"].as_u64());
+}

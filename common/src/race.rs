@@ -7,8 +7,17 @@
 //! looks ([`LOOKS`]: after 1/16, 1/8, 1/4 and 1/2 of the batches) the worker estimates the
 //! difference of the whole set's mean NLL, candidate minus incumbent, from the paired
 //! per-batch differences scored so far, and stops when its lower confidence bound is above
-//! zero: the candidate is then worse than the incumbent on the whole set, but for an
-//! error rate near `alpha` (see below).
+//! `-margin` (`search.early_stop_margin`, nats per token; 0: above zero): the candidate
+//! is then not better than the incumbent by more than the margin on the whole set, but
+//! for an error rate near `alpha` (see below).
+//!
+//! Why a margin: near the optimum, candidates and the incumbent differ by 1e-5 nats per
+//! token, which no test decides from part of the set; with a margin they are stopped once
+//! the test shows they cannot improve the incumbent by more than it. Whatever the order
+//! of the trials, a stopped candidate's true value is then above `best - margin` for the
+//! best full value the run ends with (the incumbent only improves), so the best found is
+//! within `margin` of what the same trials scored whole would have shown, up to the
+//! test's error rate.
 //!
 //! The estimate is the expansion estimator of simple random sampling without replacement:
 //! with `B` batches in all, `T` scored tokens in all, `n` batches scored and `d_b` the
@@ -21,9 +30,10 @@
 //! batches. It does not hold exactly: on the fixtures' real per-window differences (the
 //! test `a_candidate_no_worse_is_stopped_at_most_one_and_a_half_alpha`), a candidate
 //! exactly as good as the incumbent was stopped in 0.5 % to 1.3 % of window orders at
-//! `alpha` = 1 %, most often at the first looks. The stated bound is 1.5 `alpha`. A
-//! wrong stop matters only for a candidate better than the incumbent, which is stopped
-//! less often still.
+//! `alpha` = 1 %, most often at the first looks. The stated bound is 1.5 `alpha`. With a
+//! margin the same holds of a candidate better than the incumbent by exactly the margin
+//! (the test is the margin-free one on the differences shifted by it); one better still
+//! is stopped less often.
 //!
 //! A task's units are its items (each item's `choice_nll`, `T` = the number of items),
 //! scored in a fixed random order of items; no look before [`MIN_ITEMS`] of them (an
@@ -72,6 +82,10 @@ pub struct Race {
     pub z: [f64; 4],
     /// The objective's normalised weight of each of its sets (one set: `[1.0]`).
     pub weights: Vec<f64>,
+    /// Stop a candidate that is not better than the incumbent by more than this, in the
+    /// objective's units (nats per token of a text; see the module docs). 0: stop only
+    /// one that is worse.
+    pub margin: f64,
 }
 
 /// One set of the objective at a look: the first `cand.len()` units' values of the
@@ -94,7 +108,8 @@ pub struct Partial {
     pub scored_units: usize,
     pub units: usize,
     /// Estimated difference of the whole set's mean NLL, candidate minus incumbent, its
-    /// standard error, and the lower confidence bound that stopped the trial (> 0).
+    /// standard error, and the lower confidence bound that stopped the trial (above
+    /// `-margin`).
     pub difference: f64,
     pub std_error: f64,
     pub lower_bound: f64,
@@ -147,9 +162,16 @@ pub fn look_plan(sets: &[(usize, usize)]) -> Vec<(Vec<usize>, usize)> {
 
 /// The test at a look on one set: `cand` and `inc` are the first `n` batches' NLL sums
 /// of the candidate and the incumbent, of `units` batches holding `tokens` scored tokens
-/// in all. Some(partial) when the candidate is worse with confidence (the lower bound is
-/// > 0).
-pub fn look(cand: &[f64], inc: &[f64], units: usize, tokens: usize, z: f64) -> Option<Partial> {
+/// in all. Some(partial) when the candidate is not better by more than `margin` with
+/// confidence (the lower bound is above `-margin`).
+pub fn look(
+    cand: &[f64],
+    inc: &[f64],
+    units: usize,
+    tokens: usize,
+    z: f64,
+    margin: f64,
+) -> Option<Partial> {
     let s = Stratum {
         cand,
         inc,
@@ -157,7 +179,7 @@ pub fn look(cand: &[f64], inc: &[f64], units: usize, tokens: usize, z: f64) -> O
         tokens,
         weight: 1.0,
     };
-    look_strata(&[s], z).map(|(p, _)| p)
+    look_strata(&[s], z, margin).map(|(p, _)| p)
 }
 
 /// The test at a look on an objective of several sets, `Σ weight mean`: the difference
@@ -165,8 +187,9 @@ pub fn look(cand: &[f64], inc: &[f64], units: usize, tokens: usize, z: f64) -> O
 /// theirs (the sets are sampled independently); a set scored whole contributes its exact
 /// difference and no variance. Student's t takes the fewest degrees of freedom of the
 /// sets still sampled (conservative). Some((partial, each set's estimated difference of
-/// its mean)) when the candidate is worse with confidence.
-pub fn look_strata(sets: &[Stratum], z: f64) -> Option<(Partial, Vec<f64>)> {
+/// its mean)) when the candidate is not better than the incumbent by more than `margin`
+/// with confidence.
+pub fn look_strata(sets: &[Stratum], z: f64, margin: f64) -> Option<(Partial, Vec<f64>)> {
     let (mut difference, mut var, mut dof) = (0.0, 0.0, usize::MAX);
     let mut each = Vec::with_capacity(sets.len());
     for s in sets {
@@ -197,7 +220,7 @@ pub fn look_strata(sets: &[Stratum], z: f64) -> Option<(Partial, Vec<f64>)> {
     let v = dof as f64;
     let t = z + (z.powi(3) + z) / (4.0 * v);
     let lower_bound = difference - t * std_error;
-    (lower_bound > 0.0 && lower_bound.is_finite()).then_some((
+    (lower_bound > -margin && lower_bound.is_finite()).then_some((
         Partial {
             scored_units: sets.iter().map(|s| s.cand.len()).sum(),
             units: sets.iter().map(|s| s.units).sum(),
@@ -272,12 +295,31 @@ mod tests {
     #[test]
     fn a_clearly_worse_candidate_stops_and_an_equal_one_does_not() {
         let (inc, worse) = worse_by_a_twentieth();
-        let p = look(&worse[..16], &inc[..16], 100, 10_000, 2.8).expect("stopped");
+        let p = look(&worse[..16], &inc[..16], 100, 10_000, 2.8, 0.0).expect("stopped");
         assert!((p.difference - 0.05).abs() < 0.01, "{p:?}");
         assert!(p.lower_bound > 0.0 && p.lower_bound < p.difference);
-        assert!(look(&inc[..16], &inc[..16], 100, 10_000, 2.8).is_none());
+        assert!(look(&inc[..16], &inc[..16], 100, 10_000, 2.8, 0.0).is_none());
         let better: Vec<f64> = worse.iter().zip(&inc).map(|(w, i)| 2.0 * i - w).collect();
-        assert!(look(&better[..50], &inc[..50], 100, 10_000, 2.8).is_none());
+        assert!(look(&better[..50], &inc[..50], 100, 10_000, 2.8, 0.0).is_none());
+    }
+
+    #[test]
+    fn a_margin_is_the_margin_free_test_on_differences_shifted_by_it() {
+        // The candidate is 0.01 nats per token better than the incumbent: never stopped
+        // without a margin, stopped with one of 0.02 (it cannot be 0.02 better), not with
+        // one of 0.005.
+        let (inc, worse) = worse_by_a_twentieth();
+        let better: Vec<f64> = worse.iter().map(|w| w - 6.0).collect();
+        assert!(look(&better[..50], &inc[..50], 100, 10_000, 2.8, 0.0).is_none());
+        assert!(look(&better[..50], &inc[..50], 100, 10_000, 2.8, 0.005).is_none());
+        let p = look(&better[..50], &inc[..50], 100, 10_000, 2.8, 0.02).expect("stopped");
+        assert!((p.difference + 0.01).abs() < 0.002, "{p:?}");
+        // Shifting the candidate by the margin (0.02 nats per token, 2 per batch of 100
+        // tokens) gives the margin-free test the same bound, 0.02 higher.
+        let shifted: Vec<f64> = better.iter().map(|x| x + 2.0).collect();
+        let q = look(&shifted[..50], &inc[..50], 100, 10_000, 2.8, 0.0).expect("stopped");
+        assert!((q.lower_bound - (p.lower_bound + 0.02)).abs() < 1e-12);
+        assert!((q.std_error - p.std_error).abs() < 1e-12);
     }
 
     #[test]
@@ -328,8 +370,8 @@ mod tests {
             tokens: 10,
             weight: 0.25,
         };
-        let one = look(&worse[..16], &inc[..16], 100, 10_000, 2.8).unwrap();
-        let (p, each) = look_strata(&[text, task], 2.8).expect("stopped");
+        let one = look(&worse[..16], &inc[..16], 100, 10_000, 2.8, 0.0).unwrap();
+        let (p, each) = look_strata(&[text, task], 2.8, 0.0).expect("stopped");
         assert!((each[1] - 0.3).abs() < 1e-12 && (each[0] - one.difference).abs() < 1e-12);
         assert!((p.difference - (0.75 * one.difference + 0.25 * 0.3)).abs() < 1e-12);
         assert!((p.std_error - 0.75 * one.std_error).abs() < 1e-12);
@@ -342,6 +384,6 @@ mod tests {
             tokens: 10_000,
             weight: 1.0,
         };
-        assert!(look_strata(&[whole], 2.8).is_none());
+        assert!(look_strata(&[whole], 2.8, 0.0).is_none());
     }
 }

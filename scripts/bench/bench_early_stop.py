@@ -11,6 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests/fixtures/trajectory"
 SEEDS = int(os.environ.get("BENCH_SEEDS", "3"))
+# search.early_stop_margin of the runs with early stopping on (BENCH_MARGIN=0.001).
+MARGIN = float(os.environ.get("BENCH_MARGIN", "0"))
 
 
 def steps(traj):
@@ -53,7 +55,8 @@ def run(binary, ckpts, space, evals, seed, early, data):
             f"[data]\n{data}seq_len = 128\n"
             f"[search]\nmax_evals = {evals}\nseed = {seed}\n"
             f"early_stop = {'true' if early else 'false'}\n"
-            "[output]\nplots = false\nmerge = false\n")
+            + (f"early_stop_margin = {MARGIN}\n" if early and MARGIN else "")
+            + "[output]\nplots = false\nmerge = false\n")
         t0 = time.time()
         subprocess.run([binary, "search", "--config", str(cfg), "--run-dir",
                         str(Path(tmp) / "run")], check=True,
@@ -79,7 +82,7 @@ def main():
             off = run(binary, ckpts, space, evals, seed, False, data)
             on = run(binary, ckpts, space, evals, seed, True, data)
             r = {
-                "case": name, "tuned_on": tuned, "seed": seed, "evals": evals,
+                "case": name, "tuned_on": tuned, "seed": seed, "evals": evals, "margin": MARGIN,
                 "tokens_off": off["tokens"], "tokens_on": on["tokens"],
                 "ratio": off["tokens"] / on["tokens"], "stopped": on["stopped"],
                 "best_off": off["best"], "best_on": on["best"],

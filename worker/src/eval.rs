@@ -560,7 +560,7 @@ impl Evaluator {
                     weight,
                 })
                 .collect();
-            if let Some((p, each)) = race::look_strata(&sets, race.z[look]) {
+            if let Some((p, each)) = race::look_strata(&sets, race.z[look], race.margin) {
                 let seconds = t0.elapsed().as_secs_f64();
                 let sets = (0..k)
                     .map(|d| {

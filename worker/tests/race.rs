@@ -40,6 +40,7 @@ fn windows(ev: &mut Evaluator, w: f32) -> (Vec<f64>, usize) {
         incumbent: Vec::new(),
         z: Z,
         weights: vec![1.0],
+        margin: 0.0,
     };
     let r = ev.score_race(1, &open).unwrap();
     assert!(r.partial.is_none());
@@ -64,7 +65,7 @@ fn stops_from(
     race::look_plan(&[(c.len(), min)])
         .into_iter()
         .map(|(n, k)| (n[0], k))
-        .find(|&(n, k)| race::look(&c[..n], &b[..n], c.len(), tokens, Z[k]).is_some())
+        .find(|&(n, k)| race::look(&c[..n], &b[..n], c.len(), tokens, Z[k], 0.0).is_some())
         .map(|(n, _)| n)
 }
 
@@ -140,6 +141,7 @@ fn raced_scoring_stops_with_an_estimate_and_agrees_with_plain_scoring() {
         incumbent: inc.clone(),
         z: Z,
         weights: vec![1.0],
+        margin: 0.0,
     };
     let raced = ev.score_race(1, &race).unwrap();
     let (r, units) = (&raced.sets[0].score, raced.units);
@@ -200,6 +202,7 @@ fn a_task_and_a_mixture_race_item_by_item_and_window_by_window() {
         incumbent: Vec::new(),
         z: Z,
         weights,
+        margin: 0.0,
     };
     let r = ev.score_race(1, &open(vec![1.0])).unwrap();
     let items = task.task.unwrap().items;
@@ -237,6 +240,7 @@ fn a_task_and_a_mixture_race_item_by_item_and_window_by_window() {
         incumbent: inc.units.clone(),
         z: Z,
         weights: w.clone(),
+        margin: 0.0,
     };
     let raced = ev.score_race(2, &race).unwrap();
     let p = raced.partial.expect("stopped");
@@ -289,6 +293,7 @@ fn a_candidate_no_worse_on_a_task_is_stopped_at_most_one_and_a_half_alpha() {
                 incumbent: Vec::new(),
                 z: Z,
                 weights: vec![1.0],
+                margin: 0.0,
             };
             ev.score_race(1, &open).unwrap().units
         };

@@ -208,6 +208,11 @@ pub struct SearchParams {
     /// The chance that early stopping stops a trial that is not worse than the incumbent
     /// on the whole set (at most, under the test's normal approximation).
     pub early_stop_alpha: f64,
+    /// Also stop a trial that cannot improve the incumbent by more than this, in the
+    /// objective's units (nats per token for text: 0.001 is 0.1 % of perplexity); the
+    /// best found is then within it of what scoring every trial whole gives the same
+    /// trials. 0: stop only trials that are worse.
+    pub early_stop_margin: f64,
 }
 
 impl Default for SearchParams {
@@ -222,6 +227,7 @@ impl Default for SearchParams {
             baselines: true,
             early_stop: false,
             early_stop_alpha: 0.01,
+            early_stop_margin: 0.0,
         }
     }
 }
@@ -382,8 +388,12 @@ impl SearchConfig {
         });
         // Early stopping changes the windows' order and what a trial's value is; absent
         // when off, so the key of a run made before it existed is unchanged.
+        // The margin likewise only when set.
         if self.search.early_stop {
             k["early_stop"] = serde_json::json!({ "alpha": self.search.early_stop_alpha });
+            if self.search.early_stop_margin != 0.0 {
+                k["early_stop"]["margin"] = self.search.early_stop_margin.into();
+            }
         }
         k
     }
@@ -609,10 +619,17 @@ impl SearchConfig {
     /// name.
     fn check_objective(&self) -> Result<()> {
         let d = &self.data;
+        if !self.search.early_stop && self.search.early_stop_margin != 0.0 {
+            bail!("search.early_stop_margin is set but search.early_stop is not: set early_stop = true, or remove the margin");
+        }
         if self.search.early_stop {
             let a = self.search.early_stop_alpha;
             if !(a > 0.0 && a < 0.5) {
                 bail!("search.early_stop_alpha = {a}: give a probability between 0 and 0.5 (0.01 is the default)");
+            }
+            let m = self.search.early_stop_margin;
+            if !(m.is_finite() && m >= 0.0) {
+                bail!("search.early_stop_margin = {m}: give 0 or a positive difference of the objective (nats per token for text; 0.001 is 0.1 % of perplexity)");
             }
             if self.workers.stages > 1 || !self.workers.pipelines.is_empty() {
                 bail!("search.early_stop is not done through pipelines yet; use workers.stages = 1 and no workers.pipelines, or set it to false");
@@ -965,6 +982,16 @@ mod tests {
         // Keys of the [data] table (the base config ends inside it).
         refused("batch = 0\n", "data.batch = 0");
         refused("seq_len = 1\n", "data.seq_len = 1");
+        for m in ["-0.001", "nan", "inf"] {
+            refused(
+                &format!("[search]\nearly_stop = true\nearly_stop_margin = {m}\n"),
+                "search.early_stop_margin = ",
+            );
+        }
+        refused(
+            "[search]\nearly_stop_margin = 0.001\n",
+            "search.early_stop is not",
+        );
     }
 
     /// Issue 14, item 15: bad data content (a malformed line, too few tokens for one
@@ -1074,5 +1101,12 @@ mod tests {
         let c = a.resume_conflicts(&b);
         assert_eq!(c.len(), 2, "{c:?}");
         assert!(c[0].starts_with("data") && c[1].starts_with("seed"));
+        // The margin decides which trials stop: a run cannot go on under another one.
+        let (mut r, mut m) = (a.clone(), a.clone());
+        r.search.early_stop = true;
+        m.search.early_stop = true;
+        m.search.early_stop_margin = 0.001;
+        let c = r.resume_conflicts(&m);
+        assert!(c.len() == 1 && c[0].contains("margin"), "{c:?}");
     }
 }

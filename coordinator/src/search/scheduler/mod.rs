@@ -255,6 +255,7 @@ impl Scheduler {
             incumbent: best.unwrap_or_default(),
             z: race::SPEND.map(|share| crate::bo::posterior::inv_cdf(1.0 - alpha * share)),
             weights: self.objective.sets.iter().map(|(_, w)| *w).collect(),
+            margin: self.cfg.search.early_stop_margin,
         })
     }
 

@@ -64,6 +64,7 @@ impl Scheduler {
                             incumbent: Vec::new(),
                             z: [0.0; 4],
                             weights: self.objective().sets.iter().map(|(_, w)| *w).collect(),
+                            margin: 0.0,
                         }),
                 };
                 *in_use = true;
