@@ -233,10 +233,9 @@ impl Optimizer {
         });
     }
 
-    /// Records a value known before the search (see `Optimizer::priors`); a non-finite
-    /// one is ignored.
     /// A value estimated from part of the data, with the estimate's variance: a trial
-    /// stopped early because it was clearly worse than the incumbent.
+    /// stopped early because it was clearly worse than the incumbent, or not better by
+    /// more than `search.early_stop_margin`.
     pub fn tell_estimate(&mut self, u: Vec<f64>, value: f64, variance: f64) {
         self.tell(u, Ok(value));
         if let Some(o) = self.observations.last_mut().filter(|o| o.value.is_some()) {
@@ -244,6 +243,8 @@ impl Optimizer {
         }
     }
 
+    /// Records a value known before the search (see `Optimizer::priors`); a non-finite
+    /// one is ignored.
     pub fn tell_prior(&mut self, u: Vec<f64>, value: f64) {
         if value.is_finite() {
             let weights = self.space.weights(&u);
@@ -265,9 +266,10 @@ impl Optimizer {
             .filter(|o| o.value.is_some())
     }
 
-    /// The best observation so far.
+    /// The best observation so far that is not an estimate (see [`Self::tell_estimate`]).
     pub fn best(&self) -> Option<&Observation> {
         self.successes()
+            .filter(|o| o.noise == 0.0)
             .min_by(|a, b| a.value.partial_cmp(&b.value).expect("finite values"))
     }
 
@@ -345,7 +347,15 @@ impl Optimizer {
             let (mu, _) = gp.predict(&noms);
             self.hedge.update([mu[0], mu[1], mu[2]]);
         }
-        let best = ys.iter().cloned().fold(f64::INFINITY, f64::min);
+        // EI improves on the best value known exactly: an estimate (a trial stopped early
+        // with a margin) may lie below it by up to the margin, and is not a value the run
+        // can return.
+        let exact = noise.iter().zip(&ys).filter(|(n, _)| **n == 0.0);
+        let best = exact.map(|(_, y)| *y).fold(f64::INFINITY, f64::min);
+        let best = match best.is_finite() {
+            true => best,
+            false => ys.iter().cloned().fold(f64::INFINITY, f64::min),
+        };
         let best_std = gp.standardize(best);
         let joint_mode = self.config.batch == Batch::JointEi
             && self.config.strategy == Strategy::Single(Acquisition::Ei);
@@ -999,6 +1009,19 @@ mod tests {
         assert_eq!(o.observations.len(), n, "each window once");
         assert_eq!(o.best().unwrap().value, Some(0.0));
         assert!(o.propose(1, &[]).is_err());
+    }
+
+    /// A trial stopped early with a margin may be estimated below the best value scored
+    /// whole; the estimate is an observation of the surrogate, never the best.
+    #[test]
+    fn an_estimate_below_the_best_exact_value_is_not_the_best() {
+        let mut o = Optimizer::new(SearchSpace::lambda(0.0).unwrap(), BoConfig::default());
+        o.tell(vec![0.0], Ok(3.0));
+        o.tell(vec![1.0], Ok(2.0));
+        o.tell_estimate(vec![0.5], 1.999, 1e-6);
+        assert_eq!(o.best().unwrap().u, vec![1.0]);
+        assert_eq!(o.observations.last().unwrap().noise, 1e-6);
+        assert_eq!(o.propose(1, &[]).unwrap().len(), 1);
     }
 
     #[test]

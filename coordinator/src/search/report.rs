@@ -146,7 +146,8 @@ pub struct ObjectiveSet {
 }
 
 /// The completed trial with the lowest value (the first of equals), of those scored
-/// whole: a trial stopped early was worse than an incumbent, and its value is an estimate.
+/// whole: a trial stopped early was not better than an incumbent (by more than the
+/// early-stopping margin), and its value is an estimate.
 pub fn best_done(done: &[Record]) -> Option<&Record> {
     done.iter()
         .filter(|r| matches!(r, Record::Done { partial: None, .. }))

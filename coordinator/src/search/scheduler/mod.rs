@@ -267,9 +267,11 @@ impl Scheduler {
 
     fn view(&self) -> super::progress::View {
         let best = self.done.iter().filter_map(|r| match r {
+            // An estimate (a trial stopped early) is never the best.
             Record::Done {
                 perplexity,
                 weights,
+                partial: None,
                 ..
             } => Some((*perplexity, weights.clone())),
             _ => None,
