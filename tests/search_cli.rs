@@ -1153,7 +1153,8 @@ plots = false
 /// A model split over two worker processes (a pipeline: layer 0 on one, layer 1 and the
 /// head on the other, hidden states passed between them over TCP) scores exactly what
 /// one worker holding the whole model scores, with one weight vector and with per-group
-/// weights; and a search can use the pipeline as one evaluator.
+/// weights, raced (early stopping) or not; and a search can use the pipeline as one
+/// evaluator, with early stopping too.
 #[test]
 fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
     let _g = serial();
@@ -1182,7 +1183,8 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
                     DatasetSpec::new("python-docs", vec![f.join("data/python-docs.txt")]),
                 ],
                 objective_sets: 1,
-                window_seed: None,
+                // The windows in a raced order (early stopping), on both sides.
+                window_seed: Some(7),
                 window: ckmerge_common::WindowSpec {
                     seq_len: Some(128),
                     batch: Some(4),
@@ -1247,6 +1249,45 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
                     );
                 }
             }
+            // Early stopping through the pipeline: a trial scored whole keeps every
+            // window's NLL sum, and a clearly worse one raced against them stops at the
+            // same look with the same estimate, bit for bit.
+            let z = ckmerge_common::race::SPEND.map(|_| 2.5);
+            let race = |incumbent: Vec<f64>| ckmerge_common::race::Race {
+                incumbent,
+                z,
+                weights: vec![1.0],
+                margin: 0.0,
+            };
+            let per_group =
+                |w: Vec<f32>| ckmerge_common::MergeWeights::per_group(vec![w; weights.len()]);
+            let req = |trial, w: Vec<f32>, incumbent| EvalRequest {
+                trial,
+                weights: per_group(w),
+                all_datasets: true,
+                race: Some(race(incumbent)),
+            };
+            let a = one.evaluate(ctx(), req(3, vec![0.45, 0.55], vec![])).await;
+            let b = head.evaluate(ctx(), req(3, vec![0.45, 0.55], vec![])).await;
+            let (a, b) = (a.unwrap().unwrap(), b.unwrap().unwrap());
+            assert!(a.units.len() > 100 && a.partial.is_none() && b.partial.is_none());
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a.units), bits(&b.units), "groups {groups:?}");
+            assert_eq!(a.scores.len(), 2);
+            for (x, y) in a.scores.iter().zip(&b.scores) {
+                assert_eq!(x.mean_nll.to_bits(), y.mean_nll.to_bits(), "{}", x.name);
+            }
+            let worse = req(4, vec![1.0, 0.0], a.units.clone());
+            let c = one.evaluate(ctx(), worse.clone()).await.unwrap().unwrap();
+            let d = head.evaluate(ctx(), worse).await.unwrap().unwrap();
+            let p = c.partial.expect("the first checkpoint alone is stopped");
+            assert_eq!(Some(p), d.partial, "groups {groups:?}");
+            assert_eq!(bits(&c.units), bits(&d.units));
+            assert!(c.scores[0].tokens < a.scores[0].tokens);
+            for (x, y) in c.scores.iter().zip(&d.scores) {
+                assert_eq!(x.tokens, y.tokens);
+                assert_eq!(x.mean_nll.to_bits(), y.mean_nll.to_bits(), "{}", x.name);
+            }
         }
     });
     // This test's connections are a search of their own: close them, or the workers
@@ -1289,19 +1330,60 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
         "staged.toml",
         &Cfg {
             workers: &[],
-            max_evals: 3,
+            max_evals: 6,
             copies: 1,
             extra: &format!("addresses_file = {list:?}\nstages = 2"),
         },
     );
+    // With early stopping, raced through the stages; the same search on one worker (w3,
+    // free again) makes the same trials with the same values and stops.
+    let early = |p: &Path| {
+        let t = std::fs::read_to_string(p).unwrap();
+        std::fs::write(
+            p,
+            t.replace(
+                "[search]\n",
+                "[search]\nearly_stop = true\nearly_stop_margin = 0.001\n",
+            ),
+        )
+        .unwrap();
+    };
+    early(&cfg);
     let run_dir = tmp.path().join("staged");
     search_to_end(&cfg, &run_dir);
     let j = journal(&run_dir);
-    assert_eq!(done_ids(&j).len(), 3);
+    assert_eq!(done_ids(&j).len(), 6);
     let pipeline = format!("{a4} > {a5}");
     assert!(events(&j, "done")
         .iter()
         .all(|r| r["worker"] == pipeline.as_str()));
+    let one = write_config(
+        tmp.path(),
+        "one.toml",
+        &Cfg {
+            workers: std::slice::from_ref(&a3),
+            max_evals: 6,
+            copies: 1,
+            extra: "",
+        },
+    );
+    early(&one);
+    let one_dir = tmp.path().join("one");
+    search_to_end(&one, &one_dir);
+    let key = |j: &[Value]| -> Vec<(Value, Value, Value)> {
+        events(j, "done")
+            .iter()
+            .map(|d| {
+                (
+                    d["weights"].clone(),
+                    d["mean_nll"].clone(),
+                    d["partial"].clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(key(&j), key(&journal(&one_dir)));
+    assert!(events(&j, "done").iter().any(|d| d["partial"].is_object()));
 }
 
 /// The journal as far as it is whole: a coordinator killed mid-write may leave a torn

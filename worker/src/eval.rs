@@ -495,6 +495,19 @@ impl Evaluator {
         k: usize,
         race: &ckmerge_common::race::Race,
     ) -> Result<Raced, EvalError> {
+        self.score_race_with(k, race, &mut |ev, batches| ev.run_batches(batches))
+    }
+
+    /// [`Evaluator::score_race`] with a text's windows scored by `run` (given this
+    /// evaluator and the next windows, one per batch, it returns their NLL sums in order):
+    /// the head of a pipeline passes them through its stages. A task's items are always
+    /// scored here (a pipeline refuses tasks).
+    pub fn score_race_with(
+        &mut self,
+        k: usize,
+        race: &ckmerge_common::race::Race,
+        run: &mut WindowRunner,
+    ) -> Result<Raced, EvalError> {
         use ckmerge_common::race;
         let t0 = Instant::now();
         assert!(self.weights.is_some(), "set_weights before score_race");
@@ -543,7 +556,7 @@ impl Evaluator {
             .collect();
         for (n, look) in looks {
             for (d, s) in strata.iter_mut().enumerate() {
-                self.advance(d, s, n[d])?;
+                self.advance(d, s, n[d], run)?;
             }
             if n == units {
                 break;
@@ -641,14 +654,27 @@ impl Evaluator {
     }
 
     /// Scores set `d`'s next units, up to `n` of them.
-    fn advance(&mut self, d: usize, s: &mut Stratum, n: usize) -> Result<(), EvalError> {
+    fn advance(
+        &mut self,
+        d: usize,
+        s: &mut Stratum,
+        n: usize,
+        run: &mut WindowRunner,
+    ) -> Result<(), EvalError> {
         let from = s.values.len();
         if n <= from {
             return Ok(());
         }
         match &mut s.kind {
             StratumKind::Text { batches } => {
-                let v = self.run_batches(&batches[from..n])?;
+                let v = run(self, &batches[from..n])?;
+                if v.len() != n - from {
+                    return Err(EvalError::Request(format!(
+                        "{} NLL sums came back for {} windows",
+                        v.len(),
+                        n - from
+                    )));
+                }
                 s.values.extend(v);
             }
             StratumKind::Task {
@@ -1043,6 +1069,10 @@ impl Evaluator {
         self.n_sources
     }
 }
+
+/// Scores windows for [`Evaluator::score_race_with`]: given the evaluator and the next
+/// windows (one per batch), their NLL sums in order.
+pub type WindowRunner<'a> = dyn FnMut(&Evaluator, &[Batch]) -> Result<Vec<f64>, EvalError> + 'a;
 
 /// A raced objective's scores ([`Evaluator::score_race`]).
 #[derive(Debug)]

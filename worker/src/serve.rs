@@ -249,6 +249,50 @@ async fn pass_on(
         .map_err(|e| e.message)
 }
 
+/// A raced trial's next windows through a pipeline, from its head (on a blocking thread,
+/// holding the head's evaluator): each window through the head's layers here, then handed
+/// to the next stage, at most one window in flight per stage (as `evaluate_pipeline`
+/// streams them) so the stages work at once; the windows' NLL sums in order.
+fn race_through_stages(
+    ev: &Evaluator,
+    batches: &[Batch],
+    next: &WorkerApiClient,
+    ctx: &Context,
+    weights: &MergeWeights,
+    stages: usize,
+    rt: &tokio::runtime::Handle,
+) -> Result<Vec<f64>, String> {
+    let mut out = Vec::with_capacity(batches.len());
+    let mut in_flight = std::collections::VecDeque::new();
+    for b in batches {
+        let hidden = match ev.stage_forward(b, None).map_err(|e| e.to_string())? {
+            StageOutput::Nll(n) => {
+                out.push(n); // a pipeline of one stage: nothing in flight
+                continue;
+            }
+            StageOutput::Hidden(h) => h,
+        };
+        if in_flight.len() >= stages.max(2) {
+            let oldest: tokio::task::JoinHandle<Result<f64, String>> =
+                in_flight.pop_front().expect("not empty");
+            out.push(
+                rt.block_on(oldest)
+                    .map_err(|e| format!("stage panicked: {e}"))??,
+            );
+        }
+        let (next, ctx, weights, b) = (next.clone(), *ctx, weights.clone(), b.clone());
+        in_flight
+            .push_back(rt.spawn(async move { pass_on(&next, &ctx, weights, b, hidden).await }));
+    }
+    for h in in_flight {
+        out.push(
+            rt.block_on(h)
+                .map_err(|e| format!("stage panicked: {e}"))??,
+        );
+    }
+    Ok(out)
+}
+
 /// Merges the trial's weights: one vector, or one per tensor group.
 fn apply_weights(ev: &mut Evaluator, weights: &MergeWeights) -> Result<(), String> {
     ev.merge(weights).map_err(|e| e.to_string())
@@ -554,7 +598,9 @@ impl WorkerService {
     /// The head of a pipeline: merges its own layers, then streams batches through its
     /// layers and on to the next stage, keeping one batch in flight per stage so stages
     /// work at once. Per-batch NLLs come back in order and are added in window order, so
-    /// the score equals a single worker's bit for bit.
+    /// the score equals a single worker's bit for bit. A raced trial (early stopping)
+    /// sends its windows one by one in the race's order and looks as a single worker
+    /// does (`Evaluator::score_race_with`), with the same values.
     async fn evaluate_pipeline(
         ev: Arc<std::sync::Mutex<Evaluator>>,
         next: WorkerApiClient,
@@ -564,12 +610,6 @@ impl WorkerService {
         queued_seconds: f64,
         objective_sets: usize,
     ) -> Result<EvalReply, String> {
-        if req.race.is_some() {
-            return Err(
-                "early stopping is not done through a pipeline yet; set search.early_stop = false"
-                    .into(),
-            );
-        }
         let t = Instant::now();
         let (e, w) = (ev.clone(), req.weights.clone());
         let n_sets = tokio::task::spawn_blocking(move || {
@@ -586,7 +626,36 @@ impl WorkerService {
         let merge_seconds = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let (mut through, mut scores) = (0.0, Vec::new());
-        for d in 0..n_sets {
+        let (mut units, mut partial, mut first) = (Vec::new(), None, 0);
+        if let Some(race) = req.race.clone() {
+            // The objective's sets raced together (see `Evaluator::score_race`), each
+            // window through the stages; the rest streamed below.
+            let (e, next, w) = (ev.clone(), next.clone(), req.weights.clone());
+            let rt = tokio::runtime::Handle::current();
+            let r = tokio::task::spawn_blocking(move || {
+                let mut ev = e.lock().map_err(|_| "evaluator poisoned by a panic")?;
+                if let Some(d) = (0..objective_sets).find(|&d| ev.datasets[d].task.is_some()) {
+                    return Err(format!(
+                        "`{}` is a multiple-choice task, which is not scored through a pipeline yet",
+                        ev.datasets[d].name
+                    ));
+                }
+                let mut run = |ev: &Evaluator, batches: &[Batch]| {
+                    race_through_stages(ev, batches, &next, &ctx, &w, stages, &rt)
+                        .map_err(crate::eval::EvalError::Request)
+                };
+                ev.score_race_with(objective_sets, &race, &mut run)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| format!("evaluation panicked: {e}"))??;
+            for s in r.sets {
+                through += s.forward_tokens as f64;
+                scores.push(s.score);
+            }
+            (units, partial, first) = (r.units, r.partial, objective_sets);
+        }
+        for d in first..n_sets.max(first) {
             let t_set = Instant::now();
             let (batches, name) = {
                 let ev = ev.lock().map_err(|_| "evaluator poisoned by a panic")?;
@@ -627,8 +696,8 @@ impl WorkerService {
             eval_seconds,
             tokens_per_s: through / eval_seconds.max(1e-9),
             queued_seconds,
-            units: Vec::new(),
-            partial: None,
+            units,
+            partial,
         })
     }
 

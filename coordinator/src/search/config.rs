@@ -203,7 +203,7 @@ pub struct SearchParams {
     /// Stop a trial once it is clearly worse than the best full evaluation so far (a
     /// sequential test on its per-batch NLLs, windows in a fixed random order; see
     /// `ckmerge_common::race`; a task's items, a mixture's sets sampled together). Off
-    /// by default; workers must hold the whole model (no pipelines).
+    /// by default; through a pipeline, its head races each window through the stages.
     pub early_stop: bool,
     /// The chance that early stopping stops a trial that is not worse than the incumbent
     /// on the whole set (at most, under the test's normal approximation).
@@ -630,9 +630,6 @@ impl SearchConfig {
             let m = self.search.early_stop_margin;
             if !(m.is_finite() && m >= 0.0) {
                 bail!("search.early_stop_margin = {m}: give 0 or a positive difference of the objective (nats per token for text; 0.001 is 0.1 % of perplexity)");
-            }
-            if self.workers.stages > 1 || !self.workers.pipelines.is_empty() {
-                bail!("search.early_stop is not done through pipelines yet; use workers.stages = 1 and no workers.pipelines, or set it to false");
             }
         }
         if !d.tasks.is_empty() && (self.workers.stages > 1 || !self.workers.pipelines.is_empty()) {
