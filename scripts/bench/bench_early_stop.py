@@ -63,7 +63,13 @@ def run(binary, ckpts, space, evals, seed, early, data):
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.time() - t0
         rep = json.loads((Path(tmp) / "run/report.json").read_text())
+        # Scoring speed of the trials scored whole: raced ones go one window per pass.
+        speeds = sorted(
+            d["tokens"] / d["eval_seconds"]
+            for d in map(json.loads, (Path(tmp) / "run/trials.jsonl").read_text().splitlines())
+            if d.get("event") == "done" and not d.get("partial") and d["eval_seconds"] > 0)
         return {
+            "full_tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
             "tokens": rep["scored_tokens"],
             "stopped": rep["stopped_early"],
             "best": rep["best"]["mean_nll"],
@@ -88,6 +94,8 @@ def main():
                 "best_off": off["best"], "best_on": on["best"],
                 "best_change_pct": (on["best"] - off["best"]) / off["best"] * 100,
                 "same_best_weights": off["best_weights"] == on["best_weights"],
+                "full_tokens_per_s_off": off["full_tokens_per_s"],
+                "full_tokens_per_s_on": on["full_tokens_per_s"],
             }
             rows.append(r)
             print(f"{name:26} seed {seed}: tokens {r['tokens_off']:7} -> {r['tokens_on']:7} "
