@@ -1,4 +1,5 @@
-//! Early stopping of a trial that is clearly worse than the incumbent (`search.early_stop`).
+//! Early stopping of a trial that is clearly worse than the incumbent, or cannot improve it by
+//! more than a margin (`search.early_stop`, `search.early_stop_margin`).
 //!
 //! With early stopping on, the objective's windows are scored in a fixed random order
 //! (one permutation per run, [`permutation`]), one window per forward pass; a window is
@@ -134,7 +135,7 @@ fn tiny((units, min): (usize, usize)) -> bool {
 /// scored before a set's first look: [`MIN_UNITS`] for a text, [`MIN_ITEMS`] for a task):
 /// at each look, how many units of every set are scored, and the look's index in
 /// [`LOOKS`]. Each set is sampled at the look's fraction (stratified sampling); a look is
-/// taken once every set that is not [`tiny`] has its minimum. For one set: after 1/16,
+/// taken once every set that is not `tiny` has its minimum. For one set: after 1/16,
 /// 1/8, 1/4, 1/2 of its units, from the first with its minimum; none where it is tiny.
 pub fn look_plan(sets: &[(usize, usize)]) -> Vec<(Vec<usize>, usize)> {
     if sets.iter().all(|&s| tiny(s)) {

@@ -485,7 +485,8 @@ impl Evaluator {
     /// Scores the objective, data sets `0..k`, racing against `race` (see
     /// [`ckmerge_common::race`]): each set's units (a text's windows, one per forward
     /// pass; a task's items) in their order, at each look every set up to the look's
-    /// share, then the test; a candidate clearly worse than the incumbent stops there.
+    /// share, then the test; a candidate clearly worse than the incumbent (or not better
+    /// by more than `race.margin`) stops there.
     /// Returns each set's result (for a stopped trial: what was scored, and the estimate
     /// of the whole set's mean, the incumbent's plus the estimated difference), every
     /// scored unit's value, set after set, and how far a stopped trial got. An empty
