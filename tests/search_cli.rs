@@ -1178,12 +1178,18 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
             let spec = LoadSpec {
                 run: "test:pipeline".into(),
                 checkpoints: vec![f.join("llama/step-1250"), f.join("llama/step-1500")],
+                // The objective: a text and a multiple-choice task, weighted; then a text.
                 datasets: vec![
                     DatasetSpec::new("heldout", vec![f.join("data/heldout.txt")]),
+                    DatasetSpec {
+                        name: "cloze".into(),
+                        files: vec![f.join("tasks/cloze.jsonl")],
+                        kind: ckmerge_common::protocol::SetKind::Task,
+                    },
                     DatasetSpec::new("python-docs", vec![f.join("data/python-docs.txt")]),
                 ],
-                objective_sets: 1,
-                // The windows in a raced order (early stopping), on both sides.
+                objective_sets: 2,
+                // The windows and items in a raced order (early stopping), on both sides.
                 window_seed: Some(7),
                 window: ckmerge_common::WindowSpec {
                     seq_len: Some(128),
@@ -1236,9 +1242,11 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
                 };
                 let a = one.evaluate(ctx(), req.clone()).await.unwrap().unwrap();
                 let b = head.evaluate(ctx(), req).await.unwrap().unwrap();
-                assert_eq!(a.scores.len(), 2);
+                assert_eq!(a.scores.len(), 3);
+                assert!(a.scores[1].task.as_ref().unwrap().items == 48);
                 for (x, y) in a.scores.iter().zip(&b.scores) {
                     assert_eq!(x.tokens, y.tokens);
+                    assert_eq!(x.task, y.task, "{}: acc, acc_norm, gold_ll", x.name);
                     assert_eq!(
                         x.mean_nll.to_bits(),
                         y.mean_nll.to_bits(),
@@ -1250,13 +1258,14 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
                 }
             }
             // Early stopping through the pipeline: a trial scored whole keeps every
-            // window's NLL sum, and a clearly worse one raced against them stops at the
-            // same look with the same estimate, bit for bit.
+            // window's NLL sum and item's choice NLL, and a clearly worse one raced
+            // against them stops at the same look with the same estimate, bit for bit.
             let z = ckmerge_common::race::SPEND.map(|_| 2.5);
             let race = |incumbent: Vec<f64>| ckmerge_common::race::Race {
                 incumbent,
                 z,
-                weights: vec![1.0],
+                // Mostly the text, on which the first checkpoint alone is clearly worse.
+                weights: vec![0.9, 0.1],
                 margin: 0.0,
             };
             let per_group =
@@ -1270,12 +1279,13 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
             let a = one.evaluate(ctx(), req(3, vec![0.45, 0.55], vec![])).await;
             let b = head.evaluate(ctx(), req(3, vec![0.45, 0.55], vec![])).await;
             let (a, b) = (a.unwrap().unwrap(), b.unwrap().unwrap());
-            assert!(a.units.len() > 100 && a.partial.is_none() && b.partial.is_none());
+            assert!(a.units.len() > 48 + 100 && a.partial.is_none() && b.partial.is_none());
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&a.units), bits(&b.units), "groups {groups:?}");
-            assert_eq!(a.scores.len(), 2);
+            assert_eq!(a.scores.len(), 3);
             for (x, y) in a.scores.iter().zip(&b.scores) {
                 assert_eq!(x.mean_nll.to_bits(), y.mean_nll.to_bits(), "{}", x.name);
+                assert_eq!(x.task, y.task, "{}", x.name);
             }
             let worse = req(4, vec![1.0, 0.0], a.units.clone());
             let c = one.evaluate(ctx(), worse.clone()).await.unwrap().unwrap();
@@ -1287,6 +1297,7 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
             for (x, y) in c.scores.iter().zip(&d.scores) {
                 assert_eq!(x.tokens, y.tokens);
                 assert_eq!(x.mean_nll.to_bits(), y.mean_nll.to_bits(), "{}", x.name);
+                assert_eq!(x.task, y.task, "{}", x.name);
             }
         }
     });
@@ -1337,16 +1348,23 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
     );
     // With early stopping, raced through the stages; the same search on one worker (w3,
     // free again) makes the same trials with the same values and stops.
+    // A multiple-choice task beside the objective: the report scores it on the sources
+    // and the best, through the pipeline's stages.
     let early = |p: &Path| {
         let t = std::fs::read_to_string(p).unwrap();
-        std::fs::write(
-            p,
-            t.replace(
+        let t = t
+            .replace(
                 "[search]\n",
                 "[search]\nearly_stop = true\nearly_stop_margin = 0.001\n",
-            ),
-        )
-        .unwrap();
+            )
+            .replace(
+                "[data]\n",
+                &format!(
+                    "[data]\ntasks = {{ cloze = {:?} }}\n",
+                    f.join("tasks/cloze.jsonl")
+                ),
+            );
+        std::fs::write(p, t).unwrap();
     };
     early(&cfg);
     let run_dir = tmp.path().join("staged");
@@ -1384,6 +1402,14 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
     };
     assert_eq!(key(&j), key(&journal(&one_dir)));
     assert!(events(&j, "done").iter().any(|d| d["partial"].is_object()));
+    let refs = |dir: &Path| report(dir)["references"].clone();
+    let (piped, whole) = (refs(&run_dir), refs(&one_dir));
+    assert_eq!(piped, whole);
+    let cloze = &piped[0]["scores"][2];
+    assert!(
+        cloze["name"] == "cloze" && cloze["task"]["items"] == 48,
+        "{piped}"
+    );
 }
 
 /// The journal as far as it is whole: a coordinator killed mid-write may leave a torn

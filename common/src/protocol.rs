@@ -44,7 +44,7 @@ use crate::weights::MergeWeights;
 use crate::window::WindowSpec;
 
 /// Bumped whenever a message or the handshake changes incompatibly.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 const MAGIC: &[u8; 8] = b"CKMERGE\0";
 const OK: u8 = 0;
@@ -256,6 +256,29 @@ pub struct StageRequest {
     pub seq: usize,
     pub scored: usize,
     pub hidden: Vec<f32>,
+    /// Multiple-choice requests, one per row of `seq` tokens (right-padded): the last
+    /// stage returns each one's continuation log-likelihood instead of an NLL sum. Empty
+    /// for text windows.
+    pub rows: Vec<ChoiceRow>,
+}
+
+/// One multiple-choice request in a [`StageRequest`]: its row holds `input` (context +
+/// continuation without its last token) in its first `input_len` tokens; the last
+/// `targets.len()` of those positions predict `targets`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChoiceRow {
+    pub input_len: usize,
+    pub targets: Vec<u32>,
+}
+
+/// What the rest of a pipeline returns for a [`StageRequest`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StageReply {
+    /// Text windows: their summed NLL.
+    Nll(f64),
+    /// Multiple-choice rows: each one's log-likelihood and whether every target was
+    /// the greedy choice.
+    LogProbs(Vec<(f64, bool)>),
 }
 
 /// Why a worker could not serve a request, as the reply carries it. The message already
@@ -292,8 +315,9 @@ impl WorkerError {
 
 #[tarpc::service]
 pub trait WorkerApi {
-    /// The rest of the pipeline on one batch; returns its summed NLL.
-    async fn stage_forward(req: StageRequest) -> Result<f64, WorkerError>;
+    /// The rest of the pipeline on one batch; returns its summed NLL (text) or its rows'
+    /// log-likelihoods (multiple choice).
+    async fn stage_forward(req: StageRequest) -> Result<StageReply, WorkerError>;
     /// Loads sources and data (or reuses them when `spec` is already loaded).
     async fn load(spec: LoadSpec) -> Result<LoadReport, WorkerError>;
     /// Merges with the request's weights and scores. Concurrent calls queue.

@@ -10,7 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ckmerge_common::protocol::{DatasetScore, DatasetSpec, PipelineStage, SetKind, TaskMetrics};
+use ckmerge_common::protocol::{
+    ChoiceRow, DatasetScore, DatasetSpec, PipelineStage, SetKind, TaskMetrics,
+};
 use ckmerge_common::{
     check_compatible, Checkpoint, CheckpointError, DType, GroupMap, Grouping, MergeWeights,
     WindowSpec,
@@ -263,14 +265,13 @@ impl Evaluator {
         let win = &opts.window;
         let seq_len = window_length(&config, win)?;
         if let Some(t) = datasets.iter().find(|d| d.kind == SetKind::Task) {
-            if opts.stage.is_some() {
+            if opts.stage.is_some() && opts.gpus.is_some() {
                 return Err(EvalError::Request(format!(
-                    "task `{}`: multiple-choice tasks are not scored through a pipeline yet; use workers that hold the whole model",
+                    "task `{}`: multiple-choice tasks through a pipeline of GPU workers are not supported yet; use CPU stages or workers that hold the whole model",
                     t.name
                 )));
             }
         }
-
         let part = match opts.stage {
             None => Part::whole(&config),
             Some(PipelineStage { index: i, count: n }) if n == 0 || i >= n || n > config.layers => {
@@ -496,18 +497,24 @@ impl Evaluator {
         k: usize,
         race: &ckmerge_common::race::Race,
     ) -> Result<Raced, EvalError> {
-        self.score_race_with(k, race, &mut |ev, batches| ev.run_batches(batches))
+        self.score_race_with(
+            k,
+            race,
+            &mut |ev, batches| ev.run_batches(batches),
+            &mut |ev, requests| ev.score_choices(requests),
+        )
     }
 
     /// [`Evaluator::score_race`] with a text's windows scored by `run` (given this
-    /// evaluator and the next windows, one per batch, it returns their NLL sums in order):
-    /// the head of a pipeline passes them through its stages. A task's items are always
-    /// scored here (a pipeline refuses tasks).
+    /// evaluator and the next windows, one per batch, it returns their NLL sums in order)
+    /// and a task's choices by `choices` (as [`Evaluator::score_choices`]): the head of a
+    /// pipeline passes them through its stages.
     pub fn score_race_with(
         &mut self,
         k: usize,
         race: &ckmerge_common::race::Race,
         run: &mut WindowRunner,
+        choices: &mut ChoiceRunner,
     ) -> Result<Raced, EvalError> {
         use ckmerge_common::race;
         let t0 = Instant::now();
@@ -557,7 +564,7 @@ impl Evaluator {
             .collect();
         for (n, look) in looks {
             for (d, s) in strata.iter_mut().enumerate() {
-                self.advance(d, s, n[d], run)?;
+                self.advance(d, s, n[d], run, choices)?;
             }
             if n == units {
                 break;
@@ -661,6 +668,7 @@ impl Evaluator {
         s: &mut Stratum,
         n: usize,
         run: &mut WindowRunner,
+        choices: &mut ChoiceRunner,
     ) -> Result<(), EvalError> {
         let from = s.values.len();
         if n <= from {
@@ -690,7 +698,7 @@ impl Evaluator {
                     .collect();
                 let chunk: Vec<crate::choice::Request> =
                     idx.iter().map(|&i| task.requests[i].clone()).collect();
-                let r = self.score_choices(&chunk);
+                let r = choices(self, &chunk);
                 self.datasets[d].task = Some(task);
                 for (&i, v) in idx.iter().zip(r?) {
                     results[i] = v;
@@ -831,7 +839,7 @@ impl Evaluator {
                 for b in batches {
                     match m.forward(b, None)? {
                         StageOutput::Nll(n) => out.push(n),
-                        StageOutput::Hidden(_) => {
+                        StageOutput::Hidden(_) | StageOutput::LogProbs(_) => {
                             return Err(EvalError::Request(
                                 "score on a pipeline stage: the head drives the pipeline".into(),
                             ))
@@ -920,6 +928,23 @@ impl Evaluator {
         Ok(self.task_result(d, &s, t0.elapsed().as_secs_f64()))
     }
 
+    /// Task `d` scored whole, its choices by `choices` (as [`Evaluator::score_choices`]:
+    /// a pipeline's head passes them through its stages).
+    pub fn score_task_with(
+        &mut self,
+        d: usize,
+        choices: &mut ChoiceRunner,
+    ) -> Result<SetResult, EvalError> {
+        let t0 = Instant::now();
+        let task = self.datasets[d].task.take().ok_or_else(|| {
+            EvalError::Request(format!("`{}` is not a task", self.datasets[d].name))
+        })?;
+        let r = choices(self, &task.requests);
+        let out = r.map(|r| crate::choice::score(&task, &r));
+        self.datasets[d].task = Some(task);
+        Ok(self.task_result(d, &out?, t0.elapsed().as_secs_f64()))
+    }
+
     /// Task `d`'s score as the protocol's.
     fn task_result(&self, d: usize, s: &crate::choice::TaskScore, seconds: f64) -> SetResult {
         let set = &self.datasets[d];
@@ -976,7 +1001,6 @@ impl Evaluator {
             ));
         }
         let part = &self.part;
-        let h = self.config.hidden;
         if batch.seq < 2
             || batch.scored >= batch.seq
             || !batch.tokens.len().is_multiple_of(batch.seq)
@@ -987,33 +1011,7 @@ impl Evaluator {
                 batch.tokens.len(), batch.seq, batch.scored, self.seq_len
             )));
         }
-        let vocab = self.config.vocab as u32;
-        if let Some(t) = batch.tokens.iter().find(|&&t| t >= vocab) {
-            return Err(EvalError::Request(format!(
-                "token id {t} is outside the vocabulary ({vocab})"
-            )));
-        }
-        let hidden = match (part.first, hidden) {
-            (true, None) => None,
-            (false, Some(x)) if x.len() == batch.tokens.len() * h => Some(x),
-            (false, Some(x)) => {
-                return Err(EvalError::Request(format!(
-                    "{} hidden values for {} tokens of width {h}",
-                    x.len(),
-                    batch.tokens.len()
-                )))
-            }
-            (true, Some(_)) => {
-                return Err(EvalError::Request(
-                    "the first stage takes tokens, not hidden states".into(),
-                ))
-            }
-            (false, None) => {
-                return Err(EvalError::Request(
-                    "this stage needs the previous stage's hidden states".into(),
-                ))
-            }
-        };
+        let hidden = self.stage_input(batch, hidden)?;
         let cpu = match &self.backend {
             Backend::Cpu(cpu) => cpu,
             Backend::Gpu(m) => return Ok(m.forward(batch, hidden)?),
@@ -1033,6 +1031,116 @@ impl Evaluator {
             ))
         } else {
             StageOutput::Hidden(x)
+        })
+    }
+
+    /// [`Evaluator::stage_forward`] on multiple-choice requests: `batch` holds one
+    /// right-padded row of `batch.seq` tokens per entry of `rows`
+    /// ([`crate::model::continuation_tokens`]); the last stage returns each row's
+    /// continuation log-likelihood and greedy flag, as the whole model's
+    /// [`Evaluator::score_choices`] does (the same groups, the same arithmetic). CPU only.
+    pub fn stage_forward_choices(
+        &mut self,
+        batch: &Batch,
+        rows: &[ChoiceRow],
+        hidden: Option<Vec<f32>>,
+    ) -> Result<StageOutput, EvalError> {
+        if self.weights.is_none() {
+            return Err(EvalError::Request(
+                "stage_forward before set_weights".into(),
+            ));
+        }
+        let vocab = self.config.vocab as u32;
+        let (seq, n) = (batch.seq, batch.tokens.len());
+        let bad_row = rows.iter().find(|r| {
+            r.targets.is_empty()
+                || r.targets.len() > r.input_len
+                || r.input_len > seq
+                || r.targets.iter().any(|&t| t >= vocab)
+        });
+        if rows.is_empty() || seq == 0 || n != rows.len() * seq || bad_row.is_some() {
+            return Err(EvalError::Request(format!(
+                "bad multiple-choice batch: {n} tokens, {} rows of {seq}{}",
+                rows.len(),
+                bad_row.map_or(String::new(), |r| format!(
+                    ", a row of input {} with {} targets",
+                    r.input_len,
+                    r.targets.len()
+                ))
+            )));
+        }
+        let hidden = self.stage_input(batch, hidden)?;
+        let last = self.part.last;
+        let cpu = match &mut self.backend {
+            Backend::Cpu(cpu) => cpu,
+            Backend::Gpu(_) => {
+                return Err(EvalError::Request(
+                    "multiple-choice tasks through a pipeline of GPU workers are not supported yet; use CPU stages or workers that hold the whole model".into(),
+                ))
+            }
+        };
+        cpu.model.ensure_max_seq(seq);
+        let mut x = match hidden {
+            None => cpu.model.embed(&cpu.store, &batch.tokens),
+            Some(x) => x,
+        };
+        cpu.model.forward_layers(&cpu.store, &mut x, seq);
+        if !last {
+            return Ok(StageOutput::Hidden(x));
+        }
+        let scale = cpu.model.norm_head_scale(&cpu.store);
+        let rows: Vec<(usize, &[u32])> =
+            rows.iter().map(|r| (r.input_len, &r.targets[..])).collect();
+        Ok(StageOutput::LogProbs(cpu.model.continuation_head(
+            &cpu.store,
+            &x,
+            seq,
+            &rows,
+            scale.as_deref(),
+        )))
+    }
+
+    /// The groups [`Evaluator::score_choices`] scores `requests` in (indices into them,
+    /// by length): a pipeline's head sends the same groups through its stages.
+    pub fn choice_groups(&self, requests: &[crate::choice::Request]) -> Vec<Vec<usize>> {
+        length_batches(requests, self.batch, self.batch * self.seq_len)
+    }
+
+    /// A stage's input checked against this part: the batch's token ids, and hidden
+    /// states exactly where this stage is not the first (one row of the model's width
+    /// per token).
+    fn stage_input(
+        &self,
+        batch: &Batch,
+        hidden: Option<Vec<f32>>,
+    ) -> Result<Option<Vec<f32>>, EvalError> {
+        let (part, h) = (&self.part, self.config.hidden);
+        let vocab = self.config.vocab as u32;
+        if let Some(t) = batch.tokens.iter().find(|&&t| t >= vocab) {
+            return Err(EvalError::Request(format!(
+                "token id {t} is outside the vocabulary ({vocab})"
+            )));
+        }
+        Ok(match (part.first, hidden) {
+            (true, None) => None,
+            (false, Some(x)) if x.len() == batch.tokens.len() * h => Some(x),
+            (false, Some(x)) => {
+                return Err(EvalError::Request(format!(
+                    "{} hidden values for {} tokens of width {h}",
+                    x.len(),
+                    batch.tokens.len()
+                )))
+            }
+            (true, Some(_)) => {
+                return Err(EvalError::Request(
+                    "the first stage takes tokens, not hidden states".into(),
+                ))
+            }
+            (false, None) => {
+                return Err(EvalError::Request(
+                    "this stage needs the previous stage's hidden states".into(),
+                ))
+            }
         })
     }
 
@@ -1074,6 +1182,11 @@ impl Evaluator {
 /// Scores windows for [`Evaluator::score_race_with`]: given the evaluator and the next
 /// windows (one per batch), their NLL sums in order.
 pub type WindowRunner<'a> = dyn FnMut(&Evaluator, &[Batch]) -> Result<Vec<f64>, EvalError> + 'a;
+
+/// Scores multiple-choice requests for [`Evaluator::score_race_with`] and
+/// [`Evaluator::score_task_with`]: each request's log-likelihood and greedy flag, in order.
+pub type ChoiceRunner<'a> = dyn FnMut(&mut Evaluator, &[crate::choice::Request]) -> Result<Vec<(f64, bool)>, EvalError>
+    + 'a;
 
 /// A raced objective's scores ([`Evaluator::score_race`]).
 #[derive(Debug)]

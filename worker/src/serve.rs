@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ckmerge_common::protocol::{
-    self, hostname, DatasetScore, EvalReply, EvalRequest, LoadReport, LoadSpec, LoadedDataset,
-    PipelineStage, Secret, StageRequest, WorkerApi, WorkerApiClient, WorkerError, WorkerErrorKind,
-    WorkerInfo, WorkerStatus, PROTOCOL_VERSION,
+    self, hostname, ChoiceRow, DatasetScore, EvalReply, EvalRequest, LoadReport, LoadSpec,
+    LoadedDataset, PipelineStage, Secret, StageReply, StageRequest, WorkerApi, WorkerApiClient,
+    WorkerError, WorkerErrorKind, WorkerInfo, WorkerStatus, PROTOCOL_VERSION,
 };
 use std::panic::AssertUnwindSafe;
 
@@ -28,7 +28,7 @@ use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::TcpListener;
 
-use crate::eval::{Batch, EvalOptions, Evaluator, StageOutput};
+use crate::eval::{Batch, EvalError, EvalOptions, Evaluator, StageOutput};
 use crate::tenancy::{Conn, Tenancy};
 
 struct Loaded {
@@ -227,21 +227,23 @@ fn downstream(ctx: &Context) -> Context {
     c
 }
 
-/// Hands one batch's hidden states to the next stage; returns the batch's summed NLL
-/// from the end of the pipeline.
+/// Hands one batch's hidden states to the next stage (with its multiple-choice rows, if
+/// any); returns what the end of the pipeline made of it.
 async fn pass_on(
     next: &WorkerApiClient,
     ctx: &Context,
     weights: MergeWeights,
     batch: Batch,
+    rows: Vec<ChoiceRow>,
     hidden: Vec<f32>,
-) -> Result<f64, String> {
+) -> Result<StageReply, String> {
     let req = StageRequest {
         weights,
         tokens: batch.tokens,
         seq: batch.seq,
         scored: batch.scored,
         hidden,
+        rows,
     };
     next.stage_forward(downstream(ctx), req)
         .await
@@ -249,48 +251,165 @@ async fn pass_on(
         .map_err(|e| e.message)
 }
 
-/// A raced trial's next windows through a pipeline, from its head (on a blocking thread,
-/// holding the head's evaluator): each window through the head's layers here, then handed
-/// to the next stage, at most one window in flight per stage (as `evaluate_pipeline`
-/// streams them) so the stages work at once; the windows' NLL sums in order.
-fn race_through_stages(
+/// A text batch's summed NLL from the end of the pipeline.
+fn nll_of(r: StageReply) -> Result<f64, String> {
+    match r {
+        StageReply::Nll(n) => Ok(n),
+        StageReply::LogProbs(_) => {
+            Err("the next pipeline stage scored a text batch as multiple choice".into())
+        }
+    }
+}
+
+/// Batches sent down a pipeline from its head, on a blocking thread that holds the
+/// head's evaluator: each handed to the next stage once the head's layers have run on
+/// it, at most one in flight per stage (as `evaluate_pipeline` streams windows) so the
+/// stages work at once; the replies in the order sent.
+struct Downstream<'a> {
+    next: &'a WorkerApiClient,
+    ctx: Context,
+    weights: &'a MergeWeights,
+    limit: usize,
+    rt: &'a tokio::runtime::Handle,
+    in_flight: std::collections::VecDeque<tokio::task::JoinHandle<Result<StageReply, String>>>,
+    out: Vec<StageReply>,
+}
+
+impl<'a> Downstream<'a> {
+    fn new(
+        next: &'a WorkerApiClient,
+        ctx: &Context,
+        weights: &'a MergeWeights,
+        stages: usize,
+        rt: &'a tokio::runtime::Handle,
+    ) -> Self {
+        Downstream {
+            next,
+            ctx: *ctx,
+            weights,
+            limit: stages.max(2),
+            rt,
+            in_flight: Default::default(),
+            out: Vec::new(),
+        }
+    }
+
+    fn wait_oldest(&mut self) -> Result<(), String> {
+        if let Some(h) = self.in_flight.pop_front() {
+            let r = self
+                .rt
+                .block_on(h)
+                .map_err(|e| format!("stage panicked: {e}"))??;
+            self.out.push(r);
+        }
+        Ok(())
+    }
+
+    /// The head's output on the next batch: scored already (a pipeline of one stage), or
+    /// hidden states to send on.
+    fn push(
+        &mut self,
+        batch: &Batch,
+        rows: Vec<ChoiceRow>,
+        out: StageOutput,
+    ) -> Result<(), String> {
+        let hidden = match out {
+            StageOutput::Hidden(h) => h,
+            StageOutput::Nll(n) => return self.ready(StageReply::Nll(n)),
+            StageOutput::LogProbs(v) => return self.ready(StageReply::LogProbs(v)),
+        };
+        if self.in_flight.len() >= self.limit {
+            self.wait_oldest()?;
+        }
+        let (next, ctx, weights, b) = (
+            self.next.clone(),
+            self.ctx,
+            self.weights.clone(),
+            batch.clone(),
+        );
+        self.in_flight.push_back(
+            self.rt
+                .spawn(async move { pass_on(&next, &ctx, weights, b, rows, hidden).await }),
+        );
+        Ok(())
+    }
+
+    fn ready(&mut self, r: StageReply) -> Result<(), String> {
+        while !self.in_flight.is_empty() {
+            self.wait_oldest()?;
+        }
+        self.out.push(r);
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Vec<StageReply>, String> {
+        while !self.in_flight.is_empty() {
+            self.wait_oldest()?;
+        }
+        Ok(self.out)
+    }
+}
+
+/// A raced trial's next windows through a pipeline (see [`Downstream`]): their NLL sums
+/// in order.
+fn windows_through_stages(
     ev: &Evaluator,
     batches: &[Batch],
-    next: &WorkerApiClient,
-    ctx: &Context,
-    weights: &MergeWeights,
-    stages: usize,
-    rt: &tokio::runtime::Handle,
+    down: Downstream,
 ) -> Result<Vec<f64>, String> {
-    let mut out = Vec::with_capacity(batches.len());
-    let mut in_flight = std::collections::VecDeque::new();
+    let mut down = down;
     for b in batches {
-        let hidden = match ev.stage_forward(b, None).map_err(|e| e.to_string())? {
-            StageOutput::Nll(n) => {
-                out.push(n); // a pipeline of one stage: nothing in flight
-                continue;
-            }
-            StageOutput::Hidden(h) => h,
+        let out = ev.stage_forward(b, None).map_err(|e| e.to_string())?;
+        down.push(b, Vec::new(), out)?;
+    }
+    down.finish()?.into_iter().map(nll_of).collect()
+}
+
+/// Multiple-choice requests through a pipeline (see [`Downstream`]), in the groups the
+/// whole model scores them in ([`Evaluator::choice_groups`]): each request's
+/// log-likelihood and greedy flag, in order.
+fn choices_through_stages(
+    ev: &mut Evaluator,
+    requests: &[crate::choice::Request],
+    down: Downstream,
+) -> Result<Vec<(f64, bool)>, String> {
+    let mut down = down;
+    let groups = ev.choice_groups(requests);
+    for g in &groups {
+        let pairs: Vec<(&[u32], &[u32])> = g
+            .iter()
+            .map(|&i| (&requests[i].input[..], &requests[i].targets[..]))
+            .collect();
+        let (tokens, seq) = crate::model::continuation_tokens(&pairs);
+        let rows: Vec<ChoiceRow> = g
+            .iter()
+            .map(|&i| ChoiceRow {
+                input_len: requests[i].input.len(),
+                targets: requests[i].targets.clone(),
+            })
+            .collect();
+        let batch = Batch {
+            tokens,
+            seq,
+            scored: 0,
         };
-        if in_flight.len() >= stages.max(2) {
-            let oldest: tokio::task::JoinHandle<Result<f64, String>> =
-                in_flight.pop_front().expect("not empty");
-            out.push(
-                rt.block_on(oldest)
-                    .map_err(|e| format!("stage panicked: {e}"))??,
-            );
+        let out = ev
+            .stage_forward_choices(&batch, &rows, None)
+            .map_err(|e| e.to_string())?;
+        down.push(&batch, rows, out)?;
+    }
+    let mut scored = vec![(0.0, false); requests.len()];
+    for (g, r) in groups.iter().zip(down.finish()?) {
+        match r {
+            StageReply::LogProbs(v) if v.len() == g.len() => {
+                for (&i, x) in g.iter().zip(v) {
+                    scored[i] = x;
+                }
+            }
+            _ => return Err("the next pipeline stage did not score every choice".into()),
         }
-        let (next, ctx, weights, b) = (next.clone(), *ctx, weights.clone(), b.clone());
-        in_flight
-            .push_back(rt.spawn(async move { pass_on(&next, &ctx, weights, b, hidden).await }));
     }
-    for h in in_flight {
-        out.push(
-            rt.block_on(h)
-                .map_err(|e| format!("stage panicked: {e}"))??,
-        );
-    }
-    Ok(out)
+    Ok(scored)
 }
 
 /// Merges the trial's weights: one vector, or one per tensor group.
@@ -337,7 +456,11 @@ impl WorkerApi for WorkerService {
         reply(outcome, WorkerErrorKind::Evaluate)
     }
 
-    async fn stage_forward(self, ctx: Context, req: StageRequest) -> Result<f64, WorkerError> {
+    async fn stage_forward(
+        self,
+        ctx: Context,
+        req: StageRequest,
+    ) -> Result<StageReply, WorkerError> {
         let outcome = AssertUnwindSafe(self.stage_forward_inner(ctx, req))
             .catch_unwind()
             .await;
@@ -627,24 +750,21 @@ impl WorkerService {
         let t = Instant::now();
         let (mut through, mut scores) = (0.0, Vec::new());
         let (mut units, mut partial, mut first) = (Vec::new(), None, 0);
+        let rt = tokio::runtime::Handle::current();
         if let Some(race) = req.race.clone() {
             // The objective's sets raced together (see `Evaluator::score_race`), each
-            // window through the stages; the rest streamed below.
-            let (e, next, w) = (ev.clone(), next.clone(), req.weights.clone());
-            let rt = tokio::runtime::Handle::current();
+            // window and each group of choices through the stages; the rest below.
+            let (e, next, w, rt) = (ev.clone(), next.clone(), req.weights.clone(), rt.clone());
             let r = tokio::task::spawn_blocking(move || {
                 let mut ev = e.lock().map_err(|_| "evaluator poisoned by a panic")?;
-                if let Some(d) = (0..objective_sets).find(|&d| ev.datasets[d].task.is_some()) {
-                    return Err(format!(
-                        "`{}` is a multiple-choice task, which is not scored through a pipeline yet",
-                        ev.datasets[d].name
-                    ));
-                }
-                let mut run = |ev: &Evaluator, batches: &[Batch]| {
-                    race_through_stages(ev, batches, &next, &ctx, &w, stages, &rt)
-                        .map_err(crate::eval::EvalError::Request)
+                let down = || Downstream::new(&next, &ctx, &w, stages, &rt);
+                let mut windows = |ev: &Evaluator, batches: &[Batch]| {
+                    windows_through_stages(ev, batches, down()).map_err(EvalError::Request)
                 };
-                ev.score_race_with(objective_sets, &race, &mut run)
+                let mut choices = |ev: &mut Evaluator, requests: &[crate::choice::Request]| {
+                    choices_through_stages(ev, requests, down()).map_err(EvalError::Request)
+                };
+                ev.score_race_with(objective_sets, &race, &mut windows, &mut choices)
                     .map_err(|e| e.to_string())
             })
             .await
@@ -657,10 +777,32 @@ impl WorkerService {
         }
         for d in first..n_sets.max(first) {
             let t_set = Instant::now();
-            let (batches, name) = {
+            let (batches, name, task) = {
                 let ev = ev.lock().map_err(|_| "evaluator poisoned by a panic")?;
-                (ev.batches(d), ev.datasets[d].name.clone())
+                (
+                    ev.batches(d),
+                    ev.datasets[d].name.clone(),
+                    ev.datasets[d].task.is_some(),
+                )
             };
+            if task {
+                // A task's groups of choices, one after another through the stages.
+                let (e, next, w, rt) = (ev.clone(), next.clone(), req.weights.clone(), rt.clone());
+                let r = tokio::task::spawn_blocking(move || {
+                    let mut ev = e.lock().map_err(|_| "evaluator poisoned by a panic")?;
+                    let mut choices = |ev: &mut Evaluator, requests: &[crate::choice::Request]| {
+                        let down = Downstream::new(&next, &ctx, &w, stages, &rt);
+                        choices_through_stages(ev, requests, down).map_err(EvalError::Request)
+                    };
+                    ev.score_task_with(d, &mut choices)
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| format!("evaluation panicked: {e}"))??;
+                through += r.forward_tokens as f64;
+                scores.push(r.score);
+                continue;
+            }
             let nll: Vec<f64> = futures::stream::iter(batches.iter().cloned().map(|b| {
                 let (ev, next, weights) = (ev.clone(), next.clone(), req.weights.clone());
                 async move {
@@ -674,7 +816,10 @@ impl WorkerService {
                     match out {
                         StageOutput::Nll(n) => Ok(n),
                         StageOutput::Hidden(hidden) => {
-                            pass_on(&next, &ctx, weights, b, hidden).await
+                            nll_of(pass_on(&next, &ctx, weights, b, Vec::new(), hidden).await?)
+                        }
+                        StageOutput::LogProbs(_) => {
+                            Err("a text window was scored as multiple choice".into())
                         }
                     }
                 }
@@ -703,7 +848,11 @@ impl WorkerService {
 
     /// A later stage: merge this trial's weights into its layers (once per trial), run
     /// them, and pass the result on or score it.
-    async fn stage_forward_inner(self, ctx: Context, req: StageRequest) -> Result<f64, String> {
+    async fn stage_forward_inner(
+        self,
+        ctx: Context,
+        req: StageRequest,
+    ) -> Result<StageReply, String> {
         self.check_tenant()?;
         let (ev, next) = {
             let guard = self.inner.loaded.lock().await;
@@ -720,25 +869,27 @@ impl WorkerService {
             seq: req.seq,
             scored: req.scored,
         };
-        let weights = req.weights.clone();
+        let (weights, rows) = (req.weights.clone(), req.rows);
         let hidden = req.hidden;
-        let (batch, out) = tokio::task::spawn_blocking(move || {
+        let (batch, rows, out) = tokio::task::spawn_blocking(move || {
             let mut ev = ev.lock().map_err(|_| "evaluator poisoned by a panic")?;
             if ev.part().first {
                 return Err("stage_forward sent to the first stage of a pipeline".to_string());
             }
             apply_weights(&mut ev, &weights)?;
-            let out = ev
-                .stage_forward(&batch, Some(hidden))
-                .map_err(|e| e.to_string())?;
-            Ok((batch, out))
+            let out = match rows.is_empty() {
+                true => ev.stage_forward(&batch, Some(hidden)),
+                false => ev.stage_forward_choices(&batch, &rows, Some(hidden)),
+            };
+            Ok((batch, rows, out.map_err(|e| e.to_string())?))
         })
         .await
         .map_err(|e| format!("stage panicked: {e}"))??;
         match (out, next) {
-            (StageOutput::Nll(n), _) => Ok(n),
+            (StageOutput::Nll(n), _) => Ok(StageReply::Nll(n)),
+            (StageOutput::LogProbs(v), _) => Ok(StageReply::LogProbs(v)),
             (StageOutput::Hidden(hidden), Some(next)) => {
-                pass_on(&next, &ctx, req.weights, batch, hidden).await
+                pass_on(&next, &ctx, req.weights, batch, rows, hidden).await
             }
             (StageOutput::Hidden(_), None) => {
                 Err("a middle pipeline stage has no next stage".into())

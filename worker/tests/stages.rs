@@ -83,6 +83,109 @@ fn two_stages_give_the_nll_of_the_whole_model() {
     }
 }
 
+/// Multiple-choice requests through two stages: the same length groups as the whole
+/// model, right-padded the same way, give every request's log-likelihood and greedy flag
+/// bit for bit; a malformed group is refused by name.
+#[test]
+fn two_stages_give_the_choice_log_likelihoods_of_the_whole_model() {
+    use ckmerge_common::protocol::{ChoiceRow, SetKind};
+    use ckmerge_worker::eval::Batch;
+    let task = vec![DatasetSpec {
+        name: "cloze".into(),
+        files: vec![fixtures().join("tasks/cloze.jsonl")],
+        kind: SetKind::Task,
+    }];
+    for arch in ["llama", "neox"] {
+        let ckpts = [
+            fixtures().join(arch).join("step-1250"),
+            fixtures().join(arch).join("step-1500"),
+        ];
+        let w = [0.37f32, 0.63];
+        let mut whole = Evaluator::load(&ckpts, &task, &opts(None)).unwrap();
+        whole.set_weights(&w).unwrap();
+        let requests = whole.datasets[0].task.take().unwrap().requests;
+        let want = whole.score_choices(&requests).unwrap();
+
+        let mut s0 = Evaluator::load(&ckpts, &task, &opts(Some((0, 2)))).unwrap();
+        let mut s1 = Evaluator::load(&ckpts, &[], &opts(Some((1, 2)))).unwrap();
+        s0.set_weights(&w).unwrap();
+        s1.set_weights(&w).unwrap();
+        let groups = s0.choice_groups(&requests);
+        assert!(groups.len() > 1);
+        let mut got = vec![(0.0, false); requests.len()];
+        for g in &groups {
+            let pairs: Vec<(&[u32], &[u32])> = g
+                .iter()
+                .map(|&i| (&requests[i].input[..], &requests[i].targets[..]))
+                .collect();
+            let (tokens, seq) = ckmerge_worker::model::continuation_tokens(&pairs);
+            let rows: Vec<ChoiceRow> = g
+                .iter()
+                .map(|&i| ChoiceRow {
+                    input_len: requests[i].input.len(),
+                    targets: requests[i].targets.clone(),
+                })
+                .collect();
+            let b = Batch {
+                tokens,
+                seq,
+                scored: 0,
+            };
+            let StageOutput::Hidden(h) = s0.stage_forward_choices(&b, &rows, None).unwrap() else {
+                panic!("the first of two stages passes hidden states on")
+            };
+            let mut short = rows.clone();
+            short[0].input_len = seq + 1;
+            let Err(e) = s1.stage_forward_choices(&b, &short, Some(h.clone())) else {
+                panic!("a row longer than its batch is refused")
+            };
+            let e = e.to_string();
+            assert!(e.contains("bad multiple-choice batch"), "{e}");
+            let StageOutput::LogProbs(v) = s1.stage_forward_choices(&b, &rows, Some(h)).unwrap()
+            else {
+                panic!("the last stage scores")
+            };
+            for (&i, x) in g.iter().zip(v) {
+                got[i] = x;
+            }
+        }
+        for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+            assert_eq!(
+                (a.0.to_bits(), a.1),
+                (b.0.to_bits(), b.1),
+                "{arch}, request {i}: whole {a:?} vs pipeline {b:?}"
+            );
+        }
+    }
+}
+
+/// GPU stages have no multiple-choice path yet: a pipeline of GPU workers with a task is
+/// refused when it loads, before any GPU is touched, naming the task.
+#[test]
+fn a_task_through_gpu_stages_is_refused_at_load() {
+    let task = vec![DatasetSpec {
+        name: "cloze".into(),
+        files: vec![fixtures().join("tasks/cloze.jsonl")],
+        kind: ckmerge_common::protocol::SetKind::Task,
+    }];
+    let ckpts = [
+        fixtures().join("llama/step-1250"),
+        fixtures().join("llama/step-1500"),
+    ];
+    let o = EvalOptions {
+        gpus: Some(vec![0]),
+        ..opts(Some((0, 2)))
+    };
+    let Err(e) = Evaluator::load(&ckpts, &task, &o) else {
+        panic!("loaded a task onto GPU stages")
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("task `cloze`") && e.contains("pipeline of GPU workers"),
+        "{e}"
+    );
+}
+
 #[test]
 fn impossible_stage_splits_are_refused() {
     let ckpts = [fixtures().join("llama/step-1250")];

@@ -632,9 +632,6 @@ impl SearchConfig {
                 bail!("search.early_stop_margin = {m}: give 0 or a positive difference of the objective (nats per token for text; 0.001 is 0.1 % of perplexity)");
             }
         }
-        if !d.tasks.is_empty() && (self.workers.stages > 1 || !self.workers.pipelines.is_empty()) {
-            bail!("data.tasks: multiple-choice tasks are not scored through a pipeline yet; use workers.stages = 1 and no workers.pipelines");
-        }
         if let Some(k) = d.extra.keys().find(|k| d.tasks.contains_key(*k)) {
             bail!("`{k}` is both in data.extra and in data.tasks; give one of them another name");
         }
@@ -918,10 +915,6 @@ mod tests {
         refused(
             "objective = [\"d/cloze.txt\"]\ntasks = { cloze = \"p.jsonl\" }\n",
             "reuses the objective's name `cloze`",
-        );
-        refused(
-            "objective = [\"x.txt\"]\ntasks = { cloze = \"p.jsonl\" }\n[workers]\nstages = 2\n",
-            "not scored through a pipeline yet",
         );
     }
 

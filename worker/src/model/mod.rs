@@ -155,10 +155,28 @@ impl<T: Copy> Layers<T> {
 }
 
 /// What a pipeline stage passes on: hidden states to the next stage, or, from the last,
-/// the batch's summed NLL.
+/// the batch's summed NLL (text windows) or its rows' continuation log-likelihoods
+/// (multiple choice).
 pub enum StageOutput {
     Hidden(Vec<f32>),
     Nll(f64),
+    LogProbs(Vec<(f64, bool)>),
+}
+
+/// Continuation requests `(input, targets)` as one batch: each input right-padded to
+/// the longest (exact: attention is causal, and the padding comes after every position
+/// that is read), and that length.
+pub fn continuation_tokens(rows: &[(&[u32], &[u32])]) -> (Vec<u32>, usize) {
+    let len = rows.iter().map(|(i, _)| i.len()).max().unwrap_or(0);
+    let mut tokens = Vec::with_capacity(rows.len() * len);
+    for (input, targets) in rows {
+        let (n, m) = (input.len(), targets.len());
+        assert!(m >= 1 && m <= n, "bad continuation request");
+        tokens.extend_from_slice(input);
+        // Any valid id: its position is after every one that is read.
+        tokens.resize(tokens.len() + len - n, input[n - 1]);
+    }
+    (tokens, len)
 }
 
 /// Which part of the model a process holds: a contiguous range of decoder layers, plus
@@ -437,19 +455,27 @@ impl Model {
         rows: &[(&[u32], &[u32])],
         scale: Option<&[f32]>,
     ) -> Vec<(f64, bool)> {
-        let c = &self.config;
-        let h = c.hidden;
-        let len = rows.iter().map(|(i, _)| i.len()).max().unwrap_or(0);
-        let mut tokens = Vec::with_capacity(rows.len() * len);
-        for (input, targets) in rows {
-            let (n, m) = (input.len(), targets.len());
-            assert!(m >= 1 && m <= n, "bad continuation request");
-            tokens.extend_from_slice(input);
-            // Any valid id: its position is after every one that is read.
-            tokens.resize(tokens.len() + len - n, input[n - 1]);
-        }
+        let (tokens, len) = continuation_tokens(rows);
         let mut x = self.embed(w, &tokens);
         self.forward_layers(w, &mut x, len);
+        let rows: Vec<(usize, &[u32])> = rows.iter().map(|(i, t)| (i.len(), *t)).collect();
+        self.continuation_head(w, &x, len, &rows, scale)
+    }
+
+    /// The output head's part of [`Model::continuation_logprobs`], on the last layer's
+    /// hidden states `x` of right-padded rows of `len` tokens ([`continuation_tokens`]),
+    /// each row given as (its input's length, its targets): on a whole model, or on the
+    /// last stage of a pipeline.
+    pub fn continuation_head(
+        &self,
+        w: &ParamStore,
+        x: &[f32],
+        len: usize,
+        rows: &[(usize, &[u32])],
+        scale: Option<&[f32]>,
+    ) -> Vec<(f64, bool)> {
+        let c = &self.config;
+        let h = c.hidden;
         let head = self
             .head
             .as_ref()
@@ -457,8 +483,8 @@ impl Model {
         // The positions that predict each row's targets, all rows in one projection.
         let m_all: usize = rows.iter().map(|(_, t)| t.len()).sum();
         let mut picked = Vec::with_capacity(m_all * h);
-        for (r, (input, targets)) in rows.iter().enumerate() {
-            let (n, m) = (input.len(), targets.len());
+        for (r, &(n, targets)) in rows.iter().enumerate() {
+            let m = targets.len();
             picked.extend_from_slice(&x[(r * len + n - m) * h..(r * len + n) * h]);
         }
         let mut normed = vec![0f32; picked.len()];
