@@ -1388,19 +1388,7 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
     early(&one);
     let one_dir = tmp.path().join("one");
     search_to_end(&one, &one_dir);
-    let key = |j: &[Value]| -> Vec<(Value, Value, Value)> {
-        events(j, "done")
-            .iter()
-            .map(|d| {
-                (
-                    d["weights"].clone(),
-                    d["mean_nll"].clone(),
-                    d["partial"].clone(),
-                )
-            })
-            .collect()
-    };
-    assert_eq!(key(&j), key(&journal(&one_dir)));
+    assert_eq!(trial_key(&j), trial_key(&journal(&one_dir)));
     assert!(events(&j, "done").iter().any(|d| d["partial"].is_object()));
     let refs = |dir: &Path| report(dir)["references"].clone();
     let (piped, whole) = (refs(&run_dir), refs(&one_dir));
@@ -1865,6 +1853,21 @@ fn early_stopping_scores_fewer_tokens_keeps_the_best_and_resumes_exactly() {
     assert_resumes_to(&split, 12, &j);
 }
 
+/// What must match between two runs that make the same trials: each completed trial's
+/// weights, value and early stop, in order.
+fn trial_key(j: &[Value]) -> Vec<(Value, Value, Value)> {
+    events(j, "done")
+        .iter()
+        .map(|d| {
+            (
+                d["weights"].clone(),
+                d["mean_nll"].clone(),
+                d["partial"].clone(),
+            )
+        })
+        .collect()
+}
+
 /// Resumes the run in `split` to `max_evals` and checks that it made the trials of the
 /// straight run journalled in `straight`: the same weights, values and stops, in order.
 fn assert_resumes_to(split: &Path, max_evals: usize, straight: &[Value]) {
@@ -1875,19 +1878,7 @@ fn assert_resumes_to(split: &Path, max_evals: usize, straight: &[Value]) {
         max_evals.to_string().as_ref(),
     ]));
     assert!(o.status.success(), "{}", stderr(&o));
-    let key = |j: &[Value]| -> Vec<(Value, Value, Value)> {
-        events(j, "done")
-            .iter()
-            .map(|d| {
-                (
-                    d["weights"].clone(),
-                    d["mean_nll"].clone(),
-                    d["partial"].clone(),
-                )
-            })
-            .collect()
-    };
-    assert_eq!(key(&journal(split)), key(straight));
+    assert_eq!(trial_key(&journal(split)), trial_key(straight));
 }
 
 /// Early stopping on a weighted mixture of a task and a text (the 12-checkpoint simplex):

@@ -1106,6 +1106,33 @@ impl Evaluator {
         length_batches(requests, self.batch, self.batch * self.seq_len)
     }
 
+    /// Group `g` of `requests` ([`Evaluator::choice_groups`]) as a pipeline sends it:
+    /// the right-padded rows ([`crate::model::continuation_tokens`]) and each request's
+    /// row.
+    pub fn choice_batch(
+        requests: &[crate::choice::Request],
+        g: &[usize],
+    ) -> (Batch, Vec<ChoiceRow>) {
+        let pairs: Vec<(&[u32], &[u32])> = g
+            .iter()
+            .map(|&i| (&requests[i].input[..], &requests[i].targets[..]))
+            .collect();
+        let (tokens, seq) = crate::model::continuation_tokens(&pairs);
+        let rows = g
+            .iter()
+            .map(|&i| ChoiceRow {
+                input_len: requests[i].input.len(),
+                targets: requests[i].targets.clone(),
+            })
+            .collect();
+        let batch = Batch {
+            tokens,
+            seq,
+            scored: 0,
+        };
+        (batch, rows)
+    }
+
     /// A stage's input checked against this part: the batch's token ids, and hidden
     /// states exactly where this stage is not the first (one row of the model's width
     /// per token).

@@ -376,23 +376,7 @@ fn choices_through_stages(
     let mut down = down;
     let groups = ev.choice_groups(requests);
     for g in &groups {
-        let pairs: Vec<(&[u32], &[u32])> = g
-            .iter()
-            .map(|&i| (&requests[i].input[..], &requests[i].targets[..]))
-            .collect();
-        let (tokens, seq) = crate::model::continuation_tokens(&pairs);
-        let rows: Vec<ChoiceRow> = g
-            .iter()
-            .map(|&i| ChoiceRow {
-                input_len: requests[i].input.len(),
-                targets: requests[i].targets.clone(),
-            })
-            .collect();
-        let batch = Batch {
-            tokens,
-            seq,
-            scored: 0,
-        };
+        let (batch, rows) = Evaluator::choice_batch(requests, g);
         let out = ev
             .stage_forward_choices(&batch, &rows, None)
             .map_err(|e| e.to_string())?;

@@ -88,8 +88,7 @@ fn two_stages_give_the_nll_of_the_whole_model() {
 /// bit for bit; a malformed group is refused by name.
 #[test]
 fn two_stages_give_the_choice_log_likelihoods_of_the_whole_model() {
-    use ckmerge_common::protocol::{ChoiceRow, SetKind};
-    use ckmerge_worker::eval::Batch;
+    use ckmerge_common::protocol::SetKind;
     let task = vec![DatasetSpec {
         name: "cloze".into(),
         files: vec![fixtures().join("tasks/cloze.jsonl")],
@@ -114,23 +113,8 @@ fn two_stages_give_the_choice_log_likelihoods_of_the_whole_model() {
         assert!(groups.len() > 1);
         let mut got = vec![(0.0, false); requests.len()];
         for g in &groups {
-            let pairs: Vec<(&[u32], &[u32])> = g
-                .iter()
-                .map(|&i| (&requests[i].input[..], &requests[i].targets[..]))
-                .collect();
-            let (tokens, seq) = ckmerge_worker::model::continuation_tokens(&pairs);
-            let rows: Vec<ChoiceRow> = g
-                .iter()
-                .map(|&i| ChoiceRow {
-                    input_len: requests[i].input.len(),
-                    targets: requests[i].targets.clone(),
-                })
-                .collect();
-            let b = Batch {
-                tokens,
-                seq,
-                scored: 0,
-            };
+            let (b, rows) = Evaluator::choice_batch(&requests, g);
+            let seq = b.seq;
             let StageOutput::Hidden(h) = s0.stage_forward_choices(&b, &rows, None).unwrap() else {
                 panic!("the first of two stages passes hidden states on")
             };
