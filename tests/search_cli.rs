@@ -1991,4 +1991,12 @@ merge = false
     );
     assert!(b <= b_full + margin, "{b} vs {b_full}");
     assert!(rep["scored_tokens"].as_u64() < rep_full["scored_tokens"].as_u64());
+    // The report says which test stopped them.
+    assert_eq!(rep["early_stop"]["margin"], margin);
+    assert!(rep_full["early_stop"].is_null());
+    let md = std::fs::read_to_string(raced.join("report.md")).unwrap();
+    assert!(
+        md.contains("stopped early (alpha 0.01, margin 0.001"),
+        "{md}"
+    );
 }

@@ -112,6 +112,13 @@ pub struct Improvement {
     pub change_vs_best_average_pct: Option<f64>,
 }
 
+/// The early-stopping test of a run (`search.early_stop_alpha`, `search.early_stop_margin`).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct EarlyStop {
+    pub alpha: f64,
+    pub margin: f64,
+}
+
 /// report.json. Its field names are stable within a `schema_version`
 /// ([`crate::summary::SCHEMA_VERSION`]): fields may be added, none renamed or removed.
 #[derive(Clone, Debug, Serialize)]
@@ -130,6 +137,8 @@ pub struct Report {
     pub scored_tokens: usize,
     /// Completed trials stopped early (`search.early_stop`).
     pub stopped_early: usize,
+    /// The early-stopping test the run used; absent when it was off.
+    pub early_stop: Option<EarlyStop>,
     pub best: Option<Record>,
     pub references: Vec<Reference>,
     pub improvement: Vec<Improvement>,
@@ -349,6 +358,10 @@ impl Report {
             failed,
             scored_tokens,
             stopped_early,
+            early_stop: cfg.search.early_stop.then_some(EarlyStop {
+                alpha: cfg.search.early_stop_alpha,
+                margin: cfg.search.early_stop_margin,
+            }),
             best,
             references,
             improvement,
@@ -458,8 +471,19 @@ impl Report {
             self.stop_reason,
             self.wall_seconds,
             self.scored_tokens,
-            if self.stopped_early > 0 {
-                format!(", {} of them stopped early", self.stopped_early)
+            if let Some(e) = self.early_stop {
+                let margin = if e.margin == 0.0 {
+                    String::new()
+                } else {
+                    format!(
+                        ", margin {}: the best is within it of these trials scored whole",
+                        e.margin
+                    )
+                };
+                format!(
+                    ", {} of them stopped early (alpha {}{margin})",
+                    self.stopped_early, e.alpha
+                )
             } else {
                 String::new()
             }
