@@ -904,10 +904,19 @@ impl Evaluator {
 
     /// Scores the current weights on task `d` (see [`crate::choice::score`]).
     pub fn score_task(&mut self, d: usize) -> Result<crate::choice::TaskScore, EvalError> {
+        self.task_score_with(d, &mut |ev, requests| ev.score_choices(requests))
+    }
+
+    /// Task `d` scored with `choices` scoring its requests.
+    fn task_score_with(
+        &mut self,
+        d: usize,
+        choices: &mut ChoiceRunner,
+    ) -> Result<crate::choice::TaskScore, EvalError> {
         let task = self.datasets[d].task.take().ok_or_else(|| {
             EvalError::Request(format!("`{}` is not a task", self.datasets[d].name))
         })?;
-        let r = self.score_choices(&task.requests);
+        let r = choices(self, &task.requests);
         let out = r.map(|r| crate::choice::score(&task, &r));
         self.datasets[d].task = Some(task);
         out
@@ -936,13 +945,8 @@ impl Evaluator {
         choices: &mut ChoiceRunner,
     ) -> Result<SetResult, EvalError> {
         let t0 = Instant::now();
-        let task = self.datasets[d].task.take().ok_or_else(|| {
-            EvalError::Request(format!("`{}` is not a task", self.datasets[d].name))
-        })?;
-        let r = choices(self, &task.requests);
-        let out = r.map(|r| crate::choice::score(&task, &r));
-        self.datasets[d].task = Some(task);
-        Ok(self.task_result(d, &out?, t0.elapsed().as_secs_f64()))
+        let s = self.task_score_with(d, choices)?;
+        Ok(self.task_result(d, &s, t0.elapsed().as_secs_f64()))
     }
 
     /// Task `d`'s score as the protocol's.

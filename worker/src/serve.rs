@@ -334,18 +334,22 @@ impl<'a> Downstream<'a> {
         Ok(())
     }
 
+    /// A reply made at the head, after those still in flight (order kept).
     fn ready(&mut self, r: StageReply) -> Result<(), String> {
-        while !self.in_flight.is_empty() {
-            self.wait_oldest()?;
-        }
+        self.drain()?;
         self.out.push(r);
         Ok(())
     }
 
-    fn finish(mut self) -> Result<Vec<StageReply>, String> {
+    fn drain(&mut self) -> Result<(), String> {
         while !self.in_flight.is_empty() {
             self.wait_oldest()?;
         }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Vec<StageReply>, String> {
+        self.drain()?;
         Ok(self.out)
     }
 }
@@ -355,9 +359,8 @@ impl<'a> Downstream<'a> {
 fn windows_through_stages(
     ev: &Evaluator,
     batches: &[Batch],
-    down: Downstream,
+    mut down: Downstream,
 ) -> Result<Vec<f64>, String> {
-    let mut down = down;
     for b in batches {
         let out = ev.stage_forward(b, None).map_err(|e| e.to_string())?;
         down.push(b, Vec::new(), out)?;
@@ -371,9 +374,8 @@ fn windows_through_stages(
 fn choices_through_stages(
     ev: &mut Evaluator,
     requests: &[crate::choice::Request],
-    down: Downstream,
+    mut down: Downstream,
 ) -> Result<Vec<(f64, bool)>, String> {
-    let mut down = down;
     let groups = ev.choice_groups(requests);
     for g in &groups {
         let (batch, rows) = Evaluator::choice_batch(requests, g);
@@ -761,13 +763,9 @@ impl WorkerService {
         }
         for d in first..n_sets.max(first) {
             let t_set = Instant::now();
-            let (batches, name, task) = {
+            let task = {
                 let ev = ev.lock().map_err(|_| "evaluator poisoned by a panic")?;
-                (
-                    ev.batches(d),
-                    ev.datasets[d].name.clone(),
-                    ev.datasets[d].task.is_some(),
-                )
+                ev.datasets[d].task.is_some()
             };
             if task {
                 // A task's groups of choices, one after another through the stages.
@@ -787,6 +785,10 @@ impl WorkerService {
                 scores.push(r.score);
                 continue;
             }
+            let (batches, name) = {
+                let ev = ev.lock().map_err(|_| "evaluator poisoned by a panic")?;
+                (ev.batches(d), ev.datasets[d].name.clone())
+            };
             let nll: Vec<f64> = futures::stream::iter(batches.iter().cloned().map(|b| {
                 let (ev, next, weights) = (ev.clone(), next.clone(), req.weights.clone());
                 async move {
