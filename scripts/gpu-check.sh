@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, in one run of under 10 minutes on one GPU machine with
 # PyTorch and transformers but no Rust and no network. Build first, here:
-#   scripts/gpu/build.sh        # -> target/gpu-check/{ckmerge,gpu_parity}
+#   scripts/gpu/build.sh        # -> target/gpu-check/{ckmerge,gpu_parity,gpu_eval}
 # then run this from the repository root on the GPU machine, with target/gpu-check
 # carried. Results: one file per step and summary.md, printed last, in
 # target/gpu-check/out, or archived as $OUT/gpu-check.tgz where OUT is set.
 #
 # 1. kernel parity: every CUDA kernel against its CPU reference (gpu_parity);
+# 1b. the GPU evaluator's tests (gpu_eval: worker/tests/gpu_eval.rs, CKMERGE_REQUIRE_GPU=1);
 # 2. model parity: `ckmerge eval --gpus 0` vs the CPU on the fixture trajectory, bf16 and
 #    f32, single checkpoints and merges (perplexity within 1e-3 / 1e-5 relative);
 # 2b. the layers split over two shards; the same search on the CPU, on the GPU in-process
 #    and through a pipeline of two GPU worker processes;
 # 2c. multiple-choice tasks on the GPU: f32 against the lm-evaluation-harness goldens,
 #    bf16 against the CPU;
+# 2d. a text + task objective with early stopping: the same search on the CPU, on the GPU
+#    in-process and through a pipeline of two GPU worker processes;
 # 3. merge bandwidth against a device-to-device copy in the same run (bf16, 2 and 4
 #    sources);
 # 3a. the flash-attention schedules (`ckmerge gpu-bench --attention`), head sizes 64, 128;
@@ -25,6 +28,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/gpu-check/ckmerge}
 PARITY=${PARITY:-target/gpu-check/gpu_parity}
+GPU_EVAL=${GPU_EVAL:-target/gpu-check/gpu_eval}
 WORK=${WORK:-/tmp/ckmerge-gpu-check}
 if [ -n "${OUT:-}" ]; then
   # A machine that sends back only a few files from $OUT: work in $WORK/results and
@@ -41,9 +45,9 @@ GPU=${GPU:-0}     # the CUDA ordinal to use (`none` runs the CPU steps alone, to
 mkdir -p "$OUT" "$WORK"
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
-# STEPS="1 3" runs only those steps (1, 2, 2b, 2c, 3, 3a, 4); default: all.
+# STEPS="1 3" runs only those steps (1, 1b, 2, 2b, 2c, 2d, 3, 3a, 4); default: all.
 want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
-kernel=skipped model=skipped split=skipped task=skipped
+kernel=skipped evaltests=skipped model=skipped split=skipped task=skipped tasksearch=skipped
 
 # CUDA libraries: the toolkit's, else PyTorch's wheels (nvrtc, cublas).
 libdirs=$(
@@ -67,6 +71,19 @@ fi
 fi
 
 F=tests/fixtures/trajectory
+if want 1b; then
+step "1b. the GPU evaluator's tests (worker/tests/gpu_eval.rs)"
+# Perplexity and multiple-choice parity in-process, a GPU stage feeding a CPU stage, and
+# multiple-choice rows through two GPU stages (bit for bit as the whole model).
+# (They use CUDA ordinal 0; with GPU=none they skip, saying so.)
+req=1; [ "$GPU" = none ] && req=0
+if CKMERGE_REQUIRE_GPU=$req CKMERGE_FIXTURES="$PWD/$F" timeout 300 "$GPU_EVAL" --test-threads 1 --nocapture 2>&1 | tee "$OUT/gpu-eval-tests.txt"; then
+  evaltests=pass
+else
+  evaltests=FAIL; status=1
+fi
+fi
+
 if want 2; then
 step "2. model parity (fixtures)"
 for s in step-1250 step-1500; do
@@ -234,6 +251,79 @@ PYEOF
 [ "${PIPESTATUS[0]}" = 0 ] && task=pass || { task=FAIL; status=1; }
 fi
 
+if want 2d; then
+step "2d. a task in the objective with early stopping: in-process and through GPU stages"
+# A mixture of held-out text and the 400-item cloze task with early stopping on (a margin
+# of 0.01 nats, so that trials near the optimum stop too: 5 of 10 on the CPU), the same
+# search three ways as in 2b: on the CPU, in-process on the GPU, and through a pipeline of
+# two GPU worker processes (multiple-choice rows and raced windows crossing the stages;
+# windows of 16 tokens make requests longer than the later stage's tables, which grow).
+# The GPU and the pipeline must journal the same trials, values and stops bit for bit;
+# the GPU's best within 1e-2 of the CPU's (bf16 GEMM inputs on task log-likelihoods).
+abs=$(cd "$F" && pwd)
+cat >"$WORK/search-task.toml" <<TOML
+checkpoints = ["$abs/llama/step-1250", "$abs/llama/step-1500"]
+[space]
+kind = "lambda"
+alpha = 0.0
+[data]
+extra = { heldout = ["$abs/data/heldout.txt"] }
+tasks = { cloze = "$abs/tasks/cloze-large.jsonl" }
+objective = { heldout = 0.5, cloze = 0.5 }
+seq_len = 16
+batch = 8
+[search]
+max_evals = 10
+seed = 0
+acquisition = "ei"
+early_stop = true
+early_stop_margin = 0.01
+[output]
+merge = false
+TOML
+cat "$WORK/search-task.toml" - >"$WORK/search-task-pipeline.toml" <<'TOML'
+[workers]
+pipelines = [["127.0.0.1:47173", "127.0.0.1:47174"]]
+TOML
+export CKMERGE_SECRET=gpu-check-secret-$$
+workers=()
+for port in 47173 47174; do
+  timeout 300 "$BIN" worker --listen 127.0.0.1:$port --gpus "$GPU" >"$OUT/worker-$port.log" 2>&1 &
+  workers+=($!)
+done
+for run in cpu:none gpu:$GPU; do
+  timeout 120 "$BIN" search --config "$WORK/search-task.toml" --run-dir "$WORK/task-search-${run%%:*}" --force \
+    --gpus "${run#*:}" >"$OUT/task-search-${run%%:*}.log" 2>&1 || echo "task search on ${run%%:*} failed"
+done
+timeout 180 "$BIN" search --config "$WORK/search-task-pipeline.toml" --run-dir "$WORK/task-search-pipeline" --force \
+  >"$OUT/task-search-pipeline.log" 2>&1 || echo "task pipeline search failed"
+for r in cpu gpu pipeline; do cp "$WORK/task-search-$r/trials.jsonl" "$OUT/task-search-$r.jsonl" 2>/dev/null; done
+$PY - "$OUT" <<'PYEOF' | tee "$OUT/task-search.md"
+import json, sys, os
+out = sys.argv[1]
+def done(r):
+    try:
+        recs = [x for x in map(json.loads, open(os.path.join(out, f"task-search-{r}.jsonl"))) if x["event"] == "done"]
+        return sorted((x["trial"], x["mean_nll"], json.dumps(x.get("partial"), sort_keys=True)) for x in recs)
+    except Exception:
+        return None
+cpu, gpu, pipe = done("cpu"), done("gpu"), done("pipeline")
+print("| check | result |\n|---|---|")
+if not (cpu and gpu and pipe):
+    print(f"| task searches | missing: cpu {cpu is not None}, gpu {gpu is not None}, pipeline {pipe is not None} |")
+    sys.exit(1)
+same = gpu == pipe
+stopped = sum(1 for t in gpu if t[2] != "null")
+best = lambda d: min(v for _, v, p in d if p == "null")
+rel = abs(best(gpu) - best(cpu)) / best(cpu)
+print(f"| task + text search with early stopping, GPU in-process vs 2-stage GPU pipeline ({len(gpu)} trials, {stopped} stopped) | {'identical' if same else 'DIFFERENT'} values and stops |")
+print(f"| its best objective: CPU {best(cpu):.6f}, GPU {best(gpu):.6f} | relative {rel:.1e} (limit 1e-2) |")
+sys.exit(0 if same and rel <= 1e-2 else 1)
+PYEOF
+[ "${PIPESTATUS[0]}" = 0 ] && tasksearch=pass || { tasksearch=FAIL; status=1; }
+kill "${workers[@]}" 2>/dev/null
+fi
+
 if want 3; then
 step "3. merge bandwidth"
 timeout 120 "$BIN" gpu-bench --bytes 4GB --sources 2,4 --dtype bf16 | tee "$OUT/merge-bandwidth.jsonl" || status=1
@@ -270,9 +360,9 @@ grep -A24 'Self CUDA' "$OUT/hf.log" | cut -c1-160 | head -26
 fi
 
 step "summary"
-$PY - "$OUT" "$kernel" "$model" "$split" "$task" <<'PYEOF' | tee "$OUT/summary.md"
+$PY - "$OUT" "$kernel" "$model" "$split" "$task" "$tasksearch" "$evaltests" <<'PYEOF' | tee "$OUT/summary.md"
 import json, sys, os
-out, kernel, model, split, task = sys.argv[1:6]
+out, kernel, model, split, task, tasksearch, evaltests = sys.argv[1:8]
 def load(n):
     try: return json.load(open(os.path.join(out, n)))
     except Exception: return None
@@ -280,9 +370,11 @@ gpu = (open(os.path.join(out, "gpus.txt")).read().strip().splitlines() or ["no G
 print(f"GPU: {gpu}\n")
 print("| check | result |\n|---|---|")
 print(f"| kernel parity (gpu_parity) | {kernel} |")
+print(f"| GPU evaluator tests (gpu_eval) | {evaltests} |")
 print(f"| model parity (fixtures, bf16 1e-3, f32 1e-5) | {model} |")
 print(f"| two shards vs one; GPU search vs 2-stage GPU pipeline vs CPU search | {split} |")
 print(f"| multiple-choice on the GPU (f32 vs lm-evaluation-harness 1e-4, bf16 vs CPU 1e-2) | {task} |")
+print(f"| task + text search, early stopping: GPU vs 2-stage GPU pipeline vs CPU | {tasksearch} |")
 try:
     for l in open(os.path.join(out, "merge-bandwidth.jsonl")):
         m = json.loads(l)

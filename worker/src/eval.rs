@@ -264,14 +264,6 @@ impl Evaluator {
         let config = ModelConfig::from_json(&first.config, &first.dir.join("config.json"))?;
         let win = &opts.window;
         let seq_len = window_length(&config, win)?;
-        if let Some(t) = datasets.iter().find(|d| d.kind == SetKind::Task) {
-            if opts.stage.is_some() && opts.gpus.is_some() {
-                return Err(EvalError::Request(format!(
-                    "task `{}`: multiple-choice tasks through a pipeline of GPU workers are not supported yet; use CPU stages or workers that hold the whole model",
-                    t.name
-                )));
-            }
-        }
         let part = match opts.stage {
             None => Part::whole(&config),
             Some(PipelineStage { index: i, count: n }) if n == 0 || i >= n || n > config.layers => {
@@ -888,10 +880,14 @@ impl Evaluator {
                     groups.iter().map(run).collect()
                 }
             }
-            Backend::Gpu(m) => groups
-                .iter()
-                .map(|g| m.continuation_logprobs(&rows(g)))
-                .collect::<Result<_, _>>()?,
+            Backend::Gpu(m) => {
+                let longest = requests.iter().map(|r| r.input.len()).max().unwrap_or(0);
+                m.ensure_max_seq(longest)?;
+                groups
+                    .iter()
+                    .map(|g| m.continuation_logprobs(&rows(g)))
+                    .collect::<Result<_, _>>()?
+            }
         };
         let mut out = vec![(0.0, false); requests.len()];
         for (g, s) in groups.iter().zip(scored) {
@@ -1042,7 +1038,8 @@ impl Evaluator {
     /// right-padded row of `batch.seq` tokens per entry of `rows`
     /// ([`crate::model::continuation_tokens`]); the last stage returns each row's
     /// continuation log-likelihood and greedy flag, as the whole model's
-    /// [`Evaluator::score_choices`] does (the same groups, the same arithmetic). CPU only.
+    /// [`Evaluator::score_choices`] does (the same groups, the same arithmetic), on the
+    /// CPU or the GPU.
     pub fn stage_forward_choices(
         &mut self,
         batch: &Batch,
@@ -1075,12 +1072,13 @@ impl Evaluator {
         }
         let hidden = self.stage_input(batch, hidden)?;
         let last = self.part.last;
+        let rows: Vec<(usize, &[u32])> =
+            rows.iter().map(|r| (r.input_len, &r.targets[..])).collect();
         let cpu = match &mut self.backend {
             Backend::Cpu(cpu) => cpu,
-            Backend::Gpu(_) => {
-                return Err(EvalError::Request(
-                    "multiple-choice tasks through a pipeline of GPU workers are not supported yet; use CPU stages or workers that hold the whole model".into(),
-                ))
+            Backend::Gpu(m) => {
+                m.ensure_max_seq(seq)?;
+                return Ok(m.choices(&batch.tokens, seq, hidden, &rows)?);
             }
         };
         cpu.model.ensure_max_seq(seq);
@@ -1093,8 +1091,6 @@ impl Evaluator {
             return Ok(StageOutput::Hidden(x));
         }
         let scale = cpu.model.norm_head_scale(&cpu.store);
-        let rows: Vec<(usize, &[u32])> =
-            rows.iter().map(|r| (r.input_len, &r.targets[..])).collect();
         Ok(StageOutput::LogProbs(cpu.model.continuation_head(
             &cpu.store,
             &x,

@@ -11,9 +11,14 @@ use serde_json::Value;
 /// Relative tolerance of a mean NLL against transformers' (f32 on both sides).
 pub const RTOL: f64 = 1e-4;
 
-/// `tests/fixtures/trajectory` of this repository.
+/// `tests/fixtures/trajectory` of this repository, or `CKMERGE_FIXTURES` where set: a test
+/// binary built here and run on another machine (scripts/gpu-check.sh runs the GPU
+/// evaluator's tests on a GPU machine that has no Rust) finds them there.
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trajectory")
+    match std::env::var_os("CKMERGE_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trajectory"),
+    }
 }
 
 /// `golden.json` of the fixtures.

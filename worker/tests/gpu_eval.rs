@@ -227,3 +227,76 @@ fn gpu_multiple_choice_log_likelihoods_match_the_cpu() {
         );
     }
 }
+
+/// Multiple-choice requests through a pipeline on the GPU. Two GPU stages give every
+/// request's log-likelihood and greedy flag bit for bit as the whole model on the GPU (the
+/// same groups and padding, hidden states crossing in f32 through the host); a GPU stage
+/// feeding a CPU stage gives the CPU's within the bf16 tolerance. Windows of 16 tokens
+/// make the requests longer than the tables the later stage loaded with, so it grows them.
+#[test]
+fn gpu_stages_give_the_choice_log_likelihoods_of_the_whole_model() {
+    let ckpts = vec![
+        fixtures().join("llama/step-1250"),
+        fixtures().join("llama/step-1500"),
+    ];
+    if !have_gpu(&ckpts) {
+        return;
+    }
+    let task = vec![DatasetSpec::task(
+        "cloze",
+        fixtures().join("tasks/cloze.jsonl"),
+    )];
+    let o = |gpus: Option<Vec<usize>>, stage: Option<(usize, usize)>| EvalOptions {
+        window: WindowSpec {
+            seq_len: Some(16),
+            ..Default::default()
+        },
+        ..opts(gpus, stage)
+    };
+    let w = [0.37f32, 0.63];
+    let load = |gpus, stage| {
+        let mut ev = Evaluator::load(&ckpts, &task, &o(gpus, stage)).unwrap();
+        ev.set_weights(&w).unwrap();
+        ev
+    };
+    let mut whole_cpu = load(None, None);
+    let requests = whole_cpu.datasets[0].task.take().unwrap().requests;
+    assert!(requests.iter().any(|r| r.input.len() > 16));
+    let cpu = whole_cpu.score_choices(&requests).unwrap();
+    let gpu = load(Some(vec![0]), None).score_choices(&requests).unwrap();
+    let mut s0 = load(Some(vec![0]), Some((0, 2)));
+    for s1_gpus in [Some(vec![0]), None] {
+        let mut s1 = load(s1_gpus.clone(), Some((1, 2)));
+        let mut got = vec![(0.0, false); requests.len()];
+        for g in &s0.choice_groups(&requests) {
+            let (b, rows) = Evaluator::choice_batch(&requests, g);
+            let StageOutput::Hidden(h) = s0.stage_forward_choices(&b, &rows, None).unwrap() else {
+                panic!("the first of two stages passes hidden states on")
+            };
+            let StageOutput::LogProbs(v) = s1.stage_forward_choices(&b, &rows, Some(h)).unwrap()
+            else {
+                panic!("the last stage scores")
+            };
+            for (&i, x) in g.iter().zip(v) {
+                got[i] = x;
+            }
+        }
+        if s1_gpus.is_some() {
+            for (i, (a, b)) in gpu.iter().zip(&got).enumerate() {
+                assert_eq!(
+                    (a.0.to_bits(), a.1),
+                    (b.0.to_bits(), b.1),
+                    "request {i}: whole model on the GPU {a:?} vs two GPU stages {b:?}"
+                );
+            }
+        } else {
+            for (i, (a, b)) in cpu.iter().zip(&got).enumerate() {
+                let err = (a.0 - b.0).abs() / a.0.abs().max(1e-12);
+                assert!(
+                    err <= 1e-2,
+                    "request {i}: CPU {a:?} vs GPU stage + CPU stage {b:?}"
+                );
+            }
+        }
+    }
+}

@@ -143,33 +143,6 @@ fn two_stages_give_the_choice_log_likelihoods_of_the_whole_model() {
     }
 }
 
-/// GPU stages have no multiple-choice path yet: a pipeline of GPU workers with a task is
-/// refused when it loads, before any GPU is touched, naming the task.
-#[test]
-fn a_task_through_gpu_stages_is_refused_at_load() {
-    let task = vec![DatasetSpec {
-        name: "cloze".into(),
-        files: vec![fixtures().join("tasks/cloze.jsonl")],
-        kind: ckmerge_common::protocol::SetKind::Task,
-    }];
-    let ckpts = [
-        fixtures().join("llama/step-1250"),
-        fixtures().join("llama/step-1500"),
-    ];
-    let o = EvalOptions {
-        gpus: Some(vec![0]),
-        ..opts(Some((0, 2)))
-    };
-    let Err(e) = Evaluator::load(&ckpts, &task, &o) else {
-        panic!("loaded a task onto GPU stages")
-    };
-    let e = e.to_string();
-    assert!(
-        e.contains("task `cloze`") && e.contains("pipeline of GPU workers"),
-        "{e}"
-    );
-}
-
 #[test]
 fn impossible_stage_splits_are_refused() {
     let ckpts = [fixtures().join("llama/step-1250")];

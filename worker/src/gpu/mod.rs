@@ -288,7 +288,7 @@ impl GpuModel {
     /// `targets`) under the merged weights, in one forward pass with every input
     /// right-padded to the longest: the GPU twin of `Model::continuation_logprobs`, exact
     /// for the same reasons (causal attention, positions keep their index). Whole model
-    /// only; the longest input must be within the `max_seq` given at load.
+    /// only; the longest input must be within [`GpuModel::max_seq`].
     pub fn continuation_logprobs(
         &self,
         rows: &[(&[u32], &[u32])],
@@ -298,39 +298,85 @@ impl GpuModel {
                 "multiple-choice requests need the whole model, not a pipeline stage".into(),
             ));
         }
-        let len = rows.iter().map(|(i, _)| i.len()).max().unwrap_or(0);
-        if len > self.max_seq {
+        let (tokens, len) = crate::model::continuation_tokens(rows);
+        let rows: Vec<(usize, &[u32])> = rows.iter().map(|(i, t)| (i.len(), *t)).collect();
+        match self.choices(&tokens, len, None, &rows)? {
+            StageOutput::LogProbs(v) => Ok(v),
+            _ => unreachable!("the whole model ends with the head"),
+        }
+    }
+
+    /// This worker's part on one group of multiple-choice rows (see
+    /// `Evaluator::stage_forward_choices`): `tokens` holds one right-padded row of `seq`
+    /// per entry of `rows` (`(input length, targets)`,
+    /// [`crate::model::continuation_tokens`]); returns the hidden states for the next
+    /// stage or, on the last, each row's (log-likelihood, is-greedy) in f64, summed in
+    /// token order on the host as the CPU's `Model::continuation_head` does.
+    pub fn choices(
+        &self,
+        tokens: &[u32],
+        seq: usize,
+        hidden: Option<Vec<f32>>,
+        rows: &[(usize, &[u32])],
+    ) -> Result<StageOutput, GpuError> {
+        if seq > self.max_seq {
             return Err(GpuError::Request(format!(
-                "a multiple-choice request of {len} tokens is longer than the {} the GPU model was loaded for",
+                "a multiple-choice request of {seq} tokens is longer than the {} the GPU model holds rotary tables for",
                 self.max_seq
             )));
         }
-        let mut tokens = Vec::with_capacity(rows.len() * len);
+        assert_eq!(
+            tokens.len(),
+            rows.len() * seq,
+            "one row of `seq` per request"
+        );
+        let x = self.layers(tokens, hidden, seq)?;
+        let last = self.shards.last().expect("at least one GPU");
+        let Some(head) = last.head.as_ref().filter(|_| self.part.last) else {
+            return Ok(StageOutput::Hidden(last.gpu.stream.clone_dtoh(&x)?));
+        };
         let (mut idx, mut targets) = (Vec::new(), Vec::new());
-        for (r, (input, tg)) in rows.iter().enumerate() {
-            let (n, m) = (input.len(), tg.len());
-            assert!(m >= 1 && m <= n, "bad continuation request");
-            tokens.extend_from_slice(input);
-            // Any valid id: its position is after every one that is read.
-            tokens.resize(tokens.len() + len - n, input[n - 1]);
-            idx.extend((r * len + n - m..r * len + n).map(|i| i as u32));
+        for (r, &(n, tg)) in rows.iter().enumerate() {
+            let m = tg.len();
+            assert!(m >= 1 && m <= n && n <= seq, "bad continuation row");
+            idx.extend((r * seq + n - m..r * seq + n).map(|i| i as u32));
             targets.extend_from_slice(tg);
         }
-        let x = self.layers(&tokens, None, len)?;
-        let last = self.shards.last().expect("at least one GPU");
-        let head = last.head.as_ref().expect("the last part holds the head");
         let per_token = self
             .ops(last)
             .head_logprobs(head, &x, tokens.len(), &idx, &targets)?;
         let mut at = per_token.into_iter();
-        Ok(rows
-            .iter()
-            .map(|(_, tg)| {
-                at.by_ref()
-                    .take(tg.len())
-                    .fold((0.0f64, true), |(ll, g), (lp, top)| (ll + lp, g && top))
-            })
-            .collect())
+        Ok(StageOutput::LogProbs(
+            rows.iter()
+                .map(|(_, tg)| {
+                    at.by_ref()
+                        .take(tg.len())
+                        .fold((0.0f64, true), |(ll, g), (lp, top)| (ll + lp, g && top))
+                })
+                .collect(),
+        ))
+    }
+
+    /// The longest sequence the rotary tables cover.
+    pub fn max_seq(&self) -> usize {
+        self.max_seq
+    }
+
+    /// Grows the rotary tables to cover `seq` positions (same values on the positions
+    /// already covered): multiple-choice requests may be longer than the windows, and a
+    /// pipeline's later stages, which read no data, learn the length from the batches,
+    /// as the CPU's `Model::ensure_max_seq` does.
+    pub fn ensure_max_seq(&mut self, seq: usize) -> Result<(), GpuError> {
+        if seq <= self.max_seq {
+            return Ok(());
+        }
+        let (cos, sin) = pos_tables(&self.config, seq);
+        for s in &mut self.shards {
+            s.cos = s.gpu.stream.clone_htod(&cos)?;
+            s.sin = s.gpu.stream.clone_htod(&sin)?;
+        }
+        self.max_seq = seq;
+        Ok(())
     }
 
     fn ops<'a>(&'a self, shard: &'a Shard) -> ShardOps<'a> {
