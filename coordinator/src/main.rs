@@ -574,7 +574,11 @@ fn run_eval(mut args: EvalArgs) -> Result<()> {
         gpus: ckmerge_worker::gpu::resolve_gpus_for(
             &args.gpus,
             (!args.task.is_empty())
-                .then_some("the GPU path of multiple-choice tasks has not been run on a GPU yet (pass --gpus to use it)"),
+                .then_some("the GPU path of multiple-choice tasks has not been run on a GPU yet (pass --gpus to use it)")
+                .or_else(|| {
+                    let first = args.checkpoints.first()?;
+                    ckmerge_worker::gpu::unverified_on_gpu(&ckmerge_worker::gpu::model_type(first)?)
+                }),
         )
         .map_err(anyhow::Error::msg)?,
     };

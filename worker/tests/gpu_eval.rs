@@ -300,3 +300,37 @@ fn gpu_stages_give_the_choice_log_likelihoods_of_the_whole_model() {
         }
     }
 }
+
+/// Qwen3 (per-head q/k norms: the RMSNorm kernel in place over each head) on the GPU, f32
+/// fixture checkpoints and their merge, within the f32 tolerance of the CPU, which
+/// matches transformers (`golden.rs::qwen3_matches_transformers`).
+#[test]
+fn qwen3_on_the_gpu_matches_the_cpu() {
+    let arch = fixtures().join("architectures");
+    let ckpts = vec![arch.join("qwen3/a"), arch.join("qwen3/b")];
+    // The probe loads with windows longer than this model's 64 positions: probe on llama.
+    if !have_gpu(&[fixtures().join("llama/step-1250")]) {
+        return;
+    }
+    let sets = &data()[..1];
+    let o = |gpus| EvalOptions {
+        window: WindowSpec {
+            seq_len: Some(64),
+            max_tokens: Some(2048),
+            ..Default::default()
+        },
+        gpus,
+        ..Default::default()
+    };
+    let mut cpu = Evaluator::load(&ckpts, sets, &o(None)).unwrap();
+    let mut gpu = Evaluator::load(&ckpts, sets, &o(Some(vec![0]))).unwrap();
+    for w in [[1.0f32, 0.0], [0.0, 1.0], [0.5, 0.5]] {
+        let (a, b) = (ppl(&mut cpu, &w)[0], ppl(&mut gpu, &w)[0]);
+        let err = (a - b).abs() / a;
+        eprintln!("qwen3 {w:?}: CPU ppl {a:.6}, GPU {b:.6}, relative {err:.2e}");
+        assert!(
+            err <= 1e-5,
+            "qwen3 {w:?}: CPU {a} vs GPU {b} ({err:.2e} > 1e-5)"
+        );
+    }
+}

@@ -354,9 +354,10 @@ pub fn run(args: SearchArgs) -> Result<SearchOutcome> {
     let local_gpus = if remote {
         None
     } else {
-        let tasks = (!cfg.data.tasks.is_empty())
-            .then_some("the config has multiple-choice tasks, whose GPU path has not been run on a GPU yet (pass --gpus to use it)");
-        ckmerge_worker::gpu::resolve_gpus_for(&args.local_gpus, tasks)
+        let unverified = (!cfg.data.tasks.is_empty())
+            .then_some("the config has multiple-choice tasks, whose GPU path has not been run on a GPU yet (pass --gpus to use it)")
+            .or_else(|| ckmerge_worker::gpu::unverified_on_gpu(&model.model_type));
+        ckmerge_worker::gpu::resolve_gpus_for(&args.local_gpus, unverified)
             .map_err(|e| anyhow::anyhow!(e))?
     };
     let run_dir = args.run_dir.clone();

@@ -16,6 +16,26 @@ pub fn resolve_gpus_for(arg: &str, cpu_only: Option<&str>) -> Result<Option<Vec<
     }
 }
 
+/// Why `--gpus auto` holds a model of `model_type` (config.json's) on the CPU: its GPU
+/// path has compiled and its CPU reference is tested, but it has not yet run on a GPU
+/// (`scripts/gpu-check.sh` checks it). Explicit GPUs use the path.
+pub fn unverified_on_gpu(model_type: &str) -> Option<&'static str> {
+    match model_type {
+        "qwen3" => Some(
+            "Qwen3's GPU path (its per-head q/k norms) has not been run on a GPU yet (pass --gpus to use it)",
+        ),
+        _ => None,
+    }
+}
+
+/// config.json's `model_type` in model directory `dir`, where it can be read (the load
+/// reports what is wrong with it otherwise).
+pub fn model_type(dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    Some(v.get("model_type")?.as_str()?.to_string())
+}
+
 /// Resolves a `--gpus` argument: None for the CPU, else the CUDA ordinals to use. `auto`
 /// picks every visible GPU and says so, or says why it runs on the CPU; `all` and explicit
 /// lists fail when there is no usable GPU. An ordinal may repeat: the layers are then split
@@ -142,6 +162,20 @@ mod tests {
         // An explicit list is resolved as asked (an error where there is no GPU), never
         // turned into the CPU.
         assert_ne!(resolve_gpus_for("0", Some("tasks")), Ok(None));
+    }
+
+    #[test]
+    fn auto_holds_a_model_whose_gpu_path_has_not_run_on_a_gpu_on_the_cpu() {
+        let arch = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/trajectory/architectures");
+        let qwen3 = model_type(&arch.join("qwen3/a")).unwrap();
+        assert_eq!(qwen3, "qwen3");
+        let why = unverified_on_gpu(&qwen3).expect("Qwen3 is not yet checked on a GPU");
+        assert!(why.contains("--gpus"), "{why}");
+        assert_eq!(resolve_gpus_for("auto", Some(why)), Ok(None));
+        assert_eq!(unverified_on_gpu("llama"), None);
+        // Unreadable: no reason (the load says what is wrong).
+        assert_eq!(model_type(&arch.join("no-such-model")), None);
     }
 
     #[test]

@@ -473,16 +473,49 @@ impl Backend for ShardOps<'_> {
         Ok(self.shard.gpu.stream.memset_zeros(x)?)
     }
 
-    /// Not implemented on the GPU yet; `GpuModel::load` refuses the models that need it
-    /// before anything is copied, so this is never reached.
+    /// The RMSNorm kernel in place, each group of `width` values a row of its own: the
+    /// kernel reads a row's values before the block's sum and writes each value after
+    /// reading it in the same thread, so `out` may be `x` (f32 out, as the CPU's).
     fn group_norm(
         &self,
-        _x: &mut CudaSlice<f32>,
-        _w: &Norm<usize>,
-        _width: usize,
+        x: &mut CudaSlice<f32>,
+        w: &Norm<usize>,
+        width: usize,
         _rows: usize,
     ) -> Result<(), GpuError> {
-        Err(not_on_gpu("q/k norms"))
+        let (s, c) = (self.shard, self.c);
+        let Some(weight) = w.weight.filter(|_| w.bias.is_none()) else {
+            return Err(not_on_gpu("a q/k norm that is not an RMSNorm with weights"));
+        };
+        let wt = s.tensor(weight);
+        let pair = (dtype_name(wt.dtype), "f32");
+        if !ckmerge_kernels::cuda::NORM_PAIRS.contains(&pair) {
+            return Err(GpuError::Request(format!(
+                "`{}` is {}: this q/k norm is not implemented on the GPU (use --gpus none)",
+                wt.name, wt.dtype
+            )));
+        }
+        // Activation buffers are allocated at their exact size (`Shard::f32_buf`).
+        let groups = x.len() / width;
+        assert_eq!(groups * width, x.len(), "q/k norm groups of {width}");
+        assert_eq!(wt.shape, [width], "q/k norm weight");
+        let gpu = &s.gpu;
+        let p = ptr(gpu, x);
+        // SAFETY: `x` holds `groups x width` f32 (asserted), read and written in place as
+        // the kernel allows (above); the weight is this shard's `[width]` tensor.
+        span(gpu, "q/k norm", || unsafe {
+            g::rms_norm(
+                gpu,
+                wt.dtype,
+                DType::F32,
+                p,
+                s.p(weight),
+                c.norm_eps,
+                p,
+                groups,
+                width,
+            )
+        })
     }
 
     /// The activation of `gate` (times `up`: SwiGLU; alone: GELU) into the compute

@@ -20,7 +20,9 @@ use ckmerge_kernels::cuda::GpuError;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 
-pub use devices::{plan_layers, resolve_gpus, resolve_gpus_for, MemoryNeed};
+pub use devices::{
+    model_type, plan_layers, resolve_gpus, resolve_gpus_for, unverified_on_gpu, MemoryNeed,
+};
 use forward::ShardOps;
 use shard::{DevStore, DevTensor, Shard};
 
@@ -76,8 +78,7 @@ impl GpuModel {
         if gpus.is_empty() {
             return Err(GpuError::Request("no GPUs given".into()));
         }
-        if config.qk_norm.is_some()
-            || config.arch == crate::model::Arch::Olmo2
+        if config.arch == crate::model::Arch::Olmo2
             || config.norm_head
             || config.plain_norms
             || config.clip_qkv.is_some()
@@ -86,8 +87,9 @@ impl GpuModel {
                 .as_ref()
                 .is_some_and(|r| r.contains(&false))
         {
-            // Qwen3's, OLMo's and OLMo 2's norms, OLMo's clipping and SmolLM3's
-            // layers without RoPE have a CPU reference but no GPU path yet.
+            // OLMo's and OLMo 2's norms, OLMo's clipping and SmolLM3's layers without
+            // RoPE have a CPU reference but no GPU path yet (Qwen3's per-head q/k norms
+            // have one: the RMSNorm kernel over each head).
             return Err(GpuError::Request(format!(
                 "{}: not implemented on the GPU yet (its norms, clipping, layers without RoPE or normalised head); evaluate it on the CPU with --gpus none",
                 config.name
