@@ -371,6 +371,11 @@ pub fn activate(x: &mut [f32], act: Activation) {
     });
 }
 
+/// Clamps every value to `[-limit, limit]` (OLMo's `clip_qkv`); a NaN stays NaN.
+pub fn clamp(x: &mut [f32], limit: f32) {
+    x.iter_mut().for_each(|v| *v = v.clamp(-limit, limit));
+}
+
 /// `a += b` elementwise.
 pub fn add_in_place(a: &mut [f32], b: &[f32]) {
     assert_eq!(a.len(), b.len());

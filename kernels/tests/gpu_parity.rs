@@ -242,6 +242,91 @@ fn norms_match_the_cpu() {
     }
 }
 
+/// The norms as the GPU model also uses them: RMSNorm in place over groups narrower than
+/// a row (Qwen3's per-head q/k norms, `x` = `out`), and the LayerNorm kernel with weight 1
+/// and bias 0 as OLMo's parameter-free LayerNorm (`ops::layer_norm_plain`).
+#[test]
+fn group_and_parameter_free_norms_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let (rows, heads, hd) = (29, 6, 24);
+    let x = rand_f32(&mut rng, rows * heads * hd, 3.0);
+    let w = rounded(DType::BF16, &rand_f32(&mut rng, hd, 1.5));
+    let mut want = vec![0f32; x.len()];
+    ops::rms_norm(&x, &w, 1e-6, &mut want);
+    let (dx, dw) = (up_f32(&gpu, &x), up_bytes(&gpu, &encode(DType::BF16, &w)));
+    // SAFETY: every buffer was allocated above, on this GPU, for these shapes; the kernel
+    // reads each value before writing it (in place).
+    unsafe {
+        g::rms_norm(
+            &gpu,
+            DType::BF16,
+            DType::F32,
+            ptr(&gpu, &dx),
+            ptr(&gpu, &dw),
+            1e-6,
+            ptr(&gpu, &dx),
+            rows * heads,
+            hd,
+        )
+    }
+    .unwrap();
+    close(
+        "rms_norm in place over heads",
+        &down_f32(&gpu, &dx),
+        &want,
+        2e-6,
+        1e-6,
+    );
+
+    let h = 1000;
+    let x = rand_f32(&mut rng, rows * h, 3.0);
+    let mut want = vec![0f32; x.len()];
+    ops::layer_norm_plain(&x, h, 1e-5, &mut want);
+    let (dx, ones, zeros) = (
+        up_f32(&gpu, &x),
+        up_f32(&gpu, &vec![1.0; h]),
+        up_f32(&gpu, &vec![0.0; h]),
+    );
+    let out = zeros_f32(&gpu, rows * h);
+    // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+    unsafe {
+        g::layer_norm(
+            &gpu,
+            DType::F32,
+            DType::F32,
+            ptr(&gpu, &dx),
+            ptr(&gpu, &ones),
+            ptr(&gpu, &zeros),
+            1e-5,
+            ptr(&gpu, &out),
+            rows,
+            h,
+        )
+    }
+    .unwrap();
+    close(
+        "parameter-free layer_norm",
+        &down_f32(&gpu, &out),
+        &want,
+        2e-6,
+        1e-6,
+    );
+
+    // clip_qkv: exact, NaN kept.
+    let mut v = rand_f32(&mut rng, 4099, 6.0);
+    v[17] = f32::NAN;
+    let dv = up_f32(&gpu, &v);
+    // SAFETY: as above.
+    unsafe { g::clamp(&gpu, ptr(&gpu, &dv), 3.0, v.len()) }.unwrap();
+    ops::clamp(&mut v, 3.0);
+    let got = down_f32(&gpu, &dv);
+    assert!(got[17].is_nan(), "clamp keeps NaN");
+    for (i, (a, b)) in got.iter().zip(&v).enumerate().filter(|(i, _)| *i != 17) {
+        assert_eq!(a.to_bits(), b.to_bits(), "clamp, value {i}");
+    }
+}
+
 #[test]
 fn elementwise_kernels_match_the_cpu() {
     let Some(gpu) = gpu() else { return };

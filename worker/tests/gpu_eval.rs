@@ -301,17 +301,18 @@ fn gpu_stages_give_the_choice_log_likelihoods_of_the_whole_model() {
     }
 }
 
-/// Qwen3 (per-head q/k norms: the RMSNorm kernel in place over each head) on the GPU, f32
-/// fixture checkpoints and their merge, within the f32 tolerance of the CPU, which
-/// matches transformers (`golden.rs::qwen3_matches_transformers`).
+/// The architectures whose GPU path came after the H100 run (Qwen3's per-head q/k norms;
+/// OLMo's parameter-free LayerNorms and `clip_qkv`; OLMo 2's output norms and q/k norms
+/// over the projections; SmolLM3's layers without RoPE) on the GPU: f32 fixture
+/// checkpoints and their merge, within the f32 tolerance of the CPU, which matches
+/// transformers (`golden.rs`).
 #[test]
-fn qwen3_on_the_gpu_matches_the_cpu() {
-    let arch = fixtures().join("architectures");
-    let ckpts = vec![arch.join("qwen3/a"), arch.join("qwen3/b")];
-    // The probe loads with windows longer than this model's 64 positions: probe on llama.
+fn newer_architectures_on_the_gpu_match_the_cpu() {
+    // The probe loads with windows longer than these models' 64 positions: probe on llama.
     if !have_gpu(&[fixtures().join("llama/step-1250")]) {
         return;
     }
+    let arch = fixtures().join("architectures");
     let sets = &data()[..1];
     let o = |gpus| EvalOptions {
         window: WindowSpec {
@@ -322,15 +323,19 @@ fn qwen3_on_the_gpu_matches_the_cpu() {
         gpus,
         ..Default::default()
     };
-    let mut cpu = Evaluator::load(&ckpts, sets, &o(None)).unwrap();
-    let mut gpu = Evaluator::load(&ckpts, sets, &o(Some(vec![0]))).unwrap();
-    for w in [[1.0f32, 0.0], [0.0, 1.0], [0.5, 0.5]] {
-        let (a, b) = (ppl(&mut cpu, &w)[0], ppl(&mut gpu, &w)[0]);
-        let err = (a - b).abs() / a;
-        eprintln!("qwen3 {w:?}: CPU ppl {a:.6}, GPU {b:.6}, relative {err:.2e}");
-        assert!(
-            err <= 1e-5,
-            "qwen3 {w:?}: CPU {a} vs GPU {b} ({err:.2e} > 1e-5)"
-        );
+    for name in ["qwen3", "olmo", "olmo2", "smollm3"] {
+        let ckpts = vec![arch.join(name).join("a"), arch.join(name).join("b")];
+        let mut cpu = Evaluator::load(&ckpts, sets, &o(None)).unwrap();
+        let mut gpu = Evaluator::load(&ckpts, sets, &o(Some(vec![0])))
+            .unwrap_or_else(|e| panic!("{name} on the GPU: {e}"));
+        for w in [[1.0f32, 0.0], [0.0, 1.0], [0.5, 0.5]] {
+            let (a, b) = (ppl(&mut cpu, &w)[0], ppl(&mut gpu, &w)[0]);
+            let err = (a - b).abs() / a;
+            eprintln!("{name} {w:?}: CPU ppl {a:.6}, GPU {b:.6}, relative {err:.2e}");
+            assert!(
+                err <= 1e-5,
+                "{name} {w:?}: CPU {a} vs GPU {b} ({err:.2e} > 1e-5)"
+            );
+        }
     }
 }

@@ -114,6 +114,7 @@ impl Module {
                     "nll_rows".to_string(),
                     "logprob_rows".to_string(),
                     "add_f32".to_string(),
+                    "clamp_f32".to_string(),
                 ];
                 for d in DTYPE_NAMES {
                     for f in [

@@ -233,6 +233,15 @@ extern "C" __global__ void add_f32(float* x, const float* y, u64 n) {
         x[i] += y[i];
 }
 
+// x = clamp(x, -limit, limit) in place, f32 (ops::clamp: OLMo's clip_qkv). Comparisons,
+// not fminf/fmaxf, so that a NaN stays NaN as Rust's f32::clamp keeps it.
+extern "C" __global__ void clamp_f32(float* x, float limit, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        x[i] = v < -limit ? -limit : (v > limit ? limit : v);
+    }
+}
+
 // ---- extern "C" instantiations: name_<weight>_<compute> ----
 #define WO(W, O, NAME)                                                                          \
 extern "C" __global__ void __launch_bounds__(BLOCK)                                             \

@@ -160,6 +160,15 @@ pub unsafe fn add(gpu: &Gpu, x: Ptr, y: Ptr, n: usize) -> Result<(), GpuError> {
     launch!(gpu, "add_f32".to_string(), flat_cfg(n as u64); x = x, y = y, n = n as u64)
 }
 
+/// Clamps `n` f32s to `[-limit, limit]` in place (ops::clamp).
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
+pub unsafe fn clamp(gpu: &Gpu, x: Ptr, limit: f32, n: usize) -> Result<(), GpuError> {
+    launch!(gpu, "clamp_f32".to_string(), flat_cfg(n as u64); x = x, limit = limit, n = n as u64)
+}
+
 /// f32 to the compute dtype.
 ///
 /// # Safety

@@ -24,6 +24,15 @@ pub fn unverified_on_gpu(model_type: &str) -> Option<&'static str> {
         "qwen3" => Some(
             "Qwen3's GPU path (its per-head q/k norms) has not been run on a GPU yet (pass --gpus to use it)",
         ),
+        "olmo" => Some(
+            "OLMo's GPU path (parameter-free LayerNorms, clip_qkv) has not been run on a GPU yet (pass --gpus to use it)",
+        ),
+        "olmo2" => Some(
+            "OLMo 2's GPU path (output norms, q/k norms over the projections) has not been run on a GPU yet (pass --gpus to use it)",
+        ),
+        "smollm3" => Some(
+            "SmolLM3's GPU path (its layers without RoPE) has not been run on a GPU yet (pass --gpus to use it)",
+        ),
         _ => None,
     }
 }
@@ -173,6 +182,9 @@ mod tests {
         let why = unverified_on_gpu(&qwen3).expect("Qwen3 is not yet checked on a GPU");
         assert!(why.contains("--gpus"), "{why}");
         assert_eq!(resolve_gpus_for("auto", Some(why)), Ok(None));
+        for t in ["olmo", "olmo2", "smollm3"] {
+            assert!(unverified_on_gpu(t).is_some(), "{t}");
+        }
         assert_eq!(unverified_on_gpu("llama"), None);
         // Unreadable: no reason (the load says what is wrong).
         assert_eq!(model_type(&arch.join("no-such-model")), None);

@@ -278,8 +278,34 @@ impl Backend for ShardOps<'_> {
         rows: usize,
     ) -> Result<(), GpuError> {
         let (s, c, cd) = (self.shard, self.c, self.cd);
+        let gpu = &s.gpu;
         let Some(weight) = w.weight else {
-            return Err(not_on_gpu("LayerNorm without parameters (OLMo)"));
+            // OLMo's LayerNorm without parameters: the LayerNorm kernel with weight 1 and
+            // bias 0 (exact: `1 * v + 0` is `v`).
+            let Some((ones, zeros)) = &s.plain_norm else {
+                return Err(not_on_gpu("a LayerNorm without parameters in this model"));
+            };
+            if !ckmerge_kernels::cuda::NORM_PAIRS.contains(&("f32", dtype_name(cd))) {
+                return Err(GpuError::Request(format!(
+                    "a parameter-free LayerNorm computing in {cd} is not implemented on the GPU (use --gpus none)"
+                )));
+            }
+            // SAFETY: `x` holds `rows x hidden` f32 and `out` as many values in `cd` (the
+            // caller's buffers); `ones` and `zeros` are `[hidden]` f32 allocated at load.
+            return span(gpu, "norm", || unsafe {
+                g::layer_norm(
+                    gpu,
+                    DType::F32,
+                    cd,
+                    ptr(gpu, x),
+                    ptr(gpu, ones),
+                    ptr(gpu, zeros),
+                    c.norm_eps,
+                    ptr(gpu, out),
+                    rows,
+                    c.hidden,
+                )
+            });
         };
         let wt = s.tensor(weight);
         let pair = (dtype_name(wt.dtype), dtype_name(cd));
@@ -289,7 +315,6 @@ impl Backend for ShardOps<'_> {
                 wt.name, wt.dtype
             )));
         }
-        let gpu = &s.gpu;
         // SAFETY: `x` holds `rows x hidden` f32 and `out` as many values in `cd` (the
         // caller's buffers, sized by the layer's shapes); the norm's tensors are `[hidden]`
         // tensors of this shard checked at load.
@@ -354,10 +379,10 @@ impl Backend for ShardOps<'_> {
         rows: usize,
         seq: usize,
     ) -> Result<(), GpuError> {
-        if !rope {
-            return Err(not_on_gpu("attention without RoPE (SmolLM3's NoPE layers)"));
-        }
         let (s, c, cd) = (self.shard, self.c, self.cd);
+        // The heads are gathered with the rotary embedding on their first `rot_dim`
+        // dimensions: none for a layer without RoPE (SmolLM3's NoPE layers).
+        let rot_dim = if rope { c.rot_dim } else { 0 };
         let gpu = &s.gpu;
         let src: (&CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<f32>) = match qkv {
             Qkv::Separate { q, k, v } => (q, k, v),
@@ -390,7 +415,7 @@ impl Backend for ShardOps<'_> {
                     seq,
                     nh,
                     hd,
-                    c.rot_dim,
+                    rot_dim,
                     tables,
                 )
             };
@@ -433,7 +458,7 @@ impl Backend for ShardOps<'_> {
                     seq,
                     nh,
                     hd,
-                    c.rot_dim,
+                    rot_dim,
                     tables,
                 )
             }?;
@@ -442,31 +467,72 @@ impl Backend for ShardOps<'_> {
         Ok(())
     }
 
-    /// Not implemented on the GPU yet (OLMo 2); `GpuModel::load` refuses the models that
-    /// need it before anything is copied, so this is never reached.
+    /// The residual stream in the compute dtype (OLMo 2's projections read it unnormed).
     fn to_input(
         &self,
-        _x: &CudaSlice<f32>,
-        _out: &mut CudaSlice<u8>,
-        _rows: usize,
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<u8>,
+        rows: usize,
     ) -> Result<(), GpuError> {
-        Err(not_on_gpu("OLMo 2's un-normalised projections"))
+        let (gpu, n) = (&self.shard.gpu, rows * self.c.hidden);
+        // SAFETY: `x` holds `rows x hidden` f32 and `out` as many values in `cd` (the
+        // caller's buffers, sized by the layer's shapes).
+        span(gpu, "to compute dtype", || unsafe {
+            g::to_compute(gpu, self.cd, ptr(gpu, x), ptr(gpu, out), n)
+        })
     }
 
-    /// Not implemented on the GPU yet (OLMo 2); see `to_input`.
+    /// `residual += rms_norm(x)` (OLMo 2's output norms): the RMSNorm kernel into f32
+    /// scratch, then the residual add, as the CPU's two steps.
     fn norm_add(
         &self,
-        _x: &CudaSlice<f32>,
-        _w: &Norm<usize>,
-        _residual: &mut CudaSlice<f32>,
-        _rows: usize,
+        x: &CudaSlice<f32>,
+        w: &Norm<usize>,
+        residual: &mut CudaSlice<f32>,
+        rows: usize,
     ) -> Result<(), GpuError> {
-        Err(not_on_gpu("OLMo 2's output norms"))
+        let (s, c) = (self.shard, self.c);
+        let Some(weight) = w.weight.filter(|_| w.bias.is_none()) else {
+            return Err(not_on_gpu(
+                "an output norm that is not an RMSNorm with weights",
+            ));
+        };
+        let wt = s.tensor(weight);
+        if !ckmerge_kernels::cuda::NORM_PAIRS.contains(&(dtype_name(wt.dtype), "f32")) {
+            return Err(GpuError::Request(format!(
+                "`{}` is {}: this norm is not implemented on the GPU (use --gpus none)",
+                wt.name, wt.dtype
+            )));
+        }
+        let gpu = &s.gpu;
+        let n = rows * c.hidden;
+        let normed = s.f32_buf(n)?;
+        // SAFETY: `x` and `residual` hold `rows x hidden` f32 (the caller's buffers),
+        // `normed` was just allocated for as many; the weight is this shard's `[hidden]`
+        // tensor checked at load.
+        span(gpu, "output norm + residual", || unsafe {
+            g::rms_norm(
+                gpu,
+                wt.dtype,
+                DType::F32,
+                ptr(gpu, x),
+                s.p(weight),
+                c.norm_eps,
+                ptr(gpu, &normed),
+                rows,
+                c.hidden,
+            )?;
+            g::add(gpu, ptr(gpu, residual), ptr(gpu, &normed), n)
+        })
     }
 
-    /// Not implemented on the GPU yet (OLMo's `clip_qkv`); see `to_input`.
-    fn clamp(&self, _x: &mut CudaSlice<f32>, _limit: f32) -> Result<(), GpuError> {
-        Err(not_on_gpu("clip_qkv"))
+    /// OLMo's `clip_qkv`, in place.
+    fn clamp(&self, x: &mut CudaSlice<f32>, limit: f32) -> Result<(), GpuError> {
+        let gpu = &self.shard.gpu;
+        let n = x.len();
+        let p = ptr(gpu, x);
+        // SAFETY: `x` is the caller's buffer of `n` f32.
+        span(gpu, "clip_qkv", || unsafe { g::clamp(gpu, p, limit, n) })
     }
 
     fn zero(&self, x: &mut CudaSlice<f32>) -> Result<(), GpuError> {

@@ -78,21 +78,14 @@ impl GpuModel {
         if gpus.is_empty() {
             return Err(GpuError::Request("no GPUs given".into()));
         }
-        if config.arch == crate::model::Arch::Olmo2
-            || config.norm_head
-            || config.plain_norms
-            || config.clip_qkv.is_some()
-            || config
-                .rope_layers
-                .as_ref()
-                .is_some_and(|r| r.contains(&false))
-        {
-            // OLMo's and OLMo 2's norms, OLMo's clipping and SmolLM3's layers without
-            // RoPE have a CPU reference but no GPU path yet (Qwen3's per-head q/k norms
-            // have one: the RMSNorm kernel over each head).
+        if config.norm_head || config.alibi.is_some() {
+            // Baichuan 2's normalised head (and the 13B's ALiBi) have a CPU reference but
+            // no GPU path yet. Qwen3's, OLMo's and OLMo 2's norms, OLMo's clipping and
+            // SmolLM3's layers without RoPE have one (see `forward`).
             return Err(GpuError::Request(format!(
-                "{}: not implemented on the GPU yet (its norms, clipping, layers without RoPE or normalised head); evaluate it on the CPU with --gpus none",
-                config.name
+                "{}: not implemented on the GPU yet (its normalised head{}); evaluate it on the CPU with --gpus none",
+                config.name,
+                if config.alibi.is_some() { " and ALiBi attention" } else { "" }
             )));
         }
         let devices = gpus
@@ -195,6 +188,13 @@ impl GpuModel {
             };
             let layers = Layers::load(&store, config, sub.layers.clone()).map_err(bad)?;
             let group_of = vec![0; store.tensors.len()];
+            let plain_norm = match config.plain_norms {
+                true => Some((
+                    s.clone_htod(&vec![1.0f32; config.hidden])?,
+                    s.clone_htod(&vec![0.0f32; config.hidden])?,
+                )),
+                false => None,
+            };
             let mut shard = Shard {
                 gpu,
                 blas,
@@ -204,6 +204,7 @@ impl GpuModel {
                 group_of,
                 cos,
                 sin,
+                plain_norm,
                 embed,
                 head,
                 layers,

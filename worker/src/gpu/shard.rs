@@ -61,6 +61,9 @@ pub(super) struct Shard {
     pub group_of: Vec<usize>,
     pub cos: CudaSlice<f32>,
     pub sin: CudaSlice<f32>,
+    /// `[hidden]` ones and zeros (f32), where the model's LayerNorms have no parameters
+    /// (OLMo): the LayerNorm kernel with them computes the parameter-free norm.
+    pub plain_norm: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
     /// The embedding (first shard of the first part), the final norm and head (last
     /// shard of the last part), and this shard's decoder layers, as tensor indices.
     pub embed: Option<usize>,

@@ -240,7 +240,7 @@ impl Backend for Cpu<'_> {
     }
 
     fn clamp(&self, x: &mut Vec<f32>, limit: f32) -> Result<(), Infallible> {
-        x.iter_mut().for_each(|v| *v = v.clamp(-limit, limit));
+        ops::clamp(x, limit);
         Ok(())
     }
 
