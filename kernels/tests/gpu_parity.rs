@@ -243,8 +243,9 @@ fn norms_match_the_cpu() {
 }
 
 /// The norms as the GPU model also uses them: RMSNorm in place over groups narrower than
-/// a row (Qwen3's per-head q/k norms, `x` = `out`), and the LayerNorm kernel with weight 1
-/// and bias 0 as OLMo's parameter-free LayerNorm (`ops::layer_norm_plain`).
+/// a row (Qwen3's per-head q/k norms, `x` = `out`), the LayerNorm kernel with weight 1
+/// and bias 0 as OLMo's parameter-free LayerNorm (`ops::layer_norm_plain`), Baichuan 2's
+/// NormHead, and `clip_qkv`.
 #[test]
 fn group_and_parameter_free_norms_match_the_cpu() {
     let Some(gpu) = gpu() else { return };
@@ -312,6 +313,45 @@ fn group_and_parameter_free_norms_match_the_cpu() {
         2e-6,
         1e-6,
     );
+
+    // Baichuan 2's NormHead: each head row's inverse norm (f64 sums on the CPU), then the
+    // logits scaled by it (exact products).
+    let (vocab, hid) = (300, 256);
+    let head = rounded(DType::BF16, &rand_f32(&mut rng, vocab * hid, 0.1));
+    let want: Vec<f32> = head
+        .chunks(hid)
+        .map(|r| {
+            let n = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+            (1.0 / n.max(1e-12)) as f32
+        })
+        .collect();
+    let (dh, scale) = (
+        up_bytes(&gpu, &encode(DType::BF16, &head)),
+        zeros_f32(&gpu, vocab),
+    );
+    // SAFETY: as above.
+    unsafe {
+        g::row_inv_norm(
+            &gpu,
+            DType::BF16,
+            ptr(&gpu, &dh),
+            ptr(&gpu, &scale),
+            vocab,
+            hid,
+        )
+    }
+    .unwrap();
+    let got = down_f32(&gpu, &scale);
+    close("row_inv_norm", &got, &want, 1e-6, 0.0);
+    let logits = rand_f32(&mut rng, 7 * vocab, 4.0);
+    let dl = up_f32(&gpu, &logits);
+    // SAFETY: as above.
+    unsafe { g::scale_cols(&gpu, ptr(&gpu, &dl), ptr(&gpu, &scale), 7, vocab) }.unwrap();
+    let want: Vec<f32> = logits
+        .chunks(vocab)
+        .flat_map(|r| r.iter().zip(&got).map(|(v, s)| v * s).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(down_f32(&gpu, &dl), want, "scale_cols");
 
     // clip_qkv: exact, NaN kept.
     let mut v = rand_f32(&mut rng, 4099, 6.0);

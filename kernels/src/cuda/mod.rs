@@ -115,6 +115,7 @@ impl Module {
                     "logprob_rows".to_string(),
                     "add_f32".to_string(),
                     "clamp_f32".to_string(),
+                    "scale_cols_f32".to_string(),
                 ];
                 for d in DTYPE_NAMES {
                     for f in [
@@ -126,6 +127,7 @@ impl Module {
                         "scatter_heads",
                         "causal_softmax",
                         "gather_rows",
+                        "row_inv_norm",
                     ] {
                         k.push(format!("{f}_{d}"));
                     }

@@ -242,6 +242,29 @@ extern "C" __global__ void clamp_f32(float* x, float limit, u64 n) {
     }
 }
 
+// Baichuan 2's NormHead (Model::norm_head_scale): out[r] = 1 / max(||w[r, :]||, 1e-12) for
+// each row of the head, squares summed in f64 per thread. Grid: rows.
+template <typename W>
+__device__ void row_inv_norm(const typename Storage<W>::T* w, float* out, int h) {
+    __shared__ float sh[BLOCK / 32];
+    const typename Storage<W>::T* row = w + (u64)blockIdx.x * h;
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
+        const double v = Storage<W>::load(row[i]);
+        ss += v * v;
+    }
+    const float t = block_sum((float)ss, sh);
+    if (threadIdx.x == 0) out[blockIdx.x] = (float)(1.0 / fmax(sqrt((double)t), 1e-12));
+}
+
+// x[r, j] *= s[j]: the NormHead's scale on a block of logits (Model::project). Grid-stride
+// over rows * n.
+extern "C" __global__ void scale_cols_f32(float* x, const float* s, u64 rows, int n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < rows * n;
+         i += (u64)gridDim.x * blockDim.x)
+        x[i] *= s[i % n];
+}
+
 // ---- extern "C" instantiations: name_<weight>_<compute> ----
 #define WO(W, O, NAME)                                                                          \
 extern "C" __global__ void __launch_bounds__(BLOCK)                                             \
@@ -285,6 +308,10 @@ extern "C" __global__ void gather_rows_##NAME(const Storage<TAG>::T* src, const 
 extern "C" __global__ void __launch_bounds__(BLOCK)                                             \
 causal_softmax_##NAME(const float* scores, Storage<TAG>::T* probs, int seq) {                     \
     causal_softmax<TAG>(scores, probs, seq);                                                      \
+}                                                                                               \
+extern "C" __global__ void __launch_bounds__(BLOCK)                                             \
+row_inv_norm_##NAME(const Storage<TAG>::T* w, float* out, int h) {                               \
+    row_inv_norm<TAG>(w, out, h);                                                               \
 }
 
 ONE(bf16_tag, bf16)

@@ -169,6 +169,34 @@ pub unsafe fn clamp(gpu: &Gpu, x: Ptr, limit: f32, n: usize) -> Result<(), GpuEr
     launch!(gpu, "clamp_f32".to_string(), flat_cfg(n as u64); x = x, limit = limit, n = n as u64)
 }
 
+/// `out[r] = 1 / max(||w[r, :]||, 1e-12)` over `rows` rows of `h` values in `wd`: Baichuan
+/// 2's NormHead (the CPU's `Model::norm_head_scale`).
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
+pub unsafe fn row_inv_norm(
+    gpu: &Gpu,
+    wd: DType,
+    w: Ptr,
+    out: Ptr,
+    rows: usize,
+    h: usize,
+) -> Result<(), GpuError> {
+    launch!(gpu, format!("row_inv_norm_{}", dtype_name(wd)), rows_cfg(rows);
+        w = w, out = out, h = rows_i32(h, "hidden")?)
+}
+
+/// `x[r, j] *= s[j]` over `rows` rows of `n` f32s (the NormHead's scale on logits).
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
+pub unsafe fn scale_cols(gpu: &Gpu, x: Ptr, s: Ptr, rows: usize, n: usize) -> Result<(), GpuError> {
+    launch!(gpu, "scale_cols_f32".to_string(), flat_cfg((rows * n) as u64);
+        x = x, s = s, rows = rows as u64, n = rows_i32(n, "width")?)
+}
+
 /// f32 to the compute dtype.
 ///
 /// # Safety

@@ -238,6 +238,12 @@ impl ShardOps<'_> {
                     0,
                 )
             })?;
+            if let Some(scale) = &s.head_scale {
+                // SAFETY: `logits` holds `m` rows of `vocab` f32, `scale` `vocab` f32.
+                span(gpu, "head: NormHead scale", || unsafe {
+                    g::scale_cols(gpu, ptr(gpu, &logits), ptr(gpu, scale), m, c.vocab)
+                })?;
+            }
             each(r0, m, ptr(gpu, &logits))?;
             r0 += m;
         }

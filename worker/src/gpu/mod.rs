@@ -78,14 +78,11 @@ impl GpuModel {
         if gpus.is_empty() {
             return Err(GpuError::Request("no GPUs given".into()));
         }
-        if config.norm_head || config.alibi.is_some() {
-            // Baichuan 2's normalised head (and the 13B's ALiBi) have a CPU reference but
-            // no GPU path yet. Qwen3's, OLMo's and OLMo 2's norms, OLMo's clipping and
-            // SmolLM3's layers without RoPE have one (see `forward`).
+        if config.alibi.is_some() {
+            // Baichuan 2 13B's ALiBi has a CPU reference but no GPU path yet.
             return Err(GpuError::Request(format!(
-                "{}: not implemented on the GPU yet (its normalised head{}); evaluate it on the CPU with --gpus none",
-                config.name,
-                if config.alibi.is_some() { " and ALiBi attention" } else { "" }
+                "{}: ALiBi attention is not implemented on the GPU yet; evaluate it on the CPU with --gpus none",
+                config.name
             )));
         }
         let devices = gpus
@@ -195,6 +192,10 @@ impl GpuModel {
                 )),
                 false => None,
             };
+            let head_scale = match (config.norm_head, &head) {
+                (true, Some(_)) => Some(s.alloc_zeros::<f32>(config.vocab)?),
+                _ => None,
+            };
             let mut shard = Shard {
                 gpu,
                 blas,
@@ -205,6 +206,7 @@ impl GpuModel {
                 cos,
                 sin,
                 plain_norm,
+                head_scale,
                 embed,
                 head,
                 layers,
@@ -263,6 +265,22 @@ impl GpuModel {
                 for p in plans {
                     p.run(&s.gpu, w)?;
                 }
+            }
+            if let (Some(scale), Some(head)) = (&s.head_scale, &s.head) {
+                let gpu = &s.gpu;
+                let lm = s.tensor(head.lm_head);
+                // SAFETY: the merged head is this shard's `[vocab, hidden]` tensor in its
+                // dtype (checked at load), `scale` was allocated at load for `vocab` f32.
+                unsafe {
+                    g::row_inv_norm(
+                        gpu,
+                        lm.dtype,
+                        s.p(head.lm_head),
+                        g::ptr(gpu, scale),
+                        self.config.vocab,
+                        self.config.hidden,
+                    )
+                }?;
             }
         }
         for s in &self.shards {

@@ -64,6 +64,10 @@ pub(super) struct Shard {
     /// `[hidden]` ones and zeros (f32), where the model's LayerNorms have no parameters
     /// (OLMo): the LayerNorm kernel with them computes the parameter-free norm.
     pub plain_norm: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
+    /// Baichuan 2's NormHead on the shard with the head: `1 / ||row||` of each row of
+    /// the merged head (`[vocab]` f32), recomputed after every merge, applied to the
+    /// logits.
+    pub head_scale: Option<CudaSlice<f32>>,
     /// The embedding (first shard of the first part), the final norm and head (last
     /// shard of the last part), and this shard's decoder layers, as tensor indices.
     pub embed: Option<usize>,
