@@ -178,7 +178,8 @@ struct WorkerArgs {
     threads: Option<usize>,
 
     /// Where to hold the model: `auto` (every visible GPU, else the CPU, said in the
-    /// log), `all`, a list of CUDA ordinals (`0,1`), or `none` (CPU).
+    /// log; work whose GPU path has not yet run on a GPU, such as tasks, loads on the
+    /// CPU), `all`, a list of CUDA ordinals (`0,1`), or `none` (CPU).
     #[arg(long, default_value = "auto")]
     gpus: String,
 
@@ -536,6 +537,7 @@ fn run_worker(args: WorkerArgs) -> Result<()> {
         announce: args.announce,
         secret,
         gpus,
+        gpus_auto: args.gpus.trim() == "auto",
         fixed_cost: args
             .bench_fixed_cost_ms
             .map(std::time::Duration::from_millis),

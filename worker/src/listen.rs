@@ -21,6 +21,8 @@ pub struct ListenOptions {
     pub secret: Secret,
     /// Resolved `--gpus` (None: the CPU).
     pub gpus: Option<Vec<usize>>,
+    /// `--gpus auto`: work whose GPU path has not yet run on a GPU stays on the CPU.
+    pub gpus_auto: bool,
     /// Benchmark mode: every evaluation sleeps this long and scores a fixed function.
     pub fixed_cost: Option<Duration>,
 }
@@ -66,8 +68,11 @@ pub fn run(opts: ListenOptions) -> Result<()> {
                 .and_then(|_| file.sync_data())
                 .with_context(|| format!("announcing in {}", f.display()))?;
         }
-        let svc =
+        let mut svc =
             WorkerService::with_options(opts.fixed_cost, Some(opts.secret.clone()), opts.gpus);
+        if opts.gpus_auto {
+            svc = svc.gpus_chosen_automatically();
+        }
         serve_tcp(listener, opts.secret, svc).await;
         tracing::info!("worker {addr} shut down");
         Ok(())

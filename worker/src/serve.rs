@@ -63,6 +63,9 @@ struct Inner {
     secret: Option<Secret>,
     /// CUDA ordinals to hold the model on; None: CPU.
     gpus: Option<Vec<usize>>,
+    /// `gpus` came from `--gpus auto`: work whose GPU path has not yet run on a GPU is
+    /// held on the CPU instead ([`devices_for`]).
+    gpus_auto: bool,
     /// Which search holds this worker (TCP workers).
     tenancy: Tenancy,
 }
@@ -117,10 +120,20 @@ impl WorkerService {
                 bench_cost,
                 secret,
                 gpus,
+                gpus_auto: false,
                 tenancy: Tenancy::default(),
             }),
             conn: None,
         }
+    }
+
+    /// Marks this worker's GPUs as chosen by `--gpus auto` (see [`devices_for`]). Called
+    /// before the service is shared.
+    pub fn gpus_chosen_automatically(mut self) -> WorkerService {
+        Arc::get_mut(&mut self.inner)
+            .expect("gpus_chosen_automatically before the service is shared")
+            .gpus_auto = true;
+        self
     }
 
     /// The service as one TCP connection from `peer` sees it.
@@ -148,8 +161,10 @@ impl WorkerService {
         spec: &LoadSpec,
         mut info: WorkerInfo,
         gpus: &Option<Vec<usize>>,
+        gpus_auto: bool,
     ) -> Result<Loaded, String> {
         let t0 = Instant::now();
+        let gpus = &devices_for(spec, gpus, gpus_auto);
         let opts = EvalOptions {
             window: spec.window,
             groups: spec.groups.clone(),
@@ -212,6 +227,33 @@ impl WorkerService {
 
 /// The pipeline stage a load spec asks for: given by the previous stage, or stage 0 of
 /// 1 + the number of further stages for a pipeline's head; None for a whole model.
+/// The devices to load `spec` on: a worker's GPUs, except that GPUs chosen by `--gpus
+/// auto` ("the best device for this work") give way to the CPU, said in the log, for work
+/// whose GPU path has compiled but not yet run on a GPU: multiple-choice tasks, and the
+/// model types `gpu::unverified_on_gpu` names. Explicit GPUs are kept. Every stage of a
+/// pipeline decides alike (each is sent the same checkpoints and data sets).
+fn devices_for(spec: &LoadSpec, gpus: &Option<Vec<usize>>, auto: bool) -> Option<Vec<usize>> {
+    if gpus.is_none() || !auto {
+        return gpus.clone();
+    }
+    let tasks = spec
+        .datasets
+        .iter()
+        .any(|d| d.kind == protocol::SetKind::Task)
+        .then_some("the GPU path of multiple-choice tasks has not been run on a GPU yet");
+    let model = || {
+        let t = crate::gpu::model_type(spec.checkpoints.first()?)?;
+        crate::gpu::unverified_on_gpu(&t)
+    };
+    match tasks.or_else(model) {
+        Some(why) => {
+            tracing::info!("loading on the CPU (--gpus auto): {why}");
+            None
+        }
+        None => gpus.clone(),
+    }
+}
+
 fn stage_of(spec: &LoadSpec) -> Option<PipelineStage> {
     spec.stage
         .or((!spec.pipeline.is_empty()).then(|| PipelineStage {
@@ -536,9 +578,9 @@ impl WorkerService {
                 }
             }
             let s = spec.clone();
-            let gpus = self.inner.gpus.clone();
+            let (gpus, auto) = (self.inner.gpus.clone(), self.inner.gpus_auto);
             let mut loaded =
-                tokio::task::spawn_blocking(move || Self::load_blocking(&s, info, &gpus))
+                tokio::task::spawn_blocking(move || Self::load_blocking(&s, info, &gpus, auto))
                     .await
                     .map_err(|e| format!("loading panicked: {e}"))??;
             if let Some(addr) = spec.pipeline.first() {
@@ -1020,6 +1062,39 @@ pub fn in_process_client(svc: WorkerService) -> WorkerApiClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--gpus auto` gives way to the CPU for work whose GPU path has not run on a GPU
+    /// (tasks; the model types `gpu::unverified_on_gpu` names); explicit GPUs are kept.
+    /// No GPU is touched: this is the decision alone.
+    #[test]
+    fn auto_gpus_give_way_to_the_cpu_for_work_not_yet_run_on_a_gpu() {
+        use ckmerge_common::protocol::DatasetSpec;
+        use std::path::PathBuf;
+        let fx = crate::test_support::fixtures();
+        let spec = |ckpt: PathBuf, task: bool| LoadSpec {
+            run: "r".into(),
+            checkpoints: vec![ckpt],
+            datasets: vec![if task {
+                DatasetSpec::task("cloze", fx.join("tasks/cloze.jsonl"))
+            } else {
+                DatasetSpec::new("heldout", vec![fx.join("data/heldout.txt")])
+            }],
+            objective_sets: 1,
+            window_seed: None,
+            window: Default::default(),
+            groups: None,
+            pipeline: Vec::new(),
+            stage: None,
+        };
+        let gpu = Some(vec![0]);
+        let (llama, qwen3) = (fx.join("llama/step-1250"), fx.join("architectures/qwen3/a"));
+        assert_eq!(devices_for(&spec(llama.clone(), false), &gpu, true), gpu);
+        assert_eq!(devices_for(&spec(llama.clone(), true), &gpu, true), None);
+        assert_eq!(devices_for(&spec(qwen3.clone(), false), &gpu, true), None);
+        // Explicit GPUs, and the CPU, stay as they are.
+        assert_eq!(devices_for(&spec(qwen3.clone(), true), &gpu, false), gpu);
+        assert_eq!(devices_for(&spec(qwen3, false), &None, true), None);
+    }
 
     /// Issue 14, item 15: a successful local search ended with "WARN Requests stream
     /// errored out: ... the channel is closed" in about half the runs: the coordinator
