@@ -620,91 +620,104 @@ fn attention_matches_the_cpu() {
     let Some(gpu) = gpu() else { return };
     let blas = cudarc::cublas::CudaBlas::new(gpu.stream.clone()).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let (batch, seq, heads, kv, hd, rot) = (2usize, 48usize, 4usize, 2usize, 32usize, 16usize);
+    let (batch, seq, heads, kv, hd) = (2usize, 48usize, 4usize, 2usize, 32usize);
     let rows = batch * seq;
     let (qd, kvd) = (heads * hd, kv * hd);
-    let inv: Vec<f64> = (0..rot / 2)
-        .map(|i| 10000f64.powf(-(2.0 * i as f64) / rot as f64))
-        .collect();
-    let (cos, sin) = ops::rope_tables(&inv, seq);
     let q = rand_f32(&mut rng, rows * qd, 1.0);
     let k = rand_f32(&mut rng, rows * kvd, 1.0);
     let v = rand_f32(&mut rng, rows * kvd, 1.0);
     let scale = 1.0 / (hd as f32).sqrt();
+    // Rotary on 16 of the 32 dimensions; then ALiBi (Baichuan 2 13B: no rotary, a slope
+    // per query head added to the scores).
+    let slopes = [0.5f32, 0.25, 0.125, 0.0625];
+    for (rot, alibi) in [(16usize, None), (0, Some(&slopes[..]))] {
+        let inv: Vec<f64> = (0..rot / 2)
+            .map(|i| 10000f64.powf(-(2.0 * i as f64) / rot as f64))
+            .collect();
+        let (cos, sin) = ops::rope_tables(&inv, seq);
+        let (mut qr, mut kr) = (q.clone(), k.clone());
+        ops::apply_rope(&mut qr, qd, 0, heads, hd, rot, seq, &cos, &sin);
+        ops::apply_rope(&mut kr, kvd, 0, kv, hd, rot, seq, &cos, &sin);
+        let mut want = vec![0f32; rows * qd];
+        let ql = HeadLayout {
+            row_stride: qd,
+            head_stride: hd,
+        };
+        let kl = HeadLayout {
+            row_stride: kvd,
+            head_stride: hd,
+        };
+        ops::causal_attention_biased(
+            &qr, ql, &kr, &v, kl, &mut want, ql, batch, seq, heads, kv, hd, scale, alibi,
+        );
 
-    let (mut qr, mut kr) = (q.clone(), k.clone());
-    ops::apply_rope(&mut qr, qd, 0, heads, hd, rot, seq, &cos, &sin);
-    ops::apply_rope(&mut kr, kvd, 0, kv, hd, rot, seq, &cos, &sin);
-    let mut want = vec![0f32; rows * qd];
-    let ql = HeadLayout {
-        row_stride: qd,
-        head_stride: hd,
-    };
-    let kl = HeadLayout {
-        row_stride: kvd,
-        head_stride: hd,
-    };
-    ops::causal_attention(
-        &qr, ql, &kr, &v, kl, &mut want, ql, batch, seq, heads, kv, hd, scale,
-    );
-
-    let od = DType::F32;
-    let (dq, dk, dv) = (up_f32(&gpu, &q), up_f32(&gpu, &k), up_f32(&gpu, &v));
-    let (dcos, dsin) = (up_f32(&gpu, &cos), up_f32(&gpu, &sin));
-    let heads_len = batch * heads * seq * hd;
-    let (qh, kh, vh) = (
-        zeros_f32(&gpu, heads_len),
-        zeros_f32(&gpu, heads_len),
-        zeros_f32(&gpu, heads_len),
-    );
-    let opq = Operand {
-        row_stride: qd,
-        offset: 0,
-        head_stride: hd,
-        heads,
-    };
-    let opk = Operand {
-        row_stride: kvd,
-        offset: 0,
-        head_stride: hd,
-        heads: kv,
-    };
-    let scores = zeros_f32(&gpu, batch * heads * seq * seq);
-    let probs = zeros_f32(&gpu, batch * heads * seq * seq);
-    let out_h = zeros_f32(&gpu, heads_len);
-    let out = zeros_f32(&gpu, rows * qd);
-    let scratch = g::AttentionScratch {
-        qh: ptr(&gpu, &qh),
-        kh: ptr(&gpu, &kh),
-        vh: ptr(&gpu, &vh),
-        scores: ptr(&gpu, &scores),
-        probs: ptr(&gpu, &probs),
-        out_h: ptr(&gpu, &out_h),
-    };
-    // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
-    unsafe {
-        g::causal_attention(
-            &gpu,
-            &blas,
-            od,
-            [
-                (ptr(&gpu, &dq), opq),
-                (ptr(&gpu, &dk), opk),
-                (ptr(&gpu, &dv), opk),
-            ],
-            &scratch,
-            ptr(&gpu, &out),
-            batch,
-            seq,
+        let od = DType::F32;
+        let (dq, dk, dv) = (up_f32(&gpu, &q), up_f32(&gpu, &k), up_f32(&gpu, &v));
+        // (No rotary: empty tables, never read; one value keeps the allocation non-empty.)
+        let nonempty = |t: &[f32]| if t.is_empty() { vec![0.0] } else { t.to_vec() };
+        let (dcos, dsin) = (up_f32(&gpu, &nonempty(&cos)), up_f32(&gpu, &nonempty(&sin)));
+        let dslopes = up_f32(&gpu, &slopes);
+        let heads_len = batch * heads * seq * hd;
+        let (qh, kh, vh) = (
+            zeros_f32(&gpu, heads_len),
+            zeros_f32(&gpu, heads_len),
+            zeros_f32(&gpu, heads_len),
+        );
+        let opq = Operand {
+            row_stride: qd,
+            offset: 0,
+            head_stride: hd,
             heads,
-            hd,
-            rot,
-            (ptr(&gpu, &dcos), ptr(&gpu, &dsin)),
-        )
+        };
+        let opk = Operand {
+            row_stride: kvd,
+            offset: 0,
+            head_stride: hd,
+            heads: kv,
+        };
+        let scores = zeros_f32(&gpu, batch * heads * seq * seq);
+        let probs = zeros_f32(&gpu, batch * heads * seq * seq);
+        let out_h = zeros_f32(&gpu, heads_len);
+        let out = zeros_f32(&gpu, rows * qd);
+        let scratch = g::AttentionScratch {
+            qh: ptr(&gpu, &qh),
+            kh: ptr(&gpu, &kh),
+            vh: ptr(&gpu, &vh),
+            scores: ptr(&gpu, &scores),
+            probs: ptr(&gpu, &probs),
+            out_h: ptr(&gpu, &out_h),
+        };
+        // SAFETY: every buffer was allocated above, on this GPU, for these shapes.
+        unsafe {
+            g::causal_attention(
+                &gpu,
+                &blas,
+                od,
+                [
+                    (ptr(&gpu, &dq), opq),
+                    (ptr(&gpu, &dk), opk),
+                    (ptr(&gpu, &dv), opk),
+                ],
+                &scratch,
+                ptr(&gpu, &out),
+                batch,
+                seq,
+                heads,
+                hd,
+                rot,
+                (ptr(&gpu, &dcos), ptr(&gpu, &dsin)),
+                alibi.map(|_| ptr(&gpu, &dslopes)),
+            )
+        }
+        .unwrap();
+        let got = down_f32(&gpu, &out);
+        let what = if alibi.is_some() {
+            "attention f32, ALiBi"
+        } else {
+            "attention f32"
+        };
+        close(what, &got, &want, 0.0, 2e-5);
     }
-    .unwrap();
-    let got = down_f32(&gpu, &out);
-    close("attention f32", &got, &want, 0.0, 2e-5);
 }
 
 /// The flash kernel (bf16/f16 tensor cores, online softmax) against the f32 reference on

@@ -128,6 +128,7 @@ impl Module {
                         "causal_softmax",
                         "gather_rows",
                         "row_inv_norm",
+                        "causal_softmax_alibi",
                     ] {
                         k.push(format!("{f}_{d}"));
                     }

@@ -158,20 +158,27 @@ __device__ void scatter_heads(const float* src, typename Storage<O>::T* dst, int
 // Causal masked softmax over score rows [batch * heads * seq, seq] (f32, already scaled):
 // row i at position p = i % seq keeps columns 0..=p, the rest become 0. Output in the
 // compute type for the probabilities-times-values GEMM. Grid: rows.
+// With ALiBi (`slopes` not null: Baichuan 2 13B, ops::causal_attention_biased), query
+// head h's score for key j gains slopes[h] * j first; the rows are [items = windows *
+// heads, seq] so row r is head (r / seq) % heads.
 template <typename O>
-__device__ void causal_softmax(const float* scores, typename Storage<O>::T* probs, int seq) {
+__device__ void causal_softmax(const float* scores, typename Storage<O>::T* probs, int seq,
+                               const float* slopes, int heads) {
     __shared__ float sh[BLOCK / 32];
     const u64 r = blockIdx.x;
     const int p = r % seq;
     const float* row = scores + r * seq;
+    const float slope = slopes ? slopes[(r / seq) % heads] : 0.0f;
+#define SCORE(j) (slopes ? row[j] + slope * (float)(j) : row[j])
     float m = NEG_INF;
-    for (int j = threadIdx.x; j <= p; j += blockDim.x) m = fmaxf(m, row[j]);
+    for (int j = threadIdx.x; j <= p; j += blockDim.x) m = fmaxf(m, SCORE(j));
     m = block_max(m, sh);
     float s = 0.0f;
-    for (int j = threadIdx.x; j <= p; j += blockDim.x) s += expf(row[j] - m);
+    for (int j = threadIdx.x; j <= p; j += blockDim.x) s += expf(SCORE(j) - m);
     const float inv = 1.0f / block_sum(s, sh);
     for (int j = threadIdx.x; j < seq; j += blockDim.x)
-        probs[r * seq + j] = Storage<O>::store(j <= p ? expf(row[j] - m) * inv : 0.0f);
+        probs[r * seq + j] = Storage<O>::store(j <= p ? expf(SCORE(j) - m) * inv : 0.0f);
+#undef SCORE
 }
 
 // Fused log-softmax / cross-entropy (ops::nll_sum) over a chunk of logits rows
@@ -307,7 +314,12 @@ extern "C" __global__ void gather_rows_##NAME(const Storage<TAG>::T* src, const 
 }                                                                                               \
 extern "C" __global__ void __launch_bounds__(BLOCK)                                             \
 causal_softmax_##NAME(const float* scores, Storage<TAG>::T* probs, int seq) {                     \
-    causal_softmax<TAG>(scores, probs, seq);                                                      \
+    causal_softmax<TAG>(scores, probs, seq, nullptr, 1);                                          \
+}                                                                                               \
+extern "C" __global__ void __launch_bounds__(BLOCK)                                             \
+causal_softmax_alibi_##NAME(const float* scores, Storage<TAG>::T* probs, int seq,               \
+                            const float* slopes, int heads) {                                   \
+    causal_softmax<TAG>(scores, probs, seq, slopes, heads);                                       \
 }                                                                                               \
 extern "C" __global__ void __launch_bounds__(BLOCK)                                             \
 row_inv_norm_##NAME(const Storage<TAG>::T* w, float* out, int h) {                               \

@@ -315,6 +315,28 @@ pub unsafe fn causal_softmax(
         scores = scores, probs = probs, seq = seq as i32)
 }
 
+/// [`causal_softmax`] with ALiBi: `slopes[h] * j` added to query head `h`'s score for key
+/// `j` first (ops::causal_attention_biased); the rows are `[windows * heads, seq]`.
+///
+/// # Safety
+/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
+/// dtype the shapes and dtypes here imply (`slopes`: `heads` f32), alive until the stream
+/// has run the launch.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn causal_softmax_alibi(
+    gpu: &Gpu,
+    od: DType,
+    scores: Ptr,
+    probs: Ptr,
+    rows: usize,
+    seq: usize,
+    slopes: Ptr,
+    heads: usize,
+) -> Result<(), GpuError> {
+    launch!(gpu, format!("causal_softmax_alibi_{}", dtype_name(od)), rows_cfg(rows);
+        scores = scores, probs = probs, seq = seq as i32, slopes = slopes, heads = heads as i32)
+}
+
 /// `dst[i] = src[idx[i]]`, rows of `h` in the compute dtype.
 ///
 /// # Safety
@@ -516,8 +538,9 @@ pub struct AttentionScratch {
 /// (the reference: ops::apply_rope on q and k, then ops::causal_attention): q, k and v
 /// gathered from projection rows (`src`: the first row's address and the layout of each)
 /// with rotary on q and k, scores by a strided-batched GEMM scaled by 1/sqrt(hd), causal
-/// softmax, the values GEMM, and the result scattered into `out`, rows
-/// `[windows * seq, heads * hd]` in the compute dtype `cd`.
+/// softmax (with `alibi`'s per-head slopes, `heads` f32, where given: then `rot_dim` is 0),
+/// the values GEMM, and the result scattered into `out`, rows `[windows * seq, heads * hd]`
+/// in the compute dtype `cd`.
 ///
 /// # Safety
 /// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
@@ -536,6 +559,7 @@ pub unsafe fn causal_attention(
     hd: usize,
     rot_dim: usize,
     (cos, sin): (Ptr, Ptr),
+    alibi: Option<Ptr>,
 ) -> Result<(), GpuError> {
     let s = scratch;
     let dst = [s.qh, s.kh, s.vh];
@@ -574,8 +598,11 @@ pub unsafe fn causal_attention(
             seq * seq,
         )
     })?;
-    span(gpu, "attention: causal softmax", || {
-        causal_softmax(gpu, cd, s.scores, s.probs, items * seq, seq)
+    span(gpu, "attention: causal softmax", || match alibi {
+        None => causal_softmax(gpu, cd, s.scores, s.probs, items * seq, seq),
+        Some(slopes) => {
+            causal_softmax_alibi(gpu, cd, s.scores, s.probs, items * seq, seq, slopes, heads)
+        }
     })?;
     let values = Gemm {
         m: seq,

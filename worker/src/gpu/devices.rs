@@ -30,10 +30,8 @@ pub fn unverified_on_gpu(model_type: &str) -> Option<&'static str> {
         "olmo2" => Some(
             "OLMo 2's GPU path (output norms, q/k norms over the projections) has not been run on a GPU yet (pass --gpus to use it)",
         ),
-        // The 7B's NormHead; the 13B's ALiBi has no GPU path at all (refused at load), so
-        // this entry stays until that is built, or `auto` learns to read the hidden size.
         "baichuan" => Some(
-            "Baichuan 2's GPU path (its normalised head) has not been run on a GPU yet, and the 13B's ALiBi has none (pass --gpus to use it)",
+            "Baichuan 2's GPU path (its normalised head; the 13B's ALiBi) has not been run on a GPU yet (pass --gpus to use it)",
         ),
         "smollm3" => Some(
             "SmolLM3's GPU path (its layers without RoPE) has not been run on a GPU yet (pass --gpus to use it)",

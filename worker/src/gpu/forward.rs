@@ -12,7 +12,7 @@ use ckmerge_kernels::cuda::GpuError;
 use cudarc::driver::CudaSlice;
 
 use super::shard::Shard;
-use super::{materialise_scores, HEAD_ROWS, SCORES_BYTES};
+use super::{flash, HEAD_ROWS, SCORES_BYTES};
 use crate::data::Batch;
 use crate::model::backend::{Backend, Head, Heads, Linear, Norm, Qkv};
 use crate::model::ModelConfig;
@@ -387,7 +387,8 @@ impl Backend for ShardOps<'_> {
     ) -> Result<(), GpuError> {
         let (s, c, cd) = (self.shard, self.c, self.cd);
         // The heads are gathered with the rotary embedding on their first `rot_dim`
-        // dimensions: none for a layer without RoPE (SmolLM3's NoPE layers).
+        // dimensions: none for a layer without RoPE (SmolLM3's NoPE layers, and ALiBi's,
+        // whose slopes the softmax adds).
         let rot_dim = if rope { c.rot_dim } else { 0 };
         let gpu = &s.gpu;
         let src: (&CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<f32>) = match qkv {
@@ -398,7 +399,7 @@ impl Backend for ShardOps<'_> {
         let (nh, hd) = (c.heads, c.head_dim);
         let batch = rows / seq;
         let tables = (ptr(gpu, &s.cos), ptr(gpu, &s.sin));
-        if g::flash_supported(cd, hd) && !materialise_scores() {
+        if flash(c, cd) {
             let kv = ops.1.heads;
             let qh = s.c_buf(cd, rows * nh * hd)?;
             let (kh, vh) = (s.c_buf(cd, rows * kv * hd)?, s.c_buf(cd, rows * kv * hd)?);
@@ -466,6 +467,7 @@ impl Backend for ShardOps<'_> {
                     hd,
                     rot_dim,
                     tables,
+                    s.alibi.as_ref().map(|a| ptr(gpu, a)),
                 )
             }?;
             b0 += nb;

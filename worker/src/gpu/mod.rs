@@ -78,13 +78,6 @@ impl GpuModel {
         if gpus.is_empty() {
             return Err(GpuError::Request("no GPUs given".into()));
         }
-        if config.alibi.is_some() {
-            // Baichuan 2 13B's ALiBi has a CPU reference but no GPU path yet.
-            return Err(GpuError::Request(format!(
-                "{}: ALiBi attention is not implemented on the GPU yet; evaluate it on the CPU with --gpus none",
-                config.name
-            )));
-        }
         let devices = gpus
             .iter()
             .map(|&i| Gpu::open(i))
@@ -196,6 +189,10 @@ impl GpuModel {
                 (true, Some(_)) => Some(s.alloc_zeros::<f32>(config.vocab)?),
                 _ => None,
             };
+            let alibi = match &config.alibi {
+                Some(slopes) => Some(s.clone_htod(slopes)?),
+                None => None,
+            };
             let mut shard = Shard {
                 gpu,
                 blas,
@@ -207,6 +204,7 @@ impl GpuModel {
                 sin,
                 plain_norm,
                 head_scale,
+                alibi,
                 embed,
                 head,
                 layers,
@@ -442,6 +440,13 @@ impl GpuModel {
     }
 }
 
+/// Whether attention runs the flash kernel: it covers bf16/f16 at some head sizes and no
+/// ALiBi (Baichuan 2 13B scores are materialised, with the slopes added in the softmax);
+/// `CKMERGE_GPU_ATTENTION=scores` forces the materialised path.
+pub(crate) fn flash(c: &ModelConfig, compute: DType) -> bool {
+    g::flash_supported(compute, c.head_dim) && c.alibi.is_none() && !materialise_scores()
+}
+
 /// A generous estimate of one batch's activations: the f32 residual stream and
 /// projections, the widest intermediate, and one launch's attention scores where the
 /// scores are materialised (the flash kernel keeps them on chip).
@@ -450,7 +455,7 @@ fn activation_bytes(c: &ModelConfig, compute: DType, rows: usize, seq: usize) ->
         .max(c.heads * c.head_dim * 3)
         .max(2 * c.intermediate);
     let per_row = 4 * (4 * c.hidden + 2 * wide) as u64;
-    let scores = if g::flash_supported(compute, c.head_dim) && !materialise_scores() {
+    let scores = if flash(c, compute) {
         0
     } else {
         (c.heads * seq * seq * 4 * 2).min(2 * SCORES_BYTES) as u64

@@ -68,6 +68,8 @@ pub(super) struct Shard {
     /// the merged head (`[vocab]` f32), recomputed after every merge, applied to the
     /// logits.
     pub head_scale: Option<CudaSlice<f32>>,
+    /// ALiBi's per-head slopes (Baichuan 2 13B), `[heads]` f32.
+    pub alibi: Option<CudaSlice<f32>>,
     /// The embedding (first shard of the first part), the final norm and head (last
     /// shard of the last part), and this shard's decoder layers, as tensor indices.
     pub embed: Option<usize>,
