@@ -47,6 +47,27 @@ status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
 # STEPS="1 3" runs only those steps (1, 1b, 2, 2b, 2c, 2d, 3, 3a, 4); default: all.
 want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
+# The same search three ways: on the CPU, in-process on the GPU, and through a pipeline of
+# two GPU worker processes over loopback TCP (ports $3, $4); journals in
+# $OUT/$1-{cpu,gpu,pipeline}.jsonl, logs beside them.
+three_searches() { # name, config, port, port
+  local name=$1 config=$2 workers=() port run r
+  export CKMERGE_SECRET=gpu-check-secret-$$
+  for port in "$3" "$4"; do
+    timeout 300 "$BIN" worker --listen "127.0.0.1:$port" --gpus "$GPU" >"$OUT/worker-$port.log" 2>&1 &
+    workers+=($!)
+  done
+  { cat "$config"; printf '[workers]\npipelines = [["127.0.0.1:%s", "127.0.0.1:%s"]]\n' "$3" "$4"; } \
+    >"$WORK/$name-pipeline.toml"
+  for run in cpu:none gpu:$GPU; do
+    timeout 120 "$BIN" search --config "$config" --run-dir "$WORK/$name-${run%%:*}" --force \
+      --gpus "${run#*:}" >"$OUT/$name-${run%%:*}.log" 2>&1 || echo "$name on ${run%%:*} failed"
+  done
+  timeout 180 "$BIN" search --config "$WORK/$name-pipeline.toml" --run-dir "$WORK/$name-pipeline" --force \
+    >"$OUT/$name-pipeline.log" 2>&1 || echo "$name through the pipeline failed"
+  for r in cpu gpu pipeline; do cp "$WORK/$name-$r/trials.jsonl" "$OUT/$name-$r.jsonl" 2>/dev/null; done
+  kill "${workers[@]}" 2>/dev/null  # normally gone already: the search shuts its pipeline down
+}
 kernel=skipped evaltests=skipped model=skipped split=skipped task=skipped tasksearch=skipped
 
 # CUDA libraries: the toolkit's, else PyTorch's wheels (nvrtc, cublas).
@@ -136,25 +157,9 @@ step "2b. layer split, pipeline stages and searches on the GPU (fixtures)"
 timeout 60 "$BIN" eval "$F/llama/step-1250" "$F/llama/step-1500" --weights 0.4,0.6 \
   --data "$F/data/heldout.txt" --extra-data "$F/data/python-docs.txt" --seq-len 128 --json \
   --gpus "$([ "$GPU" = none ] && echo none || echo "$GPU,$GPU")" >"$OUT/split-llama-bf16-merge.json" 2>>"$OUT/parity.log" || echo "split eval failed"
-export CKMERGE_SECRET=gpu-check-secret-$$
-workers=()
-for port in 47171 47172; do
-  timeout 200 "$BIN" worker --listen 127.0.0.1:$port --gpus "$GPU" >"$OUT/worker-$port.log" 2>&1 &
-  workers+=($!)
-done
 abs=$(cd "$F" && pwd)
 sed -e "s#\"llama/#\"$abs/llama/#g" -e "s#\"data/#\"$abs/data/#g" "$F/search.toml" >"$WORK/search.toml"
-cat "$WORK/search.toml" - >"$WORK/search-pipeline.toml" <<'TOML'
-[workers]
-pipelines = [["127.0.0.1:47171", "127.0.0.1:47172"]]
-TOML
-for run in cpu:none gpu:$GPU; do
-  timeout 120 "$BIN" search --config "$WORK/search.toml" --run-dir "$WORK/search-${run%%:*}" --force \
-    --gpus "${run#*:}" >"$OUT/search-${run%%:*}.log" 2>&1 || echo "search on ${run%%:*} failed"
-done
-timeout 120 "$BIN" search --config "$WORK/search-pipeline.toml" --run-dir "$WORK/search-pipeline" --force \
-  >"$OUT/search-pipeline.log" 2>&1 || echo "pipeline search failed"
-for r in cpu gpu pipeline; do cp "$WORK/search-$r/trials.jsonl" "$OUT/search-$r.jsonl" 2>/dev/null; done
+three_searches search "$WORK/search.toml" 47171 47172
 $PY - "$OUT" <<'PYEOF' | tee "$OUT/split.md"
 import json, sys, os
 out = sys.argv[1]
@@ -189,7 +194,6 @@ else:
 sys.exit(0 if ok else 1)
 PYEOF
 [ "${PIPESTATUS[0]}" = 0 ] && split=pass || { split=FAIL; status=1; }
-kill "${workers[@]}" 2>/dev/null  # normally gone already: the search shuts its pipeline down
 fi
 
 if want 2c; then
@@ -281,23 +285,7 @@ early_stop_margin = 0.01
 [output]
 merge = false
 TOML
-cat "$WORK/search-task.toml" - >"$WORK/search-task-pipeline.toml" <<'TOML'
-[workers]
-pipelines = [["127.0.0.1:47173", "127.0.0.1:47174"]]
-TOML
-export CKMERGE_SECRET=gpu-check-secret-$$
-workers=()
-for port in 47173 47174; do
-  timeout 300 "$BIN" worker --listen 127.0.0.1:$port --gpus "$GPU" >"$OUT/worker-$port.log" 2>&1 &
-  workers+=($!)
-done
-for run in cpu:none gpu:$GPU; do
-  timeout 120 "$BIN" search --config "$WORK/search-task.toml" --run-dir "$WORK/task-search-${run%%:*}" --force \
-    --gpus "${run#*:}" >"$OUT/task-search-${run%%:*}.log" 2>&1 || echo "task search on ${run%%:*} failed"
-done
-timeout 180 "$BIN" search --config "$WORK/search-task-pipeline.toml" --run-dir "$WORK/task-search-pipeline" --force \
-  >"$OUT/task-search-pipeline.log" 2>&1 || echo "task pipeline search failed"
-for r in cpu gpu pipeline; do cp "$WORK/task-search-$r/trials.jsonl" "$OUT/task-search-$r.jsonl" 2>/dev/null; done
+three_searches task-search "$WORK/search-task.toml" 47173 47174
 $PY - "$OUT" <<'PYEOF' | tee "$OUT/task-search.md"
 import json, sys, os
 out = sys.argv[1]
@@ -321,7 +309,6 @@ print(f"| its best objective: CPU {best(cpu):.6f}, GPU {best(gpu):.6f} | relativ
 sys.exit(0 if same and rel <= 1e-2 else 1)
 PYEOF
 [ "${PIPESTATUS[0]}" = 0 ] && tasksearch=pass || { tasksearch=FAIL; status=1; }
-kill "${workers[@]}" 2>/dev/null
 fi
 
 if want 3; then
