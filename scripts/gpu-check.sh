@@ -22,7 +22,9 @@
 # 4. forward tokens/s against transformers (bf16, sdpa) on a ~1.1B Llama with random
 #    weights, 1M tokens, and a whole trial (merge of 2 sources + evaluation) against the
 #    forward pass alone; the same pass with the materialised-scores attention; a profiled
-#    pass (CKMERGE_GPU_PROFILE) and transformers' kernel profile, for the log.
+#    pass (CKMERGE_GPU_PROFILE) and transformers' kernel profile, for the log;
+# 4b. multiple-choice tokens/s against transformers with the harness's batching, the same
+#    1.1B model, a 500-item task with contexts of 60-400 words.
 # GPU=none runs what can run without a GPU (to test this script on a CPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +47,7 @@ GPU=${GPU:-0}     # the CUDA ordinal to use (`none` runs the CPU steps alone, to
 mkdir -p "$OUT" "$WORK"
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
-# STEPS="1 3" runs only those steps (1, 1b, 2, 2b, 2c, 2d, 3, 3a, 4); default: all.
+# STEPS="1 3" runs only those steps (1, 1b, 2, 2b, 2c, 2d, 3, 3a, 4, 4b); default: all.
 want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 # The same search three ways: on the CPU, in-process on the GPU, and through a pipeline of
 # two GPU worker processes over loopback TCP (ports $3, $4); journals in
@@ -346,6 +348,43 @@ grep '^profile:' "$OUT/ck-profile.log"
 grep -A24 'Self CUDA' "$OUT/hf.log" | cut -c1-160 | head -26
 fi
 
+if want 4b; then
+step "4b. multiple-choice tokens/s vs transformers (~1.1B Llama, random weights)"
+# A 500-item cloze task made from the fixtures' held-out text (contexts of 60-400 words),
+# tokenized with the fixture llama's tokenizer (its ids, under 1024, are valid for the
+# 1.1B model's 32000): `ckmerge eval --task --gpus` against transformers with
+# lm-evaluation-harness's encoding and batching (hf_choice_bench.py; the harness itself
+# cannot be installed here), bf16, batches of 8 on both sides, timed after loading. The
+# input tokens must be equal, the log-likelihoods within 1e-2 relative (bf16 GEMM inputs
+# on both sides, summed in different orders).
+[ -d "$WORK/llama1b/a" ] || timeout 180 $PY scripts/gpu/hf_bench.py make --dir "$WORK/llama1b" --tokens "$TOKENS" 2>&1 | tail -3
+cp "$F/llama/step-1500/tokenizer.json" "$F/llama/step-1500/tokenizer_config.json" "$WORK/llama1b/a/"
+$PY scripts/gpu/hf_choice_bench.py make --text "$F/data/heldout.txt" --out "$WORK/mc-task.jsonl" --items 500
+timeout 300 $PY scripts/gpu/hf_choice_bench.py bench --dir "$WORK/llama1b/a" --task "$WORK/mc-task.jsonl" \
+  --batch 8 --device "$([ "$GPU" = none ] && echo cpu || echo cuda)" >"$OUT/hf-choice.json" 2>"$OUT/hf-choice.log" \
+  || { echo "transformers multiple-choice run failed"; tail -5 "$OUT/hf-choice.log"; }
+timeout 300 "$BIN" eval "$WORK/llama1b/a" --task "$WORK/mc-task.jsonl" --batch 8 --json --gpus "$GPU" \
+  >"$OUT/ck-choice.json" 2>"$OUT/ck-choice.log" || { echo "ckmerge task eval failed"; tail -5 "$OUT/ck-choice.log"; }
+$PY - "$OUT" <<'PYEOF' | tee "$OUT/choice-bench.md"
+import json, sys, os
+out = sys.argv[1]
+try:
+    ck = json.load(open(os.path.join(out, "ck-choice.json")))["tasks"][0]
+    hf = json.load(open(os.path.join(out, "hf-choice.json")))
+except Exception as e:
+    print(f"| multiple-choice tokens/s | not measured ({e}) |"); sys.exit(1)
+lls = [ll for it in ck["per_item"] for ll in it["lls"]]
+worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(lls, hf["lls"]))
+same = ck["tokens"] == hf["tokens"] and len(lls) == len(hf["lls"])
+ck_tps = ck["tokens"] / ck["seconds"]
+print(f"| multiple-choice tokens/s, 1.1B Llama bf16, {hf['requests']} requests of {ck['tokens']} input tokens "
+      f"| ckmerge {ck_tps:.0f} vs transformers {hf['tokens_per_s']:.0f} = {ck_tps / hf['tokens_per_s']:.2f}x (goal >= 1.0); "
+      f"tokens {'equal' if same else 'DIFFERENT'}, worst log-likelihood difference {worst:.1e} (limit 1e-2) |")
+sys.exit(0 if same and worst <= 1e-2 else 1)
+PYEOF
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
 step "summary"
 $PY - "$OUT" "$kernel" "$model" "$split" "$task" "$tasksearch" "$evaltests" <<'PYEOF' | tee "$OUT/summary.md"
 import json, sys, os
@@ -385,6 +424,10 @@ if hf and fw:
         print(f"| forward tokens/s with materialised-scores attention | {s['tokens_per_s']:.0f} = {s['tokens_per_s']/hf['tokens_per_s']:.2f}x transformers, mean NLL {s['mean_nll']:.5f} |")
 else:
     print("| forward vs transformers | not measured |")
+try:
+    print(open(os.path.join(out, "choice-bench.md")).read().strip())
+except Exception:
+    print("| multiple-choice tokens/s vs transformers | not measured |")
 if fw and tr:
     f = fw["datasets"][0]["seconds"]
     t = tr["merge_seconds"] + tr["datasets"][0]["seconds"]
