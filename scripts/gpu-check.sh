@@ -350,7 +350,7 @@ fi
 
 if want 4b; then
 step "4b. multiple-choice tokens/s vs transformers (~1.1B Llama, random weights)"
-# A 500-item cloze task made from the fixtures' held-out text (contexts of 60-400 words),
+# A 500-item cloze task (MC_ITEMS) made from the fixtures' held-out text (contexts of 60-400 words),
 # tokenized with the fixture llama's tokenizer (its ids, under 1024, are valid for the
 # 1.1B model's 32000): `ckmerge eval --task --gpus` against transformers with
 # lm-evaluation-harness's encoding and batching (hf_choice_bench.py; the harness itself
@@ -359,7 +359,7 @@ step "4b. multiple-choice tokens/s vs transformers (~1.1B Llama, random weights)
 # on both sides, summed in different orders).
 [ -d "$WORK/llama1b/a" ] || timeout 180 $PY scripts/gpu/hf_bench.py make --dir "$WORK/llama1b" --tokens "$TOKENS" 2>&1 | tail -3
 cp "$F/llama/step-1500/tokenizer.json" "$F/llama/step-1500/tokenizer_config.json" "$WORK/llama1b/a/"
-$PY scripts/gpu/hf_choice_bench.py make --text "$F/data/heldout.txt" --out "$WORK/mc-task.jsonl" --items 500
+$PY scripts/gpu/hf_choice_bench.py make --text "$F/data/heldout.txt" --out "$WORK/mc-task.jsonl" --items "${MC_ITEMS:-500}"
 timeout 300 $PY scripts/gpu/hf_choice_bench.py bench --dir "$WORK/llama1b/a" --task "$WORK/mc-task.jsonl" \
   --batch 8 --device "$([ "$GPU" = none ] && echo cpu || echo cuda)" >"$OUT/hf-choice.json" 2>"$OUT/hf-choice.log" \
   || { echo "transformers multiple-choice run failed"; tail -5 "$OUT/hf-choice.log"; }

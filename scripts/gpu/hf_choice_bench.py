@@ -45,13 +45,14 @@ def make(text, out, items):
 def encode_pair(tok, context, continuation):
     """lm-evaluation-harness 0.4's `TemplateLM._encode_pair` (trailing spaces of the
     context move to the continuation; the continuation is the whole's tokens after the
-    context's), with HFLM's `tok_encode` for a causal model (no special tokens)."""
+    context's), with HFLM 0.4.13's `tok_encode`: the tokenizer's own special tokens (what
+    ckmerge's `worker/src/choice.rs` reproduces and the goldens check)."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = tok.encode(context + continuation, add_special_tokens=False)
-    ctx = tok.encode(context, add_special_tokens=False)
+    whole = tok.encode(context + continuation)
+    ctx = tok.encode(context)
     return ctx, whole[len(ctx):]
 
 
