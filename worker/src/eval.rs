@@ -1059,6 +1059,14 @@ impl Evaluator {
                 || r.input_len > seq
                 || r.targets.iter().any(|&t| t >= vocab)
         });
+        let positions = self.config.max_positions;
+        if seq > positions {
+            // The head cuts requests to the model's positions; longer rows would need
+            // rotary tables past the model's.
+            return Err(EvalError::Request(format!(
+                "bad multiple-choice batch: rows of {seq} tokens, longer than the model's {positions} positions"
+            )));
+        }
         if rows.is_empty() || seq == 0 || n != rows.len() * seq || bad_row.is_some() {
             return Err(EvalError::Request(format!(
                 "bad multiple-choice batch: {n} tokens, {} rows of {seq}{}",

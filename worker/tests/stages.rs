@@ -143,6 +143,39 @@ fn two_stages_give_the_choice_log_likelihoods_of_the_whole_model() {
     }
 }
 
+/// A stage is sent rows by its head; rows longer than the model's positions (which the
+/// head never sends: requests are cut to them) are refused, not computed with rotary
+/// tables grown past the model.
+#[test]
+fn multiple_choice_rows_longer_than_the_model_are_refused() {
+    use ckmerge_common::protocol::ChoiceRow;
+    use ckmerge_worker::data::Batch;
+    let ckpts = [
+        fixtures().join("llama/step-1250"),
+        fixtures().join("llama/step-1500"),
+    ];
+    let mut s1 = Evaluator::load(&ckpts, &[], &opts(Some((1, 2)))).unwrap();
+    s1.set_weights(&[0.5, 0.5]).unwrap();
+    let hidden = 64;
+    for (seq, ok) in [(128, true), (129, false)] {
+        let b = Batch {
+            tokens: vec![5; seq],
+            seq,
+            scored: 0,
+        };
+        let rows = [ChoiceRow {
+            input_len: seq,
+            targets: vec![7],
+        }];
+        let r = s1.stage_forward_choices(&b, &rows, Some(vec![0.1; seq * hidden]));
+        match (r, ok) {
+            (Ok(_), true) => {}
+            (Err(e), false) => assert!(e.to_string().contains("128 positions"), "{e}"),
+            (r, _) => panic!("rows of {seq}: {:?}", r.map(|_| ())),
+        }
+    }
+}
+
 #[test]
 fn impossible_stage_splits_are_refused() {
     let ckpts = [fixtures().join("llama/step-1250")];
