@@ -298,43 +298,30 @@ pub unsafe fn scatter_heads(
         src = src, dst = dst, batch = batch as i32, seq = seq as i32, heads = heads as i32, hd = hd as i32)
 }
 
-/// Causal softmax over `rows` score rows of `seq` (ops::causal_attention's softmax).
-///
-/// # Safety
-/// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
-/// dtype the shapes and dtypes here imply, alive until the stream has run the launch.
-pub unsafe fn causal_softmax(
-    gpu: &Gpu,
-    od: DType,
-    scores: Ptr,
-    probs: Ptr,
-    rows: usize,
-    seq: usize,
-) -> Result<(), GpuError> {
-    launch!(gpu, format!("causal_softmax_{}", dtype_name(od)), rows_cfg(rows);
-        scores = scores, probs = probs, seq = seq as i32)
-}
-
-/// [`causal_softmax`] with ALiBi: `slopes[h] * j` added to query head `h`'s score for key
-/// `j` first (ops::causal_attention_biased); the rows are `[windows * heads, seq]`.
+/// Causal softmax over `rows` score rows of `seq` (ops::causal_attention's softmax). With
+/// `alibi` (`slopes`, `heads`: Baichuan 2 13B), `slopes[h] * j` is added first to query
+/// head `h`'s score for key `j` (ops::causal_attention_biased); the rows are then
+/// `[windows * heads, seq]`.
 ///
 /// # Safety
 /// Every [`Ptr`] argument is a live device allocation on `gpu`'s context, of the size and
 /// dtype the shapes and dtypes here imply (`slopes`: `heads` f32), alive until the stream
 /// has run the launch.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn causal_softmax_alibi(
+pub unsafe fn causal_softmax(
     gpu: &Gpu,
     od: DType,
     scores: Ptr,
     probs: Ptr,
-    rows: usize,
-    seq: usize,
-    slopes: Ptr,
-    heads: usize,
+    (rows, seq): (usize, usize),
+    alibi: Option<(Ptr, usize)>,
 ) -> Result<(), GpuError> {
-    launch!(gpu, format!("causal_softmax_alibi_{}", dtype_name(od)), rows_cfg(rows);
-        scores = scores, probs = probs, seq = seq as i32, slopes = slopes, heads = heads as i32)
+    let od = dtype_name(od);
+    match alibi {
+        None => launch!(gpu, format!("causal_softmax_{od}"), rows_cfg(rows);
+            scores = scores, probs = probs, seq = seq as i32),
+        Some((slopes, heads)) => launch!(gpu, format!("causal_softmax_alibi_{od}"), rows_cfg(rows);
+            scores = scores, probs = probs, seq = seq as i32, slopes = slopes, heads = heads as i32),
+    }
 }
 
 /// `dst[i] = src[idx[i]]`, rows of `h` in the compute dtype.
@@ -598,11 +585,15 @@ pub unsafe fn causal_attention(
             seq * seq,
         )
     })?;
-    span(gpu, "attention: causal softmax", || match alibi {
-        None => causal_softmax(gpu, cd, s.scores, s.probs, items * seq, seq),
-        Some(slopes) => {
-            causal_softmax_alibi(gpu, cd, s.scores, s.probs, items * seq, seq, slopes, heads)
-        }
+    span(gpu, "attention: causal softmax", || {
+        causal_softmax(
+            gpu,
+            cd,
+            s.scores,
+            s.probs,
+            (items * seq, seq),
+            alibi.map(|a| (a, heads)),
+        )
     })?;
     let values = Gemm {
         m: seq,

@@ -251,6 +251,17 @@ impl ShardOps<'_> {
     }
 }
 
+/// Refuses a norm whose weight dtype and output dtype have no kernel instance
+/// (`NORM_PAIRS`), naming `what` (a tensor, or the norm) and its dtype.
+fn norm_pair(what: &str, wd: DType, od: DType) -> Result<(), GpuError> {
+    match ckmerge_kernels::cuda::NORM_PAIRS.contains(&(dtype_name(wd), dtype_name(od))) {
+        true => Ok(()),
+        false => Err(GpuError::Request(format!(
+            "{what} is {wd} in a model computing in {od}: this norm is not implemented on the GPU (use --gpus none)"
+        ))),
+    }
+}
+
 /// The error for an operation with a CPU reference but no GPU kernel yet.
 fn not_on_gpu(what: &str) -> GpuError {
     GpuError::Request(format!(
@@ -291,11 +302,7 @@ impl Backend for ShardOps<'_> {
             let Some((ones, zeros)) = &s.plain_norm else {
                 return Err(not_on_gpu("a LayerNorm without parameters in this model"));
             };
-            if !ckmerge_kernels::cuda::NORM_PAIRS.contains(&("f32", dtype_name(cd))) {
-                return Err(GpuError::Request(format!(
-                    "a parameter-free LayerNorm computing in {cd} is not implemented on the GPU (use --gpus none)"
-                )));
-            }
+            norm_pair("a parameter-free LayerNorm", DType::F32, cd)?;
             // SAFETY: `x` holds `rows x hidden` f32 and `out` as many values in `cd` (the
             // caller's buffers); `ones` and `zeros` are `[hidden]` f32 allocated at load.
             return span(gpu, "norm", || unsafe {
@@ -314,13 +321,7 @@ impl Backend for ShardOps<'_> {
             });
         };
         let wt = s.tensor(weight);
-        let pair = (dtype_name(wt.dtype), dtype_name(cd));
-        if !ckmerge_kernels::cuda::NORM_PAIRS.contains(&pair) {
-            return Err(GpuError::Request(format!(
-                "`{}` is {} in a model computing in {cd}: this norm is not implemented on the GPU (use --gpus none)",
-                wt.name, wt.dtype
-            )));
-        }
+        norm_pair(&format!("`{}`", wt.name), wt.dtype, cd)?;
         // SAFETY: `x` holds `rows x hidden` f32 and `out` as many values in `cd` (the
         // caller's buffers, sized by the layer's shapes); the norm's tensors are `[hidden]`
         // tensors of this shard checked at load.
@@ -506,12 +507,7 @@ impl Backend for ShardOps<'_> {
             ));
         };
         let wt = s.tensor(weight);
-        if !ckmerge_kernels::cuda::NORM_PAIRS.contains(&(dtype_name(wt.dtype), "f32")) {
-            return Err(GpuError::Request(format!(
-                "`{}` is {}: this norm is not implemented on the GPU (use --gpus none)",
-                wt.name, wt.dtype
-            )));
-        }
+        norm_pair(&format!("`{}`", wt.name), wt.dtype, DType::F32)?;
         let gpu = &s.gpu;
         let n = rows * c.hidden;
         let normed = s.f32_buf(n)?;
@@ -562,13 +558,7 @@ impl Backend for ShardOps<'_> {
             return Err(not_on_gpu("a q/k norm that is not an RMSNorm with weights"));
         };
         let wt = s.tensor(weight);
-        let pair = (dtype_name(wt.dtype), "f32");
-        if !ckmerge_kernels::cuda::NORM_PAIRS.contains(&pair) {
-            return Err(GpuError::Request(format!(
-                "`{}` is {}: this q/k norm is not implemented on the GPU (use --gpus none)",
-                wt.name, wt.dtype
-            )));
-        }
+        norm_pair(&format!("`{}`", wt.name), wt.dtype, DType::F32)?;
         // Activation buffers are allocated at their exact size (`Shard::f32_buf`).
         let groups = x.len() / width;
         assert_eq!(groups * width, x.len(), "q/k norm groups of {width}");
