@@ -1267,6 +1267,8 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
                 // Mostly the text, on which the first checkpoint alone is clearly worse.
                 weights: vec![0.9, 0.1],
                 margin: 0.0,
+                leader: Vec::new(),
+                leader_scored: Vec::new(),
             };
             let per_group =
                 |w: Vec<f32>| ckmerge_common::MergeWeights::per_group(vec![w; weights.len()]);
@@ -1790,49 +1792,19 @@ fn early_stopping_scores_fewer_tokens_keeps_the_best_and_resumes_exactly() {
     let rep_full = search_to_end(&long_config(tmp.path(), "full.toml", 12, false), &full);
     let rep = search_to_end(&long_config(tmp.path(), "raced.toml", 12, true), &raced);
 
-    // Some trials stopped early; each scored at most half the set (the last look), its value is an
-    // estimate above the incumbent it raced (the best full value before it), and it is
-    // never the best.
+    // Some trials stopped early; each scored at most half the set (the last look); the
+    // best is a full evaluation (see `check_raced`).
     let j = journal(&raced);
-    let done = events(&j, "done");
     let whole = rep_full["trials"][0]["tokens"].as_u64().unwrap();
-    let baselines: Vec<f64> = rep["references"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["kind"] != "best")
-        .map(|r| r["objective"].as_f64().unwrap())
-        .collect();
-    let mut incumbent = baselines.iter().cloned().fold(f64::INFINITY, f64::min);
-    let mut stopped = 0;
-    for d in &done {
-        let v = d["mean_nll"].as_f64().unwrap();
-        if d["partial"].is_object() {
-            stopped += 1;
-            assert!(d["tokens"].as_u64().unwrap() <= whole / 2, "{d}");
-            assert!(d["partial"]["lower_bound"].as_f64().unwrap() > 0.0, "{d}");
-            assert!(
-                v > incumbent,
-                "{d}: estimate not above the incumbent {incumbent}"
-            );
-            assert!(d["units"].is_null(), "{d}");
-        } else {
-            assert_eq!(d["tokens"].as_u64().unwrap(), whole, "{d}");
-            assert!(
-                d["units"].as_array().unwrap().len() > 100,
-                "per-window sums kept"
-            );
-            incumbent = incumbent.min(v);
-        }
-    }
-    assert!(stopped >= 3, "{stopped} of {} stopped", done.len());
+    let stopped = check_raced(&j, baseline_best(&rep), 0.0, Some(whole), 100);
+    assert!(stopped >= 3, "{stopped} stopped");
     // The per-window sums stay in the journal, out of the report.
     assert!(rep["trials"]
         .as_array()
         .unwrap()
         .iter()
         .all(|t| t["units"].is_null()));
-    assert_eq!(rep["stopped_early"].as_u64().unwrap(), stopped);
+    assert_eq!(rep["stopped_early"].as_u64().unwrap(), stopped as u64);
     let (t_full, t_raced) = (
         rep_full["scored_tokens"].as_u64().unwrap(),
         rep["scored_tokens"].as_u64().unwrap(),
@@ -1846,11 +1818,130 @@ fn early_stopping_scores_fewer_tokens_keeps_the_best_and_resumes_exactly() {
     );
     assert!(b < b_full * 1.001, "{b} vs {b_full}");
 
-    // Stopped after 8 trials and resumed to 12, the run makes the same trials with the
-    // same values: estimates and their variances are replayed exactly.
-    let split = tmp.path().join("split");
-    search_to_end(&long_config(tmp.path(), "split.toml", 8, true), &split);
-    assert_resumes_to(&split, 12, &j);
+    // Killed with 6 trials done and resumed, the run makes the same trials with the same
+    // values: estimates, their variances and the leaders are replayed exactly.
+    assert_killed_resumes_to(
+        &long_config(tmp.path(), "raced.toml", 12, true),
+        &tmp.path().join("killed"),
+        6,
+        &j,
+    );
+}
+
+/// The best value of the references other than the best found (the baselines, which
+/// trials race from); infinite without any.
+fn baseline_best(rep: &Value) -> f64 {
+    rep["references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] != "best")
+        .map(|r| r["objective"].as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Checks the trials of a raced run's journal `j` in order, from `incumbent` (the best
+/// baseline's value; infinite without baselines): a trial scored whole has every unit
+/// (more than `min_units`) and `whole` tokens where given, and may make the incumbent;
+/// one stopped as not better has its lower bound above `-margin` and, tested against the
+/// incumbent, its estimate above `incumbent - margin`, and keeps no units; one stopped as
+/// better (the leader) has its upper bound below zero and keeps the units it scored.
+/// Every leader whose estimate is below the final best was scored whole later (its
+/// confirmation), so the best is a full evaluation. Returns how many trials stopped.
+fn check_raced(
+    j: &[Value],
+    mut incumbent: f64,
+    margin: f64,
+    whole: Option<u64>,
+    min_units: usize,
+) -> usize {
+    let done = events(j, "done");
+    let mut stopped = 0;
+    for d in &done {
+        let v = d["mean_nll"].as_f64().unwrap();
+        let p = &d["partial"];
+        if p.is_object() {
+            stopped += 1;
+            if let Some(whole) = whole {
+                assert!(d["tokens"].as_u64().unwrap() <= whole / 2, "{d}");
+            }
+            if p["better"] == true {
+                assert!(p["upper_bound"].as_f64().unwrap() < 0.0, "{d}");
+                assert_eq!(
+                    d["units"].as_array().unwrap().len() as u64,
+                    p["scored_units"].as_u64().unwrap(),
+                    "a leader keeps its units: {d}"
+                );
+                if p["against_leader"] == false {
+                    assert!(
+                        v < incumbent,
+                        "{d}: a leader above the incumbent {incumbent}"
+                    );
+                }
+            } else {
+                assert!(p["lower_bound"].as_f64().unwrap() > -margin, "{d}");
+                if p["against_leader"] == false {
+                    assert!(
+                        v > incumbent - margin,
+                        "{d}: below the incumbent {incumbent}"
+                    );
+                }
+                assert!(d["units"].is_null(), "{d}");
+            }
+        } else {
+            if let Some(whole) = whole {
+                assert_eq!(d["tokens"].as_u64().unwrap(), whole, "{d}");
+            }
+            assert!(
+                d["units"].as_array().unwrap().len() > min_units,
+                "per-unit values kept: {d}"
+            );
+            incumbent = incumbent.min(v);
+        }
+    }
+    for (i, d) in done.iter().enumerate() {
+        if d["partial"]["better"] == true && d["mean_nll"].as_f64().unwrap() < incumbent {
+            assert!(
+                done[i + 1..]
+                    .iter()
+                    .any(|c| c["partial"].is_null() && c["weights"] == d["weights"]),
+                "leader {} below the best full value {incumbent} was not scored whole",
+                d["trial"]
+            );
+        }
+    }
+    stopped
+}
+
+/// Runs `cfg` into `run_dir`, kills the coordinator (-9) once `k` trials are done and the
+/// next is in flight (its snapshot written), resumes it, and checks that it made the
+/// trials of the straight run journalled in `straight`: the same weights, values and
+/// stops, in order.
+fn assert_killed_resumes_to(cfg: &Path, run_dir: &Path, k: usize, straight: &[Value]) {
+    let mut coord = start_search(cfg, run_dir);
+    wait_for(
+        &format!("{k} trials done and one in flight"),
+        Duration::from_secs(300),
+        || {
+            let in_flight = |j: &[Value]| {
+                events(j, "done").len() >= k && j.last().is_some_and(|r| r["event"] == "issued")
+            };
+            if !in_flight(&journal(run_dir)) {
+                return None;
+            }
+            coord.signal(libc::SIGSTOP);
+            if in_flight(&journal(run_dir)) {
+                return Some(());
+            }
+            coord.signal(libc::SIGCONT);
+            None
+        },
+    );
+    coord.signal(libc::SIGKILL);
+    coord.wait(Duration::from_secs(10));
+    let o = run(search(&["--resume".as_ref(), run_dir.as_os_str()]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(trial_key(&journal(run_dir)), trial_key(straight));
 }
 
 /// What must match between two runs that make the same trials: each completed trial's
@@ -1866,19 +1957,6 @@ fn trial_key(j: &[Value]) -> Vec<(Value, Value, Value)> {
             )
         })
         .collect()
-}
-
-/// Resumes the run in `split` to `max_evals` and checks that it made the trials of the
-/// straight run journalled in `straight`: the same weights, values and stops, in order.
-fn assert_resumes_to(split: &Path, max_evals: usize, straight: &[Value]) {
-    let o = run(search(&[
-        "--resume".as_ref(),
-        split.as_os_str(),
-        "--max-evals".as_ref(),
-        max_evals.to_string().as_ref(),
-    ]));
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(trial_key(&journal(split)), trial_key(straight));
 }
 
 /// Early stopping on a weighted mixture of a task and a text (the 12-checkpoint simplex):
@@ -1901,7 +1979,6 @@ fn early_stopping_races_a_mixture_of_a_task_and_text_and_resumes_exactly() {
     let rep = search_to_end(&config("raced.toml", 10), &raced);
     let j = journal(&raced);
     let done = events(&j, "done");
-    let mut stopped = 0;
     for d in &done {
         let s = d["scores"].as_array().unwrap();
         assert_eq!(s[0]["name"], "cloze", "{d}");
@@ -1910,23 +1987,19 @@ fn early_stopping_races_a_mixture_of_a_task_and_text_and_resumes_exactly() {
             0.25 * s[0]["mean_nll"].as_f64().unwrap() + 0.75 * s[1]["mean_nll"].as_f64().unwrap();
         let v = d["mean_nll"].as_f64().unwrap();
         assert!((v - want).abs() < 1e-12, "{d}");
-        if d["partial"].is_object() {
-            stopped += 1;
-            assert!(d["partial"]["lower_bound"].as_f64().unwrap() > 0.0, "{d}");
-            assert!(d["units"].is_null(), "{d}");
-        } else {
-            // 48 items, then the text's windows.
-            assert!(d["units"].as_array().unwrap().len() > 48 + 100, "{d}");
+        if d["partial"]["better"] == true {
+            // A leader: the 48 items, then the windows it scored.
+            assert_eq!(d["partial"]["scored"][0], 48, "{d}");
         }
     }
+    // 48 items, then the text's windows.
+    let stopped = check_raced(&j, baseline_best(&rep), 0.0, None, 48 + 100);
     assert!(stopped >= 2, "{stopped} of {} stopped", done.len());
-    assert_eq!(rep["stopped_early"].as_u64().unwrap(), stopped);
+    assert_eq!(rep["stopped_early"].as_u64().unwrap(), stopped as u64);
     assert!(rep["best"]["partial"].is_null());
 
-    // Stopped after 6 trials and resumed to 10: the same trials, the same values.
-    let split = tmp.path().join("split");
-    search_to_end(&config("split.toml", 6), &split);
-    assert_resumes_to(&split, 10, &j);
+    // Killed with 5 trials done and resumed: the same trials, the same values.
+    assert_killed_resumes_to(&config("raced.toml", 10), &tmp.path().join("killed"), 5, &j);
 }
 
 /// `search.early_stop_margin`: on a 1-D search between the last two llama checkpoints,
@@ -1976,14 +2049,24 @@ merge = false
         &raced,
     );
     let done = journal(&raced);
+    let whole = rep_full["trials"][0]["tokens"].as_u64();
+    check_raced(&done, f64::INFINITY, margin, whole, 100);
     let bounds: Vec<f64> = events(&done, "done")
         .iter()
+        .filter(|d| d["partial"]["better"] == false)
         .filter_map(|d| d["partial"]["lower_bound"].as_f64())
         .collect();
-    assert!(bounds.iter().all(|&b| b > -margin), "{bounds:?}");
     assert!(
         bounds.iter().any(|&b| b <= 0.0),
         "no trial was stopped by the margin alone: {bounds:?}"
+    );
+    // The first trials walk into the basin, each clearly better than the last: some
+    // stopped as leaders instead of being scored whole.
+    assert!(
+        events(&done, "done")
+            .iter()
+            .any(|d| d["partial"]["better"] == true),
+        "no leader"
     );
     let (b, b_full) = (
         rep["best"]["mean_nll"].as_f64().unwrap(),

@@ -47,6 +47,38 @@
 //!
 //! A stopped trial's value is not a full one: it is the estimate `incumbent + D`, with its
 //! variance `se(D)^2`, and is told to the surrogate as such (a noisier observation).
+//!
+//! # Leaders
+//!
+//! A trial that improves on the incumbent used to be scored whole, since it became the
+//! next incumbent, whose every unit later trials race against. On a search whose first
+//! trials each improve on the last (a 1-D search walking into its basin) that kept half
+//! the trials whole. Now a trial whose *upper* bound at a look is below zero, clearly
+//! better than what it raced, stops too, as the *leader*: its value is the estimate
+//! `incumbent + D` like any stopped trial's, and its scored units go with later trials'
+//! requests. Those are tested against the leader, paired on the units it scored: stopped
+//! as not better (lower bound above `-margin`) or as better still (upper bound below
+//! zero, the next leader). Beyond the leader's units they are tested against the
+//! incumbent, which is known on every unit: stopped as not better than it by more than
+//! the margin (then not better than the leader either, which is better than the
+//! incumbent), never as better (they cannot be shown better than the leader there), so
+//! scored whole if they get that far, making the next incumbent. Either way a stopped
+//! trial's value is estimated against the incumbent, never the leader, so estimates never
+//! chain.
+//!
+//! The leader is the stopped-as-better trial with the lowest estimate, if it is below the
+//! incumbent's value (a trial scored whole since may have passed it). When the budget is
+//! spent, a leader left is scored whole (its *confirmation*, a trial of its own in the
+//! journal, counted in the scored tokens), so the best found is always a full
+//! evaluation. Error rates: a candidate exactly as good as the leader is stopped as
+//! better at the same rate as one exactly as good as the incumbent is stopped as worse
+//! (the test is symmetric, at most 1.5 `alpha`); a wrong leader costs tokens (later
+//! trials are tested against a worse reference, so stop later), not the best: the
+//! confirmation scores it whole. The margin's guarantee (a stopped trial's true value
+//! above `best - margin`) holds against the leader's true value, which the confirmation
+//! makes a full evaluation of the run, up to the error rate of the estimate that compared
+//! a leader with a later full trial (a trial scored whole whose value is below the
+//! leader's estimate ends the leader).
 
 use serde::{Deserialize, Serialize};
 
@@ -87,6 +119,30 @@ pub struct Race {
     /// objective's units (nats per token of a text; see the module docs). 0: stop only
     /// one that is worse.
     pub margin: f64,
+    /// The leader's scored units, set after set, each set's first `leader_scored[d]` in
+    /// scoring order: a trial stopped because it was clearly better than what it raced,
+    /// whose estimate is the best value known (see "Leaders" in the module docs). Empty:
+    /// no leader, the incumbent is the best known.
+    #[serde(default)]
+    pub leader: Vec<f64>,
+    /// How many of each set's units the leader scored (one entry per set; empty without
+    /// a leader).
+    #[serde(default)]
+    pub leader_scored: Vec<usize>,
+}
+
+impl Race {
+    /// Score everything, keeping every unit's value (the units make an incumbent).
+    pub fn whole(weights: Vec<f64>) -> Race {
+        Race {
+            incumbent: Vec::new(),
+            z: [0.0; 4],
+            weights,
+            margin: 0.0,
+            leader: Vec::new(),
+            leader_scored: Vec::new(),
+        }
+    }
 }
 
 /// One set of the objective at a look: the first `cand.len()` units' values of the
@@ -103,17 +159,33 @@ pub struct Stratum<'a> {
 }
 
 /// How far a stopped trial got, and what it showed.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Partial {
     /// Batches scored, of `units` in all.
     pub scored_units: usize,
     pub units: usize,
-    /// Estimated difference of the whole set's mean NLL, candidate minus incumbent, its
-    /// standard error, and the lower confidence bound that stopped the trial (above
-    /// `-margin`).
+    /// Estimated difference of the whole set's mean NLL, candidate minus incumbent (a
+    /// full evaluation: what the trial's value is estimated from), and its standard
+    /// error.
     pub difference: f64,
     pub std_error: f64,
+    /// The confidence bounds of the difference from what the trial was tested against
+    /// at the look that stopped it: the incumbent, or the leader when `against_leader`.
+    /// A trial stopped as not better (`better` false) has `lower_bound` above
+    /// `-margin`; one stopped as clearly better has `upper_bound` below zero.
     pub lower_bound: f64,
+    #[serde(default)]
+    pub upper_bound: f64,
+    /// Stopped because it was clearly better (it becomes the leader), not worse.
+    #[serde(default)]
+    pub better: bool,
+    /// The bounds are against the leader, not the incumbent.
+    #[serde(default)]
+    pub against_leader: bool,
+    /// Units scored of each set, in the objective's order (its sum is `scored_units`;
+    /// empty in journals written before leaders).
+    #[serde(default)]
+    pub scored: Vec<usize>,
 }
 
 /// The batch counts at which to look, for `units` batches in all, each with its index in
@@ -183,14 +255,40 @@ pub fn look(
     look_strata(&[s], z, margin).map(|(p, _)| p)
 }
 
-/// The test at a look on an objective of several sets, `Σ weight mean`: the difference
-/// is the weighted sum of each set's expansion estimate, its variance the weighted sum of
-/// theirs (the sets are sampled independently); a set scored whole contributes its exact
-/// difference and no variance. Student's t takes the fewest degrees of freedom of the
-/// sets still sampled (conservative). Some((partial, each set's estimated difference of
-/// its mean)) when the candidate is not better than the incumbent by more than `margin`
-/// with confidence.
-pub fn look_strata(sets: &[Stratum], z: f64, margin: f64) -> Option<(Partial, Vec<f64>)> {
+/// The estimate at a look on an objective of several sets, `Σ weight mean`: the
+/// difference is the weighted sum of each set's expansion estimate, its variance the
+/// weighted sum of theirs (the sets are sampled independently); a set scored whole
+/// contributes its exact difference and no variance. Student's t takes the fewest degrees
+/// of freedom of the sets still sampled (conservative). None when nothing is left to
+/// estimate (every set scored whole) or the units do not fit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Estimate {
+    /// Estimated difference of the objective, candidate minus what it is paired with.
+    pub difference: f64,
+    pub std_error: f64,
+    /// Each set's estimated difference of its mean.
+    pub each: Vec<f64>,
+    /// Degrees of freedom of the t quantile.
+    pub dof: usize,
+}
+
+impl Estimate {
+    /// `(lower, upper)` confidence bounds of the difference at normal quantile `z`.
+    pub fn bounds(&self, z: f64) -> (f64, f64) {
+        // Student's t quantile for `dof` degrees of freedom, from the normal one (the
+        // first Cornish-Fisher term: t = z + (z^3 + z) / 4v; 3.07 for 3.09 at z = 2.81,
+        // v = 24).
+        let v = self.dof as f64;
+        let t = z + (z.powi(3) + z) / (4.0 * v);
+        (
+            self.difference - t * self.std_error,
+            self.difference + t * self.std_error,
+        )
+    }
+}
+
+/// See [`Estimate`].
+pub fn estimate(sets: &[Stratum]) -> Option<Estimate> {
     let (mut difference, mut var, mut dof) = (0.0, 0.0, usize::MAX);
     let mut each = Vec::with_capacity(sets.len());
     for s in sets {
@@ -215,21 +313,67 @@ pub fn look_strata(sets: &[Stratum], z: f64, margin: f64) -> Option<(Partial, Ve
     if dof == usize::MAX {
         return None; // everything scored: nothing left to stop
     }
-    let std_error = var.sqrt();
-    // Student's t quantile for `dof` degrees of freedom, from the normal one (the first
-    // Cornish-Fisher term: t = z + (z^3 + z) / 4v; 3.07 for 3.09 at z = 2.81, v = 24).
-    let v = dof as f64;
-    let t = z + (z.powi(3) + z) / (4.0 * v);
-    let lower_bound = difference - t * std_error;
-    (lower_bound > -margin && lower_bound.is_finite()).then_some((
-        Partial {
-            scored_units: sets.iter().map(|s| s.cand.len()).sum(),
-            units: sets.iter().map(|s| s.units).sum(),
-            difference,
-            std_error,
-            lower_bound,
-        },
+    Some(Estimate {
+        difference,
+        std_error: var.sqrt(),
         each,
+        dof,
+    })
+}
+
+/// The test at a look against the incumbent alone (no leader): Some((partial, each set's
+/// estimated difference of its mean)) when the candidate is not better than the
+/// incumbent by more than `margin` with confidence. See [`decide`] for the whole rule.
+pub fn look_strata(sets: &[Stratum], z: f64, margin: f64) -> Option<(Partial, Vec<f64>)> {
+    decide(sets, None, false, z, margin).filter(|(p, _)| !p.better)
+}
+
+/// The decision at a look. `inc` pairs the candidate with the incumbent (the best full
+/// evaluation); `leader` with the leader where there is one and it scored at least the
+/// units scored so far (`has_leader` says whether there is one at all).
+///
+/// - Tested against the leader where it can be, else against the incumbent: stop as
+///   *not better* when the lower bound of the difference is above `-margin`.
+/// - Stop as *better* when the upper bound is below zero: against the leader, or
+///   against the incumbent when there is no leader. Beyond the leader's units a
+///   candidate cannot be shown better than the best known, so it goes on.
+///
+/// A stop's value is always estimated against the incumbent, which is known on every
+/// unit (`incumbent + difference`, variance `std_error^2`). Some((partial, each set's
+/// estimated difference of its mean from the incumbent's)) when the trial stops.
+pub fn decide(
+    inc: &[Stratum],
+    leader: Option<&[Stratum]>,
+    has_leader: bool,
+    z: f64,
+    margin: f64,
+) -> Option<(Partial, Vec<f64>)> {
+    let e = estimate(inc)?;
+    let (against, against_leader) = match leader {
+        Some(l) => (estimate(l)?, true),
+        None => (e.clone(), false),
+    };
+    let (lower, upper) = against.bounds(z);
+    let better = if lower > -margin && lower.is_finite() {
+        false
+    } else if upper < 0.0 && (against_leader || !has_leader) {
+        true
+    } else {
+        return None;
+    };
+    Some((
+        Partial {
+            scored_units: inc.iter().map(|s| s.cand.len()).sum(),
+            units: inc.iter().map(|s| s.units).sum(),
+            difference: e.difference,
+            std_error: e.std_error,
+            lower_bound: lower,
+            upper_bound: upper,
+            better,
+            against_leader,
+            scored: inc.iter().map(|s| s.cand.len()).collect(),
+        },
+        e.each,
     ))
 }
 
@@ -321,6 +465,72 @@ mod tests {
         let q = look(&shifted[..50], &inc[..50], 100, 10_000, 2.8, 0.0).expect("stopped");
         assert!((q.lower_bound - (p.lower_bound + 0.02)).abs() < 1e-12);
         assert!((q.std_error - p.std_error).abs() < 1e-12);
+    }
+
+    fn one<'a>(cand: &'a [f64], inc: &'a [f64]) -> [Stratum<'a>; 1] {
+        [Stratum {
+            cand,
+            inc,
+            units: 100,
+            tokens: 10_000,
+            weight: 1.0,
+        }]
+    }
+
+    #[test]
+    fn a_clearly_better_candidate_stops_as_the_leader_and_is_tested_against_it() {
+        let (inc, worse) = worse_by_a_twentieth();
+        // 0.05 nats per token better than the incumbent, no leader: stopped as better,
+        // its estimate against the incumbent.
+        let better: Vec<f64> = worse.iter().zip(&inc).map(|(w, i)| 2.0 * i - w).collect();
+        let (p, each) =
+            decide(&one(&better[..16], &inc[..16]), None, false, 2.8, 0.0).expect("stopped");
+        assert!(
+            p.better && !p.against_leader && p.upper_bound < 0.0,
+            "{p:?}"
+        );
+        assert!((p.difference + 0.05).abs() < 0.01 && each[0] == p.difference);
+        assert_eq!((p.scored, p.scored_units), (vec![16], 16));
+        // The same candidate with a leader it cannot be paired with (the look is beyond
+        // the leader's units): not stopped, since it cannot be shown better than the
+        // leader; a worse one still is, against the incumbent.
+        assert!(decide(&one(&better[..16], &inc[..16]), None, true, 2.8, 0.0).is_none());
+        let (p, _) = decide(&one(&worse[..16], &inc[..16]), None, true, 2.8, 0.0).unwrap();
+        assert!(!p.better && !p.against_leader);
+        // Paired with the leader (`better` itself): a candidate between the two is stopped
+        // as not better than the leader, though better than the incumbent, with its value
+        // estimated against the incumbent; one better than the leader becomes the next.
+        let between: Vec<f64> = inc
+            .iter()
+            .zip(&better)
+            .map(|(i, b)| (i + b) / 2.0)
+            .collect();
+        let (p, _) = decide(
+            &one(&between[..16], &inc[..16]),
+            Some(&one(&between[..16], &better[..16])),
+            true,
+            2.8,
+            0.0,
+        )
+        .expect("stopped");
+        assert!(
+            !p.better && p.against_leader && p.lower_bound > 0.0,
+            "{p:?}"
+        );
+        assert!((p.difference + 0.025).abs() < 0.01, "{p:?}");
+        let best: Vec<f64> = better.iter().zip(&inc).map(|(b, i)| 2.0 * b - i).collect();
+        let (p, _) = decide(
+            &one(&best[..16], &inc[..16]),
+            Some(&one(&best[..16], &better[..16])),
+            true,
+            2.8,
+            0.0,
+        )
+        .expect("stopped");
+        assert!(p.better && p.against_leader && p.upper_bound < 0.0);
+        assert!((p.difference + 0.1).abs() < 0.02, "{p:?}");
+        // The incumbent-only test (`look_strata`) never reports a stop as better.
+        assert!(look(&better[..16], &inc[..16], 100, 10_000, 2.8, 0.0).is_none());
     }
 
     #[test]

@@ -478,8 +478,9 @@ impl Evaluator {
     /// Scores the objective, data sets `0..k`, racing against `race` (see
     /// [`ckmerge_common::race`]): each set's units (a text's windows, one per forward
     /// pass; a task's items) in their order, at each look every set up to the look's
-    /// share, then the test; a candidate clearly worse than the incumbent (or not better
-    /// by more than `race.margin`) stops there.
+    /// share, then the test; a candidate clearly worse than the incumbent or the leader
+    /// (or not better by more than `race.margin`), or clearly better than the best known,
+    /// stops there ([`ckmerge_common::race::decide`]).
     /// Returns each set's result (for a stopped trial: what was scored, and the estimate
     /// of the whole set's mean, the incumbent's plus the estimated difference), every
     /// scored unit's value, set after set, and how far a stopped trial got. An empty
@@ -535,6 +536,19 @@ impl Evaluator {
             )));
         }
         let units: Vec<usize> = strata.iter().map(|s| s.units).collect();
+        let has_leader = !race.leader.is_empty();
+        if has_leader
+            && (race.leader_scored.len() != k
+                || race.leader_scored.iter().sum::<usize>() != race.leader.len()
+                || race.leader_scored.iter().zip(&units).any(|(l, u)| l > u)
+                || race.incumbent.is_empty())
+        {
+            return Err(EvalError::Request(format!(
+                "the leader has {} units scored as {:?} of sets of {units:?} units: the workers disagree on the data",
+                race.leader.len(),
+                race.leader_scored
+            )));
+        }
         let mut looks = if race.incumbent.is_empty() {
             Vec::new()
         } else {
@@ -554,6 +568,16 @@ impl Evaluator {
                 r
             })
             .collect();
+        let mut at_leader = 0;
+        let leader: Vec<&[f64]> = race
+            .leader_scored
+            .iter()
+            .map(|&n| {
+                let r = &race.leader[at_leader..at_leader + n];
+                at_leader += n;
+                r
+            })
+            .collect();
         for (n, look) in looks {
             for (d, s) in strata.iter_mut().enumerate() {
                 self.advance(d, s, n[d], run, choices)?;
@@ -561,19 +585,17 @@ impl Evaluator {
             if n == units {
                 break;
             }
-            let sets: Vec<race::Stratum> = strata
-                .iter()
-                .zip(&inc)
-                .zip(&weights)
-                .map(|((s, inc), &weight)| race::Stratum {
-                    cand: &s.values,
-                    inc,
-                    units: s.units,
-                    tokens: s.tokens,
-                    weight,
-                })
-                .collect();
-            if let Some((p, each)) = race::look_strata(&sets, race.z[look], race.margin) {
+            let sets = paired(&strata, &inc, &weights);
+            // The leader where it scored every unit scored so far.
+            let within = has_leader && leader.iter().zip(&n).all(|(l, &n)| l.len() >= n);
+            let vs_leader = within.then(|| paired(&strata, &leader, &weights));
+            if let Some((p, each)) = race::decide(
+                &sets,
+                vs_leader.as_deref(),
+                has_leader,
+                race.z[look],
+                race.margin,
+            ) {
                 let seconds = t0.elapsed().as_secs_f64();
                 let sets = (0..k)
                     .map(|d| {
@@ -1242,6 +1264,27 @@ struct Stratum {
     tokens: usize,
     values: Vec<f64>,
     kind: StratumKind,
+}
+
+/// The race's view of the strata: each set's values so far paired with `inc`'s (the
+/// incumbent's or the leader's units of that set), with the set's weight.
+fn paired<'a>(
+    strata: &'a [Stratum],
+    inc: &[&'a [f64]],
+    weights: &[f64],
+) -> Vec<ckmerge_common::race::Stratum<'a>> {
+    strata
+        .iter()
+        .zip(inc)
+        .zip(weights)
+        .map(|((s, &inc), &weight)| ckmerge_common::race::Stratum {
+            cand: &s.values,
+            inc,
+            units: s.units,
+            tokens: s.tokens,
+            weight,
+        })
+        .collect()
 }
 
 enum StratumKind {

@@ -41,6 +41,8 @@ fn windows(ev: &mut Evaluator, w: f32) -> (Vec<f64>, usize) {
         z: Z,
         weights: vec![1.0],
         margin: 0.0,
+        leader: Vec::new(),
+        leader_scored: Vec::new(),
     };
     let r = ev.score_race(1, &open).unwrap();
     assert!(r.partial.is_none());
@@ -142,6 +144,8 @@ fn raced_scoring_stops_with_an_estimate_and_agrees_with_plain_scoring() {
         z: Z,
         weights: vec![1.0],
         margin: 0.0,
+        leader: Vec::new(),
+        leader_scored: Vec::new(),
     };
     let raced = ev.score_race(1, &race).unwrap();
     let (r, units) = (&raced.sets[0].score, raced.units);
@@ -167,6 +171,72 @@ fn raced_scoring_stops_with_an_estimate_and_agrees_with_plain_scoring() {
     };
     let e = ev.score_race(1, &bad).unwrap_err().to_string();
     assert!(e.contains("units where this objective has"), "{e}");
+}
+
+/// Leaders: against a clearly worse incumbent (a source alone), a candidate stops as
+/// better with its estimate against the incumbent and its scored windows, which later
+/// trials are sent as the leader's. A candidate as good as the leader is never shown
+/// better than it, and beyond the leader's windows cannot be, so it is scored whole; one
+/// clearly worse than the leader stops against it though better than the incumbent.
+#[test]
+fn a_clearly_better_trial_stops_as_the_leader_and_later_trials_race_it() {
+    let mut ev = evaluator("llama");
+    ev.shuffle_units(0, 5);
+    let (src, tokens) = windows(&mut ev, 1.0);
+    ev.set_weights(&[0.5, 0.5]).unwrap();
+    let truth = ev.score(0).unwrap().mean_nll;
+    let open = |incumbent: Vec<f64>, leader: Vec<f64>, leader_scored: Vec<usize>| Race {
+        incumbent,
+        z: Z,
+        weights: vec![1.0],
+        margin: 0.0,
+        leader,
+        leader_scored,
+    };
+    let raced = ev
+        .score_race(1, &open(src.clone(), vec![], vec![]))
+        .unwrap();
+    let p = raced.partial.clone().expect("stopped as better");
+    assert!(
+        p.better && !p.against_leader && p.upper_bound < 0.0,
+        "{p:?}"
+    );
+    assert_eq!(p.scored, vec![p.scored_units]);
+    assert_eq!(raced.units.len(), p.scored_units);
+    assert!(raced.sets[0].score.tokens < tokens / 2);
+    let est = raced.sets[0].score.mean_nll;
+    assert!(
+        (est - truth).abs() < 4.0 * p.std_error,
+        "estimate {est} vs {truth} (se {})",
+        p.std_error
+    );
+    let src_mean = src.iter().sum::<f64>() / tokens as f64;
+    assert!(
+        (est - src_mean - p.difference).abs() < 1e-9,
+        "against the incumbent"
+    );
+
+    // The leader's own weights: never better than itself, so scored whole.
+    let with_leader = open(src.clone(), raced.units.clone(), p.scored.clone());
+    let again = ev.score_race(1, &with_leader).unwrap();
+    assert!(again.partial.is_none(), "{:?}", again.partial);
+    assert_eq!(again.sets[0].score.tokens, tokens);
+    // A merge between the source and the leader: better than the incumbent, clearly worse
+    // than the leader, stopped against the leader.
+    ev.set_weights(&[0.85, 0.15]).unwrap();
+    let mid = ev.score_race(1, &with_leader).unwrap();
+    let q = mid.partial.expect("stopped against the leader");
+    assert!(
+        !q.better && q.against_leader && q.lower_bound > 0.0,
+        "{q:?}"
+    );
+    assert!(q.difference < 0.0, "better than the incumbent: {q:?}");
+    assert!(q.scored_units <= p.scored_units);
+
+    // A leader whose units do not fit the objective is refused.
+    let bad = open(src.clone(), raced.units[1..].to_vec(), p.scored.clone());
+    let e = ev.score_race(1, &bad).unwrap_err().to_string();
+    assert!(e.contains("the leader has"), "{e}");
 }
 
 /// A task's units are its items (each item's choice NLL), and a mixture of a task and a
@@ -203,6 +273,8 @@ fn a_task_and_a_mixture_race_item_by_item_and_window_by_window() {
         z: Z,
         weights,
         margin: 0.0,
+        leader: Vec::new(),
+        leader_scored: Vec::new(),
     };
     let r = ev.score_race(1, &open(vec![1.0])).unwrap();
     let items = task.task.unwrap().items;
@@ -241,6 +313,8 @@ fn a_task_and_a_mixture_race_item_by_item_and_window_by_window() {
         z: Z,
         weights: w.clone(),
         margin: 0.0,
+        leader: Vec::new(),
+        leader_scored: Vec::new(),
     };
     let raced = ev.score_race(2, &race).unwrap();
     let p = raced.partial.expect("stopped");
@@ -294,6 +368,8 @@ fn a_candidate_no_worse_on_a_task_is_stopped_at_most_one_and_a_half_alpha() {
                 z: Z,
                 weights: vec![1.0],
                 margin: 0.0,
+                leader: Vec::new(),
+                leader_scored: Vec::new(),
             };
             ev.score_race(1, &open).unwrap().units
         };

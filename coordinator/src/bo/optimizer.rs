@@ -160,6 +160,11 @@ pub struct Observation {
     /// stopped early (`ckmerge_common::race`), its estimate's squared standard error.
     #[serde(default)]
     pub noise: f64,
+    /// An estimate whose point was later scored whole (a leader's confirmation, see
+    /// `search::scheduler`): kept, so that observations and journal records stay one to
+    /// one, but no longer given to the surrogate, which has the full value instead.
+    #[serde(default)]
+    pub superseded: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,12 +229,20 @@ impl Optimizer {
             Ok(v) => (None, Some(format!("objective was {v}"))),
             Err(e) => (None, Some(e)),
         };
+        if value.is_some() {
+            for o in &mut self.observations {
+                if o.u == u && o.noise > 0.0 {
+                    o.superseded = true;
+                }
+            }
+        }
         self.observations.push(Observation {
             u,
             weights,
             value,
             error,
             noise: 0.0,
+            superseded: false,
         });
     }
 
@@ -254,6 +267,7 @@ impl Optimizer {
                 value: Some(value),
                 error: None,
                 noise: 0.0,
+                superseded: false,
             });
         }
     }
@@ -263,7 +277,7 @@ impl Optimizer {
         self.priors
             .iter()
             .chain(&self.observations)
-            .filter(|o| o.value.is_some())
+            .filter(|o| o.value.is_some() && !o.superseded)
     }
 
     /// The best observation so far that is not an estimate (see [`Self::tell_estimate`]).

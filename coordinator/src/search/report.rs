@@ -646,8 +646,12 @@ impl Report {
                 } => {
                     // A trial stopped early: its value is an estimate, marked with how much
                     // of the set it scored.
-                    let note = partial.map_or(String::new(), |p| {
-                        format!(" (est., stopped at {}/{} units)", p.scored_units, p.units)
+                    let note = partial.as_ref().map_or(String::new(), |p| {
+                        let why = if p.better { ", better" } else { "" };
+                        format!(
+                            " (est., stopped at {}/{} units{why})",
+                            p.scored_units, p.units
+                        )
                     });
                     s += &format!(
                         "| {trial} | {worker} | {} | {perplexity:.4} | {mean_nll:.6}{note} | {:.2} |\n",

@@ -231,11 +231,38 @@ impl Scheduler {
 
     /// What a trial races against under `search.early_stop`: the per-unit values of the
     /// best full evaluation so far (a trial's or a baseline's), or none yet (the trial is
-    /// scored whole, and its units kept), and the objective's weights.
+    /// scored whole, and its units kept), the leader's where there is one ([`Self::leader`]),
+    /// and the objective's weights.
     pub fn race(&self) -> Option<Race> {
         if !self.cfg.search.early_stop {
             return None;
         }
+        let best = self.incumbent().map(|(_, u)| u.clone());
+        let (leader, leader_scored) = match (&best, self.leader()) {
+            (
+                Some(_),
+                Some(Record::Done {
+                    units,
+                    partial: Some(p),
+                    ..
+                }),
+            ) => (units.clone(), p.scored.clone()),
+            _ => (Vec::new(), Vec::new()),
+        };
+        let alpha = self.cfg.search.early_stop_alpha;
+        Some(Race {
+            incumbent: best.unwrap_or_default(),
+            z: race::SPEND.map(|share| crate::bo::posterior::inv_cdf(1.0 - alpha * share)),
+            weights: self.objective.sets.iter().map(|(_, w)| *w).collect(),
+            margin: self.cfg.search.early_stop_margin,
+            leader,
+            leader_scored,
+        })
+    }
+
+    /// The best full evaluation so far (a trial's or a baseline's) with its per-unit
+    /// values: what trials race against.
+    fn incumbent(&self) -> Option<(f64, &Vec<f64>)> {
         let trials = self.done.iter().filter_map(|r| match r {
             Record::Done {
                 mean_nll,
@@ -246,17 +273,47 @@ impl Scheduler {
             _ => None,
         });
         let baselines = self.baseline_units.iter().map(|(v, u)| (*v, u));
-        let best = trials
-            .chain(baselines)
-            .min_by(|a, b| a.0.total_cmp(&b.0))
-            .map(|(_, u)| u.clone());
-        let alpha = self.cfg.search.early_stop_alpha;
-        Some(Race {
-            incumbent: best.unwrap_or_default(),
-            z: race::SPEND.map(|share| crate::bo::posterior::inv_cdf(1.0 - alpha * share)),
-            weights: self.objective.sets.iter().map(|(_, w)| *w).collect(),
-            margin: self.cfg.search.early_stop_margin,
-        })
+        trials.chain(baselines).min_by(|a, b| a.0.total_cmp(&b.0))
+    }
+
+    /// The leader: of the trials stopped early because they were clearly better than
+    /// what they raced, the one with the lowest estimate, where that is below the
+    /// incumbent's value and its weights have not been scored whole since (a
+    /// confirmation, see [`Self::pick`]). Derived from the journal's records alone, so a
+    /// resumed run races exactly as the straight one did.
+    fn leader(&self) -> Option<&Record> {
+        let (best, _) = self.incumbent()?;
+        self.done
+            .iter()
+            .filter(|r| match r {
+                Record::Done {
+                    u,
+                    mean_nll,
+                    partial: Some(p),
+                    units,
+                    ..
+                } => p.better && !units.is_empty() && *mean_nll < best && !self.settled(u),
+                _ => false,
+            })
+            .min_by(|a, b| match (a, b) {
+                (Record::Done { mean_nll: x, .. }, Record::Done { mean_nll: y, .. }) => {
+                    x.total_cmp(y)
+                }
+                _ => std::cmp::Ordering::Equal,
+            })
+    }
+
+    /// Whether the point `u` was scored whole (or its confirmation failed for good).
+    fn settled(&self, u: &[f64]) -> bool {
+        let whole = self
+            .done
+            .iter()
+            .any(|r| matches!(r, Record::Done { u: v, partial: None, .. } if v.as_slice() == u));
+        whole
+            || self
+                .failed
+                .iter()
+                .any(|r| matches!(r, Record::Failed { u: v, .. } if v.as_slice() == u))
     }
 
     /// Full evaluations outside the search that a trial may race against: the
@@ -416,8 +473,9 @@ impl Scheduler {
                 let k = self.objective.sets.len();
                 r.scores.truncate(k);
                 let single = self.objective.is_single() && r.scores[0].task.is_none();
-                let partial = r.partial;
-                let units = if partial.is_none() {
+                let partial = r.partial.take();
+                // A trial scored whole makes an incumbent; one stopped as better a leader.
+                let units = if partial.as_ref().is_none_or(|p| p.better) {
                     std::mem::take(&mut r.units)
                 } else {
                     Vec::new()
@@ -435,10 +493,10 @@ impl Scheduler {
                     time: now(),
                     scores: if single { Vec::new() } else { r.scores },
                     units,
-                    partial,
+                    partial: partial.clone(),
                 };
                 self.journal.append(&rec)?;
-                match partial {
+                match &partial {
                     None => self.opt.tell(t.u.clone(), Ok(value)),
                     Some(p) => self
                         .opt
@@ -561,10 +619,26 @@ impl Scheduler {
             return Ok(Some(t));
         }
         if !self.can_issue_new() {
+            // The budget is spent: a leader (a trial stopped as clearly better, known on
+            // part of the set) is scored whole once nothing else is in flight, so that
+            // the best found is always a full evaluation.
+            if self.trials.is_empty() {
+                if let Some(Record::Done { u, weights, .. }) = self.leader() {
+                    let (u, weights) = (u.clone(), weights.clone());
+                    tracing::info!(
+                        "scoring the leader {weights:?} whole (it was stopped early as better)"
+                    );
+                    return Ok(Some(self.trials.add(u, weights)));
+                }
+            }
             return Ok(None);
         }
         match self.opt.propose(1, &self.trials.pending_points()) {
             Ok(mut v) => {
+                // A proposal moves the optimiser's state on (its round, refits, GP-Hedge
+                // gains): saved now, a coordinator killed while this trial runs resumes
+                // from the state the next proposal would have started from.
+                self.save_snapshot();
                 let u = v.remove(0);
                 let weights = self.opt.space.weights(&u);
                 Ok(Some(self.trials.add(u, weights)))
@@ -578,7 +652,14 @@ impl Scheduler {
     }
 
     fn issue(&mut self, i: usize, id: u64) -> Result<()> {
-        let race = self.race();
+        let t = self.trials.start(id).u.clone();
+        // The leader's confirmation is scored whole (raced against itself, it would stop).
+        let race = match self.leader() {
+            Some(Record::Done { u, .. }) if *u == t => Some(Race::whole(
+                self.objective.sets.iter().map(|(_, w)| *w).collect(),
+            )),
+            _ => self.race(),
+        };
         let t = self.trials.start(id);
         let s = &mut self.slots[i];
         self.journal.append(&Record::Issued {
@@ -626,7 +707,7 @@ impl Scheduler {
     }
 
     fn finished(&self) -> Option<String> {
-        if !self.trials.is_empty() || self.can_issue_new() {
+        if !self.trials.is_empty() || self.can_issue_new() || self.leader().is_some() {
             return None;
         }
         if let Some(n) = &self.stop_note {

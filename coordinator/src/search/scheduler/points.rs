@@ -56,16 +56,11 @@ impl Scheduler {
                     all_datasets: true,
                     // Under early stopping: scored whole, with the objective's per-batch
                     // sums, so that trials can race against the best of them.
-                    race: self
-                        .cfg
-                        .search
-                        .early_stop
-                        .then(|| ckmerge_common::race::Race {
-                            incumbent: Vec::new(),
-                            z: [0.0; 4],
-                            weights: self.objective().sets.iter().map(|(_, w)| *w).collect(),
-                            margin: 0.0,
-                        }),
+                    race: self.cfg.search.early_stop.then(|| {
+                        ckmerge_common::race::Race::whole(
+                            self.objective().sets.iter().map(|(_, w)| *w).collect(),
+                        )
+                    }),
                 };
                 *in_use = true;
                 running.push(async move {
