@@ -1269,6 +1269,8 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
                 margin: 0.0,
                 leader: Vec::new(),
                 leader_scored: Vec::new(),
+                own: Vec::new(),
+                own_scored: Vec::new(),
             };
             let per_group =
                 |w: Vec<f32>| ckmerge_common::MergeWeights::per_group(vec![w; weights.len()]);
@@ -1846,8 +1848,8 @@ fn baseline_best(rep: &Value) -> f64 {
 /// one stopped as not better has its lower bound above `-margin` and, tested against the
 /// incumbent, its estimate above `incumbent - margin`, and keeps no units; one stopped as
 /// better (the leader) has its upper bound below zero and keeps the units it scored.
-/// Every leader whose estimate is below the final best was scored whole later (its
-/// confirmation), so the best is a full evaluation. Returns how many trials stopped.
+/// No leader is left at the end: the last was scored whole (its confirmation) or passed
+/// by a trial scored whole. Returns how many trials stopped.
 fn check_raced(
     j: &[Value],
     mut incumbent: f64,
@@ -1889,8 +1891,20 @@ fn check_raced(
                 assert!(d["units"].is_null(), "{d}");
             }
         } else {
+            // A leader's confirmation that went on from the leader's windows scored the
+            // rest of them.
+            let leader = d["continues"]
+                .as_u64()
+                .map(|id| *done.iter().find(|l| l["trial"] == id).expect("its leader"));
+            if let Some(l) = leader {
+                assert!(
+                    l["partial"]["better"] == true && l["weights"] == d["weights"],
+                    "{d}"
+                );
+            }
             if let Some(whole) = whole {
-                assert_eq!(d["tokens"].as_u64().unwrap(), whole, "{d}");
+                let before = leader.map_or(0, |l| l["tokens"].as_u64().unwrap());
+                assert_eq!(d["tokens"].as_u64().unwrap() + before, whole, "{d}");
             }
             assert!(
                 d["units"].as_array().unwrap().len() > min_units,
@@ -1899,17 +1913,23 @@ fn check_raced(
             incumbent = incumbent.min(v);
         }
     }
-    for (i, d) in done.iter().enumerate() {
-        if d["partial"]["better"] == true && d["mean_nll"].as_f64().unwrap() < incumbent {
-            assert!(
-                done[i + 1..]
-                    .iter()
-                    .any(|c| c["partial"].is_null() && c["weights"] == d["weights"]),
-                "leader {} below the best full value {incumbent} was not scored whole",
-                d["trial"]
-            );
+    // The leader, replayed as the coordinator keeps it: a leader left when the budget
+    // is spent is scored whole (the same weights, a full record), which ends it.
+    let mut leader: Option<&Value> = None;
+    for d in &done {
+        let v = d["mean_nll"].as_f64().unwrap();
+        let lead = leader.map(|l| l["mean_nll"].as_f64().unwrap());
+        if d["partial"]["better"] == true {
+            if lead.is_none_or(|l| v < l) {
+                leader = Some(d);
+            }
+        } else if d["partial"].is_null()
+            && leader.is_some_and(|l| v < lead.unwrap() || l["weights"] == d["weights"])
+        {
+            leader = None;
         }
     }
+    assert!(leader.is_none(), "a leader left unconfirmed: {leader:?}");
     stopped
 }
 
@@ -2000,6 +2020,62 @@ fn early_stopping_races_a_mixture_of_a_task_and_text_and_resumes_exactly() {
 
     // Killed with 5 trials done and resumed: the same trials, the same values.
     assert_killed_resumes_to(&config("raced.toml", 10), &tmp.path().join("killed"), 5, &j);
+}
+
+/// Leaders: on a 1-D search of three trials between the last two llama checkpoints, the
+/// third (inside, far better than either end) stops early as clearly better than the best
+/// end; the budget is then spent with a leader left, which is scored whole: a trial of
+/// its own that goes on from the leader's windows, and the best found.
+#[test]
+fn a_leader_left_at_the_end_is_scored_whole_from_where_it_stopped() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"checkpoints = [{:?}, {:?}]
+[space]
+kind = "lambda"
+[data]
+objective = [{:?}]
+seq_len = 128
+[search]
+max_evals = 3
+early_stop = true
+[output]
+plots = false
+merge = false
+"#,
+            f.join("llama/step-1250"),
+            f.join("llama/step-1500"),
+            f.join("data/heldout.txt"),
+        ),
+    )
+    .unwrap();
+    let run_dir = tmp.path().join("run");
+    let rep = search_to_end(&cfg, &run_dir);
+    let j = journal(&run_dir);
+    let done = events(&j, "done");
+    assert_eq!(done.len(), 4, "three trials and a confirmation");
+    let (leader, confirm) = (done[2], done[3]);
+    assert_eq!(leader["partial"]["better"], true, "{leader}");
+    assert_eq!(confirm["continues"], leader["trial"], "{confirm}");
+    assert_eq!(confirm["weights"], leader["weights"]);
+    let whole = done[0]["tokens"].as_u64().unwrap();
+    check_raced(&j, f64::INFINITY, 0.0, Some(whole), 100);
+    assert_eq!(rep["best"]["trial"], confirm["trial"]);
+    assert!(rep["best"]["partial"].is_null());
+    // The estimate was near the full value.
+    let (est, full) = (
+        leader["mean_nll"].as_f64().unwrap(),
+        confirm["mean_nll"].as_f64().unwrap(),
+    );
+    let se = leader["partial"]["std_error"].as_f64().unwrap();
+    assert!((est - full).abs() < 4.0 * se, "{est} vs {full} (se {se})");
+    // The leader and its confirmation scored one whole trial between them.
+    assert!(rep["scored_tokens"].as_u64().unwrap() <= 3 * whole);
 }
 
 /// `search.early_stop_margin`: on a 1-D search between the last two llama checkpoints,

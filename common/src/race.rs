@@ -66,9 +66,10 @@
 //! trial's value is estimated against the incumbent, never the leader, so estimates never
 //! chain.
 //!
-//! The leader is the stopped-as-better trial with the lowest estimate, if it is below the
-//! incumbent's value (a trial scored whole since may have passed it). When the budget is
-//! spent, a leader left is scored whole (its *confirmation*, a trial of its own in the
+//! The coordinator keeps the leader from the journal's records in order: a trial stopped
+//! as better becomes it (where its estimate is below the leader's), a trial scored whole
+//! whose value is below the leader's estimate ends it. When the budget is spent, a
+//! leader left is scored whole (its *confirmation*, a trial of its own in the
 //! journal, counted in the scored tokens), so the best found is always a full
 //! evaluation. Error rates: a candidate exactly as good as the leader is stopped as
 //! better at the same rate as one exactly as good as the incumbent is stopped as worse
@@ -76,9 +77,9 @@
 //! trials are tested against a worse reference, so stop later), not the best: the
 //! confirmation scores it whole. The margin's guarantee (a stopped trial's true value
 //! above `best - margin`) holds against the leader's true value, which the confirmation
-//! makes a full evaluation of the run, up to the error rate of the estimate that compared
-//! a leader with a later full trial (a trial scored whole whose value is below the
-//! leader's estimate ends the leader).
+//! makes a full evaluation of the run, up to the error of the estimates that end a leader
+//! (a later full value below its estimate) or pass it (a later leader's estimate below
+//! its own; that one was tested paired against it).
 
 use serde::{Deserialize, Serialize};
 
@@ -129,6 +130,14 @@ pub struct Race {
     /// a leader).
     #[serde(default)]
     pub leader_scored: Vec<usize>,
+    /// This trial's own units already scored, set after set, `own_scored[d]` of set `d`:
+    /// a leader's confirmation goes on from where the leader stopped (text sets only:
+    /// a task's accuracies need each choice's result, which the units do not keep).
+    /// Empty: start from the first unit.
+    #[serde(default)]
+    pub own: Vec<f64>,
+    #[serde(default)]
+    pub own_scored: Vec<usize>,
 }
 
 impl Race {
@@ -141,6 +150,8 @@ impl Race {
             margin: 0.0,
             leader: Vec::new(),
             leader_scored: Vec::new(),
+            own: Vec::new(),
+            own_scored: Vec::new(),
         }
     }
 }

@@ -64,14 +64,19 @@ def run(binary, ckpts, space, evals, seed, early, data):
         wall = time.time() - t0
         rep = json.loads((Path(tmp) / "run/report.json").read_text())
         # Scoring speed of the trials scored whole: raced ones go one window per pass.
+        done = [d for d in map(json.loads, (Path(tmp) / "run/trials.jsonl").read_text().splitlines())
+                if d.get("event") == "done"]
         speeds = sorted(
             d["tokens"] / d["eval_seconds"]
-            for d in map(json.loads, (Path(tmp) / "run/trials.jsonl").read_text().splitlines())
-            if d.get("event") == "done" and not d.get("partial") and d["eval_seconds"] > 0)
+            for d in done if not d.get("partial") and d["eval_seconds"] > 0)
         return {
             "full_tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
             "tokens": rep["scored_tokens"],
             "stopped": rep["stopped_early"],
+            # Trials stopped as clearly better (leaders), and trials beyond the budget (a
+            # leader left at the end, scored whole).
+            "leaders": sum(1 for d in done if (d.get("partial") or {}).get("better")),
+            "confirmations": len(done) - evals,
             "best": rep["best"]["mean_nll"],
             "best_weights": rep["best"]["weights"],
             "wall_s": wall,
@@ -91,6 +96,7 @@ def main():
                 "case": name, "tuned_on": tuned, "seed": seed, "evals": evals, "margin": MARGIN,
                 "tokens_off": off["tokens"], "tokens_on": on["tokens"],
                 "ratio": off["tokens"] / on["tokens"], "stopped": on["stopped"],
+                "leaders": on["leaders"], "confirmations": on["confirmations"],
                 "best_off": off["best"], "best_on": on["best"],
                 "best_change_pct": (on["best"] - off["best"]) / off["best"] * 100,
                 "same_best_weights": off["best_weights"] == on["best_weights"],
@@ -99,7 +105,8 @@ def main():
             }
             rows.append(r)
             print(f"{name:26} seed {seed}: tokens {r['tokens_off']:7} -> {r['tokens_on']:7} "
-                  f"({r['ratio']:.2f}x, {r['stopped']} of {evals} stopped), best "
+                  f"({r['ratio']:.2f}x, {r['stopped']} of {evals} stopped, {r['leaders']} leaders, "
+                  f"{r['confirmations']} confirmed), best "
                   f"{r['best_off']:.6f} -> {r['best_on']:.6f} ({r['best_change_pct']:+.4f} %)",
                   flush=True)
     tot_off = sum(r["tokens_off"] for r in rows)

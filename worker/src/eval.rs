@@ -536,6 +536,30 @@ impl Evaluator {
             )));
         }
         let units: Vec<usize> = strata.iter().map(|s| s.units).collect();
+        if !race.own.is_empty() {
+            // A leader's confirmation: its windows scored so far are taken as they are.
+            if race.own_scored.len() != k
+                || race.own_scored.iter().sum::<usize>() != race.own.len()
+                || race.own_scored.iter().zip(&units).any(|(o, u)| o > u)
+                || !race.incumbent.is_empty()
+            {
+                return Err(EvalError::Request(format!(
+                    "a continued trial has {} units scored as {:?} of sets of {units:?} units (and must be scored whole): the workers disagree on the data",
+                    race.own.len(),
+                    race.own_scored
+                )));
+            }
+            let mut at = 0;
+            for (d, (s, &n)) in strata.iter_mut().zip(&race.own_scored).enumerate() {
+                if n > 0 && matches!(s.kind, StratumKind::Task { .. }) {
+                    return Err(EvalError::Request(format!(
+                        "set {d} is a task: a trial cannot go on from a task's items (their choices' results are not kept)"
+                    )));
+                }
+                s.values.extend_from_slice(&race.own[at..at + n]);
+                at += n;
+            }
+        }
         let has_leader = !race.leader.is_empty();
         if has_leader
             && (race.leader_scored.len() != k
@@ -589,13 +613,14 @@ impl Evaluator {
             // The leader where it scored every unit scored so far.
             let within = has_leader && leader.iter().zip(&n).all(|(l, &n)| l.len() >= n);
             let vs_leader = within.then(|| paired(&strata, &leader, &weights));
-            if let Some((p, each)) = race::decide(
+            let stop = race::decide(
                 &sets,
                 vs_leader.as_deref(),
                 has_leader,
                 race.z[look],
                 race.margin,
-            ) {
+            );
+            if let Some((p, each)) = stop {
                 let seconds = t0.elapsed().as_secs_f64();
                 let sets = (0..k)
                     .map(|d| {

@@ -43,6 +43,8 @@ fn windows(ev: &mut Evaluator, w: f32) -> (Vec<f64>, usize) {
         margin: 0.0,
         leader: Vec::new(),
         leader_scored: Vec::new(),
+        own: Vec::new(),
+        own_scored: Vec::new(),
     };
     let r = ev.score_race(1, &open).unwrap();
     assert!(r.partial.is_none());
@@ -146,6 +148,8 @@ fn raced_scoring_stops_with_an_estimate_and_agrees_with_plain_scoring() {
         margin: 0.0,
         leader: Vec::new(),
         leader_scored: Vec::new(),
+        own: Vec::new(),
+        own_scored: Vec::new(),
     };
     let raced = ev.score_race(1, &race).unwrap();
     let (r, units) = (&raced.sets[0].score, raced.units);
@@ -192,6 +196,8 @@ fn a_clearly_better_trial_stops_as_the_leader_and_later_trials_race_it() {
         margin: 0.0,
         leader,
         leader_scored,
+        own: Vec::new(),
+        own_scored: Vec::new(),
     };
     let raced = ev
         .score_race(1, &open(src.clone(), vec![], vec![]))
@@ -232,6 +238,26 @@ fn a_clearly_better_trial_stops_as_the_leader_and_later_trials_race_it() {
     );
     assert!(q.difference < 0.0, "better than the incumbent: {q:?}");
     assert!(q.scored_units <= p.scored_units);
+
+    // The leader's confirmation goes on from its windows: the same units and value as the
+    // leader's weights scored whole, bit for bit, having scored only the rest.
+    ev.set_weights(&[0.5, 0.5]).unwrap();
+    let cont = Race {
+        own: raced.units.clone(),
+        own_scored: p.scored.clone(),
+        ..Race::whole(vec![1.0])
+    };
+    let whole = ev.score_race(1, &cont).unwrap();
+    assert!(whole.partial.is_none());
+    assert_eq!(whole.units, again.units);
+    assert_eq!(whole.sets[0].score, again.sets[0].score);
+    // It must be scored whole, and its units must fit.
+    let raced_too = Race {
+        incumbent: src.clone(),
+        ..cont.clone()
+    };
+    let e = ev.score_race(1, &raced_too).unwrap_err().to_string();
+    assert!(e.contains("a continued trial has"), "{e}");
 
     // A leader whose units do not fit the objective is refused.
     let bad = open(src.clone(), raced.units[1..].to_vec(), p.scored.clone());
@@ -275,6 +301,8 @@ fn a_task_and_a_mixture_race_item_by_item_and_window_by_window() {
         margin: 0.0,
         leader: Vec::new(),
         leader_scored: Vec::new(),
+        own: Vec::new(),
+        own_scored: Vec::new(),
     };
     let r = ev.score_race(1, &open(vec![1.0])).unwrap();
     let items = task.task.unwrap().items;
@@ -293,6 +321,15 @@ fn a_task_and_a_mixture_race_item_by_item_and_window_by_window() {
     let inc = ev.score_race(2, &open(w.clone())).unwrap();
     assert!(inc.partial.is_none());
     let windows = inc.units.len() - items;
+    // A trial cannot go on from a task's items (a leader's confirmation of a mixture with
+    // a task is scored whole).
+    let cont = Race {
+        own: inc.units[..items].to_vec(),
+        own_scored: vec![items, 0],
+        ..Race::whole(w.clone())
+    };
+    let e = ev.score_race(2, &cont).unwrap_err().to_string();
+    assert!(e.contains("set 0 is a task"), "{e}");
     let text_mean = inc.units[items..].iter().sum::<f64>() / text.tokens as f64;
     assert!((text_mean - text.mean_nll).abs() < 1e-9);
     let value = |sets: &[ckmerge_worker::eval::SetResult]| {
@@ -315,6 +352,8 @@ fn a_task_and_a_mixture_race_item_by_item_and_window_by_window() {
         margin: 0.0,
         leader: Vec::new(),
         leader_scored: Vec::new(),
+        own: Vec::new(),
+        own_scored: Vec::new(),
     };
     let raced = ev.score_race(2, &race).unwrap();
     let p = raced.partial.expect("stopped");
@@ -370,6 +409,8 @@ fn a_candidate_no_worse_on_a_task_is_stopped_at_most_one_and_a_half_alpha() {
                 margin: 0.0,
                 leader: Vec::new(),
                 leader_scored: Vec::new(),
+                own: Vec::new(),
+                own_scored: Vec::new(),
             };
             ev.score_race(1, &open).unwrap().units
         };

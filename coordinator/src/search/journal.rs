@@ -68,6 +68,11 @@ pub enum Record {
         /// `scores` each set's estimate, and `tokens` what was scored.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         partial: Option<Partial>,
+        /// A leader's confirmation that went on from the units the leader (this trial
+        /// id) had scored: `mean_nll` is over the whole sets, `units` every unit's value,
+        /// `tokens` only what this trial scored (the leader's record counts the rest).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        continues: Option<u64>,
     },
     Retry {
         trial: u64,
@@ -251,6 +256,7 @@ mod tests {
             scores: Vec::new(),
             units: Vec::new(),
             partial: None,
+            continues: None,
         }
     }
 

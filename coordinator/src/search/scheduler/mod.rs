@@ -257,6 +257,8 @@ impl Scheduler {
             margin: self.cfg.search.early_stop_margin,
             leader,
             leader_scored,
+            own: Vec::new(),
+            own_scored: Vec::new(),
         })
     }
 
@@ -276,44 +278,66 @@ impl Scheduler {
         trials.chain(baselines).min_by(|a, b| a.0.total_cmp(&b.0))
     }
 
-    /// The leader: of the trials stopped early because they were clearly better than
-    /// what they raced, the one with the lowest estimate, where that is below the
-    /// incumbent's value and its weights have not been scored whole since (a
-    /// confirmation, see [`Self::pick`]). Derived from the journal's records alone, so a
-    /// resumed run races exactly as the straight one did.
+    /// The leader, from the journal's records in order (so a resumed run races exactly
+    /// as the straight one did): a trial stopped early as clearly better than what it
+    /// raced becomes the leader where there is none or its estimate is below the
+    /// leader's (with several workers, one may come back after a better leader was made);
+    /// a trial scored whole ends the leader when its value is below the leader's estimate
+    /// or it is the leader's confirmation (the same point, see [`Self::pick`]); a
+    /// leader's confirmation that failed for good ends it too. An ended leader never
+    /// comes back, so a run confirms at most one.
     fn leader(&self) -> Option<&Record> {
-        let (best, _) = self.incumbent()?;
-        self.done
-            .iter()
-            .filter(|r| match r {
-                Record::Done {
-                    u,
-                    mean_nll,
-                    partial: Some(p),
-                    units,
-                    ..
-                } => p.better && !units.is_empty() && *mean_nll < best && !self.settled(u),
-                _ => false,
-            })
-            .min_by(|a, b| match (a, b) {
-                (Record::Done { mean_nll: x, .. }, Record::Done { mean_nll: y, .. }) => {
-                    x.total_cmp(y)
+        self.incumbent()?;
+        let mut leader: Option<&Record> = None;
+        for r in &self.done {
+            let Record::Done {
+                u,
+                mean_nll,
+                partial,
+                units,
+                ..
+            } = r
+            else {
+                continue;
+            };
+            let lead = leader.map(|l| match l {
+                Record::Done { u, mean_nll: v, .. } => (u, *v),
+                _ => unreachable!("a leader is a done record"),
+            });
+            match partial {
+                Some(p)
+                    if p.better && !units.is_empty() && lead.is_none_or(|(_, v)| *mean_nll < v) =>
+                {
+                    leader = Some(r)
                 }
-                _ => std::cmp::Ordering::Equal,
-            })
+                None if lead.is_some_and(|(lu, v)| *mean_nll < v || lu == u) => leader = None,
+                _ => {}
+            }
+        }
+        let failed = |lu: &Vec<f64>| {
+            self.failed
+                .iter()
+                .any(|r| matches!(r, Record::Failed { u, .. } if u == lu))
+        };
+        leader.filter(|l| !matches!(l, Record::Done { u, .. } if failed(u)))
     }
 
-    /// Whether the point `u` was scored whole (or its confirmation failed for good).
-    fn settled(&self, u: &[f64]) -> bool {
-        let whole = self
-            .done
-            .iter()
-            .any(|r| matches!(r, Record::Done { u: v, partial: None, .. } if v.as_slice() == u));
-        whole
-            || self
-                .failed
+    /// The leader, where `u` is its point: the trial at `u` is its confirmation.
+    fn confirming(&self, u: &[f64]) -> Option<&Record> {
+        self.leader()
+            .filter(|l| matches!(l, Record::Done { u: lu, .. } if lu.as_slice() == u))
+    }
+
+    /// Whether a leader's confirmation goes on from the units the leader scored: where
+    /// every set of the objective is a text (a task's accuracies need each choice's
+    /// result, which the units do not keep).
+    fn continuable(&self) -> bool {
+        !self.objective.sets.is_empty()
+            && self
+                .objective
+                .sets
                 .iter()
-                .any(|r| matches!(r, Record::Failed { u: v, .. } if v.as_slice() == u))
+                .all(|(name, _)| !self.cfg.data.tasks.contains_key(name))
     }
 
     /// Full evaluations outside the search that a trial may race against: the
@@ -474,6 +498,16 @@ impl Scheduler {
                 r.scores.truncate(k);
                 let single = self.objective.is_single() && r.scores[0].task.is_none();
                 let partial = r.partial.take();
+                // A leader's confirmation that went on from the leader's units scored only
+                // the rest; the leader's record counts those.
+                let continues = match self.confirming(&t.u) {
+                    Some(Record::Done { trial, tokens, .. })
+                        if partial.is_none() && self.continuable() =>
+                    {
+                        Some((*trial, *tokens))
+                    }
+                    _ => None,
+                };
                 // A trial scored whole makes an incumbent; one stopped as better a leader.
                 let units = if partial.as_ref().is_none_or(|p| p.better) {
                     std::mem::take(&mut r.units)
@@ -487,13 +521,15 @@ impl Scheduler {
                     worker: name.clone(),
                     mean_nll: value,
                     perplexity: value.exp(),
-                    tokens: r.scores.iter().map(|s| s.tokens).sum(),
+                    tokens: r.scores.iter().map(|s| s.tokens).sum::<usize>()
+                        - continues.map_or(0, |(_, n)| n),
                     merge_seconds: r.merge_seconds,
                     eval_seconds: r.eval_seconds,
                     time: now(),
                     scores: if single { Vec::new() } else { r.scores },
                     units,
                     partial: partial.clone(),
+                    continues: continues.map(|(trial, _)| trial),
                 };
                 self.journal.append(&rec)?;
                 match &partial {
@@ -653,11 +689,21 @@ impl Scheduler {
 
     fn issue(&mut self, i: usize, id: u64) -> Result<()> {
         let t = self.trials.start(id).u.clone();
-        // The leader's confirmation is scored whole (raced against itself, it would stop).
-        let race = match self.leader() {
-            Some(Record::Done { u, .. }) if *u == t => Some(Race::whole(
-                self.objective.sets.iter().map(|(_, w)| *w).collect(),
-            )),
+        // The leader's confirmation is scored whole (raced against itself, it would
+        // stop), going on from the windows the leader scored where its sets are texts.
+        let race = match self.confirming(&t) {
+            Some(Record::Done {
+                units,
+                partial: Some(p),
+                ..
+            }) => {
+                let mut r = Race::whole(self.objective.sets.iter().map(|(_, w)| *w).collect());
+                if self.continuable() {
+                    r.own = units.clone();
+                    r.own_scored = p.scored.clone();
+                }
+                Some(r)
+            }
             _ => self.race(),
         };
         let t = self.trials.start(id);
