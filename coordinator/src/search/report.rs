@@ -642,17 +642,22 @@ impl Report {
                     eval_seconds,
                     merge_seconds,
                     partial,
+                    continues,
                     ..
                 } => {
                     // A trial stopped early: its value is an estimate, marked with how much
-                    // of the set it scored.
-                    let note = partial.as_ref().map_or(String::new(), |p| {
-                        let why = if p.better { ", better" } else { "" };
-                        format!(
-                            " (est., stopped at {}/{} units{why})",
-                            p.scored_units, p.units
-                        )
-                    });
+                    // of the set it scored; a leader's confirmation names the leader.
+                    let note = match (partial, continues) {
+                        (Some(p), _) => {
+                            let why = if p.better { ", better: the leader" } else { "" };
+                            format!(
+                                " (est., stopped at {}/{} units{why})",
+                                p.scored_units, p.units
+                            )
+                        }
+                        (None, Some(l)) => format!(" (trial {l} scored whole)"),
+                        (None, None) => String::new(),
+                    };
                     s += &format!(
                         "| {trial} | {worker} | {} | {perplexity:.4} | {mean_nll:.6}{note} | {:.2} |\n",
                         w(weights),
