@@ -1266,11 +1266,7 @@ fn a_two_stage_pipeline_of_worker_processes_scores_like_one_worker() {
                 z,
                 // Mostly the text, on which the first checkpoint alone is clearly worse.
                 weights: vec![0.9, 0.1],
-                margin: 0.0,
-                leader: Vec::new(),
-                leader_scored: Vec::new(),
-                own: Vec::new(),
-                own_scored: Vec::new(),
+                ..ckmerge_common::race::Race::whole(Vec::new())
             };
             let per_group =
                 |w: Vec<f32>| ckmerge_common::MergeWeights::per_group(vec![w; weights.len()]);
@@ -2022,18 +2018,13 @@ fn early_stopping_races_a_mixture_of_a_task_and_text_and_resumes_exactly() {
     assert_killed_resumes_to(&config("raced.toml", 10), &tmp.path().join("killed"), 5, &j);
 }
 
-/// Leaders: on a 1-D search of three trials between the last two llama checkpoints, the
-/// third (inside, far better than either end) stops early as clearly better than the best
-/// end; the budget is then spent with a leader left, which is scored whole: a trial of
-/// its own that goes on from the leader's windows, and the best found.
-#[test]
-fn a_leader_left_at_the_end_is_scored_whole_from_where_it_stopped() {
-    let _g = serial();
-    let tmp = tempfile::tempdir().unwrap();
+/// A 1-D search between the last two llama checkpoints on the held-out prose, windows of
+/// 128, with `search` as its `[search]` table; no plots, no merge.
+fn llama_lambda_config(dir: &Path, name: &str, search: &str) -> PathBuf {
     let f = fixtures();
-    let cfg = tmp.path().join("run.toml");
+    let p = dir.join(name);
     std::fs::write(
-        &cfg,
+        &p,
         format!(
             r#"checkpoints = [{:?}, {:?}]
 [space]
@@ -2042,8 +2033,7 @@ kind = "lambda"
 objective = [{:?}]
 seq_len = 128
 [search]
-max_evals = 3
-early_stop = true
+{search}
 [output]
 plots = false
 merge = false
@@ -2054,6 +2044,18 @@ merge = false
         ),
     )
     .unwrap();
+    p
+}
+
+/// Leaders: on a 1-D search of three trials between the last two llama checkpoints, the
+/// third (inside, far better than either end) stops early as clearly better than the best
+/// end; the budget is then spent with a leader left, which is scored whole: a trial of
+/// its own that goes on from the leader's windows, and the best found.
+#[test]
+fn a_leader_left_at_the_end_is_scored_whole_from_where_it_stopped() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = llama_lambda_config(tmp.path(), "run.toml", "max_evals = 3\nearly_stop = true");
     let run_dir = tmp.path().join("run");
     let rep = search_to_end(&cfg, &run_dir);
     let j = journal(&run_dir);
@@ -2087,32 +2089,8 @@ merge = false
 fn an_early_stop_margin_stops_trials_that_cannot_improve_by_more_than_it() {
     let _g = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let f = fixtures();
     let config = |name: &str, stop: &str| {
-        let p = tmp.path().join(name);
-        std::fs::write(
-            &p,
-            format!(
-                r#"checkpoints = [{:?}, {:?}]
-[space]
-kind = "lambda"
-[data]
-objective = [{:?}]
-seq_len = 128
-[search]
-max_evals = 8
-{stop}
-[output]
-plots = false
-merge = false
-"#,
-                f.join("llama/step-1250"),
-                f.join("llama/step-1500"),
-                f.join("data/heldout.txt"),
-            ),
-        )
-        .unwrap();
-        p
+        llama_lambda_config(tmp.path(), name, &format!("max_evals = 8\n{stop}"))
     };
     let margin = 0.001;
     let rep_full = search_to_end(&config("full.toml", ""), &tmp.path().join("full"));

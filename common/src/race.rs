@@ -1,5 +1,6 @@
 //! Early stopping of a trial that is clearly worse than the incumbent, or cannot improve it by
-//! more than a margin (`search.early_stop`, `search.early_stop_margin`).
+//! more than a margin (`search.early_stop`, `search.early_stop_margin`), or is clearly
+//! better than the best known (a leader: see "Leaders" below).
 //!
 //! With early stopping on, the objective's windows are scored in a fixed random order
 //! (one permutation per run, [`permutation`]), one window per forward pass; a window is

@@ -40,11 +40,7 @@ fn windows(ev: &mut Evaluator, w: f32) -> (Vec<f64>, usize) {
         incumbent: Vec::new(),
         z: Z,
         weights: vec![1.0],
-        margin: 0.0,
-        leader: Vec::new(),
-        leader_scored: Vec::new(),
-        own: Vec::new(),
-        own_scored: Vec::new(),
+        ..Race::whole(Vec::new())
     };
     let r = ev.score_race(1, &open).unwrap();
     assert!(r.partial.is_none());
@@ -181,11 +177,7 @@ fn raced_scoring_stops_with_an_estimate_and_agrees_with_plain_scoring() {
         incumbent: inc.clone(),
         z: Z,
         weights: vec![1.0],
-        margin: 0.0,
-        leader: Vec::new(),
-        leader_scored: Vec::new(),
-        own: Vec::new(),
-        own_scored: Vec::new(),
+        ..Race::whole(Vec::new())
     };
     let raced = ev.score_race(1, &race).unwrap();
     let (r, units) = (&raced.sets[0].score, raced.units);
@@ -334,11 +326,7 @@ fn a_task_and_a_mixture_race_item_by_item_and_window_by_window() {
         incumbent: Vec::new(),
         z: Z,
         weights,
-        margin: 0.0,
-        leader: Vec::new(),
-        leader_scored: Vec::new(),
-        own: Vec::new(),
-        own_scored: Vec::new(),
+        ..Race::whole(Vec::new())
     };
     let r = ev.score_race(1, &open(vec![1.0])).unwrap();
     let items = task.task.unwrap().items;
@@ -385,11 +373,7 @@ fn a_task_and_a_mixture_race_item_by_item_and_window_by_window() {
         incumbent: inc.units.clone(),
         z: Z,
         weights: w.clone(),
-        margin: 0.0,
-        leader: Vec::new(),
-        leader_scored: Vec::new(),
-        own: Vec::new(),
-        own_scored: Vec::new(),
+        ..Race::whole(Vec::new())
     };
     let raced = ev.score_race(2, &race).unwrap();
     let p = raced.partial.expect("stopped");
@@ -442,11 +426,7 @@ fn a_candidate_no_worse_on_a_task_is_stopped_at_most_one_and_a_half_alpha() {
                 incumbent: Vec::new(),
                 z: Z,
                 weights: vec![1.0],
-                margin: 0.0,
-                leader: Vec::new(),
-                leader_scored: Vec::new(),
-                own: Vec::new(),
-                own_scored: Vec::new(),
+                ..Race::whole(Vec::new())
             };
             ev.score_race(1, &open).unwrap().units
         };

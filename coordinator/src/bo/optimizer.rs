@@ -248,7 +248,7 @@ impl Optimizer {
 
     /// A value estimated from part of the data, with the estimate's variance: a trial
     /// stopped early because it was clearly worse than the incumbent, or not better by
-    /// more than `search.early_stop_margin`.
+    /// more than `search.early_stop_margin`, or clearly better (a leader).
     pub fn tell_estimate(&mut self, u: Vec<f64>, value: f64, variance: f64) {
         self.tell(u, Ok(value));
         if let Some(o) = self.observations.last_mut().filter(|o| o.value.is_some()) {

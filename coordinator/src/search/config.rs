@@ -200,7 +200,8 @@ pub struct SearchParams {
     /// optimiser as observations. They cost that many evaluations (on every data set) and
     /// do not count towards `max_evals`.
     pub baselines: bool,
-    /// Stop a trial once it is clearly worse than the best full evaluation so far (a
+    /// Stop a trial once it is clearly worse than the best full evaluation so far, or
+    /// clearly better (it then leads, and is scored whole at the end if still leading) (a
     /// sequential test on its per-batch NLLs, windows in a fixed random order; see
     /// `ckmerge_common::race`; a task's items, a mixture's sets sampled together). Off
     /// by default; through a pipeline, its head races each window through the stages.
