@@ -1942,11 +1942,12 @@ fn assert_killed_resumes_to(cfg: &Path, run_dir: &Path, k: usize, straight: &[Va
             let in_flight = |j: &[Value]| {
                 events(j, "done").len() >= k && j.last().is_some_and(|r| r["event"] == "issued")
             };
-            if !in_flight(&journal(run_dir)) {
+            // Whole lines only: a record may be half written while the search runs.
+            if !in_flight(&journal_whole_lines(run_dir)) {
                 return None;
             }
             coord.signal(libc::SIGSTOP);
-            if in_flight(&journal(run_dir)) {
+            if in_flight(&journal_whole_lines(run_dir)) {
                 return Some(());
             }
             coord.signal(libc::SIGCONT);
