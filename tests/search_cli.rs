@@ -2019,10 +2019,15 @@ fn early_stopping_races_a_mixture_of_a_task_and_text_and_resumes_exactly() {
     assert_killed_resumes_to(&config("raced.toml", 10), &tmp.path().join("killed"), 5, &j);
 }
 
-/// A 1-D search between the last two llama checkpoints on the held-out prose, windows of
-/// 128, with `search` as its `[search]` table; no plots, no merge.
-fn llama_lambda_config(dir: &Path, name: &str, search: &str) -> PathBuf {
+/// A 1-D search between the last two llama checkpoints, windows of 128, with `data` as
+/// its `[data]` table (the held-out prose where empty) and `search` as its `[search]`
+/// table; no plots, no merge.
+fn llama_lambda_config(dir: &Path, name: &str, data: &str, search: &str) -> PathBuf {
     let f = fixtures();
+    let data = match data {
+        "" => format!("objective = [{:?}]", f.join("data/heldout.txt")),
+        d => d.to_string(),
+    };
     let p = dir.join(name);
     std::fs::write(
         &p,
@@ -2031,7 +2036,7 @@ fn llama_lambda_config(dir: &Path, name: &str, search: &str) -> PathBuf {
 [space]
 kind = "lambda"
 [data]
-objective = [{:?}]
+{data}
 seq_len = 128
 [search]
 {search}
@@ -2041,7 +2046,6 @@ merge = false
 "#,
             f.join("llama/step-1250"),
             f.join("llama/step-1500"),
-            f.join("data/heldout.txt"),
         ),
     )
     .unwrap();
@@ -2056,7 +2060,8 @@ merge = false
 fn a_leader_left_at_the_end_is_scored_whole_from_where_it_stopped() {
     let _g = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = llama_lambda_config(tmp.path(), "run.toml", "max_evals = 3\nearly_stop = true");
+    let search = "max_evals = 3\nearly_stop = true";
+    let cfg = llama_lambda_config(tmp.path(), "run.toml", "", search);
     let run_dir = tmp.path().join("run");
     let rep = search_to_end(&cfg, &run_dir);
     let j = journal(&run_dir);
@@ -2079,6 +2084,29 @@ fn a_leader_left_at_the_end_is_scored_whole_from_where_it_stopped() {
     assert!((est - full).abs() < 4.0 * se, "{est} vs {full} (se {se})");
     // The leader and its confirmation scored one whole trial between them.
     assert!(rep["scored_tokens"].as_u64().unwrap() <= 3 * whole);
+
+    // The same with a task in the objective: the leader keeps its items' choice results,
+    // and its confirmation goes on from them to the task's full scores.
+    let f = fixtures();
+    let data = format!(
+        "objective = {{ heldout = 3, cloze = 1 }}\nextra = {{ heldout = [{:?}] }}\ntasks = {{ cloze = {:?} }}",
+        f.join("data/heldout.txt"),
+        f.join("tasks/cloze.jsonl"),
+    );
+    let cfg = llama_lambda_config(tmp.path(), "mix.toml", &data, search);
+    let run_dir = tmp.path().join("mix");
+    let rep = search_to_end(&cfg, &run_dir);
+    let done = events(&journal(&run_dir), "done")
+        .into_iter()
+        .cloned()
+        .collect::<Vec<_>>();
+    assert_eq!(done.len(), 4, "three trials and a confirmation");
+    let (leader, confirm) = (&done[2], &done[3]);
+    assert_eq!(leader["partial"]["better"], true, "{leader}");
+    assert!(!leader["partial"]["choices"].as_array().unwrap().is_empty());
+    assert_eq!(confirm["continues"], leader["trial"], "{confirm}");
+    assert_eq!(confirm["scores"][0]["task"]["items"], 48, "{confirm}");
+    assert_eq!(rep["best"]["trial"], confirm["trial"]);
 }
 
 /// `search.early_stop_margin`: on a 1-D search between the last two llama checkpoints,
@@ -2091,7 +2119,7 @@ fn an_early_stop_margin_stops_trials_that_cannot_improve_by_more_than_it() {
     let _g = serial();
     let tmp = tempfile::tempdir().unwrap();
     let config = |name: &str, stop: &str| {
-        llama_lambda_config(tmp.path(), name, &format!("max_evals = 8\n{stop}"))
+        llama_lambda_config(tmp.path(), name, "", &format!("max_evals = 8\n{stop}"))
     };
     let margin = 0.001;
     let rep_full = search_to_end(&config("full.toml", ""), &tmp.path().join("full"));

@@ -133,13 +133,15 @@ pub struct Race {
     #[serde(default)]
     pub leader_scored: Vec<usize>,
     /// This trial's own units already scored, set after set, `own_scored[d]` of set `d`:
-    /// a leader's confirmation goes on from where the leader stopped (text sets only:
-    /// a task's accuracies need each choice's result, which the units do not keep).
-    /// Empty: start from the first unit.
+    /// a leader's confirmation goes on from where the leader stopped (with
+    /// `own_choices` for its tasks). Empty: start from the first unit.
     #[serde(default)]
     pub own: Vec<f64>,
     #[serde(default)]
     pub own_scored: Vec<usize>,
+    /// This trial's task items' choice results already scored, as [`Partial::choices`].
+    #[serde(default)]
+    pub own_choices: Vec<(f64, bool)>,
 }
 
 impl Race {
@@ -154,6 +156,7 @@ impl Race {
             leader_scored: Vec::new(),
             own: Vec::new(),
             own_scored: Vec::new(),
+            own_choices: Vec::new(),
         }
     }
 }
@@ -199,6 +202,13 @@ pub struct Partial {
     /// empty in journals written before leaders).
     #[serde(default)]
     pub scored: Vec<usize>,
+    /// A leader's tasks: each scored item's choices' (log-likelihood, is greedy), the
+    /// task sets one after the other, items in scoring order, each item's choices in
+    /// order. What its confirmation goes on from, with the units (an item's value alone
+    /// does not give the accuracies). Empty for other stops and for texts. (Always
+    /// serialised: the reply travels in bincode, which cannot skip a field.)
+    #[serde(default)]
+    pub choices: Vec<(f64, bool)>,
 }
 
 /// The batch counts at which to look, for `units` batches in all, each with its index in
@@ -385,6 +395,7 @@ pub fn decide(
             better,
             against_leader,
             scored: inc.iter().map(|s| s.cand.len()).collect(),
+            choices: Vec::new(),
         },
         e.each,
     ))

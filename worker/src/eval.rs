@@ -549,15 +549,33 @@ impl Evaluator {
                     race.own_scored
                 )));
             }
-            let mut at = 0;
+            let (mut at, mut choices) = (0, race.own_choices.iter());
             for (d, (s, &n)) in strata.iter_mut().zip(&race.own_scored).enumerate() {
-                if n > 0 && matches!(s.kind, StratumKind::Task { .. }) {
-                    return Err(EvalError::Request(format!(
-                        "set {d} is a task: a trial cannot go on from a task's items (their choices' results are not kept)"
-                    )));
+                if let StratumKind::Task {
+                    order,
+                    requests,
+                    results,
+                } = &mut s.kind
+                {
+                    for &it in &order[..n] {
+                        for &i in &requests[it] {
+                            results[i] = *choices.next().ok_or_else(|| {
+                                EvalError::Request(format!(
+                                    "a continued trial has {} choice results, too few for the items it scored of set {d}",
+                                    race.own_choices.len()
+                                ))
+                            })?;
+                        }
+                    }
                 }
                 s.values.extend_from_slice(&race.own[at..at + n]);
                 at += n;
+            }
+            if choices.next().is_some() {
+                return Err(EvalError::Request(format!(
+                    "a continued trial has {} choice results, more than the items it scored",
+                    race.own_choices.len()
+                )));
             }
         }
         let has_leader = !race.leader.is_empty();
@@ -620,7 +638,10 @@ impl Evaluator {
                 race.z[look],
                 race.margin,
             );
-            if let Some((p, each)) = stop {
+            if let Some((mut p, each)) = stop {
+                if p.better {
+                    p.choices = strata.iter().flat_map(Stratum::choices).collect();
+                }
                 let seconds = t0.elapsed().as_secs_f64();
                 let sets = (0..k)
                     .map(|d| {
@@ -1289,6 +1310,24 @@ struct Stratum {
     tokens: usize,
     values: Vec<f64>,
     kind: StratumKind,
+}
+
+impl Stratum {
+    /// A task's scored items' choice results, items in scoring order, each item's
+    /// choices in order ([`ckmerge_common::race::Partial::choices`]); none for a text.
+    fn choices(&self) -> Vec<(f64, bool)> {
+        match &self.kind {
+            StratumKind::Task {
+                order,
+                requests,
+                results,
+            } => order[..self.values.len()]
+                .iter()
+                .flat_map(|&it| requests[it].iter().map(|&i| results[i]))
+                .collect(),
+            StratumKind::Text { .. } => Vec::new(),
+        }
+    }
 }
 
 /// The race's view of the strata: each set's values so far paired with `inc`'s (the

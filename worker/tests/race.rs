@@ -224,8 +224,7 @@ fn a_clearly_better_trial_stops_as_the_leader_and_later_trials_race_it() {
         margin: 0.0,
         leader,
         leader_scored,
-        own: Vec::new(),
-        own_scored: Vec::new(),
+        ..Race::whole(Vec::new())
     };
     let raced = ev
         .score_race(1, &open(src.clone(), vec![], vec![]))
@@ -345,15 +344,17 @@ fn a_task_and_a_mixture_race_item_by_item_and_window_by_window() {
     let inc = ev.score_race(2, &open(w.clone())).unwrap();
     assert!(inc.partial.is_none());
     let windows = inc.units.len() - items;
-    // A trial cannot go on from a task's items (a leader's confirmation of a mixture with
-    // a task is scored whole).
+    // A trial cannot go on from a task's items without their choices' results.
     let cont = Race {
         own: inc.units[..items].to_vec(),
         own_scored: vec![items, 0],
         ..Race::whole(w.clone())
     };
     let e = ev.score_race(2, &cont).unwrap_err().to_string();
-    assert!(e.contains("set 0 is a task"), "{e}");
+    assert!(
+        e.contains("too few for the items it scored of set 0"),
+        "{e}"
+    );
     let text_mean = inc.units[items..].iter().sum::<f64>() / text.tokens as f64;
     assert!((text_mean - text.mean_nll).abs() < 1e-9);
     let value = |sets: &[ckmerge_worker::eval::SetResult]| {
@@ -400,6 +401,43 @@ fn a_task_and_a_mixture_race_item_by_item_and_window_by_window() {
     // The incumbent against itself is not stopped.
     ev.set_weights(&[0.5, 0.5]).unwrap();
     assert!(ev.score_race(2, &race).unwrap().partial.is_none());
+
+    // Raced against the source alone, the same weights stop as the leader, keeping the
+    // task's choice results with its units; its confirmation goes on from them and gives
+    // the whole scoring's units and scores (accuracies included), bit for bit.
+    let worse = Race {
+        incumbent: raced_whole(&mut ev, [1.0, 0.0], &w),
+        ..race.clone()
+    };
+    ev.set_weights(&[0.5, 0.5]).unwrap();
+    let lead = ev.score_race(2, &worse).unwrap();
+    let p = lead.partial.expect("stopped as better");
+    assert!(p.better, "{p:?}");
+    assert_eq!(
+        p.choices.len(),
+        ev.datasets[0].task.as_ref().unwrap().requests.len()
+    );
+    let cont = Race {
+        own: lead.units.clone(),
+        own_scored: p.scored.clone(),
+        own_choices: p.choices.clone(),
+        ..Race::whole(w.clone())
+    };
+    let whole = ev.score_race(2, &cont).unwrap();
+    assert!(whole.partial.is_none());
+    assert_eq!(whole.units, inc.units);
+    let scores = |r: &ckmerge_worker::eval::Raced| -> Vec<_> {
+        r.sets.iter().map(|s| s.score.clone()).collect()
+    };
+    assert_eq!(scores(&whole), scores(&inc));
+}
+
+/// The objective's units of `weights` scored whole (raced with no incumbent).
+fn raced_whole(ev: &mut Evaluator, weights: [f32; 2], w: &[f64]) -> Vec<f64> {
+    ev.set_weights(&weights).unwrap();
+    let r = ev.score_race(w.len(), &Race::whole(w.to_vec())).unwrap();
+    assert!(r.partial.is_none());
+    r.units
 }
 
 /// The error rate on a task's items (each item's choice NLL a unit: heavier-tailed than

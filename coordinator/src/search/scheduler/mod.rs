@@ -259,6 +259,7 @@ impl Scheduler {
             leader_scored,
             own: Vec::new(),
             own_scored: Vec::new(),
+            own_choices: Vec::new(),
         })
     }
 
@@ -326,18 +327,6 @@ impl Scheduler {
     fn confirming(&self, u: &[f64]) -> Option<&Record> {
         self.leader()
             .filter(|l| matches!(l, Record::Done { u: lu, .. } if lu.as_slice() == u))
-    }
-
-    /// Whether a leader's confirmation goes on from the units the leader scored: where
-    /// every set of the objective is a text (a task's accuracies need each choice's
-    /// result, which the units do not keep).
-    fn continuable(&self) -> bool {
-        !self.objective.sets.is_empty()
-            && self
-                .objective
-                .sets
-                .iter()
-                .all(|(name, _)| !self.cfg.data.tasks.contains_key(name))
     }
 
     /// Full evaluations outside the search that a trial may race against: the
@@ -501,9 +490,7 @@ impl Scheduler {
                 // A leader's confirmation that went on from the leader's units scored only
                 // the rest; the leader's record counts those.
                 let continues = match self.confirming(&t.u) {
-                    Some(Record::Done { trial, tokens, .. })
-                        if partial.is_none() && self.continuable() =>
-                    {
+                    Some(Record::Done { trial, tokens, .. }) if partial.is_none() => {
                         Some((*trial, *tokens))
                     }
                     _ => None,
@@ -690,7 +677,7 @@ impl Scheduler {
     fn issue(&mut self, i: usize, id: u64) -> Result<()> {
         let t = self.trials.start(id).u.clone();
         // The leader's confirmation is scored whole (raced against itself, it would
-        // stop), going on from the windows the leader scored where its sets are texts.
+        // stop), going on from the units (and a task's choices) the leader scored.
         let race = match self.confirming(&t) {
             Some(Record::Done {
                 units,
@@ -698,10 +685,9 @@ impl Scheduler {
                 ..
             }) => {
                 let mut r = Race::whole(self.objective.sets.iter().map(|(_, w)| *w).collect());
-                if self.continuable() {
-                    r.own = units.clone();
-                    r.own_scored = p.scored.clone();
-                }
+                r.own = units.clone();
+                r.own_scored = p.scored.clone();
+                r.own_choices = p.choices.clone();
                 Some(r)
             }
             _ => self.race(),
