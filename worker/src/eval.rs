@@ -519,7 +519,7 @@ impl Evaluator {
             )));
         }
         let mut strata: Vec<Stratum> = (0..k).map(|d| self.stratum(d)).collect::<Result<_, _>>()?;
-        let total: usize = strata.iter().map(|s| s.units).sum();
+        let units: Vec<usize> = strata.iter().map(|s| s.units).collect();
         let weights = match race.weights.len() {
             0 if k == 1 => vec![1.0],
             n if n == k => race.weights.clone(),
@@ -529,35 +529,37 @@ impl Evaluator {
                 )))
             }
         };
-        if !race.incumbent.is_empty() && race.incumbent.len() != total {
-            return Err(EvalError::Request(format!(
-                "the incumbent has {} units where this objective has {total} (windows of text, items of tasks): the workers disagree on the data",
-                race.incumbent.len()
-            )));
-        }
-        let units: Vec<usize> = strata.iter().map(|s| s.units).collect();
+        let inc: Vec<&[f64]> = match race.incumbent.is_empty() {
+            true => vec![&[]; k],
+            false => split_sets(&race.incumbent, &units, &units).ok_or_else(|| {
+                EvalError::Request(format!(
+                    "the incumbent has {} units where this objective has {} (windows of text, items of tasks): the workers disagree on the data",
+                    race.incumbent.len(),
+                    units.iter().sum::<usize>()
+                ))
+            })?,
+        };
         if !race.own.is_empty() {
-            // A leader's confirmation: its windows scored so far are taken as they are.
-            if race.own_scored.len() != k
-                || race.own_scored.iter().sum::<usize>() != race.own.len()
-                || race.own_scored.iter().zip(&units).any(|(o, u)| o > u)
-                || !race.incumbent.is_empty()
-            {
-                return Err(EvalError::Request(format!(
-                    "a continued trial has {} units scored as {:?} of sets of {units:?} units (and must be scored whole): the workers disagree on the data",
-                    race.own.len(),
-                    race.own_scored
-                )));
-            }
-            let (mut at, mut choices) = (0, race.own_choices.iter());
-            for (d, (s, &n)) in strata.iter_mut().zip(&race.own_scored).enumerate() {
+            // A leader's confirmation: its units (and a task's choices) scored so far are
+            // taken as they are.
+            let own = split_sets(&race.own, &race.own_scored, &units)
+                .filter(|_| race.incumbent.is_empty())
+                .ok_or_else(|| {
+                    EvalError::Request(format!(
+                        "a continued trial has {} units scored as {:?} of sets of {units:?} units (and must be scored whole): the workers disagree on the data",
+                        race.own.len(),
+                        race.own_scored
+                    ))
+                })?;
+            let mut choices = race.own_choices.iter();
+            for (d, (s, own)) in strata.iter_mut().zip(own).enumerate() {
                 if let StratumKind::Task {
                     order,
                     requests,
                     results,
                 } = &mut s.kind
                 {
-                    for &it in &order[..n] {
+                    for &it in &order[..own.len()] {
                         for &i in &requests[it] {
                             results[i] = *choices.next().ok_or_else(|| {
                                 EvalError::Request(format!(
@@ -568,8 +570,7 @@ impl Evaluator {
                         }
                     }
                 }
-                s.values.extend_from_slice(&race.own[at..at + n]);
-                at += n;
+                s.values.extend_from_slice(own);
             }
             if choices.next().is_some() {
                 return Err(EvalError::Request(format!(
@@ -579,18 +580,18 @@ impl Evaluator {
             }
         }
         let has_leader = !race.leader.is_empty();
-        if has_leader
-            && (race.leader_scored.len() != k
-                || race.leader_scored.iter().sum::<usize>() != race.leader.len()
-                || race.leader_scored.iter().zip(&units).any(|(l, u)| l > u)
-                || race.incumbent.is_empty())
-        {
-            return Err(EvalError::Request(format!(
-                "the leader has {} units scored as {:?} of sets of {units:?} units: the workers disagree on the data",
-                race.leader.len(),
-                race.leader_scored
-            )));
-        }
+        let leader: Vec<&[f64]> = match has_leader {
+            false => Vec::new(),
+            true => split_sets(&race.leader, &race.leader_scored, &units)
+                .filter(|_| !race.incumbent.is_empty())
+                .ok_or_else(|| {
+                    EvalError::Request(format!(
+                        "the leader has {} units scored as {:?} of sets of {units:?} units: the workers disagree on the data",
+                        race.leader.len(),
+                        race.leader_scored
+                    ))
+                })?,
+        };
         let mut looks = if race.incumbent.is_empty() {
             Vec::new()
         } else {
@@ -601,25 +602,6 @@ impl Evaluator {
             race::look_plan(&strata.iter().map(|s| (s.units, min(s))).collect::<Vec<_>>())
         };
         looks.push((units.clone(), 0));
-        let mut at_inc = 0;
-        let inc: Vec<&[f64]> = units
-            .iter()
-            .map(|&u| {
-                let r = race.incumbent.get(at_inc..at_inc + u).unwrap_or(&[]);
-                at_inc += u;
-                r
-            })
-            .collect();
-        let mut at_leader = 0;
-        let leader: Vec<&[f64]> = race
-            .leader_scored
-            .iter()
-            .map(|&n| {
-                let r = &race.leader[at_leader..at_leader + n];
-                at_leader += n;
-                r
-            })
-            .collect();
         for (n, look) in looks {
             for (d, s) in strata.iter_mut().enumerate() {
                 self.advance(d, s, n[d], run, choices)?;
@@ -1310,6 +1292,28 @@ struct Stratum {
     tokens: usize,
     values: Vec<f64>,
     kind: StratumKind,
+}
+
+/// `flat` cut into one slice per set, `counts[d]` values for set `d`, where the counts
+/// fit sets of `units` (one per set, none above its set's units, adding up to `flat`'s
+/// length); None where they do not.
+fn split_sets<'a>(flat: &'a [f64], counts: &[usize], units: &[usize]) -> Option<Vec<&'a [f64]>> {
+    if counts.len() != units.len()
+        || counts.iter().sum::<usize>() != flat.len()
+        || counts.iter().zip(units).any(|(c, u)| c > u)
+    {
+        return None;
+    }
+    let mut at = 0;
+    Some(
+        counts
+            .iter()
+            .map(|&n| {
+                at += n;
+                &flat[at - n..at]
+            })
+            .collect(),
+    )
 }
 
 impl Stratum {

@@ -139,6 +139,11 @@ pub struct Objective {
 }
 
 impl Objective {
+    /// Each set's weight, in the objective's order (what a race is sent).
+    pub fn weights(&self) -> Vec<f64> {
+        self.sets.iter().map(|(_, w)| *w).collect()
+    }
+
     /// The objective's value from a reply's scores (the objective's sets first), or why
     /// there is none: too few scores, or one that is not finite.
     pub fn value(&self, scores: &[DatasetScore]) -> Result<f64, String> {

@@ -237,30 +237,22 @@ impl Scheduler {
         if !self.cfg.search.early_stop {
             return None;
         }
-        let best = self.incumbent().map(|(_, u)| u.clone());
-        let (leader, leader_scored) = match (&best, self.leader()) {
-            (
-                Some(_),
-                Some(Record::Done {
-                    units,
-                    partial: Some(p),
-                    ..
-                }),
-            ) => (units.clone(), p.scored.clone()),
-            _ => (Vec::new(), Vec::new()),
-        };
         let alpha = self.cfg.search.early_stop_alpha;
-        Some(Race {
-            incumbent: best.unwrap_or_default(),
+        let mut r = Race {
+            incumbent: self.incumbent().map(|(_, u)| u.clone()).unwrap_or_default(),
             z: race::SPEND.map(|share| crate::bo::posterior::inv_cdf(1.0 - alpha * share)),
-            weights: self.objective.sets.iter().map(|(_, w)| *w).collect(),
             margin: self.cfg.search.early_stop_margin,
-            leader,
-            leader_scored,
-            own: Vec::new(),
-            own_scored: Vec::new(),
-            own_choices: Vec::new(),
-        })
+            ..Race::whole(self.objective.weights())
+        };
+        if let Some(Record::Done {
+            units,
+            partial: Some(p),
+            ..
+        }) = self.leader()
+        {
+            (r.leader, r.leader_scored) = (units.clone(), p.scored.clone());
+        }
+        Some(r)
     }
 
     /// The best full evaluation so far (a trial's or a baseline's) with its per-unit
@@ -289,7 +281,8 @@ impl Scheduler {
     /// comes back, so a run confirms at most one.
     fn leader(&self) -> Option<&Record> {
         self.incumbent()?;
-        let mut leader: Option<&Record> = None;
+        // The leader's record, point and estimate.
+        let mut lead: Option<(&Record, &Vec<f64>, f64)> = None;
         for r in &self.done {
             let Record::Done {
                 u,
@@ -301,26 +294,22 @@ impl Scheduler {
             else {
                 continue;
             };
-            let lead = leader.map(|l| match l {
-                Record::Done { u, mean_nll: v, .. } => (u, *v),
-                _ => unreachable!("a leader is a done record"),
-            });
             match partial {
                 Some(p)
-                    if p.better && !units.is_empty() && lead.is_none_or(|(_, v)| *mean_nll < v) =>
+                    if p.better && !units.is_empty() && lead.is_none_or(|l| *mean_nll < l.2) =>
                 {
-                    leader = Some(r)
+                    lead = Some((r, u, *mean_nll))
                 }
-                None if lead.is_some_and(|(lu, v)| *mean_nll < v || lu == u) => leader = None,
+                None if lead.is_some_and(|l| *mean_nll < l.2 || l.1 == u) => lead = None,
                 _ => {}
             }
         }
-        let failed = |lu: &Vec<f64>| {
-            self.failed
-                .iter()
-                .any(|r| matches!(r, Record::Failed { u, .. } if u == lu))
-        };
-        leader.filter(|l| !matches!(l, Record::Done { u, .. } if failed(u)))
+        let (r, lu, _) = lead?;
+        let failed = self
+            .failed
+            .iter()
+            .any(|f| matches!(f, Record::Failed { u, .. } if u == lu));
+        (!failed).then_some(r)
     }
 
     /// The leader, where `u` is its point: the trial at `u` is its confirmation.
@@ -684,7 +673,7 @@ impl Scheduler {
                 partial: Some(p),
                 ..
             }) => {
-                let mut r = Race::whole(self.objective.sets.iter().map(|(_, w)| *w).collect());
+                let mut r = Race::whole(self.objective.weights());
                 r.own = units.clone();
                 r.own_scored = p.scored.clone();
                 r.own_choices = p.choices.clone();

@@ -56,11 +56,11 @@ impl Scheduler {
                     all_datasets: true,
                     // Under early stopping: scored whole, with the objective's per-batch
                     // sums, so that trials can race against the best of them.
-                    race: self.cfg.search.early_stop.then(|| {
-                        ckmerge_common::race::Race::whole(
-                            self.objective().sets.iter().map(|(_, w)| *w).collect(),
-                        )
-                    }),
+                    race: self
+                        .cfg
+                        .search
+                        .early_stop
+                        .then(|| ckmerge_common::race::Race::whole(self.objective().weights())),
                 };
                 *in_use = true;
                 running.push(async move {
