@@ -2060,8 +2060,8 @@ merge = false
 fn a_leader_left_at_the_end_is_scored_whole_from_where_it_stopped() {
     let _g = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let search = "max_evals = 3\nearly_stop = true";
-    let cfg = llama_lambda_config(tmp.path(), "run.toml", "", search);
+    let budget = "max_evals = 3\nearly_stop = true";
+    let cfg = llama_lambda_config(tmp.path(), "run.toml", "", budget);
     let run_dir = tmp.path().join("run");
     let rep = search_to_end(&cfg, &run_dir);
     let j = journal(&run_dir);
@@ -2085,6 +2085,21 @@ fn a_leader_left_at_the_end_is_scored_whole_from_where_it_stopped() {
     // The leader and its confirmation scored one whole trial between them.
     assert!(rep["scored_tokens"].as_u64().unwrap() <= 3 * whole);
 
+    // Extending the finished run to 5 evaluations makes 2 more trials: the confirmation
+    // was one beyond the budget and does not count towards it.
+    let o = run(search(&[
+        "--resume".as_ref(),
+        run_dir.as_os_str(),
+        "--max-evals".as_ref(),
+        "5".as_ref(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = journal(&run_dir);
+    let done = events(&j, "done");
+    let proposed = done.iter().filter(|d| d["continues"].is_null()).count();
+    assert_eq!(proposed, 5, "{} done records", done.len());
+    check_raced(&j, f64::INFINITY, 0.0, Some(whole), 100);
+
     // The same with a task in the objective: the leader keeps its items' choice results,
     // and its confirmation goes on from them to the task's full scores.
     let f = fixtures();
@@ -2093,7 +2108,7 @@ fn a_leader_left_at_the_end_is_scored_whole_from_where_it_stopped() {
         f.join("data/heldout.txt"),
         f.join("tasks/cloze.jsonl"),
     );
-    let cfg = llama_lambda_config(tmp.path(), "mix.toml", &data, search);
+    let cfg = llama_lambda_config(tmp.path(), "mix.toml", &data, budget);
     let run_dir = tmp.path().join("mix");
     let rep = search_to_end(&cfg, &run_dir);
     let done = events(&journal(&run_dir), "done")

@@ -1,5 +1,6 @@
 """Runs each search with search.early_stop off and on (see scripts/bench_early_stop.sh)."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -13,6 +14,33 @@ FIX = ROOT / "tests/fixtures/trajectory"
 SEEDS = int(os.environ.get("BENCH_SEEDS", "3"))
 # search.early_stop_margin of the runs with early stopping on (BENCH_MARGIN=0.001).
 MARGIN = float(os.environ.get("BENCH_MARGIN", "0"))
+# The held-out texts: "fixture" (the committed data/heldout.txt and data/python-docs.txt:
+# 194 and 108 windows of 128 tokens) or "large" (BENCH_DATA=large: the first 600000
+# characters of the held-out book chapters and the Rust Reference, never trained on, and all
+# of Python's reference topics: 2350 and 1674 windows; written under target/bench-data from
+# the documentation that ships with the toolchain and with Python, scripts/fixtures/rustdocs.py).
+# A look's power grows with the windows scored, and a user's held-out set has thousands of
+# windows, not 194.
+DATA = os.environ.get("BENCH_DATA", "fixture")
+LARGE_CHARS = 600_000
+
+
+def texts():
+    if DATA == "fixture":
+        return FIX / "data/heldout.txt", FIX / "data/python-docs.txt"
+    if DATA != "large":
+        raise SystemExit(f"BENCH_DATA={DATA}: give fixture or large")
+    sys.path.insert(0, str(ROOT / "scripts/fixtures"))
+    import rustdocs
+    out = ROOT / "target/bench-data"
+    out.mkdir(parents=True, exist_ok=True)
+    held, py = out / "heldout-large.txt", out / "python-docs-large.txt"
+    held.write_text(rustdocs.heldout_large(LARGE_CHARS), encoding="utf-8")
+    py.write_text(rustdocs.python_docs(LARGE_CHARS), encoding="utf-8")
+    return held, py
+
+
+HELDOUT, PYTHON = texts()
 
 
 def steps(traj):
@@ -21,16 +49,16 @@ def steps(traj):
                   key=lambda p: int(p.name.split("-")[1]))
 
 
-TEXT = f"objective = [{json.dumps(str(FIX / 'data/heldout.txt'))}]\n"
+TEXT = f"objective = [{json.dumps(str(HELDOUT))}]\n"
 # Weighted mixtures: a 400-item task (sampled by items) with a text, and two texts.
 TASK_MIX = (
     "objective = { heldout = 3, cloze = 1 }\n"
-    f"extra = {{ heldout = [{json.dumps(str(FIX / 'data/heldout.txt'))}] }}\n"
+    f"extra = {{ heldout = [{json.dumps(str(HELDOUT))}] }}\n"
     f"tasks = {{ cloze = {json.dumps(str(FIX / 'tasks/cloze-large.jsonl'))} }}\n")
 TEXT_MIX = (
     "objective = { heldout = 1, python = 1 }\n"
-    f"extra = {{ heldout = [{json.dumps(str(FIX / 'data/heldout.txt'))}], "
-    f"python = [{json.dumps(str(FIX / 'data/python-docs.txt'))}] }}\n")
+    f"extra = {{ heldout = [{json.dumps(str(HELDOUT))}], "
+    f"python = [{json.dumps(str(PYTHON))}] }}\n")
 
 # (name, tuned on?, checkpoints, space, max_evals, data)
 CASES = [
@@ -83,8 +111,13 @@ def run(binary, ckpts, space, evals, seed, early, data):
         }
 
 
+# Which texts were measured (the large ones depend on the toolchain's documentation).
+DIGESTS = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in (HELDOUT, PYTHON)}
+
+
 def main():
     binary, out = sys.argv[1], sys.argv[2]
+    print(f"data: {DATA} {DIGESTS}", flush=True)
     rows = []
     for name, tuned, ckpts, space, evals, data in CASES:
         if ONLY and not any(o in name for o in ONLY):
@@ -94,6 +127,7 @@ def main():
             on = run(binary, ckpts, space, evals, seed, True, data)
             r = {
                 "case": name, "tuned_on": tuned, "seed": seed, "evals": evals, "margin": MARGIN,
+                "data": DATA, "data_sha256": DIGESTS,
                 "tokens_off": off["tokens"], "tokens_on": on["tokens"],
                 "ratio": off["tokens"] / on["tokens"], "stopped": on["stopped"],
                 "leaders": on["leaders"], "confirmations": on["confirmations"],

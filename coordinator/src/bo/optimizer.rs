@@ -165,6 +165,11 @@ pub struct Observation {
     /// one, but no longer given to the surrogate, which has the full value instead.
     #[serde(default)]
     pub superseded: bool,
+    /// A leader's confirmation: scored whole beyond the budget at a point already
+    /// estimated, so not counted towards `max_evals` (extending a finished run by k
+    /// evaluations makes k new trials).
+    #[serde(default)]
+    pub confirms: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,7 +248,16 @@ impl Optimizer {
             error,
             noise: 0.0,
             superseded: false,
+            confirms: false,
         });
+    }
+
+    /// The full value of a leader's confirmation (see [`Observation::confirms`]).
+    pub fn tell_confirmation(&mut self, u: Vec<f64>, value: f64) {
+        self.tell(u, Ok(value));
+        if let Some(o) = self.observations.last_mut() {
+            o.confirms = true;
+        }
     }
 
     /// A value estimated from part of the data, with the estimate's variance: a trial
@@ -268,6 +282,7 @@ impl Optimizer {
                 error: None,
                 noise: 0.0,
                 superseded: false,
+                confirms: false,
             });
         }
     }
@@ -289,7 +304,10 @@ impl Optimizer {
 
     /// Why the search should stop now, if it should.
     pub fn stop_reason(&self, elapsed_seconds: f64) -> Option<StopReason> {
-        let own = self.observations.iter().filter(|o| o.value.is_some());
+        let own = self
+            .observations
+            .iter()
+            .filter(|o| o.value.is_some() && !o.confirms);
         if own.count() >= self.config.max_evals {
             return Some(StopReason::MaxEvals);
         }

@@ -273,6 +273,12 @@ fn resume_state(cfg: &SearchConfig, run_dir: &Path) -> Result<Resumed> {
                     Record::Done {
                         mean_nll,
                         partial: None,
+                        continues: Some(_),
+                        ..
+                    } => o.tell_confirmation(u, *mean_nll),
+                    Record::Done {
+                        mean_nll,
+                        partial: None,
                         ..
                     } => o.tell(u, Ok(*mean_nll)),
                     Record::Done {

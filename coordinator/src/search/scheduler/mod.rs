@@ -200,8 +200,20 @@ impl Scheduler {
         s
     }
 
+    /// Evaluations done towards `max_evals`: a leader's confirmation is beyond it.
     fn successes(&self) -> usize {
-        self.done.len()
+        self.done
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r,
+                    Record::Done {
+                        continues: None,
+                        ..
+                    }
+                )
+            })
+            .count()
     }
 
     /// Runs trials until the budget is spent or the search stops; returns why it stopped.
@@ -509,6 +521,7 @@ impl Scheduler {
                 };
                 self.journal.append(&rec)?;
                 match &partial {
+                    None if continues.is_some() => self.opt.tell_confirmation(t.u.clone(), value),
                     None => self.opt.tell(t.u.clone(), Ok(value)),
                     Some(p) => self
                         .opt
