@@ -1863,6 +1863,10 @@ fn check_raced(
             if let Some(whole) = whole {
                 assert!(d["tokens"].as_u64().unwrap() <= whole / 2, "{d}");
             }
+            // Raced against a leader: the record names it.
+            if p["against_leader"] == true {
+                assert!(d["raced"].is_u64(), "{d}");
+            }
             if p["better"] == true {
                 assert!(p["upper_bound"].as_f64().unwrap() < 0.0, "{d}");
                 assert_eq!(
@@ -1909,14 +1913,18 @@ fn check_raced(
             incumbent = incumbent.min(v);
         }
     }
-    // The leader, replayed as the coordinator keeps it: a leader left when the budget
-    // is spent is scored whole (the same weights, a full record), which ends it.
+    // The leader, replayed as the coordinator keeps it (one stopped as better than the
+    // leader it raced, named in `raced`, leads whatever its estimate): a leader left when
+    // the budget is spent is scored whole (the same weights, a full record), which ends it.
     let mut leader: Option<&Value> = None;
     for d in &done {
         let v = d["mean_nll"].as_f64().unwrap();
         let lead = leader.map(|l| l["mean_nll"].as_f64().unwrap());
         if d["partial"]["better"] == true {
-            if lead.is_none_or(|l| v < l) {
+            let beat = leader.is_some_and(|l| {
+                d["partial"]["against_leader"] == true && d["raced"] == l["trial"]
+            });
+            if beat || lead.is_none_or(|l| v < l) {
                 leader = Some(d);
             }
         } else if d["partial"].is_null()

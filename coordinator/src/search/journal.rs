@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 
 pub const JOURNAL_FILE: &str = "trials.jsonl";
 
+// A run holds one record per event of a trial (hundreds), written once: boxing `Done`'s
+// fields to shrink the other variants would save nothing worth an indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "lowercase")]
 pub enum Record {
@@ -73,6 +76,11 @@ pub enum Record {
         /// `tokens` only what this trial scored (the leader's record counts the rest).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         continues: Option<u64>,
+        /// The leader (its trial id) this trial was raced against, as its request sent
+        /// it: a trial stopped as better than that leader, paired on its units, is the
+        /// next leader whatever the two estimates against the incumbent say.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        raced: Option<u64>,
     },
     Retry {
         trial: u64,
@@ -257,6 +265,7 @@ mod tests {
             units: Vec::new(),
             partial: None,
             continues: None,
+            raced: None,
         }
     }
 

@@ -30,6 +30,9 @@ pub struct Trial {
     pub errors: Vec<(String, String)>,
     /// When the current attempt started.
     pub issued_at: Option<Instant>,
+    /// The leader (its trial id) the current attempt was raced against, where it was
+    /// sent one (`search.early_stop`).
+    pub raced: Option<u64>,
 }
 
 impl Trial {
@@ -93,6 +96,7 @@ impl Trials {
                 weights,
                 errors,
                 issued_at: None,
+                raced: None,
             },
         );
         self.queue.push_back(id);
@@ -129,13 +133,14 @@ impl Trials {
                 weights,
                 errors: Vec::new(),
                 issued_at: None,
+                raced: None,
             },
         );
         id
     }
 
     /// Starts an attempt of trial `id`; its number is `errors.len() + 1`.
-    pub fn start(&mut self, id: u64) -> &Trial {
+    pub fn start(&mut self, id: u64) -> &mut Trial {
         let t = self.trials.get_mut(&id).expect("a picked trial is known");
         t.issued_at = Some(Instant::now());
         t

@@ -283,40 +283,14 @@ impl Scheduler {
         trials.chain(baselines).min_by(|a, b| a.0.total_cmp(&b.0))
     }
 
-    /// The leader, from the journal's records in order (so a resumed run races exactly
-    /// as the straight one did): a trial stopped early as clearly better than what it
-    /// raced becomes the leader where there is none or its estimate is below the
-    /// leader's (with several workers, one may come back after a better leader was made);
-    /// a trial scored whole ends the leader when its value is below the leader's estimate
-    /// or it is the leader's confirmation (the same point, see [`Self::pick`]); a
-    /// leader's confirmation that failed for good ends it too. An ended leader never
-    /// comes back, so a run confirms at most one.
+    /// The leader ([`leader_of`] the done records), unless its confirmation failed for
+    /// good, which ends it too; none before an incumbent.
     fn leader(&self) -> Option<&Record> {
         self.incumbent()?;
-        // The leader's record, point and estimate.
-        let mut lead: Option<(&Record, &Vec<f64>, f64)> = None;
-        for r in &self.done {
-            let Record::Done {
-                u,
-                mean_nll,
-                partial,
-                units,
-                ..
-            } = r
-            else {
-                continue;
-            };
-            match partial {
-                Some(p)
-                    if p.better && !units.is_empty() && lead.is_none_or(|l| *mean_nll < l.2) =>
-                {
-                    lead = Some((r, u, *mean_nll))
-                }
-                None if lead.is_some_and(|l| *mean_nll < l.2 || l.1 == u) => lead = None,
-                _ => {}
-            }
-        }
-        let (r, lu, _) = lead?;
+        let r = leader_of(&self.done)?;
+        let Record::Done { u: lu, .. } = r else {
+            return None;
+        };
         let failed = self
             .failed
             .iter()
@@ -518,6 +492,7 @@ impl Scheduler {
                     units,
                     partial: partial.clone(),
                     continues: continues.map(|(trial, _)| trial),
+                    raced: t.raced,
                 };
                 self.journal.append(&rec)?;
                 match &partial {
@@ -694,7 +669,12 @@ impl Scheduler {
             }
             _ => self.race(),
         };
+        let raced = match &race {
+            Some(r) if !r.leader.is_empty() => self.leader().map(Record::trial),
+            _ => None,
+        };
         let t = self.trials.start(id);
+        t.raced = raced;
         let s = &mut self.slots[i];
         self.journal.append(&Record::Issued {
             trial: id,
@@ -759,5 +739,122 @@ impl Scheduler {
                 }
             },
         )
+    }
+}
+
+/// The leader, from the journal's done records in order (so a resumed run races exactly
+/// as the straight one did). A trial stopped early as clearly better than what it raced
+/// becomes the leader where there is none, where it raced the leader and was stopped as
+/// better than it (paired on the leader's units: a sharper comparison than the two
+/// estimates against the incumbent, which may order them the other way), or where its
+/// estimate is below the leader's (with several workers, one raced against an older
+/// leader or none may come back after a leader was made). A trial scored whole ends the
+/// leader when its value is below the leader's estimate or it is the leader's
+/// confirmation (the same point, see `Scheduler::pick`). An ended leader never comes
+/// back, so a run confirms at most one.
+fn leader_of(done: &[Record]) -> Option<&Record> {
+    // The leader's record, point and estimate.
+    let mut lead: Option<(&Record, &Vec<f64>, f64)> = None;
+    for r in done {
+        let Record::Done {
+            u,
+            mean_nll,
+            partial,
+            units,
+            raced,
+            ..
+        } = r
+        else {
+            continue;
+        };
+        match partial {
+            Some(p) if p.better && !units.is_empty() => {
+                let beat = |l: &(&Record, _, _)| p.against_leader && *raced == Some(l.0.trial());
+                if lead.is_none_or(|l| beat(&l) || *mean_nll < l.2) {
+                    lead = Some((r, u, *mean_nll));
+                }
+            }
+            None if lead.is_some_and(|l| *mean_nll < l.2 || l.1 == u) => lead = None,
+            _ => {}
+        }
+    }
+    lead.map(|l| l.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ckmerge_common::race::Partial;
+
+    /// A done record at point `x`: scored whole (`stop` None) or stopped, as better or
+    /// not, against the leader `raced` or the incumbent.
+    fn done(trial: u64, x: f64, value: f64, stop: Option<bool>, raced: Option<u64>) -> Record {
+        let partial = stop.map(|better| Partial {
+            scored_units: 10,
+            units: 100,
+            difference: 0.0,
+            std_error: 0.001,
+            lower_bound: 0.0,
+            upper_bound: 0.0,
+            better,
+            against_leader: raced.is_some(),
+            scored: vec![10],
+            choices: Vec::new(),
+        });
+        Record::Done {
+            trial,
+            u: vec![x],
+            weights: vec![x, 1.0 - x],
+            worker: "w".into(),
+            mean_nll: value,
+            perplexity: value.exp(),
+            tokens: 10,
+            merge_seconds: 0.0,
+            eval_seconds: 0.0,
+            time: 0.0,
+            scores: Vec::new(),
+            // A trial scored whole or a leader keeps its units.
+            units: if stop != Some(false) {
+                vec![1.0; 10]
+            } else {
+                Vec::new()
+            },
+            partial,
+            continues: None,
+            raced,
+        }
+    }
+
+    #[test]
+    fn a_trial_stopped_as_better_than_the_leader_it_raced_leads_whatever_its_estimate() {
+        let lead = |d: &[Record]| leader_of(d).map(Record::trial);
+        // Trial 1 leads (stopped as better than the incumbent, trial 0).
+        let mut d = vec![
+            done(0, 0.1, 3.63, None, None),
+            done(1, 0.2, 3.6116, Some(true), None),
+        ];
+        assert_eq!(lead(&d), Some(1));
+        // Trial 2, raced against leader 1 on its units and stopped as better than it, is
+        // the next leader although its estimate against the incumbent is above 1's (the
+        // two estimates are noisier than the paired test).
+        d.push(done(2, 0.3, 3.6121, Some(true), Some(1)));
+        assert_eq!(lead(&d), Some(2));
+        // One stopped as better against a leader that is no longer the leader (several
+        // workers) is compared by its estimate: above leader 2's, it does not lead.
+        d.push(done(3, 0.4, 3.6125, Some(true), Some(1)));
+        assert_eq!(lead(&d), Some(2));
+        d.push(done(4, 0.5, 3.6110, Some(true), Some(1)));
+        assert_eq!(lead(&d), Some(4));
+        // A trial stopped as not better leaves it; one scored whole below its estimate
+        // ends it, and an ended leader never comes back.
+        d.push(done(5, 0.6, 3.6200, Some(false), Some(4)));
+        assert_eq!(lead(&d), Some(4));
+        d.push(done(6, 0.7, 3.6100, None, Some(4)));
+        assert_eq!(lead(&d), None);
+        // Its confirmation (a trial scored whole at its point) ends a leader too.
+        d.push(done(7, 0.8, 3.6050, Some(true), None));
+        assert_eq!(lead(&d), Some(7));
+        d.push(done(8, 0.8, 3.6060, None, None));
+        assert_eq!(lead(&d), None);
     }
 }
