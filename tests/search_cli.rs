@@ -1854,6 +1854,7 @@ fn check_raced(
     min_units: usize,
 ) -> usize {
     let done = events(j, "done");
+    let first_incumbent = incumbent;
     let mut stopped = 0;
     for d in &done {
         let v = d["mean_nll"].as_f64().unwrap();
@@ -1914,9 +1915,11 @@ fn check_raced(
         }
     }
     // The leader, replayed as the coordinator keeps it (one stopped as better than the
-    // leader it raced, named in `raced`, leads whatever its estimate): a leader left when
-    // the budget is spent is scored whole (the same weights, a full record), which ends it.
+    // leader it raced, named in `raced`, leads whatever its estimate; with no leader, one
+    // leads only below the incumbent): a leader left when the budget is spent is scored
+    // whole (the same weights, a full record), which ends it.
     let mut leader: Option<&Value> = None;
+    let mut incumbent = first_incumbent;
     for d in &done {
         let v = d["mean_nll"].as_f64().unwrap();
         let lead = leader.map(|l| l["mean_nll"].as_f64().unwrap());
@@ -1924,13 +1927,14 @@ fn check_raced(
             let beat = leader.is_some_and(|l| {
                 d["partial"]["against_leader"] == true && d["raced"] == l["trial"]
             });
-            if beat || lead.is_none_or(|l| v < l) {
+            if beat || lead.map_or(v < incumbent, |l| v < l) {
                 leader = Some(d);
             }
-        } else if d["partial"].is_null()
-            && leader.is_some_and(|l| v < lead.unwrap() || l["weights"] == d["weights"])
-        {
-            leader = None;
+        } else if d["partial"].is_null() {
+            if leader.is_some_and(|l| v < lead.unwrap() || l["weights"] == d["weights"]) {
+                leader = None;
+            }
+            incumbent = incumbent.min(v);
         }
     }
     assert!(leader.is_none(), "a leader left unconfirmed: {leader:?}");

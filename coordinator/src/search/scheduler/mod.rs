@@ -287,7 +287,8 @@ impl Scheduler {
     /// good, which ends it too; none before an incumbent.
     fn leader(&self) -> Option<&Record> {
         self.incumbent()?;
-        let r = leader_of(&self.done)?;
+        let baseline = self.baseline_units.iter().map(|(v, _)| *v);
+        let r = leader_of(&self.done, baseline.min_by(f64::total_cmp))?;
         let Record::Done { u: lu, .. } = r else {
             return None;
         };
@@ -743,18 +744,22 @@ impl Scheduler {
 }
 
 /// The leader, from the journal's done records in order (so a resumed run races exactly
-/// as the straight one did). A trial stopped early as clearly better than what it raced
-/// becomes the leader where there is none, where it raced the leader and was stopped as
-/// better than it (paired on the leader's units: a sharper comparison than the two
-/// estimates against the incumbent, which may order them the other way), or where its
-/// estimate is below the leader's (with several workers, one raced against an older
-/// leader or none may come back after a leader was made). A trial scored whole ends the
-/// leader when its value is below the leader's estimate or it is the leader's
-/// confirmation (the same point, see `Scheduler::pick`). An ended leader never comes
-/// back, so a run confirms at most one.
-fn leader_of(done: &[Record]) -> Option<&Record> {
+/// as the straight one did), `baseline` the best baseline's value. A trial stopped early
+/// as clearly better than what it raced becomes the leader where it raced the leader and
+/// was stopped as better than it (paired on the leader's units: a sharper comparison than
+/// the two estimates against the incumbent, which may order them the other way), or where
+/// its estimate is below the leader's, or where there is no leader and its estimate is
+/// below the incumbent's value. The last two matter with several workers: a trial raced
+/// against an older leader or incumbent may come back after a better one exists, and a
+/// leader above the incumbent would only be raced against, and confirmed, for nothing.
+/// A trial scored whole ends the leader when its value is below the leader's estimate or
+/// it is the leader's confirmation (the same point, see `Scheduler::pick`). An ended
+/// leader never comes back, so a run confirms at most one.
+fn leader_of(done: &[Record], baseline: Option<f64>) -> Option<&Record> {
     // The leader's record, point and estimate.
     let mut lead: Option<(&Record, &Vec<f64>, f64)> = None;
+    // The incumbent's value, as `Scheduler::incumbent` takes it.
+    let mut incumbent = baseline.unwrap_or(f64::INFINITY);
     for r in done {
         let Record::Done {
             u,
@@ -770,11 +775,22 @@ fn leader_of(done: &[Record]) -> Option<&Record> {
         match partial {
             Some(p) if p.better && !units.is_empty() => {
                 let beat = |l: &(&Record, _, _)| p.against_leader && *raced == Some(l.0.trial());
-                if lead.is_none_or(|l| beat(&l) || *mean_nll < l.2) {
+                let leads = match &lead {
+                    Some(l) => beat(l) || *mean_nll < l.2,
+                    None => *mean_nll < incumbent,
+                };
+                if leads {
                     lead = Some((r, u, *mean_nll));
                 }
             }
-            None if lead.is_some_and(|l| *mean_nll < l.2 || l.1 == u) => lead = None,
+            None => {
+                if lead.is_some_and(|l| *mean_nll < l.2 || l.1 == u) {
+                    lead = None;
+                }
+                if !units.is_empty() {
+                    incumbent = incumbent.min(*mean_nll);
+                }
+            }
             _ => {}
         }
     }
@@ -827,7 +843,7 @@ mod tests {
 
     #[test]
     fn a_trial_stopped_as_better_than_the_leader_it_raced_leads_whatever_its_estimate() {
-        let lead = |d: &[Record]| leader_of(d).map(Record::trial);
+        let lead = |d: &[Record]| leader_of(d, None).map(Record::trial);
         // Trial 1 leads (stopped as better than the incumbent, trial 0).
         let mut d = vec![
             done(0, 0.1, 3.63, None, None),
@@ -856,5 +872,27 @@ mod tests {
         assert_eq!(lead(&d), Some(7));
         d.push(done(8, 0.8, 3.6060, None, None));
         assert_eq!(lead(&d), None);
+    }
+
+    #[test]
+    fn a_trial_stopped_as_better_than_an_older_incumbent_leads_only_below_the_incumbent() {
+        let lead = |d: &[Record], b| leader_of(d, b).map(Record::trial);
+        // Several workers: trial 2 was issued while trial 0 (3.63) was the incumbent and
+        // stopped as better than it, but trial 1, scored whole at 3.60, finished first.
+        // Its estimate (3.62) is above the incumbent it comes back to: not a leader (it
+        // would be raced against, and confirmed, for nothing).
+        let mut d = vec![
+            done(0, 0.1, 3.63, None, None),
+            done(1, 0.2, 3.60, None, None),
+            done(2, 0.3, 3.62, Some(true), None),
+        ];
+        assert_eq!(lead(&d, None), None);
+        // Below it, it leads.
+        d.push(done(3, 0.4, 3.59, Some(true), None));
+        assert_eq!(lead(&d, None), Some(3));
+        // A baseline is an incumbent too (before any trial).
+        let d = vec![done(4, 0.5, 3.62, Some(true), None)];
+        assert_eq!(lead(&d, Some(3.60)), None);
+        assert_eq!(lead(&d, Some(3.63)), Some(4));
     }
 }
