@@ -42,6 +42,30 @@ def texts():
 
 HELDOUT, PYTHON = texts()
 
+# The task of the task mixture: the committed 400-item cloze-large.jsonl, or with
+# BENCH_TASK_ITEMS=N a cloze task of N items of the same kind (make_mc_task.items, seed 1)
+# on the lines of the held-out text in use, written under target/bench-data. A look on a
+# task sees 1/16 of its items first: on 400 items that is 25 noisy units (an item's choice
+# NLL moves by nats between merges), where a user's benchmark has thousands.
+TASK_ITEMS = int(os.environ.get("BENCH_TASK_ITEMS", "400"))
+
+
+def task():
+    if TASK_ITEMS == 400:
+        return FIX / "tasks/cloze-large.jsonl"
+    sys.path.insert(0, str(ROOT / "scripts/fixtures"))
+    import make_mc_task
+    out = ROOT / "target/bench-data"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"cloze-{TASK_ITEMS}.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for it in make_mc_task.items(seed=1, n_items=TASK_ITEMS, n_newline=0, source=HELDOUT):
+            f.write(json.dumps(it, ensure_ascii=False) + "\n")
+    return path
+
+
+TASK = task()
+
 
 def steps(traj):
     d = FIX / traj
@@ -50,11 +74,11 @@ def steps(traj):
 
 
 TEXT = f"objective = [{json.dumps(str(HELDOUT))}]\n"
-# Weighted mixtures: a 400-item task (sampled by items) with a text, and two texts.
+# Weighted mixtures: a task (sampled by items) with a text, and two texts.
 TASK_MIX = (
     "objective = { heldout = 3, cloze = 1 }\n"
     f"extra = {{ heldout = [{json.dumps(str(HELDOUT))}] }}\n"
-    f"tasks = {{ cloze = {json.dumps(str(FIX / 'tasks/cloze-large.jsonl'))} }}\n")
+    f"tasks = {{ cloze = {json.dumps(str(TASK))} }}\n")
 TEXT_MIX = (
     "objective = { heldout = 1, python = 1 }\n"
     f"extra = {{ heldout = [{json.dumps(str(HELDOUT))}], "
@@ -99,15 +123,21 @@ def run(binary, ckpts, space, evals, seed, early, data):
             d["tokens"] / d["eval_seconds"]
             for d in done if not d.get("partial") and d["eval_seconds"] > 0)
         # What the test decided, checked: the trials it stopped scored whole afterwards
-        # (`ckmerge eval` at their weights; text objectives only), so that the best of the
-        # same trials scored whole is known. The margin's guarantee is against that, not
-        # against the other run, which takes another path once the surrogates differ.
+        # (`ckmerge eval` at their weights), so that the best of the same trials scored
+        # whole is known. The margin's guarantee is against that, not against the other
+        # run, which takes another path once the surrogates differ. `eval` is first
+        # checked to give a trial the search scored whole its journalled value (to 1e-6:
+        # eval batches a task's choices otherwise, so f32 sums differ by ~1e-8).
         same_whole = None
-        if early and data == TEXT:
-            full = [d["mean_nll"] for d in done if not d.get("partial")]
+        if early:
+            whole = [d for d in done if not d.get("partial")]
+            if whole:
+                again = eval_whole(binary, ckpts, whole[0]["weights"], data)
+                assert abs(again - whole[0]["mean_nll"]) < 1e-6, (again, whole[0])
+            full = [d["mean_nll"] for d in whole]
             for d in done:
                 if d.get("partial"):
-                    full.append(eval_whole(binary, ckpts, d["weights"]))
+                    full.append(eval_whole(binary, ckpts, d["weights"], data))
             same_whole = min(full)
         return {
             "full_tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
@@ -125,14 +155,26 @@ def run(binary, ckpts, space, evals, seed, early, data):
 
 
 # Which texts were measured (the large ones depend on the toolchain's documentation).
-DIGESTS = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in (HELDOUT, PYTHON)}
+DIGESTS = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in (HELDOUT, PYTHON, TASK)}
 
 
-def eval_whole(binary, ckpts, weights):
+def eval_whole(binary, ckpts, weights, data):
+    """The objective `data` at `weights` scored whole by `ckmerge eval`: for a mixture,
+    each set's own value (text: mean NLL; task: choice NLL) weighted as README's
+    "Search objectives" says, sum_i w_i v_i / sum_i w_i."""
+    sets = {TEXT: ["--data", str(HELDOUT)],
+            TEXT_MIX: ["--data", str(HELDOUT), "--extra-data", str(PYTHON)],
+            TASK_MIX: ["--data", str(HELDOUT), "--task", str(TASK)]}[data]
     out = subprocess.run([binary, "eval", *map(str, ckpts), "--weights", ",".join(map(repr, weights)),
-                          "--data", str(HELDOUT), "--seq-len", "128", "--json"],
+                          *sets, "--seq-len", "128", "--json"],
                          check=True, capture_output=True, text=True).stdout
-    return json.loads(out)["datasets"][0]["mean_nll"]
+    r = json.loads(out)
+    text = [d["mean_nll"] for d in r["datasets"]]
+    if data == TEXT:
+        return text[0]
+    if data == TEXT_MIX:
+        return (text[0] + text[1]) / 2
+    return (3 * text[0] + r["tasks"][0]["choice_nll"]) / 4
 
 
 def main():
@@ -154,7 +196,7 @@ def main():
                 "best_off": off["best"], "best_on": on["best"],
                 "best_change_pct": (on["best"] - off["best"]) / off["best"] * 100,
                 "same_best_weights": off["best_weights"] == on["best_weights"],
-                # The best found against the best of its own trials scored whole (text).
+                # The best found against the best of its own trials scored whole.
                 "same_trials_whole_best": on["same_trials_whole_best"],
                 "regret_vs_same_trials": (None if on["same_trials_whole_best"] is None
                                           else on["best"] - on["same_trials_whole_best"]),
