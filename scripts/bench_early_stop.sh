@@ -6,6 +6,7 @@
 #   scripts/bench_early_stop.sh [OUT.json]     # BENCH_SEEDS=3 by default; BENCH_CASES="task mix" selects cases
 #   BENCH_MARGIN=0.001 scripts/bench_early_stop.sh   # early-stopped runs with search.early_stop_margin
 #   BENCH_DATA=large scripts/bench_early_stop.sh     # ten times the held-out text (thousands of windows)
+#   BENCH_TASK_ITEMS=3000 ...                        # the task mixture's task: N cloze items, not 400
 #
 # The looks, the alpha split and the minimum were set on the long/ simplex search (seed 0)
 # and the fixtures' per-window NLLs; the llama/ and neox/ simplex searches and the lambda
