@@ -1916,8 +1916,9 @@ fn check_raced(
     }
     // The leader, replayed as the coordinator keeps it (one stopped as better than the
     // leader it raced, named in `raced`, leads whatever its estimate; with no leader, one
-    // leads only below the incumbent): a leader left when the budget is spent is scored
-    // whole (the same weights, a full record), which ends it.
+    // leads only below the incumbent; one scored whole after racing it does not end it):
+    // a leader left when the budget is spent is scored whole (the same weights, a full
+    // record), which ends it.
     let mut leader: Option<&Value> = None;
     let mut incumbent = first_incumbent;
     for d in &done {
@@ -1931,7 +1932,12 @@ fn check_raced(
                 leader = Some(d);
             }
         } else if d["partial"].is_null() {
-            if leader.is_some_and(|l| v < lead.unwrap() || l["weights"] == d["weights"]) {
+            // A trial scored whole ends the leader as its confirmation, or below its
+            // estimate when it did not race it.
+            let ends = |l: &Value| {
+                l["weights"] == d["weights"] || (d["raced"] != l["trial"] && v < lead.unwrap())
+            };
+            if leader.is_some_and(ends) {
                 leader = None;
             }
             incumbent = incumbent.min(v);

@@ -68,8 +68,11 @@
 //! chain.
 //!
 //! The coordinator keeps the leader from the journal's records in order: a trial stopped
-//! as better becomes it (where its estimate is below the leader's), a trial scored whole
-//! whose value is below the leader's estimate ends it. When the budget is spent, a
+//! as better than the leader it raced becomes it (one that raced another, with several
+//! workers, where its estimate is below the leader's); a trial scored whole ends it only
+//! as its confirmation or, if it did not race it, with a value below its estimate (one
+//! that raced it was not shown better than it, paired; the leader's estimate, against an
+//! incumbent that may be far away, can be off by more than the margin). When the budget is spent, a
 //! leader left is scored whole (its *confirmation*, a trial of its own in the
 //! journal, counted in the scored tokens), so the best found is always a full
 //! evaluation. Error rates: the test is symmetric, but the per-window differences are
@@ -79,9 +82,9 @@
 //! trials are tested against a worse reference, so stop later), not the best: the
 //! confirmation scores it whole. The margin's guarantee (a stopped trial's true value
 //! above `best - margin`) holds against the leader's true value, which the confirmation
-//! makes a full evaluation of the run, up to the error of the estimates that end a leader
-//! (a later full value below its estimate) or pass it (a later leader's estimate below
-//! its own; that one was tested paired against it).
+//! makes a full evaluation of the run, up to the test's error: a leader is passed only by
+//! a trial shown better than it, paired, and ended before its confirmation only, with
+//! several workers, by a full value below its estimate from a trial that did not race it.
 
 use serde::{Deserialize, Serialize};
 

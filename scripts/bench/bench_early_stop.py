@@ -97,6 +97,9 @@ CASES = [
 # BENCH_CASES="task mix,text mix" runs the cases whose names contain one of these;
 # BENCH_CASES=single the searches of one text (no mixture).
 ONLY = [c for c in os.environ.get("BENCH_CASES", "").split(",") if c]
+# BENCH_ON_EVALS=2: the early-stopped runs make twice the trials (max_evals times it), to
+# compare the two at about equal tokens rather than at equal trials.
+ON_EVALS = float(os.environ.get("BENCH_ON_EVALS", "1"))
 
 
 def run(binary, ckpts, space, evals, seed, early, data):
@@ -186,9 +189,11 @@ def main():
             continue
         for seed in range(SEEDS):
             off = run(binary, ckpts, space, evals, seed, False, data)
-            on = run(binary, ckpts, space, evals, seed, True, data)
+            on_evals = round(evals * ON_EVALS)
+            on = run(binary, ckpts, space, on_evals, seed, True, data)
             r = {
-                "case": name, "tuned_on": tuned, "seed": seed, "evals": evals, "margin": MARGIN,
+                "case": name, "tuned_on": tuned, "seed": seed, "evals": evals, "evals_on": on_evals,
+                "margin": MARGIN,
                 "data": DATA, "data_sha256": DIGESTS,
                 "tokens_off": off["tokens"], "tokens_on": on["tokens"],
                 "ratio": off["tokens"] / on["tokens"], "stopped": on["stopped"],
@@ -205,7 +210,7 @@ def main():
             }
             rows.append(r)
             print(f"{name:26} seed {seed}: tokens {r['tokens_off']:7} -> {r['tokens_on']:7} "
-                  f"({r['ratio']:.2f}x, {r['stopped']} of {evals} stopped, {r['leaders']} leaders, "
+                  f"({r['ratio']:.2f}x, {r['stopped']} of {on_evals} stopped, {r['leaders']} leaders, "
                   f"{r['confirmations']} confirmed), best "
                   f"{r['best_off']:.6f} -> {r['best_on']:.6f} ({r['best_change_pct']:+.4f} %)"
                   + ("" if r["regret_vs_same_trials"] is None else

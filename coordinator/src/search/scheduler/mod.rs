@@ -752,9 +752,14 @@ impl Scheduler {
 /// below the incumbent's value. The last two matter with several workers: a trial raced
 /// against an older leader or incumbent may come back after a better one exists, and a
 /// leader above the incumbent would only be raced against, and confirmed, for nothing.
-/// A trial scored whole ends the leader when its value is below the leader's estimate or
-/// it is the leader's confirmation (the same point, see `Scheduler::pick`). An ended
-/// leader never comes back, so a run confirms at most one.
+/// A trial scored whole ends the leader when it is the leader's confirmation (the same
+/// point, see `Scheduler::pick`), or when it did not race that leader (several workers)
+/// and its value is below the leader's estimate. One that raced the leader and went on
+/// to be scored whole was not shown better than it on the leader's units, and the
+/// leader's estimate, against an incumbent that may be far from it, can be off by more
+/// than the margin: ending the leader on it lost both the leader and every trial stopped
+/// as not better than it. So the leader stays, to be passed by a trial stopped as better
+/// than it or confirmed. An ended leader never comes back, so a run confirms at most one.
 fn leader_of(done: &[Record], baseline: Option<f64>) -> Option<&Record> {
     // The leader's record, point and estimate.
     let mut lead: Option<(&Record, &Vec<f64>, f64)> = None;
@@ -784,7 +789,13 @@ fn leader_of(done: &[Record], baseline: Option<f64>) -> Option<&Record> {
                 }
             }
             None => {
-                if lead.is_some_and(|l| *mean_nll < l.2 || l.1 == u) {
+                // One that raced the leader and was not stopped as better than it, paired
+                // on its units, is not known to be better than it, whatever the leader's
+                // estimate says (that estimate, against the incumbent, can be far off).
+                let ends = |l: &(&Record, &Vec<f64>, f64)| {
+                    l.1 == u || (*raced != Some(l.0.trial()) && *mean_nll < l.2)
+                };
+                if lead.as_ref().is_some_and(ends) {
                     lead = None;
                 }
                 if !units.is_empty() {
@@ -862,10 +873,11 @@ mod tests {
         d.push(done(4, 0.5, 3.6110, Some(true), Some(1)));
         assert_eq!(lead(&d), Some(4));
         // A trial stopped as not better leaves it; one scored whole below its estimate
-        // ends it, and an ended leader never comes back.
+        // that did not race it (several workers) ends it, and an ended leader never
+        // comes back.
         d.push(done(5, 0.6, 3.6200, Some(false), Some(4)));
         assert_eq!(lead(&d), Some(4));
-        d.push(done(6, 0.7, 3.6100, None, Some(4)));
+        d.push(done(6, 0.7, 3.6100, None, None));
         assert_eq!(lead(&d), None);
         // Its confirmation (a trial scored whole at its point) ends a leader too.
         d.push(done(7, 0.8, 3.6050, Some(true), None));
@@ -894,5 +906,27 @@ mod tests {
         let d = vec![done(4, 0.5, 3.62, Some(true), None)];
         assert_eq!(lead(&d, Some(3.60)), None);
         assert_eq!(lead(&d, Some(3.63)), Some(4));
+    }
+
+    #[test]
+    fn a_trial_scored_whole_after_racing_the_leader_does_not_end_it_by_its_estimate() {
+        let lead = |d: &[Record]| leader_of(d, None).map(Record::trial);
+        // The neox/ lambda search of seed 2 on the large held-out set: leader 3's estimate
+        // against a far incumbent (3.8129) is 0.0095 above its true value (3.8034); the
+        // trials after it were stopped as not better than it, paired, and trial 9 raced it,
+        // was not shown better, was scored whole at 3.8045: below the estimate, not below
+        // the leader. Ending the leader there lost it and the trials stopped against it.
+        let mut d = vec![
+            done(0, 1.0, 3.879944, None, None),
+            done(2, 0.75, 3.824906, Some(true), None),
+            done(3, 0.5408, 3.812893, Some(true), Some(2)),
+            done(4, 0.5522, 3.813015, Some(false), Some(3)),
+            done(9, 0.5865, 3.804545, None, Some(3)),
+        ];
+        assert_eq!(lead(&d), Some(3));
+        // A trial scored whole that raced another leader (several workers) or none is
+        // compared by the estimate, as before.
+        d.push(done(10, 0.6, 3.8040, None, None));
+        assert_eq!(lead(&d), None);
     }
 }
