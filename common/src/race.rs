@@ -72,8 +72,8 @@
 //! workers, where its estimate is below the leader's); a trial scored whole ends it only
 //! as its confirmation or, if it did not race it, with a value below its estimate (one
 //! that raced it was not shown better than it, paired; the leader's estimate, against an
-//! incumbent that may be far away, can be off by more than the margin). When the budget is spent, a
-//! leader left is scored whole (its *confirmation*, a trial of its own in the
+//! incumbent that may be far away, can be off by more than the margin). When the budget
+//! is spent, a leader left is scored whole (its *confirmation*, a trial of its own in the
 //! journal, counted in the scored tokens), so the best found is always a full
 //! evaluation. Error rates: the test is symmetric, but the per-window differences are
 //! skewed, so the two sides differ: a candidate exactly as good as the incumbent was
