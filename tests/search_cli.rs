@@ -1922,7 +1922,8 @@ fn check_raced(
     }
     // The leader, replayed as the coordinator keeps it (one stopped as better than the
     // leader it raced, named in `raced`, leads whatever its estimate; with no leader, one
-    // leads only below the incumbent; one scored whole after racing it does not end it):
+    // leads only below the incumbent; one scored whole after racing it ends it only where
+    // better than it on its units):
     // a leader left when the budget is spent is scored whole (the same weights, a full
     // record), which ends it.
     let mut leader: Option<&Value> = None;
@@ -1938,10 +1939,18 @@ fn check_raced(
                 leader = Some(d);
             }
         } else if d["partial"].is_null() {
-            // A trial scored whole ends the leader as its confirmation, or below its
-            // estimate when it did not race it.
+            // A trial scored whole ends the leader as its confirmation, when it raced it
+            // and is better than it paired on its units, or below its estimate when it did
+            // not race it. One that raced a leader says how it compares with it.
+            if d["raced"].is_u64() {
+                assert!(d["versus_leader"]["difference"].is_f64(), "{d}");
+            }
             let ends = |l: &Value| {
-                l["weights"] == d["weights"] || (d["raced"] != l["trial"] && v < lead.unwrap())
+                l["weights"] == d["weights"]
+                    || match d["raced"] == l["trial"] {
+                        true => d["versus_leader"]["difference"].as_f64().unwrap() < 0.0,
+                        false => v < lead.unwrap(),
+                    }
             };
             if leader.is_some_and(ends) {
                 leader = None;

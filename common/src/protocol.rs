@@ -234,6 +234,9 @@ pub struct EvalReply {
     /// A raced request stopped early: how far it got (the objective's scores are then the
     /// estimates of the whole sets').
     pub partial: Option<crate::race::Partial>,
+    /// A raced request scored whole that raced a leader: how it compares with that leader,
+    /// paired on the leader's units.
+    pub versus_leader: Option<crate::race::Versus>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -637,9 +637,28 @@ impl Evaluator {
                     sets,
                     units: values,
                     partial: Some(p),
+                    versus_leader: None,
                 });
             }
         }
+        // Scored whole after racing a leader: the difference from it on its units, for
+        // the coordinator to tell whether this trial passed it.
+        let sets: Vec<race::Stratum> = strata
+            .iter()
+            .zip(&leader)
+            .zip(&weights)
+            .map(|((s, l), &weight)| race::Stratum {
+                cand: &s.values[..l.len()],
+                inc: l,
+                units: s.units,
+                tokens: s.tokens,
+                weight,
+            })
+            .collect();
+        let versus_leader = match has_leader {
+            true => race::versus(&sets),
+            false => None,
+        };
         let seconds = t0.elapsed().as_secs_f64();
         let sets = (0..k)
             .map(|d| self.whole_set(d, &strata[d], seconds))
@@ -648,6 +667,7 @@ impl Evaluator {
             sets,
             units: strata.into_iter().flat_map(|s| s.values).collect(),
             partial: None,
+            versus_leader,
         })
     }
 
@@ -1283,6 +1303,9 @@ pub struct Raced {
     pub units: Vec<f64>,
     /// Where the race stopped the trial.
     pub partial: Option<ckmerge_common::race::Partial>,
+    /// Scored whole after racing a leader: how it compares with the leader, paired on
+    /// the leader's units.
+    pub versus_leader: Option<ckmerge_common::race::Versus>,
 }
 
 /// One objective set in a race: its units, the tokens its mean divides by, and the

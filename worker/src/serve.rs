@@ -650,6 +650,7 @@ impl WorkerService {
                 queued_seconds,
                 units: Vec::new(),
                 partial: None,
+                versus_leader: None,
             })
         } else if let Some(next) = loaded.next.clone() {
             let ev = loaded.ev.clone().expect("loaded outside benchmark mode");
@@ -679,7 +680,8 @@ impl WorkerService {
                 };
                 let t = Instant::now();
                 let (mut through, mut scores) = (0, Vec::new());
-                let (mut units, mut partial, mut first) = (Vec::new(), None, 0);
+                let (mut units, mut partial, mut versus_leader, mut first) =
+                    (Vec::new(), None, None, 0);
                 if let Some(race) = &req.race {
                     // The objective's sets raced together; the rest scored whole.
                     let r = ev
@@ -689,7 +691,8 @@ impl WorkerService {
                         through += s.forward_tokens;
                         scores.push(s.score);
                     }
-                    (units, partial, first) = (r.units, r.partial, objective_sets);
+                    (units, partial, versus_leader, first) =
+                        (r.units, r.partial, r.versus_leader, objective_sets);
                 }
                 for d in first..n.max(first) {
                     let r = ev.score_set(d).map_err(|e| e.to_string())?;
@@ -706,6 +709,7 @@ impl WorkerService {
                     queued_seconds,
                     units,
                     partial,
+                    versus_leader,
                 })
             })
             .await
@@ -777,7 +781,7 @@ impl WorkerService {
         let merge_seconds = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let (mut through, mut scores) = (0.0, Vec::new());
-        let (mut units, mut partial, mut first) = (Vec::new(), None, 0);
+        let (mut units, mut partial, mut versus_leader, mut first) = (Vec::new(), None, None, 0);
         let rt = tokio::runtime::Handle::current();
         if let Some(race) = req.race.clone() {
             // The objective's sets raced together (see `Evaluator::score_race`), each
@@ -801,7 +805,8 @@ impl WorkerService {
                 through += s.forward_tokens as f64;
                 scores.push(s.score);
             }
-            (units, partial, first) = (r.units, r.partial, objective_sets);
+            (units, partial, versus_leader, first) =
+                (r.units, r.partial, r.versus_leader, objective_sets);
         }
         for d in first..n_sets.max(first) {
             let t_set = Instant::now();
@@ -871,6 +876,7 @@ impl WorkerService {
             queued_seconds,
             units,
             partial,
+            versus_leader,
         })
     }
 

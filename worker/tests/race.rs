@@ -254,6 +254,29 @@ fn a_clearly_better_trial_stops_as_the_leader_and_later_trials_race_it() {
     let again = ev.score_race(1, &with_leader).unwrap();
     assert!(again.partial.is_none(), "{:?}", again.partial);
     assert_eq!(again.sets[0].score.tokens, tokens);
+    // Scored whole after racing the leader, a trial tells how it compares with it on the
+    // leader's windows (the expansion estimate of the difference, paired): for the
+    // leader's own weights, nothing; for a trial next to it, its windows' differences.
+    let v = again.versus_leader.expect("raced a leader");
+    assert_eq!((v.difference, v.std_error), (0.0, 0.0));
+    ev.set_weights(&[0.47, 0.53]).unwrap();
+    let near = ev.score_race(1, &with_leader).unwrap();
+    assert!(near.partial.is_none(), "{:?}", near.partial);
+    let n = p.scored_units;
+    let d: Vec<f64> = (0..n).map(|i| near.units[i] - raced.units[i]).collect();
+    let expected = src.len() as f64 / tokens as f64 * d.iter().sum::<f64>() / n as f64;
+    let v = near.versus_leader.expect("raced a leader");
+    assert!(
+        (v.difference - expected).abs() < 1e-12,
+        "{v:?} vs {expected}"
+    );
+    assert!(v.std_error > 0.0);
+    // No leader, nothing to compare.
+    assert!(ev
+        .score_race(1, &Race::whole(vec![1.0]))
+        .unwrap()
+        .versus_leader
+        .is_none());
     // A merge between the source and the leader: better than the incumbent, clearly worse
     // than the leader, stopped against the leader.
     ev.set_weights(&[0.85, 0.15]).unwrap();
@@ -430,6 +453,36 @@ fn a_task_and_a_mixture_race_item_by_item_and_window_by_window() {
         r.sets.iter().map(|s| s.score.clone()).collect()
     };
     assert_eq!(scores(&whole), scores(&inc));
+
+    // A trial scored whole after racing the leader compares with it set by set, each on
+    // the leader's units of that set (the task's every item, the text's first windows):
+    // the sets' weighted expansion estimates. (Bounds too wide to stop at any look: the
+    // task scored whole makes the paired test sharp enough to stop a trial this close.)
+    let with_leader = Race {
+        leader: lead.units.clone(),
+        leader_scored: p.scored.clone(),
+        z: [50.0; 4],
+        ..worse.clone()
+    };
+    ev.set_weights(&[0.47, 0.53]).unwrap();
+    let near = ev.score_race(2, &with_leader).unwrap();
+    assert!(near.partial.is_none(), "{:?}", near.partial);
+    let (l_items, l_windows) = (p.scored[0], p.scored[1]);
+    assert_eq!(
+        l_items, items,
+        "the small task is scored whole at every look"
+    );
+    assert!(l_windows < windows);
+    let mean_diff =
+        |c: &[f64], l: &[f64]| c.iter().zip(l).map(|(c, l)| c - l).sum::<f64>() / l.len() as f64;
+    let expected = w[0] * mean_diff(&near.units[..items], &lead.units[..items])
+        + w[1] * windows as f64 / text.tokens as f64
+            * mean_diff(&near.units[items..items + l_windows], &lead.units[items..]);
+    let v = near.versus_leader.expect("raced a leader");
+    assert!(
+        (v.difference - expected).abs() < 1e-12,
+        "{v:?} vs {expected}"
+    );
 }
 
 /// The objective's units of `weights` scored whole (raced with no incumbent).

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use ckmerge_common::protocol::DatasetScore;
-use ckmerge_common::race::Partial;
+use ckmerge_common::race::{Partial, Versus};
 use serde::{Deserialize, Serialize};
 
 pub const JOURNAL_FILE: &str = "trials.jsonl";
@@ -81,6 +81,10 @@ pub enum Record {
         /// next leader whatever the two estimates against the incumbent say.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         raced: Option<u64>,
+        /// A trial scored whole after racing the leader (`raced`): how it compares with
+        /// that leader, paired on the leader's units. Below zero it ends the leader.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        versus_leader: Option<Versus>,
     },
     Retry {
         trial: u64,
@@ -266,6 +270,7 @@ mod tests {
             partial: None,
             continues: None,
             raced: None,
+            versus_leader: None,
         }
     }
 

@@ -494,6 +494,7 @@ impl Scheduler {
                     partial: partial.clone(),
                     continues: continues.map(|(trial, _)| trial),
                     raced: t.raced,
+                    versus_leader: r.versus_leader.filter(|_| t.raced.is_some()),
                 };
                 self.journal.append(&rec)?;
                 match &partial {
@@ -753,13 +754,14 @@ impl Scheduler {
 /// against an older leader or incumbent may come back after a better one exists, and a
 /// leader above the incumbent would only be raced against, and confirmed, for nothing.
 /// A trial scored whole ends the leader when it is the leader's confirmation (the same
-/// point, see `Scheduler::pick`), or when it did not race that leader (several workers)
-/// and its value is below the leader's estimate. One that raced the leader and went on
-/// to be scored whole was not shown better than it on the leader's units, and the
-/// leader's estimate, against an incumbent that may be far from it, can be off by more
-/// than the margin: ending the leader on it lost both the leader and every trial stopped
-/// as not better than it. So the leader stays, to be passed by a trial stopped as better
-/// than it or confirmed. An ended leader never comes back, so a run confirms at most one.
+/// point, see `Scheduler::pick`); when it raced that leader and is better than it on the
+/// leader's units, paired (`versus_leader` below zero: the trial is the better of the
+/// two as far as those units tell, and it is known whole); or when it did not race that
+/// leader (several workers) and its value is below the leader's estimate. Not by the
+/// estimate where it raced it: the leader's estimate, against an incumbent that may be
+/// far from it, can be off by more than the margin, and ending the leader on it lost
+/// both the leader and every trial stopped as not better than it. An ended leader never
+/// comes back, so a run confirms at most one.
 fn leader_of(done: &[Record], baseline: Option<f64>) -> Option<&Record> {
     // The leader's record, point and estimate.
     let mut lead: Option<(&Record, &Vec<f64>, f64)> = None;
@@ -772,6 +774,7 @@ fn leader_of(done: &[Record], baseline: Option<f64>) -> Option<&Record> {
             partial,
             units,
             raced,
+            versus_leader,
             ..
         } = r
         else {
@@ -789,11 +792,15 @@ fn leader_of(done: &[Record], baseline: Option<f64>) -> Option<&Record> {
                 }
             }
             None => {
-                // One that raced the leader and was not stopped as better than it, paired
-                // on its units, is not known to be better than it, whatever the leader's
-                // estimate says (that estimate, against the incumbent, can be far off).
+                // One that raced the leader is compared with it on the leader's units,
+                // paired (`versus_leader`), not with the leader's estimate (against the
+                // incumbent, it can be far off); one that did not, by that estimate.
                 let ends = |l: &(&Record, &Vec<f64>, f64)| {
-                    l.1 == u || (*raced != Some(l.0.trial()) && *mean_nll < l.2)
+                    l.1 == u
+                        || match *raced == Some(l.0.trial()) {
+                            true => versus_leader.is_some_and(|v| v.difference < 0.0),
+                            false => *mean_nll < l.2,
+                        }
                 };
                 if lead.as_ref().is_some_and(ends) {
                     lead = None;
@@ -811,7 +818,7 @@ fn leader_of(done: &[Record], baseline: Option<f64>) -> Option<&Record> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ckmerge_common::race::Partial;
+    use ckmerge_common::race::{Partial, Versus};
 
     /// A done record at point `x`: scored whole (`stop` None) or stopped, as better or
     /// not, against the leader `raced` or the incumbent.
@@ -849,7 +856,21 @@ mod tests {
             partial,
             continues: None,
             raced,
+            versus_leader: None,
         }
+    }
+
+    /// A trial scored whole after racing leader `raced`, `versus` (the trial minus the
+    /// leader, paired on the leader's units) from it.
+    fn whole_versus(trial: u64, x: f64, value: f64, raced: u64, versus: f64) -> Record {
+        let mut r = done(trial, x, value, None, Some(raced));
+        if let Record::Done { versus_leader, .. } = &mut r {
+            *versus_leader = Some(Versus {
+                difference: versus,
+                std_error: 0.0004,
+            });
+        }
+        r
     }
 
     #[test]
@@ -928,5 +949,32 @@ mod tests {
         // compared by the estimate, as before.
         d.push(done(10, 0.6, 3.8040, None, None));
         assert_eq!(lead(&d), None);
+    }
+
+    #[test]
+    fn a_trial_scored_whole_after_racing_the_leader_ends_it_when_better_on_its_units() {
+        let lead = |d: &[Record]| leader_of(d, None).map(Record::trial);
+        // The journal of the test above: trial 9, paired on leader 3's units, is 0.0011
+        // worse than it (the leader's truth is 3.8034, the trial's 3.8045): the leader
+        // stays, though the trial is below its estimate.
+        let mut d = vec![
+            done(0, 1.0, 3.879944, None, None),
+            done(2, 0.75, 3.824906, Some(true), None),
+            done(3, 0.5408, 3.812893, Some(true), Some(2)),
+            done(4, 0.5522, 3.813015, Some(false), Some(3)),
+        ];
+        d.push(whole_versus(9, 0.5865, 3.804545, 3, 0.0011));
+        assert_eq!(lead(&d), Some(3));
+        // One better than the leader on its units ends it, even where its value is above
+        // the leader's estimate (an estimate against the incumbent, a looser comparison).
+        d.pop();
+        d.push(whole_versus(9, 0.5865, 3.8131, 3, -0.0002));
+        assert_eq!(lead(&d), None);
+        // The comparison is with the leader it raced: a versus from an older leader
+        // (several workers) says nothing of the current one.
+        d.pop();
+        d.push(done(5, 0.53, 3.8100, Some(true), Some(3)));
+        d.push(whole_versus(9, 0.5865, 3.8131, 3, -0.0002));
+        assert_eq!(lead(&d), Some(5));
     }
 }
