@@ -929,21 +929,26 @@ mod tests {
         assert_eq!(lead(&d, Some(3.63)), Some(4));
     }
 
-    #[test]
-    fn a_trial_scored_whole_after_racing_the_leader_does_not_end_it_by_its_estimate() {
-        let lead = |d: &[Record]| leader_of(d, None).map(Record::trial);
-        // The neox/ lambda search of seed 2 on the large held-out set: leader 3's estimate
-        // against a far incumbent (3.8129) is 0.0095 above its true value (3.8034); the
-        // trials after it were stopped as not better than it, paired, and trial 9 raced it,
-        // was not shown better, was scored whole at 3.8045: below the estimate, not below
-        // the leader. Ending the leader there lost it and the trials stopped against it.
-        let mut d = vec![
+    /// The neox/ lambda search of seed 2 on the large held-out set, up to its trial 9:
+    /// leader 3's estimate against a far incumbent (3.8129) is 0.0095 above its true value
+    /// (3.8034); the trials after it were stopped as not better than it, paired.
+    fn leader_3_far_from_its_estimate() -> Vec<Record> {
+        vec![
             done(0, 1.0, 3.879944, None, None),
             done(2, 0.75, 3.824906, Some(true), None),
             done(3, 0.5408, 3.812893, Some(true), Some(2)),
             done(4, 0.5522, 3.813015, Some(false), Some(3)),
-            done(9, 0.5865, 3.804545, None, Some(3)),
-        ];
+        ]
+    }
+
+    #[test]
+    fn a_trial_scored_whole_after_racing_the_leader_does_not_end_it_by_its_estimate() {
+        let lead = |d: &[Record]| leader_of(d, None).map(Record::trial);
+        // Trial 9 raced leader 3, was not shown better, was scored whole at 3.8045: below
+        // the estimate, not below the leader. Ending the leader there lost it and the
+        // trials stopped against it. (No `versus_leader`: a journal from before it.)
+        let mut d = leader_3_far_from_its_estimate();
+        d.push(done(9, 0.5865, 3.804545, None, Some(3)));
         assert_eq!(lead(&d), Some(3));
         // A trial scored whole that raced another leader (several workers) or none is
         // compared by the estimate, as before.
@@ -954,15 +959,10 @@ mod tests {
     #[test]
     fn a_trial_scored_whole_after_racing_the_leader_ends_it_when_better_on_its_units() {
         let lead = |d: &[Record]| leader_of(d, None).map(Record::trial);
-        // The journal of the test above: trial 9, paired on leader 3's units, is 0.0011
-        // worse than it (the leader's truth is 3.8034, the trial's 3.8045): the leader
-        // stays, though the trial is below its estimate.
-        let mut d = vec![
-            done(0, 1.0, 3.879944, None, None),
-            done(2, 0.75, 3.824906, Some(true), None),
-            done(3, 0.5408, 3.812893, Some(true), Some(2)),
-            done(4, 0.5522, 3.813015, Some(false), Some(3)),
-        ];
+        // Trial 9, paired on leader 3's units, is 0.0011 worse than it (the leader's
+        // truth is 3.8034, the trial's 3.8045): the leader stays, though the trial is
+        // below its estimate.
+        let mut d = leader_3_far_from_its_estimate();
         d.push(whole_versus(9, 0.5865, 3.804545, 3, 0.0011));
         assert_eq!(lead(&d), Some(3));
         // One better than the leader on its units ends it, even where its value is above
