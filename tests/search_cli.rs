@@ -1923,7 +1923,7 @@ fn check_raced(
     // The leader, replayed as the coordinator keeps it (one stopped as better than the
     // leader it raced, named in `raced`, leads whatever its estimate; with no leader, one
     // leads only below the incumbent; one scored whole after racing it ends it only where
-    // better than it on its units):
+    // shown better than it on its units):
     // a leader left when the budget is spent is scored whole (the same weights, a full
     // record), which ends it.
     let mut leader: Option<&Value> = None;
@@ -1940,15 +1940,17 @@ fn check_raced(
             }
         } else if d["partial"].is_null() {
             // A trial scored whole ends the leader as its confirmation, when it raced it
-            // and is better than it paired on its units, or below its estimate when it did
-            // not race it. One that raced a leader says how it compares with it.
+            // and is shown better than it paired on its units, or below its estimate when
+            // it did not race it. One that raced a leader says how it compares with it.
             if d["raced"].is_u64() {
-                assert!(d["versus_leader"]["difference"].is_f64(), "{d}");
+                let v = &d["versus_leader"];
+                let (diff, upper) = (v["difference"].as_f64(), v["upper_bound"].as_f64());
+                assert!(diff.unwrap() < upper.unwrap(), "{d}");
             }
             let ends = |l: &Value| {
                 l["weights"] == d["weights"]
                     || match d["raced"] == l["trial"] {
-                        true => d["versus_leader"]["difference"].as_f64().unwrap() < 0.0,
+                        true => d["versus_leader"]["upper_bound"].as_f64().unwrap() < 0.0,
                         false => v < lead.unwrap(),
                     }
             };

@@ -70,11 +70,11 @@
 //! The coordinator keeps the leader from the journal's records in order: a trial stopped
 //! as better than the leader it raced becomes it (one that raced another, with several
 //! workers, where its estimate is below the leader's); a trial scored whole ends it as
-//! its confirmation, or where it raced it and is better than it on the leader's units,
-//! paired ([`Versus`], the point estimate: of the two, the one known whole is kept where
-//! it looks the better), or, if it did not race it, with a value below its estimate (not
-//! by the estimate where it raced it: the leader's estimate, against an incumbent that
-//! may be far away, can be off by more than the margin). When the budget
+//! its confirmation, or where it raced it and is shown better than it on the leader's
+//! units, paired ([`Versus`]: the upper bound at the last look's quantile below zero, the
+//! test a stopped trial passes to lead), or, if it did not race it, with a value below
+//! its estimate (not by the estimate where it raced it: the leader's estimate, against an
+//! incumbent that may be far away, can be off by more than the margin). When the budget
 //! is spent, a leader left is scored whole (its *confirmation*, a trial of its own in the
 //! journal, counted in the scored tokens), so the best found is always a full
 //! evaluation. Error rates: the test is symmetric, but the per-window differences are
@@ -85,10 +85,9 @@
 //! confirmation scores it whole. The margin's guarantee (a stopped trial's true value
 //! above `best - margin`) holds against the leader's true value, which the confirmation
 //! makes a full evaluation of the run, up to the test's error: a leader is passed only by
-//! a trial shown better than it, paired, and ended before its confirmation only by a
-//! trial scored whole that looks better than it on its units, paired (where the leader
-//! is truly the better, by about a standard error of that comparison at most, the
-//! guarantee loosens by as much), or, with several workers, by a full value below its
+//! a trial shown better than it, paired, stopped at a look or scored whole (the latter
+//! one more test, at the last look's share of `alpha`), and ended before its
+//! confirmation otherwise only, with several workers, by a full value below its
 //! estimate from a trial that did not race it.
 
 use serde::{Deserialize, Serialize};
@@ -221,14 +220,16 @@ pub struct Partial {
 
 /// A trial scored whole after racing a leader, against that leader: the difference of the
 /// objective, the trial minus the leader, estimated from the leader's units paired with
-/// the trial's same units ([`estimate`]), and its standard error. The coordinator ends
-/// the leader when it is below zero: the trial, known whole, is then the better of the
-/// two as far as the leader's units tell, which the leader's own estimate (against an
-/// incumbent that may be far from it) does not.
+/// the trial's same units ([`estimate`]), its standard error, and its upper confidence
+/// bound at the last look's quantile. The coordinator ends the leader when the upper
+/// bound is below zero: the trial, known whole, is then shown better than the leader on
+/// the leader's units, as a trial stopped as better than it is at a look; the leader's
+/// own estimate (against an incumbent that may be far from it) shows nothing of the kind.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Versus {
     pub difference: f64,
     pub std_error: f64,
+    pub upper_bound: f64,
 }
 
 /// The batch counts at which to look, for `units` batches in all, each with its index in
@@ -422,11 +423,13 @@ pub fn decide(
 }
 
 /// See [`Versus`]: `sets` pair the trial's first units of each set with the leader's
-/// (as many as it scored). None where the leader's units leave nothing to estimate.
-pub fn versus(sets: &[Stratum]) -> Option<Versus> {
+/// (as many as it scored), `z` the normal quantile of the bound (the last look's). None
+/// where the leader's units leave nothing to estimate.
+pub fn versus(sets: &[Stratum], z: f64) -> Option<Versus> {
     estimate(sets).map(|e| Versus {
         difference: e.difference,
         std_error: e.std_error,
+        upper_bound: e.bounds(z).1,
     })
 }
 

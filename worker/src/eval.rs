@@ -642,7 +642,7 @@ impl Evaluator {
             }
         }
         // Scored whole after racing a leader: the difference from it on its units, for
-        // the coordinator to tell whether this trial passed it.
+        // the coordinator to tell whether this trial was shown better than it.
         let sets: Vec<race::Stratum> = strata
             .iter()
             .zip(&leader)
@@ -656,7 +656,7 @@ impl Evaluator {
             })
             .collect();
         let versus_leader = match has_leader {
-            true => race::versus(&sets),
+            true => race::versus(&sets, race.z[race::LOOKS.len() - 1]),
             false => None,
         };
         let seconds = t0.elapsed().as_secs_f64();

@@ -271,6 +271,16 @@ fn a_clearly_better_trial_stops_as_the_leader_and_later_trials_race_it() {
         "{v:?} vs {expected}"
     );
     assert!(v.std_error > 0.0);
+    // The upper bound at the last look's quantile, as a look would take it.
+    let e = race::estimate(&[race::Stratum {
+        cand: &near.units[..n],
+        inc: &raced.units,
+        units: src.len(),
+        tokens,
+        weight: 1.0,
+    }])
+    .unwrap();
+    assert_eq!(v.upper_bound, e.bounds(Z[3]).1);
     // No leader, nothing to compare.
     assert!(ev
         .score_race(1, &Race::whole(vec![1.0]))

@@ -754,14 +754,14 @@ impl Scheduler {
 /// against an older leader or incumbent may come back after a better one exists, and a
 /// leader above the incumbent would only be raced against, and confirmed, for nothing.
 /// A trial scored whole ends the leader when it is the leader's confirmation (the same
-/// point, see `Scheduler::pick`); when it raced that leader and is better than it on the
-/// leader's units, paired (`versus_leader` below zero: the trial is the better of the
-/// two as far as those units tell, and it is known whole); or when it did not race that
-/// leader (several workers) and its value is below the leader's estimate. Not by the
-/// estimate where it raced it: the leader's estimate, against an incumbent that may be
-/// far from it, can be off by more than the margin, and ending the leader on it lost
-/// both the leader and every trial stopped as not better than it. An ended leader never
-/// comes back, so a run confirms at most one.
+/// point, see `Scheduler::pick`); when it raced that leader and is shown better than it
+/// on the leader's units, paired (`versus_leader`'s upper bound below zero: the test a
+/// stopped trial passes to become the next leader); or when it did not race that leader
+/// (several workers) and its value is below the leader's estimate. Not by the estimate,
+/// nor by a point estimate of the paired difference, where it raced it: the leader's
+/// estimate, against an incumbent that may be far from it, can be off by more than the
+/// margin, and ending the leader wrongly loses both the leader and every trial stopped as
+/// not better than it. An ended leader never comes back, so a run confirms at most one.
 fn leader_of(done: &[Record], baseline: Option<f64>) -> Option<&Record> {
     // The leader's record, point and estimate.
     let mut lead: Option<(&Record, &Vec<f64>, f64)> = None;
@@ -792,13 +792,14 @@ fn leader_of(done: &[Record], baseline: Option<f64>) -> Option<&Record> {
                 }
             }
             None => {
-                // One that raced the leader is compared with it on the leader's units,
-                // paired (`versus_leader`), not with the leader's estimate (against the
-                // incumbent, it can be far off); one that did not, by that estimate.
+                // One that raced the leader ends it only where shown better than it on
+                // the leader's units, paired (`versus_leader`), not by the leader's
+                // estimate (against the incumbent, it can be far off); one that did not
+                // race it, by that estimate.
                 let ends = |l: &(&Record, &Vec<f64>, f64)| {
                     l.1 == u
                         || match *raced == Some(l.0.trial()) {
-                            true => versus_leader.is_some_and(|v| v.difference < 0.0),
+                            true => versus_leader.is_some_and(|v| v.upper_bound < 0.0),
                             false => *mean_nll < l.2,
                         }
                 };
@@ -861,13 +862,15 @@ mod tests {
     }
 
     /// A trial scored whole after racing leader `raced`, `versus` (the trial minus the
-    /// leader, paired on the leader's units) from it.
+    /// leader, paired on the leader's units) from it, with a standard error of 0.0004 and
+    /// the upper bound 2.5 of them above.
     fn whole_versus(trial: u64, x: f64, value: f64, raced: u64, versus: f64) -> Record {
         let mut r = done(trial, x, value, None, Some(raced));
         if let Record::Done { versus_leader, .. } = &mut r {
             *versus_leader = Some(Versus {
                 difference: versus,
                 std_error: 0.0004,
+                upper_bound: versus + 0.001,
             });
         }
         r
@@ -957,7 +960,7 @@ mod tests {
     }
 
     #[test]
-    fn a_trial_scored_whole_after_racing_the_leader_ends_it_when_better_on_its_units() {
+    fn a_trial_scored_whole_after_racing_the_leader_ends_it_when_shown_better_on_its_units() {
         let lead = |d: &[Record]| leader_of(d, None).map(Record::trial);
         // Trial 9, paired on leader 3's units, is 0.0011 worse than it (the leader's
         // truth is 3.8034, the trial's 3.8045): the leader stays, though the trial is
@@ -965,16 +968,22 @@ mod tests {
         let mut d = leader_3_far_from_its_estimate();
         d.push(whole_versus(9, 0.5865, 3.804545, 3, 0.0011));
         assert_eq!(lead(&d), Some(3));
-        // One better than the leader on its units ends it, even where its value is above
-        // the leader's estimate (an estimate against the incumbent, a looser comparison).
+        // One that looks better on the leader's units but is not shown better (its upper
+        // bound above zero) does not end it either: the leader may be the better, and
+        // the trials stopped as not better than it would be lost with it.
         d.pop();
-        d.push(whole_versus(9, 0.5865, 3.8131, 3, -0.0002));
+        d.push(whole_versus(9, 0.5865, 3.8030, 3, -0.0006));
+        assert_eq!(lead(&d), Some(3));
+        // One shown better on its units ends it, even where its value is above the
+        // leader's estimate (an estimate against the incumbent, a looser comparison).
+        d.pop();
+        d.push(whole_versus(9, 0.5865, 3.8131, 3, -0.0012));
         assert_eq!(lead(&d), None);
         // The comparison is with the leader it raced: a versus from an older leader
         // (several workers) says nothing of the current one.
         d.pop();
         d.push(done(5, 0.53, 3.8100, Some(true), Some(3)));
-        d.push(whole_versus(9, 0.5865, 3.8131, 3, -0.0002));
+        d.push(whole_versus(9, 0.5865, 3.8131, 3, -0.0012));
         assert_eq!(lead(&d), Some(5));
     }
 }
