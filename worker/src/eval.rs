@@ -643,22 +643,10 @@ impl Evaluator {
         }
         // Scored whole after racing a leader: the difference from it on its units, for
         // the coordinator to tell whether this trial was shown better than it.
-        let sets: Vec<race::Stratum> = strata
-            .iter()
-            .zip(&leader)
-            .zip(&weights)
-            .map(|((s, l), &weight)| race::Stratum {
-                cand: &s.values[..l.len()],
-                inc: l,
-                units: s.units,
-                tokens: s.tokens,
-                weight,
-            })
-            .collect();
-        let versus_leader = match has_leader {
-            true => race::versus(&sets, race.z[race::LOOKS.len() - 1]),
-            false => None,
-        };
+        let z = race.z[race::LOOKS.len() - 1];
+        let versus_leader = has_leader
+            .then(|| race::versus(&paired(&strata, &leader, &weights), z))
+            .flatten();
         let seconds = t0.elapsed().as_secs_f64();
         let sets = (0..k)
             .map(|d| self.whole_set(d, &strata[d], seconds))
@@ -1358,7 +1346,8 @@ impl Stratum {
 }
 
 /// The race's view of the strata: each set's values so far paired with `inc`'s (the
-/// incumbent's or the leader's units of that set), with the set's weight.
+/// incumbent's or the leader's units of that set), as many as both have, with the set's
+/// weight.
 fn paired<'a>(
     strata: &'a [Stratum],
     inc: &[&'a [f64]],
@@ -1369,7 +1358,7 @@ fn paired<'a>(
         .zip(inc)
         .zip(weights)
         .map(|((s, &inc), &weight)| ckmerge_common::race::Stratum {
-            cand: &s.values,
+            cand: &s.values[..s.values.len().min(inc.len())],
             inc,
             units: s.units,
             tokens: s.tokens,

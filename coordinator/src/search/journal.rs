@@ -82,7 +82,8 @@ pub enum Record {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         raced: Option<u64>,
         /// A trial scored whole after racing the leader (`raced`): how it compares with
-        /// that leader, paired on the leader's units. Below zero it ends the leader.
+        /// that leader, paired on the leader's units. An upper bound below zero ends the
+        /// leader.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         versus_leader: Option<Versus>,
     },
